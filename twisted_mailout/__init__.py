@@ -1,0 +1,25 @@
+"""twisted_mailout: an outbound mail agent on Twisted.
+
+Applications put mail in a durable queue folder with L{enqueue} (no reactor
+needed) or deliver it at once with L{sendmail} (a Deferred); the daemon
+(C{twistd -n mailout --queue=DIR}) delivers the queue over ESMTP to a relay
+or to each domain's MX hosts.
+"""
+
+from .api import DeliveryReport, RecipientResult, sendmail
+from .envelope import AddressError
+from .message import MessageError
+from .queue import QueueError, QueueLocked, enqueue
+
+__all__ = [
+    "enqueue",
+    "sendmail",
+    "DeliveryReport",
+    "RecipientResult",
+    "AddressError",
+    "MessageError",
+    "QueueError",
+    "QueueLocked",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""The application-facing API: put mail in the queue, or deliver it now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer
+
+from .config import Config
+from .envelope import AddressError, Reply, parse_address, parse_sender
+from .message import coerce_message, prepare_message
+from .queue import enqueue
+from .router import parse_hostport
+from .session import TLS_LEVELS
+
+__all__ = ["enqueue", "sendmail", "RecipientResult", "DeliveryReport"]
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One recipient's outcome of L{sendmail}.
+
+    @ivar recipient: the address. @ivar status: C{"delivered"}, C{"bounced"}
+    (5xx: permanent) or C{"deferred"} (4xx or no server reached: try later).
+    @ivar code: the SMTP reply code. @ivar text: the reply text.
+    @ivar relay: C{"host[ip]:port"} that answered, or L{None}.
+    @ivar local: C{True} when no server gave the reply (DNS, connect, timeout).
+    """
+
+    recipient: str
+    status: str
+    code: int
+    text: str
+    relay: str | None
+    local: bool
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What L{sendmail} did, per recipient, in the order given.
+
+    @ivar results: C{list[RecipientResult]}.
+    """
+
+    results: list
+
+    def __getitem__(self, recipient: str) -> RecipientResult:
+        for r in self.results:
+            if r.recipient == recipient:
+                return r
+        raise KeyError(recipient)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    @property
+    def all_delivered(self) -> bool:
+        """Every recipient got a 2xx reply."""
+        return all(r.status == "delivered" for r in self.results)
+
+
+def _status(reply: Reply) -> str:
+    if reply.is_positive:
+        return "delivered"
+    return "bounced" if reply.is_permanent else "deferred"
+
+
+def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=25, helo=None,
+             tls="may", cafile=None, reactor=None, timeout=60.0) -> defer.Deferred:
+    """Deliver a message now, without the queue, through the same router and
+    session code as the daemon.
+
+    Recipients are grouped by destination (one transaction per domain, or
+    one for the relay); each destination's hosts are tried in MX order.
+
+    @param sender: envelope sender; C{""}/L{None} for the null sender.
+    @param recipients: an iterable of addresses (a C{str} is one recipient).
+    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
+        and Date are added when missing.
+    @param relay: C{"HOST[:PORT]"} of a smarthost, or L{None} for MX routing.
+    @param resolver: C{"HOST[:PORT]"} of the only DNS server to ask (or a
+        list of them), or L{None} for resolv.conf.
+    @param mx_port: port for MX hosts.
+    @param helo: EHLO name (this host's name by default).
+    @param tls: C{"none"}, C{"may"}, C{"encrypt"} or C{"verify"}.
+    @param cafile: CA certificates (PEM) for C{verify}.
+    @param reactor: the reactor; the global one when L{None}.
+    @param timeout: cap in seconds on each network step (connect, each
+        command, DNS); nothing waits longer, so the Deferred always fires.
+    @return: a Deferred firing with a L{DeliveryReport}. It fails only for
+        bad arguments (L{AddressError}, L{MessageError}, C{ValueError}); a
+        refused or unreachable recipient is a result, not a failure.
+    """
+    try:
+        snd = parse_sender(sender)
+        if isinstance(recipients, str):
+            recipients = [recipients]
+        addrs = [parse_address(r) for r in recipients]
+        if not addrs:
+            raise AddressError("no recipients")
+        data = prepare_message(coerce_message(message), snd.ascii_domain if snd else None)
+        if tls not in TLS_LEVELS:
+            raise ValueError(f"tls must be one of {TLS_LEVELS}, not {tls!r}")
+        if relay is not None:
+            parse_hostport(relay, 25)
+        resolvers = [resolver] if isinstance(resolver, str) else list(resolver or ())
+        config = Config(queue="-", relay=relay, resolvers=tuple(resolvers), mx_port=mx_port,
+                        helo=helo, tls=tls, cafile=cafile, command_timeout=timeout,
+                        connect_timeout=min(timeout, 30.0), dns_timeout=min(timeout, 15.0),
+                        connection_idle=0.01, max_connections=10, max_per_destination=2)
+    except Exception as e:  # noqa: BLE001 - returned as the Deferred's failure
+        return defer.fail(e)
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from .service import build_connector
+
+    try:
+        connector = build_connector(config, reactor)
+    except Exception as e:  # noqa: BLE001
+        return defer.fail(e)
+    return defer.Deferred.fromCoroutine(_send(connector, snd, addrs, data, bool(relay)))
+
+
+async def _send(connector, snd, addrs, data: bytes, relay: bool) -> DeliveryReport:
+    import io
+
+    groups: dict[str, list] = {}
+    for a in addrs:
+        groups.setdefault("relay" if relay else a.ascii_domain, []).append(a)
+    sender = snd.smtp_form() if snd else ""
+    utf8 = bool(snd and snd.needs_smtputf8)
+    keys = list(groups)
+    try:
+        attempts = await defer.gatherResults([
+            connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
+                              lambda: io.BytesIO(data), len(data),
+                              utf8 or any(a.needs_smtputf8 for a in groups[k]))
+            for k in keys])
+    finally:
+        await connector.close()
+    results = {}
+    for k, attempt in zip(keys, attempts, strict=True):
+        for a in groups[k]:
+            reply = attempt.replies[a.smtp_form()]
+            results[id(a)] = RecipientResult(str(a), _status(reply), reply.code, reply.text,
+                                             attempt.relay, reply.local)
+    return DeliveryReport([results[id(a)] for a in addrs])

@@ -1,0 +1,108 @@
+"""Delivery status notifications (RFC 3464), built with the standard library.
+
+A bounce is a C{multipart/report; report-type=delivery-status} message
+(RFC 6522) with three parts: a readable explanation, the
+C{message/delivery-status} fields, and the original headers
+(C{text/rfc822-headers}). It goes to the envelope sender with the null
+sender, so it can never cause another bounce (RFC 5321 6.1).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import SMTP
+
+from .queue import QueueEntry, RecipientStatus
+
+__all__ = ["make_dsn"]
+
+
+def _diagnostic(rs: RecipientStatus) -> str | None:
+    if rs.reply is None or rs.reply.local:
+        return None
+    return "smtp; " + rs.reply.one_line()
+
+
+def make_dsn(entry: QueueEntry, original_headers: bytes, failed: list[RecipientStatus],
+             reporting_mta: str, now: float, action: str = "failed") -> bytes:
+    """Build the delivery status notification for C{failed} recipients.
+
+    @param entry: the queued message the report is about.
+    @param original_headers: its header block (bytes), returned to the
+        sender as C{text/rfc822-headers}.
+    @param failed: the recipients to report, each with its last reply.
+    @param reporting_mta: this host's name, for C{Reporting-MTA} and From.
+    @param now: the report's time, seconds since the epoch.
+    @param action: RFC 3464 2.3.3 action: C{"failed"} or C{"delayed"}.
+    @return: the report's bytes (CRLF line ends), ready for enqueueing with
+        a null sender to C{entry.sender}.
+    @raise ValueError: C{failed} is empty or the message had a null sender
+        (no report may be sent for it).
+    """
+    if not failed:
+        raise ValueError("no recipients to report")
+    if not entry.sender:
+        raise ValueError("never report on a message with a null sender")
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = f"<{entry.sender}>"
+    report["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
+                         else "Delayed Mail (still being retried)")
+    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Message-ID"] = email.utils.make_msgid("dsn", domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-replied"
+
+    lines = [
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+    ]
+    if action == "failed":
+        lines += ["I'm sorry to have to inform you that your message could not",
+                  "be delivered to one or more recipients. The details follow.", ""]
+    else:
+        lines += ["Your message has not yet been delivered to one or more recipients.",
+                  "Delivery will be attempted again; you need not send it again.", ""]
+    for rs in failed:
+        where = f" (from {rs.relay})" if rs.relay and rs.reply and not rs.reply.local else ""
+        said = rs.reply.one_line() if rs.reply else "no reply"
+        lines.append(f"<{rs.address}>: {said}{where}")
+    report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
+
+    status = MIMEBase("message", "delivery-status")
+    blocks = []
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["X-Mailout-Queue-ID"] = entry.qid
+    per_message["Arrival-Date"] = email.utils.formatdate(entry.arrival, localtime=True)
+    blocks.append(per_message)
+    for rs in failed:
+        b = Message()
+        addr_type = "utf-8" if not rs.address.isascii() else "rfc822"
+        b["Final-Recipient"] = f"{addr_type}; {rs.address}"
+        b["Action"] = action
+        b["Status"] = rs.reply.enhanced_status if rs.reply else "4.0.0"
+        if rs.relay and rs.reply is not None and not rs.reply.local:
+            b["Remote-MTA"] = "dns; " + rs.relay.split("[", 1)[0]
+        diag = _diagnostic(rs)
+        if diag:
+            b["Diagnostic-Code"] = diag
+        elif rs.reply is not None:
+            b["X-Mailout-Diagnostic"] = rs.reply.one_line()
+        b["Last-Attempt-Date"] = email.utils.formatdate(now, localtime=True)
+        blocks.append(b)
+    status.set_payload(blocks)
+    report.attach(status)
+
+    headers = MIMEBase("text", "rfc822-headers")
+    body = original_headers
+    try:
+        text = body.decode("ascii")
+        headers.set_payload(text)
+    except UnicodeDecodeError:
+        headers.set_payload(body.decode("utf-8", "replace"), "utf-8")
+    report.attach(headers)
+    return report.as_bytes(policy=SMTP)

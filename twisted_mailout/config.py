@@ -1,0 +1,130 @@
+"""The one typed configuration object, built from the command line or a .tac file."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from .router import parse_hostport
+from .session import TLS_LEVELS, Timeouts
+
+__all__ = ["Config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the delivery service needs.
+
+    @ivar queue: the queue folder.
+    @ivar relay: C{"HOST[:PORT]"} of a smarthost (port 25 by default), or
+        L{None} to deliver to each domain's MX hosts.
+    @ivar resolvers: C{["HOST[:PORT]", ...]} DNS servers (IPv4); empty for
+        the system's resolv.conf. When given, they are the only ones asked.
+    @ivar mx_port: TCP port used for MX hosts.
+    @ivar helo: EHLO name; this host's name when L{None}.
+    @ivar tls: C{none}, C{may}, C{encrypt} or C{verify}.
+    @ivar cafile: PEM file of trusted CAs for C{verify}; the system store
+        when L{None}.
+    @ivar max_connections: open SMTP connections at most.
+    @ivar max_per_destination: open connections to one destination at most.
+    @ivar poll_interval: seconds between scans of C{new/} (inotify makes
+        pickup immediate where available).
+    @ivar retry_base: seconds before the first retry of deferred mail.
+    @ivar retry_max: longest wait between retries, seconds.
+    @ivar max_queue_lifetime: seconds after which deferred mail bounces.
+    @ivar bounce_lifetime: the same for bounces, which are then dropped.
+    @ivar connection_idle: seconds an idle connection is kept for reuse.
+    @ivar connection_max_age: seconds after which a connection is not reused.
+    @ivar max_messages_per_connection: transactions per connection at most.
+    @ivar command_timeout: cap in seconds on every per-command timeout
+        (L{None}: the RFC 5321 4.5.3.2 values).
+    @ivar connect_timeout: TCP connect timeout, seconds.
+    @ivar dns_timeout: seconds a DNS query may take in all.
+    @ivar shutdown_timeout: seconds a graceful stop waits for transactions.
+    """
+
+    queue: str
+    relay: str | None = None
+    resolvers: tuple[str, ...] = ()
+    mx_port: int = 25
+    helo: str | None = None
+    tls: str = "may"
+    cafile: str | None = None
+    max_connections: int = 20
+    max_per_destination: int = 4
+    poll_interval: float = 5.0
+    retry_base: float = 300.0
+    retry_max: float = 4000.0
+    max_queue_lifetime: float = 5 * 86400.0
+    bounce_lifetime: float = 5 * 86400.0
+    connection_idle: float = 2.0
+    connection_max_age: float = 300.0
+    max_messages_per_connection: int = 100
+    command_timeout: float | None = None
+    connect_timeout: float = 30.0
+    dns_timeout: float = 15.0
+    shutdown_timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.queue:
+            raise ConfigError("--queue is required")
+        if self.tls not in TLS_LEVELS:
+            raise ConfigError(f"--tls must be one of {', '.join(TLS_LEVELS)}, not {self.tls!r}")
+        if self.relay is not None:
+            try:
+                parse_hostport(self.relay, 25)
+            except ValueError as e:
+                raise ConfigError(f"--relay: {e}") from None
+        for r in self.resolvers:
+            try:
+                host, _ = parse_hostport(r, 53)
+                socket.inet_aton(host)
+            except (ValueError, OSError):
+                raise ConfigError(f"--resolver {r!r}: expected an IPv4 address[:port]") from None
+        if not 0 < self.mx_port < 65536:
+            raise ConfigError("--mx-port must be 1..65535")
+        for name in ("max_connections", "max_per_destination", "max_messages_per_connection"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("poll_interval", "retry_base", "retry_max", "max_queue_lifetime",
+                     "bounce_lifetime", "connect_timeout", "dns_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.retry_max < self.retry_base:
+            raise ConfigError("--retry-max must not be less than --retry-base")
+
+    @property
+    def helo_name(self) -> str:
+        """The EHLO name: C{helo}, else this host's name (set --helo to a
+        fully qualified name when the host name is not one)."""
+        return self.helo or _fqdn()
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """Per-command L{Timeouts}, capped by C{command_timeout}."""
+        t = Timeouts.scaled(self.command_timeout) if self.command_timeout else Timeouts()
+        from dataclasses import replace
+
+        return replace(t, connect=self.connect_timeout)
+
+    @property
+    def dns_tries(self) -> tuple[float, ...]:
+        """Per-try DNS timeouts adding up to C{dns_timeout}."""
+        t = self.dns_timeout
+        return (t / 7, 2 * t / 7, 4 * t / 7)
+
+
+_FQDN = None
+
+
+def _fqdn() -> str:
+    global _FQDN
+    if _FQDN is None:
+        # gethostname() only: getfqdn() would ask DNS behind --resolver's back.
+        _FQDN = socket.gethostname() or "localhost"
+    return _FQDN

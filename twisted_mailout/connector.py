@@ -1,0 +1,359 @@
+"""Connections to next hops: host fallback, limits, reuse.
+
+L{Connector.deliver} is the one operation both the queue's scheduler and the
+programmatic C{sendmail()} use: route the destination, get a ready session
+(an idle one for the same destination, or a new connection trying each host
+and address in order), run one transaction, and give the session back for
+reuse.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+from .envelope import Reply
+from .router import NextHop, RouteError
+from .session import ESMTPSession, SessionError, Timeouts, opportunistic_tls, verified_tls
+
+__all__ = ["Attempt", "Connector", "ConnectorSettings"]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """How the connector opens and keeps connections.
+
+    @ivar helo: the EHLO name.
+    @ivar tls: C{"none"}, C{"may"}, C{"encrypt"} or C{"verify"}.
+    @ivar trust_root: for C{verify}: from L{session.load_trust_root}.
+    @ivar timeouts: per-command L{Timeouts}.
+    @ivar max_connections: open connections at most, all destinations.
+    @ivar max_per_destination: open connections at most to one destination.
+    @ivar idle_timeout: seconds an idle connection is kept for reuse.
+    @ivar max_age: seconds after which a connection is not reused.
+    @ivar max_messages: transactions per connection at most.
+    @ivar failure_memory: seconds a destination whose every host failed is
+        not tried again (its mail is deferred at once).
+    @ivar pipelining: use PIPELINING when offered.
+    """
+
+    helo: str = "localhost"
+    tls: str = "may"
+    trust_root: object = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 20
+    max_per_destination: int = 4
+    idle_timeout: float = 2.0
+    max_age: float = 300.0
+    max_messages: int = 100
+    failure_memory: float = 60.0
+    pipelining: bool = True
+
+
+@dataclass
+class Attempt:
+    """The outcome of one delivery attempt to one destination.
+
+    @ivar replies: C{{recipient: Reply}} for every recipient given.
+    @ivar relay: C{"host[ip]:port"} of the host that gave the replies, or
+        L{None} when no host was reached.
+    """
+
+    replies: dict[str, Reply]
+    relay: str | None
+
+
+class _Dest:
+    def __init__(self, key: str):
+        self.key = key
+        self.conns = 0
+        self.idle: list = []  # (session, timer)
+        self.waiters: deque = deque()
+        self.failed_until = 0.0
+        self.failed_reply: Reply | None = None
+
+
+class _Factory(protocol.Factory):
+    def __init__(self, make):
+        self._make = make
+
+    def buildProtocol(self, addr):
+        return self._make()
+
+
+class Connector:
+    """Delivers transactions to destinations over pooled connections.
+
+    @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
+    @param router: an L{MXRouter} or L{RelayRouter}.
+    @param settings: L{ConnectorSettings}.
+    @param connect: optional C{callable(addr, port, factory) -> Deferred}
+        replacing TCP endpoints (tests).
+    """
+
+    def __init__(self, reactor, router, settings: ConnectorSettings, connect=None):
+        self.reactor = reactor
+        self.router = router
+        self.settings = settings
+        self._connect = connect or self._tcp_connect
+        self._dests: dict[str, _Dest] = {}
+        self._total = 0
+        self._blocked: deque = deque()  # dests with waiters blocked by the global limit
+        self._closing = False
+
+    # -- public -------------------------------------------------------------
+
+    def deliver(self, dest: str, sender: str, recipients: list[str], open_source,
+                size: int | None = None, smtputf8: bool = False) -> defer.Deferred:
+        """Deliver one message to the recipients of one destination.
+
+        @param dest: the destination key: an A-label domain (routed by MX) or
+            any key when routing to a relay.
+        @param sender: MAIL FROM address (validated), C{""} for null.
+        @param recipients: RCPT TO addresses (validated), all for C{dest}.
+        @param open_source: C{callable() -> binary file} giving the message
+            bytes; called once a session is ready, closed afterwards.
+        @param size: message size in bytes for SIZE, or L{None}.
+        @param smtputf8: the envelope needs SMTPUTF8.
+        @return: Deferred firing with an L{Attempt}; it does not fail for
+            network, DNS or server trouble, which become replies.
+        """
+        return defer.Deferred.fromCoroutine(
+            self._deliver(dest, sender, recipients, open_source, size, smtputf8))
+
+    async def _deliver(self, dest, sender, recipients, open_source, size, smtputf8):
+        try:
+            session = await self._acquire(dest)
+        except (RouteError, SessionError) as e:
+            return Attempt({r: e.reply for r in recipients}, None)
+        relay = session.relay_label
+        try:
+            source = open_source()
+        except OSError as e:
+            self._release(dest, session, session.usable)
+            r = Reply(451, f"4.3.0 cannot read the queued message: {e.strerror}", local=True)
+            return Attempt({rc: r for rc in recipients}, None)
+        try:
+            result = await session.transaction(sender, recipients, source, size, smtputf8)
+        finally:
+            source.close()
+        self._release(dest, session, result.session_usable)
+        return Attempt(result.replies, relay)
+
+    def close(self, timeout: float = 10.0) -> defer.Deferred:
+        """QUIT idle connections and stop reusing any. Busy connections are
+        left to finish their transaction and are then closed.
+
+        @return: Deferred firing (with L{None}) when idle ones are closed.
+        """
+        self._closing = True
+        ds = []
+        for dest in self._dests.values():
+            for session, timer in dest.idle:
+                if timer.active():
+                    timer.cancel()
+                ds.append(session.quit())
+            dest.idle = []
+            while dest.waiters:
+                dest.waiters.popleft().errback(SessionError(
+                    Reply(421, "4.3.2 mail service shutting down", local=True), "shutdown"))
+        return defer.DeferredList(ds).addCallback(lambda _: None)
+
+    # -- acquiring sessions ---------------------------------------------------
+
+    def _dest(self, key: str) -> _Dest:
+        d = self._dests.get(key)
+        if d is None:
+            d = self._dests[key] = _Dest(key)
+        return d
+
+    def _acquire(self, key: str) -> defer.Deferred:
+        dest = self._dest(key)
+        now = self.reactor.seconds()
+        if dest.failed_until > now and dest.failed_reply is not None:
+            return defer.fail(SessionError(dest.failed_reply, "remembered"))
+        s = self.settings
+        if self._closing:
+            return defer.fail(SessionError(
+                Reply(421, "4.3.2 mail service shutting down", local=True), "shutdown"))
+        while dest.idle:
+            session, timer = dest.idle.pop()
+            if timer.active():
+                timer.cancel()
+            if self._reusable(session):
+                return defer.succeed(session)
+            session.quit()
+        if dest.conns < s.max_per_destination:
+            if self._total >= s.max_connections:
+                self._close_one_idle()
+            if self._total < s.max_connections:
+                return defer.Deferred.fromCoroutine(self._open(dest))
+            self._blocked.append(dest)
+        d = defer.Deferred()
+        dest.waiters.append(d)
+        return d
+
+    def _reusable(self, session) -> bool:
+        s = self.settings
+        return (session.usable and not self._closing
+                and session.transactions < s.max_messages
+                and self.reactor.seconds() - session.created < s.max_age)
+
+    def _close_one_idle(self):
+        oldest = None
+        for dest in self._dests.values():
+            for item in dest.idle:
+                if oldest is None or item[0].created < oldest[1][0].created:
+                    oldest = (dest, item)
+        if oldest is not None:
+            dest, (session, timer) = oldest
+            dest.idle.remove((session, timer))
+            if timer.active():
+                timer.cancel()
+            session.quit()
+            # The slot is counted free only once the connection is closed;
+            # count it now so the caller can open its connection.
+            session.counted = False
+            dest.conns -= 1
+            self._total -= 1
+
+    def _release(self, key: str, session, usable: bool):
+        dest = self._dest(key)
+        if usable and self._reusable(session):
+            if dest.waiters:
+                dest.waiters.popleft().callback(session)
+                return
+            timer = self.reactor.callLater(self.settings.idle_timeout, self._idle_expired,
+                                           dest, session)
+            dest.idle.append((session, timer))
+            return
+        session.quit()
+
+    def _idle_expired(self, dest: _Dest, session):
+        for item in list(dest.idle):
+            if item[0] is session:
+                dest.idle.remove(item)
+        session.quit()
+
+    def _closed(self, dest: _Dest, session):
+        if getattr(session, "counted", True):
+            session.counted = False
+            dest.conns -= 1
+            self._total -= 1
+        for item in list(dest.idle):
+            if item[0] is session:
+                if item[1].active():
+                    item[1].cancel()
+                dest.idle.remove(item)
+        self._slot_freed(dest)
+
+    def _slot_freed(self, dest: _Dest | None):
+        """A connection closed: start a waiter, same destination first."""
+        s = self.settings
+        candidates = ([dest] if dest is not None else []) + list(self._blocked)
+        for cand in candidates:
+            if self._total >= s.max_connections:
+                return
+            if cand.waiters and cand.conns < s.max_per_destination:
+                waiter = cand.waiters.popleft()
+                if cand in self._blocked and not cand.waiters:
+                    self._blocked.remove(cand)
+                defer.Deferred.fromCoroutine(self._open(cand)).chainDeferred(waiter)
+                return
+
+    async def _open(self, dest: _Dest):
+        dest.conns += 1
+        self._total += 1
+        try:
+            session = await self._open_any_host(dest.key)
+        except BaseException as e:
+            dest.conns -= 1
+            self._total -= 1
+            reply = getattr(e, "reply", None)
+            if reply is not None and self.settings.failure_memory > 0:
+                dest.failed_until = self.reactor.seconds() + self.settings.failure_memory
+                dest.failed_reply = reply
+            # Waiters for a destination that cannot be reached fail too.
+            while dest.waiters:
+                dest.waiters.popleft().errback(e)
+            self._slot_freed(None)
+            raise
+        dest.failed_until = 0.0
+        dest.failed_reply = None
+        session.closed.addBoth(lambda _: self._closed(dest, session))
+        return session
+
+    async def _open_any_host(self, key: str):
+        hops: list[NextHop] = await self.router.route(key)
+        last: Reply | None = None
+        tried = []
+        for hop in hops:
+            try:
+                addrs = await self.router.addresses(hop)
+            except RouteError as e:
+                if e.reply.is_permanent and hop.implicit:
+                    raise
+                last = e.reply
+                tried.append(f"{hop.host}: {e.reply.text}")
+                continue
+            for addr in addrs:
+                label = f"{hop.host}[{addr}]:{hop.port}"
+                try:
+                    session = await self._connect_one(hop, addr)
+                except SessionError as e:
+                    last = e.reply
+                    tried.append(f"{label}: {e.reply.one_line()}")
+                    log.info("{label}: {reason}; trying the next host", label=label,
+                             reason=e.reply.one_line())
+                    continue
+                session.relay_label = label
+                return session
+        if last is None:
+            last = Reply(451, f"4.4.4 no host to try for {key}", local=True)
+        text = last.text if len(tried) <= 1 else f"{last.text} (all {len(tried)} hosts failed)"
+        code = last.code if last.is_transient else 451
+        if not last.is_transient and not text[:1].isdigit():
+            text = f"4.4.1 {text}"
+        raise SessionError(Reply(code, text, local=last.local), "connect")
+
+    def _tls_creator(self, hostname):
+        if self.settings.tls == "verify":
+            return verified_tls(hostname, self.settings.trust_root)
+        return opportunistic_tls(hostname)
+
+    async def _connect_one(self, hop: NextHop, addr: str):
+        s = self.settings
+        session = ESMTPSession(
+            helo=s.helo, clock=self.reactor, tls=s.tls, tls_creator=self._tls_creator,
+            hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining)
+        try:
+            await self._connect(addr, hop.port, _Factory(lambda: session))
+        except Exception as e:
+            raise SessionError(Reply(421, f"4.4.1 connect to {hop.host}[{addr}]:{hop.port}: "
+                                     f"{_conn_error(e)}", local=True), "connect") from None
+        return await session.ready
+
+    def _tcp_connect(self, addr: str, port: int, factory):
+        timeout = self.settings.timeouts.connect
+        if ":" in addr:
+            ep = endpoints.TCP6ClientEndpoint(self.reactor, addr, port, timeout=timeout)
+        else:
+            ep = endpoints.TCP4ClientEndpoint(self.reactor, addr, port, timeout=timeout)
+        return ep.connect(factory)
+
+
+def _conn_error(e: Exception) -> str:
+    from twisted.internet import error
+
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (error.TCPTimedOutError, error.TimeoutError)):
+        return "connection timed out"
+    if isinstance(e, error.NoRouteError):
+        return "no route to host"
+    return str(e) or e.__class__.__name__

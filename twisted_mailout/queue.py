@@ -1,0 +1,684 @@
+"""The queue folder: durable enqueue, pickup, per-recipient state, recovery.
+
+Layout (see docs/queue-format.md)::
+
+    DIR/lock          flock(2) held by the one daemon working on DIR
+    DIR/tmp/          enqueue writes here first (Maildir)
+    DIR/new/          the drop zone: ready for pickup (Maildir); also cur/
+    DIR/messages/QID  a picked-up message: envelope line + message bytes
+    DIR/state/QID.json  its envelope and the state of every recipient
+    DIR/corrupt/      files that could not be parsed, moved aside
+
+Every function here blocks on the file system; the daemon calls them from a
+thread, never from the reactor thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from .envelope import (
+    FINAL_STATES,
+    AddressError,
+    RecipientState,
+    Reply,
+    check_transition,
+    parse_address,
+    parse_sender,
+)
+from .message import MessageError, coerce_message, header_values, prepare_message, remove_headers
+
+__all__ = [
+    "ENVELOPE_HEADER",
+    "CorruptEntry",
+    "Queue",
+    "QueueEntry",
+    "QueueError",
+    "QueueLocked",
+    "RecipientStatus",
+    "enqueue",
+]
+
+ENVELOPE_HEADER = b"X-Mailout-Envelope: "
+FORMAT_VERSION = 1
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+class QueueError(Exception):
+    """The queue folder cannot be used (missing, not writable, disk full...)."""
+
+
+class QueueLocked(QueueError):
+    """Another daemon already works on this queue folder."""
+
+
+class CorruptEntry(Exception):
+    """A queue file that cannot be parsed."""
+
+
+def _new_queue_id() -> str:
+    """A queue id: 13 hex digits of microseconds since the epoch, then 10
+    random hex digits. Sorts by arrival; unique without coordination."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(5).upper()}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes, *, exclusive: bool = True) -> None:
+    """Create C{path} with C{data}, fsynced; remove the partial file on error."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+@dataclass(slots=True)
+class RecipientStatus:
+    """One recipient of a queued message and where it stands.
+
+    @ivar address: the recipient as given at enqueue (validated).
+    @ivar state: a L{RecipientState}.
+    @ivar attempts: delivery attempts so far.
+    @ivar next_attempt: when a deferred recipient is tried again (seconds
+        since the epoch), else L{None}.
+    @ivar reply: the last reply, from a server or made locally, or L{None}.
+    @ivar relay: the last host tried, C{"host[ip]:port"}, or L{None}.
+    """
+
+    address: str
+    state: RecipientState = RecipientState.PENDING
+    attempts: int = 0
+    next_attempt: float | None = None
+    reply: Reply | None = None
+    relay: str | None = None
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (see docs/queue-format.md)."""
+        return {
+            "address": self.address,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "reply": self.reply.to_json() if self.reply else None,
+            "relay": self.relay,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> RecipientStatus:
+        """Inverse of L{to_json}. @raise ValueError, KeyError, TypeError: malformed."""
+        na = d.get("next_attempt")
+        return cls(
+            address=str(d["address"]),
+            state=RecipientState(d["state"]),
+            attempts=int(d.get("attempts", 0)),
+            next_attempt=float(na) if na is not None else None,
+            reply=Reply.from_json(d.get("reply")),
+            relay=d.get("relay"),
+        )
+
+    def move(self, new: RecipientState, reply: Reply | None, next_attempt: float | None = None,
+             relay: str | None = None) -> None:
+        """Change state, checking the transition (L{check_transition}).
+
+        @raise InvalidTransition: for a forbidden change.
+        """
+        check_transition(self.state, new)
+        self.state = new
+        self.reply = reply
+        self.next_attempt = next_attempt if new is RecipientState.DEFERRED else None
+        if relay is not None:
+            self.relay = relay
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    """A message in the queue: its envelope and the state of each recipient.
+
+    @ivar qid: the queue id.
+    @ivar sender: the envelope sender, C{""} for the null sender.
+    @ivar arrival: when it was enqueued (seconds since the epoch).
+    @ivar body_offset: where the message bytes start in the message file.
+    @ivar origin: C{"mailout"}, C{"zope"} or C{"repoze"}.
+    @ivar recipients: one L{RecipientStatus} per envelope recipient.
+    @ivar bounced_reported: addresses of bounced recipients already named in
+        a delivery status notification that has been queued (so a restart
+        never reports them twice).
+    """
+
+    qid: str
+    sender: str
+    arrival: float
+    body_offset: int
+    origin: str = "mailout"
+    recipients: list[RecipientStatus] = field(default_factory=list)
+    bounced_reported: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """Every recipient is delivered or bounced."""
+        return all(r.state in FINAL_STATES for r in self.recipients)
+
+    def due(self, now: float) -> list[RecipientStatus]:
+        """Recipients to try at time C{now} (pending, or deferred and due)."""
+        out = []
+        for r in self.recipients:
+            if r.state is RecipientState.PENDING or r.state is RecipientState.DEFERRED and (r.next_attempt or 0) <= now:
+                out.append(r)
+        return out
+
+    def next_attempt(self) -> float | None:
+        """The earliest time a recipient needs an attempt, or L{None} when
+        none does. Pending recipients count as due at C{arrival}."""
+        times = []
+        for r in self.recipients:
+            if r.state is RecipientState.PENDING:
+                times.append(self.arrival)
+            elif r.state is RecipientState.DEFERRED:
+                times.append(r.next_attempt or 0.0)
+        return min(times) if times else None
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (see docs/queue-format.md)."""
+        return {
+            "v": FORMAT_VERSION,
+            "qid": self.qid,
+            "sender": self.sender,
+            "arrival": self.arrival,
+            "body_offset": self.body_offset,
+            "origin": self.origin,
+            "recipients": [r.to_json() for r in self.recipients],
+            "bounced_reported": self.bounced_reported,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> QueueEntry:
+        """Inverse of L{to_json}.
+
+        @raise CorruptEntry: for anything malformed.
+        """
+        try:
+            if d.get("v") != FORMAT_VERSION:
+                raise ValueError(f"unknown state format version {d.get('v')!r}")
+            entry = cls(
+                qid=str(d["qid"]),
+                sender=str(d["sender"]),
+                arrival=float(d["arrival"]),
+                body_offset=int(d["body_offset"]),
+                origin=str(d.get("origin", "mailout")),
+                recipients=[RecipientStatus.from_json(r) for r in d["recipients"]],
+                bounced_reported=[str(a) for a in d.get("bounced_reported", [])],
+            )
+            if not entry.recipients:
+                raise ValueError("no recipients")
+            return entry
+        except CorruptEntry:
+            raise
+        except Exception as e:
+            raise CorruptEntry(f"malformed state: {e!r}") from e
+
+
+def _validate_envelope(sender, recipients) -> tuple[str, list[str]]:
+    """@raise AddressError: bad sender or recipient, or no recipients."""
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    recipients = list(recipients)
+    if not recipients:
+        raise AddressError("no recipients")
+    snd = parse_sender(sender)
+    rcpts = []
+    for r in recipients:
+        a = parse_address(r)
+        s = str(a)
+        if s not in rcpts:
+            rcpts.append(s)
+    return ("" if snd is None else str(snd)), rcpts
+
+
+class Queue:
+    """A queue folder.
+
+    @param path: the folder; created (mode 0700, with its subfolders) when
+        C{create} is true and it does not exist.
+    @raise QueueError: when the folder is missing (and C{create} is false) or
+        cannot be created.
+    """
+
+    SUBDIRS = ("tmp", "new", "cur", "messages", "state", "corrupt")
+
+    def __init__(self, path: str, create: bool = True):
+        self.path = os.path.abspath(path)
+        self._lock_fd: int | None = None
+        try:
+            if create:
+                os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
+                for sub in self.SUBDIRS:
+                    os.makedirs(os.path.join(self.path, sub), mode=DIR_MODE, exist_ok=True)
+            elif not os.path.isdir(os.path.join(self.path, "new")):
+                raise QueueError(f"{self.path} is not a mailout queue folder (no new/ in it)")
+        except OSError as e:
+            raise QueueError(f"cannot create queue folder {self.path}: {e.strerror}") from e
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    # -- the lock -------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the daemon's lock on this folder (flock on C{DIR/lock}).
+
+        @raise QueueLocked: another process holds it.
+        @raise QueueError: the lock file cannot be opened.
+        """
+        try:
+            fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise QueueError(f"cannot open {self._p('lock')}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise QueueLocked(
+                    f"another mailout daemon is already running on {self.path}"
+                ) from None
+            raise QueueError(f"cannot lock {self._p('lock')}: {e.strerror}") from e
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by L{lock} (no-op when not held)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- enqueue ----------------------------------------------------------
+
+    def enqueue(self, sender: str | None, recipients, message) -> str:
+        """Put one message in the queue, durably (see docs/reliability.md).
+
+        The file is written to C{tmp/}, fsynced, renamed into C{new/}, and
+        C{new/} is fsynced; only then is the queue id returned.
+
+        @param sender: envelope sender; C{""}, C{"<>"} or L{None} for null.
+        @param recipients: an iterable of recipient addresses (a single
+            C{str} is taken as one recipient).
+        @param message: C{bytes}, C{str} or C{email.message.Message}.
+            Message-ID and Date are added when missing.
+        @return: the queue id (C{str}).
+        @raise AddressError: a bad sender or recipient, or none.
+        @raise MessageError: an empty message.
+        @raise QueueError: the message could not be written (nothing is left
+            behind in the queue).
+        """
+        sender, rcpts = _validate_envelope(sender, recipients)
+        data = coerce_message(message)
+        data = prepare_message(data, sender.rpartition("@")[2] if sender else None)
+        qid = _new_queue_id()
+        head = ENVELOPE_HEADER + json.dumps(
+            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": time.time()},
+            separators=(",", ":"),
+        ).encode("ascii") + b"\n"
+        tmp = self._p("tmp", qid)
+        try:
+            _write_durably(tmp, head + data)
+            try:
+                os.rename(tmp, self._p("new", qid))
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            _fsync_dir(self._p("new"))
+        except OSError as e:
+            raise QueueError(f"cannot write to queue {self.path}: {e.strerror or e}") from e
+        return qid
+
+    # -- pickup -------------------------------------------------------------
+
+    def incoming(self) -> list[str]:
+        """Names waiting for pickup, as C{"new/NAME"} or C{"cur/NAME"}, oldest
+        name first; dot files (another program's work in progress) skipped."""
+        out = []
+        for sub in ("new", "cur"):
+            try:
+                names = os.listdir(self._p(sub))
+            except FileNotFoundError:
+                continue
+            out.extend(f"{sub}/{n}" for n in names if not n.startswith("."))
+        out.sort(key=lambda s: s.split("/", 1)[1])
+        return out
+
+    def pickup(self, name: str) -> QueueEntry | None:
+        """Move one dropped file into the active queue.
+
+        Our own files are renamed into C{messages/}; zope.sendmail and
+        repoze.sendmail files are rewritten without their envelope header
+        fields. The state file is written before the message is moved, so a
+        crash between the two steps only repeats the pickup.
+
+        @param name: as returned by L{incoming}.
+        @return: the new L{QueueEntry} (every recipient pending), or L{None}
+            when the file had already been picked up (only its removal had
+            been interrupted).
+        @raise CorruptEntry: the file was unparseable and has been moved to
+            C{corrupt/}.
+        @raise FileNotFoundError: the file vanished (another process took it).
+        """
+        src = self._p(name)
+        base = name.split("/", 1)[1]
+        with open(src, "rb") as f:
+            first = f.read(65536)
+            try:
+                entry, rewrite = self._parse_dropped(base, first, f, src)
+            except CorruptEntry as e:
+                self._move_corrupt(src, base, str(e))
+                raise
+        state_path = self._p("state", entry.qid + ".json")
+        msg_path = self._p("messages", entry.qid)
+        if os.path.exists(msg_path) and os.path.exists(state_path):
+            # A rewriting pickup finished all but removing its source.
+            os.unlink(src)
+            _fsync_dir(os.path.dirname(src))
+            return None
+        self._write_state(entry, exclusive=False)
+        if rewrite is not None:
+            tmp = self._p("tmp", "." + entry.qid + ".pickup")
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            _write_durably(tmp, rewrite)
+            os.rename(tmp, msg_path)
+            _fsync_dir(self._p("messages"))
+            os.unlink(src)
+        else:
+            os.rename(src, msg_path)
+            _fsync_dir(self._p("messages"))
+        _fsync_dir(os.path.dirname(src))
+        return entry
+
+    def _parse_dropped(self, base: str, first: bytes, f, src: str):
+        """@return: C{(entry, rewritten_bytes_or_None)}. @raise CorruptEntry."""
+        if first.startswith(ENVELOPE_HEADER):
+            end = first.find(b"\n")
+            if end < 0:
+                raise CorruptEntry("envelope line not terminated")
+            try:
+                env = json.loads(first[len(ENVELOPE_HEADER) : end])
+                sender, rcpts = _validate_envelope(env["sender"], env["recipients"])
+                arrival = float(env.get("arrival", time.time()))
+            except (ValueError, KeyError, TypeError, AddressError) as e:
+                raise CorruptEntry(f"bad envelope line: {e}") from e
+            qid = base if _is_safe_qid(base) else _foreign_qid(base)
+            if os.fstat(f.fileno()).st_size <= end + 1:
+                raise CorruptEntry("no message after the envelope line")
+            return self._entry(qid, sender, rcpts, arrival, end + 1, "mailout"), None
+        # Foreign formats are small; read them whole and rewrite them.
+        data = first + f.read()
+        arrival = os.fstat(f.fileno()).st_mtime
+        if data.startswith(b"X-Zope-From:"):
+            try:
+                line1, line2, rest = data.split(b"\n", 2)
+            except ValueError:
+                raise CorruptEntry("zope.sendmail file without X-Zope-To line") from None
+            if not line2.startswith(b"X-Zope-To:"):
+                raise CorruptEntry("zope.sendmail file without X-Zope-To line")
+            try:
+                sender = line1[len(b"X-Zope-From:") :].strip().decode("utf-8")
+                rcpts_raw = line2[len(b"X-Zope-To:") :].strip().decode("utf-8")
+                sender, rcpts = _validate_envelope(
+                    sender, [r.strip() for r in rcpts_raw.split(",") if r.strip()]
+                )
+            except (UnicodeDecodeError, AddressError) as e:
+                raise CorruptEntry(f"bad zope.sendmail envelope: {e}") from e
+            origin, body = "zope", rest
+        else:
+            froms = header_values(data, "X-Actually-From")
+            tos = header_values(data, "X-Actually-To")
+            if not (froms and tos):
+                raise CorruptEntry(
+                    "no envelope: neither X-Mailout-Envelope, X-Zope-From/X-Zope-To "
+                    "nor X-Actually-From/X-Actually-To"
+                )
+            try:
+                sender, rcpts = _validate_envelope(
+                    froms[0].strip(), [r.strip() for r in tos[0].split(",") if r.strip()]
+                )
+            except AddressError as e:
+                raise CorruptEntry(f"bad repoze.sendmail envelope: {e}") from e
+            origin = "repoze"
+            body = remove_headers(data, ["X-Actually-From", "X-Actually-To"])
+        if not body.strip():
+            raise CorruptEntry("empty message")
+        qid = _foreign_qid(base)
+        head = ENVELOPE_HEADER + json.dumps(
+            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": arrival,
+             "origin": origin, "source": base},
+            separators=(",", ":"),
+        ).encode("ascii") + b"\n"
+        entry = self._entry(qid, sender, rcpts, arrival, len(head), origin)
+        return entry, head + body
+
+    @staticmethod
+    def _entry(qid, sender, rcpts, arrival, offset, origin) -> QueueEntry:
+        return QueueEntry(
+            qid=qid,
+            sender=sender,
+            arrival=arrival,
+            body_offset=offset,
+            origin=origin,
+            recipients=[RecipientStatus(a) for a in rcpts],
+        )
+
+    def _move_corrupt(self, src: str, base: str, why: str) -> None:
+        dst = self._p("corrupt", base)
+        if os.path.exists(dst):
+            dst = dst + "." + secrets.token_hex(3)
+        try:
+            os.rename(src, dst)
+            with open(dst + ".reason", "w") as f:
+                f.write(why + "\n")
+        except OSError:
+            pass
+
+    # -- state --------------------------------------------------------------
+
+    def _write_state(self, entry: QueueEntry, exclusive: bool = False) -> None:
+        path = self._p("state", entry.qid + ".json")
+        tmp = path + ".tmp"
+        data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _write_durably(tmp, data)
+        os.rename(tmp, path)
+        _fsync_dir(self._p("state"))
+
+    def save(self, entry: QueueEntry) -> None:
+        """Replace the state file of C{entry} atomically (tmp, fsync, rename,
+        fsync of C{state/}).
+
+        @raise OSError: the write failed; the old state stays in place.
+        """
+        self._write_state(entry)
+
+    def load(self, qid: str) -> QueueEntry:
+        """Read the state of C{qid}.
+
+        @raise CorruptEntry: unreadable or malformed state.
+        @raise FileNotFoundError: no such entry.
+        """
+        with open(self._p("state", qid + ".json"), "rb") as f:
+            raw = f.read()
+        try:
+            d = json.loads(raw)
+        except ValueError as e:
+            raise CorruptEntry(f"state file of {qid} is not JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise CorruptEntry(f"state file of {qid} is not a JSON object")
+        return QueueEntry.from_json(d)
+
+    def remove(self, qid: str) -> None:
+        """Remove a finished entry: the message first, then its state, so a
+        crash in between leaves a state without message, which L{recover}
+        deletes (see docs/reliability.md)."""
+        for path in (self._p("messages", qid), self._p("state", qid + ".json")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self._p("messages"))
+        _fsync_dir(self._p("state"))
+
+    def quarantine(self, qid: str, why: str) -> None:
+        """Move the state and message of C{qid} to C{corrupt/}, with the
+        reason in a C{.reason} file beside them."""
+        self._move_corrupt(self._p("state", qid + ".json"), qid + ".json", why)
+        self._move_corrupt(self._p("messages", qid), qid, why)
+
+    def message_path(self, qid: str) -> str:
+        """The path of the message file of C{qid} (its bytes start at the
+        entry's C{body_offset})."""
+        return self._p("messages", qid)
+
+    def read_message(self, entry: QueueEntry) -> bytes:
+        """The whole message bytes of C{entry} (envelope line excluded). For
+        small messages and bounces; delivery streams from L{message_path}."""
+        with open(self.message_path(entry.qid), "rb") as f:
+            f.seek(entry.body_offset)
+            return f.read()
+
+    def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
+        """The header block of the message of C{entry}, at most C{limit} bytes."""
+        with open(self.message_path(entry.qid), "rb") as f:
+            f.seek(entry.body_offset)
+            data = f.read(limit)
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            i = data.find(sep)
+            if i >= 0:
+                return data[: i + len(sep) // 2]
+        return data
+
+    def recover(self) -> tuple[list[QueueEntry], list[str]]:
+        """Load every entry at start and repair what a crash left behind.
+
+        Removes leftover C{tmp/} files of enqueue (never acknowledged), state
+        files whose message is gone, and C{.tmp} state files; moves corrupt
+        state and its message to C{corrupt/}.
+
+        @return: C{(entries, problems)}: the loaded entries and one
+            human-readable line per repair made.
+        """
+        problems = []
+        for name in os.listdir(self._p("tmp")):
+            path = self._p("tmp", name)
+            try:
+                if time.time() - os.stat(path).st_mtime > 36 * 3600 or name.startswith("."):
+                    os.unlink(path)
+                    problems.append(f"removed stale tmp/{name}")
+            except OSError:
+                pass
+        entries = []
+        messages = set(os.listdir(self._p("messages")))
+        for name in sorted(os.listdir(self._p("state"))):
+            path = self._p("state", name)
+            if name.endswith(".tmp"):
+                os.unlink(path)
+                problems.append(f"removed unfinished state write state/{name}")
+                continue
+            if not name.endswith(".json"):
+                continue
+            qid = name[: -len(".json")]
+            if qid not in messages:
+                os.unlink(path)
+                problems.append(f"{qid}: removed state without message (finished, or pickup "
+                                "interrupted and to be repeated)")
+                continue
+            try:
+                entries.append(self.load(qid))
+            except (CorruptEntry, OSError) as e:
+                self._move_corrupt(path, name, str(e))
+                self._move_corrupt(self._p("messages", qid), qid, str(e))
+                problems.append(f"{qid}: moved to corrupt/: {e}")
+            messages.discard(qid)
+        for qid in messages:
+            if qid.startswith("."):
+                continue
+            # A message without state: pickup wrote the state first, so this
+            # is a state lost to corruption; rebuild it from the envelope line.
+            path = self._p("messages", qid)
+            try:
+                with open(path, "rb") as f:
+                    entry, _ = self._parse_dropped(qid, f.read(65536), f, path)
+                entry.qid = qid
+                self._write_state(entry)
+                entries.append(entry)
+                problems.append(f"{qid}: state missing, rebuilt from the envelope line")
+            except (CorruptEntry, OSError) as e:
+                self._move_corrupt(path, qid, str(e))
+                problems.append(f"{qid}: moved to corrupt/: {e}")
+        return entries, problems
+
+    def entries(self) -> list[QueueEntry]:
+        """Every entry in the active queue, read-only (for C{mailout queue list});
+        unreadable ones are skipped."""
+        out = []
+        for name in sorted(os.listdir(self._p("state"))):
+            if name.endswith(".json"):
+                try:
+                    out.append(self.load(name[:-5]))
+                except (CorruptEntry, OSError):
+                    pass
+        return out
+
+
+def _is_safe_qid(name: str) -> bool:
+    return 0 < len(name) <= 64 and all(c.isalnum() for c in name) and name.isascii()
+
+
+def _foreign_qid(name: str) -> str:
+    return "F" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=11).hexdigest().upper()
+
+
+def enqueue(queue_dir: str, sender: str | None, recipients, message) -> str:
+    """Put a message in the queue folder C{queue_dir}; no reactor needed.
+
+    Safe from any thread or process. The message is on disk (fsynced, renamed
+    into C{new/}, folder fsynced) before this returns.
+
+    @param queue_dir: the queue folder (created if missing).
+    @param sender: envelope sender (MAIL FROM); C{""}/L{None} for null.
+    @param recipients: iterable of recipient addresses (RCPT TO).
+    @param message: C{bytes}, C{str} or C{email.message.Message}.
+    @return: the queue id.
+    @raise AddressError: bad sender or recipient address, or no recipients.
+    @raise MessageError: empty message.
+    @raise QueueError: the folder cannot be created or written.
+    """
+    return Queue(queue_dir).enqueue(sender, recipients, message)
+
+
+# Re-exported for callers catching errors from enqueue().
+MessageError = MessageError

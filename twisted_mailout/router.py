@@ -1,0 +1,348 @@
+"""Routing: a recipient domain to an ordered list of next hops (RFC 5321 5.1).
+
+L{MXRouter} asks DNS through C{twisted.names} only (never getaddrinfo), so
+when the operator names a resolver, no query goes anywhere else.
+L{RelayRouter} sends everything to one smarthost.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random as _random
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dnserror
+
+from .envelope import Reply
+
+__all__ = [
+    "MXRouter",
+    "NextHop",
+    "RelayRouter",
+    "RouteError",
+    "make_resolver",
+    "parse_hostport",
+]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """A host to try for a destination.
+
+    @ivar host: the host name (the MX exchange, the relay's name, or an IP
+        address); used for TLS name checks and logs.
+    @ivar port: TCP port.
+    @ivar preference: the MX preference, or L{None} for a relay or implicit MX.
+    @ivar implicit: the domain itself, used because it has no MX (RFC 5321 5.1).
+    """
+
+    host: str
+    port: int
+    preference: int | None = None
+    implicit: bool = False
+
+
+class RouteError(Exception):
+    """No host can be tried for a destination.
+
+    @ivar reply: a local reply; 5xx for permanent failures (NXDOMAIN, null MX),
+        4xx for temporary ones (SERVFAIL, timeouts).
+    """
+
+    def __init__(self, reply: Reply):
+        super().__init__(reply.one_line())
+        self.reply = reply
+
+
+def _temp(text: str) -> RouteError:
+    return RouteError(Reply(451, text, local=True))
+
+
+def _perm(code: int, text: str) -> RouteError:
+    return RouteError(Reply(code, text, local=True))
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """Parse C{"HOST"}, C{"HOST:PORT"}, C{"[v6]:PORT"} or a bare IPv6 address.
+
+    @return: C{(host, port)}.
+    @raise ValueError: empty host or a port outside 1..65535.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    try:
+        p = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    if not 0 < p < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, p
+
+
+def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11)):
+    """A C{twisted.names} resolver.
+
+    @param servers: C{["HOST[:PORT]", ...]} (IPv4 addresses): only these are
+        asked, resolv.conf is not read. L{None} or empty: the system's
+        configuration (hosts file, then resolv.conf servers).
+    @param timeout: per-try timeouts in seconds; the query fails after their sum.
+    @return: an C{IResolver}.
+    @raise ValueError: a malformed server.
+    """
+    from twisted.names import client, hosts, resolve
+
+    if servers:
+        parsed = []
+        for s in servers:
+            host, port = parse_hostport(s, 53)
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"resolver {s!r} must be an IPv4 address") from None
+            parsed.append((host, port))
+        return client.Resolver(servers=parsed, reactor=reactor, timeout=timeout)
+    return resolve.ResolverChain([
+        hosts.Resolver(b"/etc/hosts"),
+        client.Resolver(resolv=b"/etc/resolv.conf", reactor=reactor, timeout=timeout),
+    ])
+
+
+def _name(n) -> str:
+    return str(n).rstrip(".").lower()
+
+
+def _follow(answers, qname: str, rtype: int) -> tuple[list, int | None]:
+    """Records of C{rtype} for C{qname} in C{answers}, following CNAMEs.
+
+    @return: C{(records, min_ttl)}.
+    """
+    names = {qname}
+    ttls = []
+    changed = True
+    while changed:
+        changed = False
+        for rr in answers:
+            if rr.type == dns.CNAME and _name(rr.name) in names:
+                target = _name(rr.payload.name)
+                if target not in names:
+                    names.add(target)
+                    ttls.append(rr.ttl)
+                    changed = True
+    out = [rr for rr in answers if rr.type == rtype and _name(rr.name) in names]
+    ttls.extend(rr.ttl for rr in out)
+    return out, (min(ttls) if ttls else None)
+
+
+def _negative_ttl(authority) -> int:
+    for rr in authority:
+        if rr.type == dns.SOA:
+            return min(rr.ttl, rr.payload.minimum)
+    return 60
+
+
+def _dns_error(f, what: str) -> RouteError:
+    """Map a twisted.names failure to a RouteError."""
+    if f.check(dnserror.DNSNameError):
+        return _perm(550, f"5.1.2 {what}: host or domain name not found (NXDOMAIN)")
+    if f.check(dnserror.DNSServerError):
+        return _temp(f"4.4.3 {what}: DNS server failure (SERVFAIL), will retry")
+    if f.check(dnserror.DNSQueryTimeoutError, defer.TimeoutError):
+        return _temp(f"4.4.3 {what}: DNS query timed out, will retry")
+    if f.check(dnserror.DNSQueryRefusedError):
+        return _temp(f"4.4.3 {what}: DNS query refused, will retry")
+    if f.check(dnserror.DomainError):
+        return _temp(f"4.4.3 {what}: DNS error {f.value.__class__.__name__}, will retry")
+    return _temp(f"4.4.3 {what}: DNS lookup failed: {f.getErrorMessage()}")
+
+
+class _TTLCache:
+    """C{key -> value} entries that expire by the clock."""
+
+    def __init__(self, clock, max_ttl: float, max_entries: int = 10000):
+        self.clock = clock
+        self.max_ttl = max_ttl
+        self.max_entries = max_entries
+        self._d: dict = {}
+
+    def get(self, key):
+        hit = self._d.get(key)
+        if hit is None:
+            return None
+        expires, value = hit
+        if self.clock.seconds() >= expires:
+            del self._d[key]
+            return None
+        return value
+
+    def put(self, key, value, ttl: float):
+        if ttl <= 0:
+            return
+        if len(self._d) >= self.max_entries:
+            now = self.clock.seconds()
+            for k in [k for k, (e, _) in self._d.items() if e <= now]:
+                del self._d[k]
+            if len(self._d) >= self.max_entries:
+                self._d.pop(next(iter(self._d)))
+        self._d[key] = (self.clock.seconds() + min(ttl, self.max_ttl), value)
+
+
+class MXRouter:
+    """Routes a domain to its MX hosts (RFC 5321 5.1, RFC 7505 null MX).
+
+    @param resolver: an C{IResolver} (from L{make_resolver}).
+    @param clock: C{IReactorTime}, for the TTL cache.
+    @param port: TCP port for every MX host (25; tests use others).
+    @param rng: a C{random.Random} for shuffling equal preferences.
+    @param max_ttl: cap on how long an answer is cached, in seconds.
+    """
+
+    def __init__(self, resolver, clock, port: int = 25, rng=None, max_ttl: float = 3600):
+        self.resolver = resolver
+        self.clock = clock
+        self.port = port
+        self.rng = rng or _random.Random()
+        self._mx_cache = _TTLCache(clock, max_ttl)
+        self._addr_cache = _TTLCache(clock, max_ttl)
+
+    def route(self, domain: str) -> defer.Deferred:
+        """The hosts to try for C{domain}, in order.
+
+        MX records sorted by preference, equal preferences in random order;
+        the domain itself when it has no MX record (implicit MX).
+
+        @param domain: an A-label domain, or an address literal C{[1.2.3.4]}.
+        @return: Deferred firing with a non-empty C{list[NextHop]}, or failing
+            with L{RouteError}: 5xx for NXDOMAIN and null MX, 4xx for SERVFAIL,
+            timeouts and other temporary DNS failures.
+        """
+        return defer.Deferred.fromCoroutine(self._route(domain.lower()))
+
+    async def _route(self, domain: str) -> list[NextHop]:
+        if domain.startswith("[") and domain.endswith("]"):
+            lit = domain[1:-1]
+            if lit.lower().startswith("ipv6:"):
+                lit = lit[5:]
+            return [NextHop(lit, self.port, None, True)]
+        cached = self._mx_cache.get(domain)
+        if cached is None:
+            try:
+                answers, authority, _ = await self.resolver.lookupMailExchange(domain)
+            except Exception:
+                import sys
+
+                from twisted.python.failure import Failure
+
+                raise _dns_error(Failure(*sys.exc_info()), f"MX lookup for {domain}") from None
+            records, ttl = _follow(answers, domain, dns.MX)
+            mx = sorted({(rr.payload.preference, _name(rr.payload.name)) for rr in records})
+            cached = mx
+            self._mx_cache.put(domain, mx, ttl if records else _negative_ttl(authority))
+        mx = cached
+        if not mx:
+            return [NextHop(domain, self.port, None, True)]
+        if any(host in ("", ".") for _, host in mx):
+            raise _perm(556, f"5.1.10 {domain} does not accept mail (null MX, RFC 7505)")
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in mx:
+            by_pref.setdefault(pref, []).append(host)
+        hops = []
+        for pref in sorted(by_pref):
+            hosts = list(by_pref[pref])
+            self.rng.shuffle(hosts)
+            hops.extend(NextHop(h, self.port, pref) for h in hosts)
+        return hops
+
+    def addresses(self, hop: NextHop) -> defer.Deferred:
+        """The IP addresses of C{hop.host}: A records then AAAA records.
+
+        @return: Deferred firing with a non-empty C{list[str]}, or failing with
+            L{RouteError} (5xx when an implicit MX domain has no address,
+            4xx otherwise: an MX host without address is a temporary
+            misconfiguration).
+        """
+        return defer.Deferred.fromCoroutine(self._addresses(hop))
+
+    async def _addresses(self, hop: NextHop) -> list[str]:
+        try:
+            ipaddress.ip_address(hop.host)
+            return [hop.host]
+        except ValueError:
+            pass
+        host = hop.host.lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            return ["127.0.0.1", "::1"]  # RFC 6761 6.3: never asked of DNS
+        cached = self._addr_cache.get(host)
+        if cached is not None:
+            return cached
+        results = await defer.DeferredList(
+            [self.resolver.lookupAddress(host), self.resolver.lookupIPV6Address(host)],
+            consumeErrors=True,
+        )
+        addrs: list[str] = []
+        ttls = []
+        failures = []
+        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA)):
+            if not ok:
+                failures.append(res)
+                continue
+            answers, authority, _ = res
+            records, ttl = _follow(answers, host, rtype)
+            ttls.append(ttl if records else _negative_ttl(authority))
+            addrs.extend(rr.payload.dottedQuad() if rtype == dns.A else
+                         str(ipaddress.IPv6Address(rr.payload.address)) for rr in records)
+        if addrs:
+            self._addr_cache.put(host, addrs, min(t for t in ttls if t is not None))
+            return addrs
+        if failures:
+            err = _dns_error(failures[0], f"address lookup for {host}")
+            if hop.implicit or not err.reply.is_permanent:
+                raise err
+            raise _temp(f"4.4.4 MX host {host} does not exist (NXDOMAIN), will retry")
+        if hop.implicit:
+            raise _perm(550, f"5.1.2 {host} has no MX and no A/AAAA record")
+        raise _temp(f"4.4.4 MX host {host} has no A/AAAA record, will retry")
+
+
+class RelayRouter:
+    """Routes every domain to one smarthost.
+
+    @param host: the relay's name or IP address.
+    @param port: its port.
+    @param resolver: an C{IResolver} used to find a named relay's addresses
+        (from L{make_resolver}).
+    @param clock: C{IReactorTime}.
+    """
+
+    def __init__(self, host: str, port: int, resolver, clock):
+        self.hop = NextHop(host, port)
+        self._mx = MXRouter(resolver, clock, port)
+
+    def route(self, domain: str) -> defer.Deferred:
+        """@return: Deferred firing with C{[NextHop(relay)]}."""
+        return defer.succeed([self.hop])
+
+    def addresses(self, hop: NextHop) -> defer.Deferred:
+        """The relay's addresses (see L{MXRouter.addresses}); a relay name
+        without addresses is a temporary failure."""
+        d = self._mx.addresses(hop)
+
+        def temp(f):
+            f.trap(RouteError)
+            if f.value.reply.is_permanent:
+                raise _temp(f"4.4.4 relay {hop.host}: {f.value.reply.text}")
+            return f
+
+        return d.addErrback(temp)

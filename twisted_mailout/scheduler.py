@@ -1,0 +1,424 @@
+"""The scheduler: which queued message goes next, and what its outcome does.
+
+It keeps only C{(due time, queue id)} pairs in memory (a heap), loads a
+message's state from disk when it is due, hands each destination's
+recipients to the L{Connector}, records every recipient's outcome
+atomically, queues bounces, and removes finished messages. Every blocking
+file operation runs through C{io} (a thread pool in the daemon).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random as _random
+import socket
+from dataclasses import dataclass
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from .bounce import make_dsn
+from .envelope import RecipientState, Reply, parse_address, parse_sender
+from .message import split_headers
+from .queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
+
+__all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "thread_io"]
+
+log = Logger(namespace="twisted_mailout")
+
+
+def thread_io(reactor):
+    """C{io} that runs blocking file work in the reactor's thread pool."""
+    pool = reactor.getThreadPool()
+
+    def run(f, *args, **kw):
+        return threads.deferToThreadPool(reactor, pool, f, *args, **kw)
+
+    return run
+
+
+def inline_io(f, *args, **kw):
+    """C{io} that runs file work at once (tests, tools)."""
+    return defer.maybeDeferred(f, *args, **kw)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When deferred mail is tried again, and when it gives up.
+
+    @ivar base: seconds before the first retry.
+    @ivar max: the longest wait between attempts, in seconds.
+    @ivar lifetime: seconds after arrival when deferred mail is bounced.
+    @ivar bounce_lifetime: the same for bounces (null sender), which are then
+        dropped with a log line.
+    @ivar jitter: fraction by which a delay is randomly shortened (0..1), so
+        retries of many messages spread out.
+    """
+
+    base: float = 300.0
+    max: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    bounce_lifetime: float = 5 * 86400.0
+    jitter: float = 0.1
+
+    def delay(self, attempts: int, rng=_random) -> float:
+        """Seconds to wait after the C{attempts}-th failed attempt (1-based):
+        C{base * 2**(attempts-1)}, at most C{max}, less up to C{jitter}."""
+        d = min(self.max, self.base * (2 ** max(0, min(attempts - 1, 30))))
+        return d * (1.0 - self.jitter * rng.random())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's outcome, as logged and given to observers.
+
+    @ivar qid: queue id. @ivar recipient: address. @ivar status:
+    C{"sent"}, C{"deferred"}, C{"bounced"} or C{"expired"}.
+    @ivar reply: the L{Reply}. @ivar relay: C{"host[ip]:port"} or C{"none"}.
+    @ivar delay: seconds since arrival. @ivar attempts: attempts so far.
+    """
+
+    qid: str
+    recipient: str
+    status: str
+    reply: Reply
+    relay: str
+    delay: float
+    attempts: int
+
+
+def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
+                policy: RetryPolicy, null_sender: bool, rng=_random) -> str:
+    """Apply one reply to one recipient (the state machine's only writer).
+
+    2xx: delivered. 5xx: bounced. Anything else: deferred with the next
+    attempt time from C{policy}, or bounced when the queue lifetime is over.
+
+    @return: the status word for logs: C{"sent"}, C{"bounced"},
+        C{"deferred"} or C{"expired"}.
+    @raise InvalidTransition: the recipient was already final.
+    """
+    rs.attempts += 1
+    if reply.is_positive:
+        rs.move(RecipientState.DELIVERED, reply)
+        return "sent"
+    if reply.is_permanent:
+        rs.move(RecipientState.BOUNCED, reply)
+        return "bounced"
+    lifetime = policy.bounce_lifetime if null_sender else policy.lifetime
+    if now - arrival >= lifetime:
+        expired = Reply(reply.code, f"{reply.text} (delivery time expired after "
+                        f"{(now - arrival) / 86400:.1f} days)", reply.local)
+        rs.move(RecipientState.BOUNCED, expired)
+        return "expired"
+    rs.move(RecipientState.DEFERRED, reply, now + policy.delay(rs.attempts, rng))
+    return "deferred"
+
+
+class Scheduler:
+    """Drives delivery of everything in one queue folder.
+
+    @param queue: the L{Queue} (already locked by the service).
+    @param connector: a L{Connector} (or anything with its C{deliver}).
+    @param clock: C{IReactorTime}.
+    @param io: C{callable(f, *args) -> Deferred} for blocking file work.
+    @param retry: L{RetryPolicy}.
+    @param relay: C{True} when every message goes to one relay (one
+        destination), C{False} for MX routing by recipient domain.
+    @param max_inflight: messages being worked on at once.
+    @param reporting_mta: this host's name, for bounces.
+    @param observers: callables receiving each L{Outcome}; their errors are
+        logged, never raised.
+    @param rng: C{random.Random} for retry jitter.
+    """
+
+    def __init__(self, queue: Queue, connector, clock, io=inline_io,
+                 retry: RetryPolicy | None = None, relay: bool = False,
+                 max_inflight: int = 200, reporting_mta: str | None = None,
+                 observers=(), rng=None):
+        self.queue = queue
+        self.connector = connector
+        self.clock = clock
+        self.io = io
+        self.retry = retry or RetryPolicy()
+        self.relay = relay
+        self.max_inflight = max_inflight
+        self.reporting_mta = reporting_mta or socket.gethostname()
+        self.observers = list(observers)
+        self.rng = rng or _random.Random()
+        self._heap: list = []
+        self._queued: set[str] = set()
+        self._inflight: dict[str, defer.Deferred] = {}
+        self._fresh: dict[str, QueueEntry] = {}
+        self._seq = 0
+        self._wakeup = None
+        self._stopping = False
+        self._picking = False
+        self._pick_again = False
+        self.counts = {"sent": 0, "deferred": 0, "bounced": 0, "expired": 0}
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Recover the queue, schedule every entry, pick up new mail.
+
+        @return: Deferred firing with the number of entries recovered.
+        """
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self):
+        entries, problems = await self.io(self.queue.recover)
+        for p in problems:
+            log.warning("queue recovery: {problem}", problem=p)
+        now = self.clock.seconds()
+        for e in entries:
+            na = e.next_attempt()
+            self._schedule(e.qid, now if na is None else na)
+        log.info("queue {path}: {n} messages recovered", path=self.queue.path, n=len(entries))
+        await self.pickup()
+        return len(entries)
+
+    def stop(self, timeout: float = 30.0) -> defer.Deferred:
+        """Start no new work; wait up to C{timeout} seconds for messages in
+        flight, then close connections. Whatever did not finish stays in the
+        queue as it was and is tried again after restart.
+
+        @return: Deferred firing with L{None}.
+        """
+        self._stopping = True
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup = None
+        pending = [d for d in self._inflight.values() if d is not None]
+        d = defer.DeferredList(pending) if pending else defer.succeed(None)
+        if pending:
+            d.addTimeout(timeout, self.clock)
+            d.addErrback(lambda f: log.warning(
+                "shutdown: {n} messages still in flight after {t}s; they stay queued",
+                n=len(self._inflight), t=timeout))
+
+        def close(_):
+            return self.connector.close()
+
+        return d.addBoth(close).addBoth(lambda _: None)
+
+    # -- pickup -------------------------------------------------------------
+
+    def pickup(self) -> defer.Deferred:
+        """Pick up everything waiting in C{new/} (and C{cur/}) and schedule it.
+
+        Concurrent calls are coalesced.
+
+        @return: Deferred firing with the number of messages picked up.
+        """
+        if self._picking:
+            self._pick_again = True
+            return defer.succeed(0)
+        self._picking = True
+        return defer.Deferred.fromCoroutine(self._pickup())
+
+    async def _pickup(self):
+        total = 0
+        try:
+            while True:
+                self._pick_again = False
+                entries, problems = await self.io(self._pickup_sync)
+                for p in problems:
+                    log.error("pickup: {problem}", problem=p)
+                now = self.clock.seconds()
+                for e in entries:
+                    log.info("{qid}: from=<{sender}>, nrcpt={n} (queue active, {origin})",
+                             qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
+                    if len(self._fresh) < 1000:
+                        self._fresh[e.qid] = e
+                    self._schedule(e.qid, now)
+                total += len(entries)
+                if not self._pick_again or self._stopping:
+                    break
+        finally:
+            self._picking = False
+        return total
+
+    def _pickup_sync(self):
+        entries, problems = [], []
+        for name in self.queue.incoming():
+            try:
+                e = self.queue.pickup(name)
+            except CorruptEntry as err:
+                problems.append(f"{name}: moved to corrupt/: {err}")
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                problems.append(f"{name}: cannot pick up: {err}")
+                continue
+            if e is not None:
+                entries.append(e)
+        return entries, problems
+
+    # -- scheduling ---------------------------------------------------------
+
+    def _schedule(self, qid: str, due: float):
+        if qid in self._queued or qid in self._inflight:
+            return
+        self._queued.add(qid)
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, qid))
+        if not self._stopping:
+            self._dispatch()
+
+    def _dispatch(self):
+        if self._stopping:
+            return
+        now = self.clock.seconds()
+        while self._heap and len(self._inflight) < self.max_inflight:
+            due, _, qid = self._heap[0]
+            if due > now:
+                break
+            heapq.heappop(self._heap)
+            self._queued.discard(qid)
+            self._inflight[qid] = None
+            d = defer.Deferred.fromCoroutine(self._process(qid))
+            if qid in self._inflight and not d.called:
+                self._inflight[qid] = d
+            d.addBoth(self._done, qid)
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup = None
+        if self._heap and len(self._inflight) < self.max_inflight:
+            delay = max(0.0, self._heap[0][0] - now)
+            self._wakeup = self.clock.callLater(delay, self._dispatch)
+
+    def _done(self, result, qid):
+        self._inflight.pop(qid, None)
+        if isinstance(result, float) and not self._stopping:
+            self._schedule(qid, result)
+        self._dispatch()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and nothing due now."""
+        now = self.clock.seconds()
+        return not self._inflight and not (self._heap and self._heap[0][0] <= now)
+
+    def queued(self) -> int:
+        """Messages scheduled or in flight."""
+        return len(self._queued) + len(self._inflight)
+
+    # -- one message ----------------------------------------------------------
+
+    async def _process(self, qid: str) -> float | None:
+        """Work on one message. @return: when it is due next, or L{None}."""
+        try:
+            return await self._process_inner(qid)
+        except Exception:
+            log.failure("{qid}: internal error; will retry", qid=qid)
+            return float(self.clock.seconds() + self.retry.base)
+
+    def _load(self, qid):
+        entry = self.queue.load(qid)
+        size = os.path.getsize(self.queue.message_path(qid)) - entry.body_offset
+        return entry, size
+
+    async def _process_inner(self, qid: str):
+        entry = self._fresh.pop(qid, None)
+        try:
+            if entry is None:
+                entry, size = await self.io(self._load, qid)
+            else:
+                size = await self.io(os.path.getsize, self.queue.message_path(qid))
+                size -= entry.body_offset
+        except FileNotFoundError:
+            log.warning("{qid}: vanished from the queue", qid=qid)
+            return None
+        except CorruptEntry as e:
+            log.error("{qid}: corrupt state, moved to corrupt/: {err}", qid=qid, err=e)
+            await self.io(self.queue.quarantine, qid, str(e))
+            return None
+        now = self.clock.seconds()
+        due = entry.due(now)
+        if due:
+            await self._attempt(entry, due, size)
+            await self.io(self.queue.save, entry)
+        await self._report_bounces(entry)
+        if entry.done:
+            await self.io(self.queue.remove, entry.qid)
+            log.info("{qid}: removed", qid=entry.qid)
+            return None
+        na = entry.next_attempt()
+        return None if na is None else float(na)
+
+    async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int):
+        sender_addr = parse_sender(entry.sender)
+        sender = sender_addr.smtp_form() if sender_addr else ""
+        groups: dict[str, dict[str, RecipientStatus]] = {}
+        utf8 = bool(sender_addr and sender_addr.needs_smtputf8)
+        flags: dict[str, bool] = {}
+        for rs in due:
+            a = parse_address(rs.address)
+            key = "relay" if self.relay else a.ascii_domain
+            groups.setdefault(key, {})[a.smtp_form()] = rs
+            flags[key] = flags.get(key, utf8) or a.needs_smtputf8
+        path = self.queue.message_path(entry.qid)
+        offset = entry.body_offset
+
+        def opener():
+            f = open(path, "rb")
+            f.seek(offset)
+            return f
+
+        keys = list(groups)
+        results = await defer.gatherResults([
+            self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k])
+            for k in keys])
+        now = self.clock.seconds()
+        for key, attempt in zip(keys, results):
+            for form, rs in groups[key].items():
+                reply = attempt.replies.get(form) or Reply(
+                    451, "4.3.0 no reply recorded for this recipient", local=True)
+                rs.relay = attempt.relay
+                status = outcome_for(rs, reply, now, entry.arrival, self.retry,
+                                     not entry.sender, self.rng)
+                self._emit(Outcome(entry.qid, rs.address, status, rs.reply,
+                                   attempt.relay or "none", now - entry.arrival, rs.attempts))
+
+    def _emit(self, o: Outcome):
+        self.counts[o.status] = self.counts.get(o.status, 0) + 1
+        word = {"expired": "bounced"}.get(o.status, o.status)
+        log.info(
+            "{qid}: to=<{recipient}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, "
+            "dsn={dsn}, status={status} ({reply})",
+            qid=o.qid, recipient=o.recipient, relay=o.relay, delay=o.delay,
+            attempts=o.attempts, dsn=o.reply.enhanced_status, status=word,
+            reply=o.reply.one_line(), code=o.reply.code, outcome=o.status,
+            log_namespace="twisted_mailout.outcome")
+        for obs in self.observers:
+            try:
+                obs(o)
+            except Exception:
+                log.failure("outcome observer {obs!r} failed", obs=obs)
+
+    async def _report_bounces(self, entry: QueueEntry):
+        unreported = [rs for rs in entry.recipients if rs.state is RecipientState.BOUNCED
+                      and rs.address not in entry.bounced_reported]
+        if not unreported:
+            return
+        if not entry.sender:
+            for rs in unreported:
+                log.warning("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
+                         qid=entry.qid, rcpt=rs.address,
+                         reply=rs.reply.one_line() if rs.reply else "")
+        else:
+            qid = await self.io(self._enqueue_dsn, entry, unreported)
+            log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
+                     dsn_qid=qid)
+            self.pickup()
+        entry.bounced_reported.extend(rs.address for rs in unreported)
+        if not entry.done:
+            await self.io(self.queue.save, entry)
+
+    def _enqueue_dsn(self, entry: QueueEntry, failed: list[RecipientStatus]) -> str:
+        head, _ = split_headers(self.queue.read_headers(entry))
+        dsn = make_dsn(entry, b"".join(head), failed, self.reporting_mta, self.clock.seconds())
+        return self.queue.enqueue("", [entry.sender], dsn)

@@ -1,0 +1,156 @@
+"""Wiring: the delivery service for twistd and .tac files."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+from twisted.python import filepath
+
+from .config import Config
+from .connector import Connector, ConnectorSettings
+from .queue import Queue
+from .router import MXRouter, RelayRouter, make_resolver, parse_hostport
+from .scheduler import RetryPolicy, Scheduler, thread_io
+from .session import load_trust_root
+
+__all__ = ["DeliveryService", "makeService", "build_connector"]
+
+log = Logger(namespace="twisted_mailout")
+
+
+def build_connector(config: Config, reactor, resolver=None) -> Connector:
+    """The router and connector that C{config} describes.
+
+    @param resolver: an C{IResolver}; made from C{config.resolvers} when
+        L{None}.
+    @return: a L{Connector}.
+    @raise ValueError: a bad resolver or relay; OSError: unreadable cafile.
+    """
+    if resolver is None:
+        resolver = make_resolver(list(config.resolvers), reactor, config.dns_tries)
+    if config.relay:
+        host, port = parse_hostport(config.relay, 25)
+        router = RelayRouter(host, port, resolver, reactor)
+    else:
+        router = MXRouter(resolver, reactor, port=config.mx_port)
+    trust = load_trust_root(config.cafile) if config.tls == "verify" else None
+    settings = ConnectorSettings(
+        helo=config.helo_name,
+        tls=config.tls,
+        trust_root=trust,
+        timeouts=config.timeouts,
+        max_connections=config.max_connections,
+        max_per_destination=config.max_per_destination,
+        idle_timeout=config.connection_idle,
+        max_age=config.connection_max_age,
+        max_messages=config.max_messages_per_connection,
+        failure_memory=min(60.0, config.retry_base),
+    )
+    return Connector(reactor, router, settings)
+
+
+class DeliveryService(service.Service):
+    """Delivers everything in one queue folder until stopped.
+
+    Takes the queue's lock when constructed (so a second daemon fails at
+    once, before twistd daemonizes), recovers the queue on start, picks up
+    new mail on inotify events and every C{poll_interval} seconds, and on
+    stop lets transactions in flight finish for up to C{shutdown_timeout}.
+
+    @param config: the L{Config}.
+    @param reactor: the reactor (IReactorTCP, IReactorTime, IReactorThreads).
+    @param resolver: optional C{IResolver} replacing C{config.resolvers}.
+    @param observers: callables receiving each L{scheduler.Outcome}.
+    @raise QueueLocked: another daemon runs on the folder.
+    @raise QueueError: the folder cannot be created.
+    """
+
+    name = "mailout"
+
+    def __init__(self, config: Config, reactor=None, resolver=None, observers=()):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+
+            reactor = _r
+        self.config = config
+        self.reactor = reactor
+        self.queue = Queue(config.queue)
+        self.queue.lock()
+        self.connector = build_connector(config, reactor, resolver)
+        self.scheduler = Scheduler(
+            self.queue,
+            self.connector,
+            reactor,
+            io=thread_io(reactor),
+            retry=RetryPolicy(base=config.retry_base, max=config.retry_max,
+                              lifetime=config.max_queue_lifetime,
+                              bounce_lifetime=config.bounce_lifetime),
+            relay=bool(config.relay),
+            max_inflight=max(50, config.max_connections * 10),
+            reporting_mta=config.helo_name,
+            observers=observers,
+        )
+        self._poller = None
+        self._notifier = None
+        self.started = None
+
+    def startService(self):
+        super().startService()
+        log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
+                 mode=f"relay {self.config.relay}" if self.config.relay else
+                 f"MX routing, port {self.config.mx_port}")
+        self.started = self.scheduler.start()
+        self.started.addCallback(self._watch)
+        self.started.addErrback(lambda f: log.failure("mailout failed to start", f))
+
+    def _watch(self, _):
+        if not self.running:
+            return
+        self._poller = task.LoopingCall(self.scheduler.pickup)
+        self._poller.clock = self.reactor
+        self._poller.start(self.config.poll_interval, now=False)
+        try:
+            from twisted.internet import inotify
+
+            n = inotify.INotify(reactor=self.reactor)
+            n.startReading()
+            mask = inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE
+            for sub in ("new", "cur"):
+                n.watch(filepath.FilePath(os.path.join(self.queue.path, sub)), mask,
+                        callbacks=[self._notified])
+            self._notifier = n
+        except Exception as e:  # noqa: BLE001 - no inotify: polling alone is fine
+            log.info("inotify unavailable ({err}); polling every {s}s", err=e,
+                     s=self.config.poll_interval)
+
+    def _notified(self, watch, path, mask):
+        if self.running:
+            self.scheduler.pickup()
+
+    def stopService(self):
+        super().stopService()
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        d = self.scheduler.stop(self.config.shutdown_timeout)
+
+        def done(_):
+            self.queue.unlock()
+            log.info("mailout stopped: {counts}", counts=self.scheduler.counts)
+
+        return d.addBoth(done)
+
+
+def makeService(config: Config, reactor=None) -> DeliveryService:
+    """The service for twistd and .tac files (see L{DeliveryService}).
+
+    @param config: a L{Config}.
+    @return: a started-on-demand L{DeliveryService}.
+    @raise QueueLocked: another daemon runs on C{config.queue}.
+    """
+    return DeliveryService(config, reactor)

@@ -1,0 +1,122 @@
+"""twistd integration: C{twistd -n mailout --queue=DIR [options]}."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from .config import Config, ConfigError
+
+__all__ = ["Options", "makeService", "config_from_options"]
+
+
+def _seconds(v: str) -> float:
+    return float(v)
+
+
+class Options(usage.Options):
+    """Command-line options of the mailout twistd plugin."""
+
+    synopsis = "--queue=DIR [options]"
+    longdesc = (
+        "Deliver the mail in a mailout queue folder over ESMTP, to a relay (--relay) or to "
+        "each recipient domain's MX hosts found through DNS. Mail is put in the queue with "
+        "`mailout sendmail` or twisted_mailout.enqueue(); zope.sendmail and repoze.sendmail "
+        "queue folders are drained too."
+    )
+    optParameters = [
+        ["queue", "q", None, "Queue folder (created if missing). Required."],
+        ["relay", None, None, "Send all mail to this smarthost, HOST[:PORT] (port 25 by "
+         "default), instead of to MX hosts."],
+        ["mx-port", None, 25, "TCP port used for MX hosts.", int],
+        ["helo", None, None, "Name given in EHLO/HELO (default: this host's name)."],
+        ["tls", None, "may", "STARTTLS policy: none, may (TLS when offered, certificate not "
+         "checked), encrypt (TLS required), verify (TLS required, chain and host name "
+         "checked)."],
+        ["cafile", None, None, "PEM file of trusted CA certificates for --tls=verify "
+         "(default: the system's store)."],
+        ["max-connections", None, 20, "Open SMTP connections at most.", int],
+        ["max-per-destination", None, 4, "Open connections to one destination at most.", int],
+        ["poll-interval", None, 5.0, "Seconds between scans of new/ (inotify picks up at "
+         "once where available).", _seconds],
+        ["retry-base", None, 300.0, "Seconds before the first retry of deferred mail; "
+         "doubles with each attempt.", _seconds],
+        ["retry-max", None, 4000.0, "Longest wait between retries, seconds.", _seconds],
+        ["max-queue-lifetime", None, 5 * 86400.0, "Seconds after which deferred mail is "
+         "bounced (default 5 days).", _seconds],
+        ["bounce-lifetime", None, 5 * 86400.0, "Seconds after which an undeliverable bounce "
+         "is dropped (default 5 days).", _seconds],
+        ["connection-idle", None, 2.0, "Seconds an idle connection is kept for reuse.",
+         _seconds],
+        ["connection-max-age", None, 300.0, "Seconds after which a connection is not "
+         "reused.", _seconds],
+        ["max-messages-per-connection", None, 100, "Transactions per connection at most.",
+         int],
+        ["command-timeout", None, None, "Cap in seconds on every SMTP command timeout "
+         "(default: RFC 5321 4.5.3.2 values, 2 to 10 minutes).", _seconds],
+        ["connect-timeout", None, 30.0, "TCP connect timeout, seconds.", _seconds],
+        ["dns-timeout", None, 15.0, "Seconds a DNS query may take in all.", _seconds],
+        ["shutdown-timeout", None, 30.0, "Seconds a graceful stop (SIGTERM) waits for "
+         "transactions in flight.", _seconds],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["resolvers"] = []
+
+    def opt_resolver(self, value):
+        """DNS server to ask, HOST[:PORT] (IPv4; repeatable). When given, no other
+        resolver is asked (not resolv.conf, not getaddrinfo). Default: resolv.conf."""
+        self["resolvers"].append(value)
+
+    def postOptions(self):
+        try:
+            self["config"] = config_from_options(self)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def config_from_options(o) -> Config:
+    """Build the L{Config} from parsed L{Options}.
+
+    @raise ConfigError: a missing or invalid value.
+    """
+    if not o["queue"]:
+        raise ConfigError("--queue=DIR is required")
+    return Config(
+        queue=o["queue"],
+        relay=o["relay"],
+        resolvers=tuple(o["resolvers"]),
+        mx_port=o["mx-port"],
+        helo=o["helo"],
+        tls=o["tls"],
+        cafile=o["cafile"],
+        max_connections=o["max-connections"],
+        max_per_destination=o["max-per-destination"],
+        poll_interval=o["poll-interval"],
+        retry_base=o["retry-base"],
+        retry_max=o["retry-max"],
+        max_queue_lifetime=o["max-queue-lifetime"],
+        bounce_lifetime=o["bounce-lifetime"],
+        connection_idle=o["connection-idle"],
+        connection_max_age=o["connection-max-age"],
+        max_messages_per_connection=o["max-messages-per-connection"],
+        command_timeout=o["command-timeout"],
+        connect_timeout=o["connect-timeout"],
+        dns_timeout=o["dns-timeout"],
+        shutdown_timeout=o["shutdown-timeout"],
+    )
+
+
+def makeService(options):
+    """twistd's entry point: the L{service.DeliveryService} for C{options}.
+
+    Exits with a clear message when another daemon holds the queue's lock or
+    the folder cannot be used.
+    """
+    from .queue import QueueError
+    from .service import makeService as _make
+
+    try:
+        return _make(options["config"])
+    except QueueError as e:
+        raise SystemExit(f"mailout: {e}") from None
