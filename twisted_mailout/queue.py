@@ -641,6 +641,23 @@ class Queue:
                 problems.append(f"{qid}: moved to corrupt/: {e}")
         return entries, problems
 
+    def incoming_entries(self) -> list[tuple[str, QueueEntry]]:
+        """Files waiting in C{new/} and C{cur/}, parsed but left in place
+        (for C{mailout queue list}); unparseable ones are skipped.
+
+        @return: C{[(name, entry), ...]}.
+        """
+        out = []
+        for name in self.incoming():
+            path = self._p(name)
+            try:
+                with open(path, "rb") as f:
+                    entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f, path)
+            except (CorruptEntry, OSError):
+                continue
+            out.append((name, entry))
+        return out
+
     def entries(self) -> list[QueueEntry]:
         """Every entry in the active queue, read-only (for C{mailout queue list});
         unreadable ones are skipped."""

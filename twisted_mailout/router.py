@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dnserror
+from twisted.python.failure import Failure
 
 from .envelope import Reply
 
@@ -240,12 +241,8 @@ class MXRouter:
         if cached is None:
             try:
                 answers, authority, _ = await self.resolver.lookupMailExchange(domain)
-            except Exception:
-                import sys
-
-                from twisted.python.failure import Failure
-
-                raise _dns_error(Failure(*sys.exc_info()), f"MX lookup for {domain}") from None
+            except Exception:  # noqa: BLE001 - every DNS failure maps to a reply
+                raise _dns_error(Failure(), f"MX lookup for {domain}") from None
             records, ttl = _follow(answers, domain, dns.MX)
             mx = sorted({(rr.payload.preference, _name(rr.payload.name)) for rr in records})
             cached = mx

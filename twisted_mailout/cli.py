@@ -1,0 +1,179 @@
+"""The C{mailout} command: C{sendmail}, C{queue list}, C{demo}.
+
+Exit codes follow sysexits(3), as sendmail(1) does: 64 bad usage or address,
+65 bad message data, 73 queue folder cannot be written, 75 temporary failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import json
+import socket
+import sys
+
+from .envelope import AddressError
+from .message import MessageError, recipients_from_headers, remove_headers
+from .queue import Queue, QueueError
+
+__all__ = ["main"]
+
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+
+
+def _default_sender() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name: use a neutral one
+        user = "mailout"
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_sendmail(args) -> int:
+    """C{mailout sendmail}: read a message on stdin and queue it."""
+    data = sys.stdin.buffer.read()
+    if not data.strip():
+        print("mailout sendmail: the message on standard input is empty", file=sys.stderr)
+        return EX_DATAERR
+    rcpts = list(args.recipients)
+    if args.t:
+        rcpts.extend(r for r in recipients_from_headers(data) if r not in rcpts)
+        data = remove_headers(data, ["Bcc"])
+    if not rcpts:
+        print("mailout sendmail: no recipients (give them as arguments, or use -t)",
+              file=sys.stderr)
+        return EX_USAGE
+    sender = args.f if args.f is not None else _default_sender()
+    try:
+        qid = Queue(args.queue).enqueue(sender, rcpts, data)
+    except AddressError as e:
+        hint = "" if args.f is not None else " (the default sender; give one with -f)"
+        print(f"mailout sendmail: bad address: {e}{hint}", file=sys.stderr)
+        return EX_USAGE
+    except MessageError as e:
+        print(f"mailout sendmail: {e}", file=sys.stderr)
+        return EX_DATAERR
+    except QueueError as e:
+        print(f"mailout sendmail: {e}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(qid)
+    return 0
+
+
+def _when(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cmd_queue_list(args) -> int:
+    """C{mailout queue --queue DIR list [--json]}."""
+    try:
+        q = Queue(args.queue, create=False)
+    except QueueError as e:
+        print(f"mailout queue: {e}", file=sys.stderr)
+        return EX_USAGE
+    rows = []
+    for name, entry in q.incoming_entries():
+        rows.append(_row(entry, "incoming", name))
+    for entry in q.entries():
+        rows.append(_row(entry, "active", None))
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        print("mail queue is empty")
+        return 0
+    for r in rows:
+        print(f"{r['queue_id']}  {r['queue']:<8} {r['arrival']}  from=<{r['sender']}>")
+        for rc in r["recipients"]:
+            extra = f" next={rc['next_attempt']}" if rc["next_attempt"] else ""
+            reply = f"  ({rc['reply']['code']} {rc['reply']['text']})" if rc["reply"] else ""
+            reply = reply.replace("\n", " ")
+            print(f"    <{rc['address']}> {rc['state']} attempts={rc['attempts']}{extra}{reply}")
+    print(f"-- {len(rows)} messages")
+    return 0
+
+
+def _row(entry, where, name) -> dict:
+    return {
+        "queue_id": entry.qid,
+        "queue": where,
+        "file": name,
+        "sender": entry.sender,
+        "arrival": _when(entry.arrival),
+        "origin": entry.origin,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "next_attempt": _when(r.next_attempt),
+                "reply": r.reply.to_json() if r.reply else None,
+                "relay": r.relay,
+            }
+            for r in entry.recipients
+        ],
+    }
+
+
+def cmd_demo(args) -> int:
+    """C{mailout demo}: the whole job on loopback (see L{demo.run})."""
+    from . import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the C{mailout} command."""
+    p = argparse.ArgumentParser(prog="mailout", description="twisted_mailout command line")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sendmail", help="queue a message read from standard input",
+                       description="Queue the message on standard input, like sendmail(1). "
+                       "Prints the queue id.")
+    s.add_argument("--queue", "-q", required=True, metavar="DIR", help="queue folder")
+    s.add_argument("-f", metavar="SENDER", default=None,
+                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
+    s.add_argument("-t", action="store_true",
+                   help="take recipients from To, Cc and Bcc (Bcc is removed)")
+    s.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
+                   help="accepted for compatibility: a lone dot never ends the input here")
+    s.add_argument("-F", metavar="NAME", default=None, help="accepted for compatibility")
+    s.add_argument("recipients", nargs="*", metavar="RCPT", help="recipient addresses")
+    s.set_defaults(func=cmd_sendmail)
+
+    q = sub.add_parser("queue", help="inspect a queue folder")
+    q.add_argument("--queue", "-q", required=True, metavar="DIR", help="queue folder")
+    qs = q.add_subparsers(dest="queue_command", required=True)
+    ql = qs.add_parser("list", help="every message with each recipient's state")
+    ql.add_argument("--json", action="store_true", help="machine-readable output")
+    ql.set_defaults(func=cmd_queue_list)
+
+    d = sub.add_parser("demo", help="run the delivery service against loopback DNS and SMTP "
+                       "servers it starts itself, and print the outcomes")
+    d.add_argument("--queue", metavar="DIR", default=None,
+                   help="queue folder to use (default: a temporary one)")
+    d.add_argument("--timeout", type=float, default=60.0,
+                   help="give up after this many seconds (default 60)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the C{mailout} console script.
+
+    @param argv: arguments without the program name; C{sys.argv[1:]} when L{None}.
+    @return: the exit status.
+    """
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
