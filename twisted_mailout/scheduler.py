@@ -170,7 +170,7 @@ class Scheduler:
     async def _start(self):
         entries, problems = await self.io(self.queue.recover)
         for p in problems:
-            log.warning("queue recovery: {problem}", problem=p)
+            log.warn("queue recovery: {problem}", problem=p)
         now = self.clock.seconds()
         for e in entries:
             na = e.next_attempt()
@@ -194,7 +194,7 @@ class Scheduler:
         d = defer.DeferredList(pending) if pending else defer.succeed(None)
         if pending:
             d.addTimeout(timeout, self.clock)
-            d.addErrback(lambda f: log.warning(
+            d.addErrback(lambda f: log.warn(
                 "shutdown: {n} messages still in flight after {t}s; they stay queued",
                 n=len(self._inflight), t=timeout))
 
@@ -330,7 +330,7 @@ class Scheduler:
                 size = await self.io(os.path.getsize, self.queue.message_path(qid))
                 size -= entry.body_offset
         except FileNotFoundError:
-            log.warning("{qid}: vanished from the queue", qid=qid)
+            log.warn("{qid}: vanished from the queue", qid=qid)
             return None
         except CorruptEntry as e:
             log.error("{qid}: corrupt state, moved to corrupt/: {err}", qid=qid, err=e)
@@ -406,7 +406,7 @@ class Scheduler:
             return
         if not entry.sender:
             for rs in unreported:
-                log.warning("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
+                log.warn("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
                          qid=entry.qid, rcpt=rs.address,
                          reply=rs.reply.one_line() if rs.reply else "")
         else:

@@ -1,0 +1,96 @@
+"""Shared pytest fixtures: loopback DNS server process, aiosmtpd and smtp-sink receivers.
+
+The helpers themselves live in ``tests/peers.py`` (importable as ``peers`` from
+any test module, since this file puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from peers import (  # noqa: E402
+    IN_CI,
+    SMTP_SINK,
+    AiosmtpdSink,
+    DnsServerProcess,
+    SmtpSink,
+)
+
+
+def require_smtp_sink() -> None:
+    """Skip the calling test if smtp-sink is missing; fail instead when env CI=true."""
+    if not SmtpSink.available():
+        if IN_CI:
+            pytest.fail(f"{SMTP_SINK} is missing but CI=true (install postfix)")
+        pytest.skip(f"{SMTP_SINK} not installed (apt-get install postfix)")
+
+
+@pytest.fixture
+def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., int]]:
+    """Factory fixture: ``make_dns_server(zone, interface="127.0.0.1") -> port``.
+
+    Each call runs ``python -m twisted_mailout.loopback dns`` in a subprocess
+    serving ``zone`` (a dict, see twisted_mailout.loopback) on UDP and TCP, waits
+    at most 10 s for its port file and returns the port (int).  All servers are
+    stopped (SIGTERM, then SIGKILL after 10 s) at teardown.
+    """
+    servers: list[DnsServerProcess] = []
+
+    def make_dns_server(zone: dict[str, Any], interface: str = "127.0.0.1") -> int:
+        workdir = tmp_path_factory.mktemp("dns")
+        server = DnsServerProcess(zone, interface=interface, workdir=workdir)
+        servers.append(server)
+        return server.start(timeout=10.0)
+
+    yield make_dns_server
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def aiosmtpd_sink() -> Iterator[Callable[..., AiosmtpdSink]]:
+    """Factory fixture: ``make_sink(**kwargs) -> AiosmtpdSink`` (already started).
+
+    Keyword arguments are those of :class:`peers.AiosmtpdSink` (``hostname``,
+    ``port``, ``rcpt_reply``, ``data_reply``, ``greeting_reply``,
+    ``close_on_connect``, ``server_hostname``).  All sinks are stopped at teardown.
+    """
+    sinks: list[AiosmtpdSink] = []
+
+    def make_sink(**kwargs: Any) -> AiosmtpdSink:
+        sink = AiosmtpdSink(**kwargs)
+        sinks.append(sink)
+        return sink.start()
+
+    yield make_sink
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
+    """Factory fixture: ``make_smtp_sink(**kwargs) -> SmtpSink`` (already listening).
+
+    Keyword arguments are those of :class:`peers.SmtpSink` (``host``, ``port``,
+    ``extra_args``, ``user``, ...).  Skips the test when /usr/sbin/smtp-sink is
+    missing, except under CI (env CI=true) where that fails the test.  All sinks
+    are stopped and their dump directories removed at teardown.
+    """
+    require_smtp_sink()
+    sinks: list[SmtpSink] = []
+
+    def make_smtp_sink(**kwargs: Any) -> SmtpSink:
+        sink = SmtpSink(**kwargs)
+        sinks.append(sink)
+        return sink.start()
+
+    yield make_smtp_sink
+    for sink in sinks:
+        sink.stop()

@@ -1,0 +1,237 @@
+"""The queue folder: durable enqueue, pickup of our own and foreign formats,
+corrupt files, the daemon lock, recovery."""
+
+import json
+import os
+import subprocess
+import sys
+from email.header import Header
+from email.message import Message
+
+import pytest
+
+import twisted_mailout
+from twisted_mailout.envelope import AddressError, RecipientState, Reply
+from twisted_mailout.message import MessageError
+from twisted_mailout.queue import CorruptEntry, Queue, QueueError, QueueLocked
+
+MSG = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+def files(path, sub):
+    return sorted(os.listdir(os.path.join(path, sub)))
+
+
+def test_enqueue_writes_one_file_in_new_and_returns_its_id(tmp_path):
+    q = str(tmp_path / "q")
+    qid = twisted_mailout.enqueue(q, "a@example.com", ["b@example.org"], MSG)
+    assert files(q, "new") == [qid]
+    assert files(q, "tmp") == []
+    data = open(os.path.join(q, "new", qid), "rb").read()
+    first, rest = data.split(b"\n", 1)
+    env = json.loads(first.split(b": ", 1)[1])
+    assert env["sender"] == "a@example.com"
+    assert env["recipients"] == ["b@example.org"]
+    assert rest.endswith(MSG)  # the message bytes travel unchanged
+    assert b"Message-ID: <" in rest and b"\r\nDate: " in rest
+    assert oct(os.stat(q).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(os.path.join(q, "new", qid)).st_mode & 0o777) == "0o600"
+
+
+def test_enqueue_keeps_existing_message_id_and_date(tmp_path):
+    msg = b"Message-ID: <x@y>\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n\nhi\n"
+    q = Queue(str(tmp_path))
+    qid = q.enqueue("a@example.com", ["b@example.org"], msg)
+    assert open(os.path.join(q.path, "new", qid), "rb").read().split(b"\n", 1)[1] == msg
+
+
+def test_enqueue_accepts_str_and_email_message(tmp_path):
+    m = Message()
+    m["Subject"] = "hi"
+    m.set_payload("text\n")
+    q = Queue(str(tmp_path))
+    q.enqueue("a@example.com", "b@example.org", m)
+    q.enqueue(None, ["b@example.org"], "Subject: x\n\nstr body\n")
+    assert len(files(q.path, "new")) == 2
+
+
+@pytest.mark.parametrize("sender,rcpts,msg,exc", [
+    ("a@example.com", [], MSG, AddressError),
+    ("a@example.com", ["b@example.org\r\nRCPT TO:<evil@x.test>"], MSG, AddressError),
+    ("a@exa\nmple.com", ["b@example.org"], MSG, AddressError),
+    ("a@example.com", ["no-at-sign"], MSG, AddressError),
+    ("a@example.com", ["b@@example.org"], MSG, AddressError),
+    ("a@example.com", ["b@localhost"], MSG, AddressError),
+    ("a@example.com", ["a b@example.org"], MSG, AddressError),
+    ("a@example.com", ["b@example.org"], b"", MessageError),
+    ("a@example.com", ["b@example.org"], b"  \r\n", MessageError),
+])
+def test_bad_input_raises_and_leaves_nothing(tmp_path, sender, rcpts, msg, exc):
+    q = str(tmp_path / "q")
+    with pytest.raises(exc):
+        twisted_mailout.enqueue(q, sender, rcpts, msg)
+    for sub in ("tmp", "new", "messages", "state"):
+        assert not os.path.exists(os.path.join(q, sub)) or files(q, sub) == []
+
+
+def test_unwritable_queue_folder_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        target = str(blocker / "q")
+    else:
+        os.chmod(tmp_path, 0o500)
+        target = str(tmp_path / "q")
+    with pytest.raises(QueueError, match="cannot"):
+        twisted_mailout.enqueue(target, "a@example.com", ["b@example.org"], MSG)
+
+
+def test_pickup_moves_own_file_and_writes_state(tmp_path):
+    q = Queue(str(tmp_path))
+    qid = q.enqueue("a@example.com", ["b@example.org", "c@example.org"], MSG)
+    [name] = q.incoming()
+    entry = q.pickup(name)
+    assert entry.qid == qid
+    assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
+    assert all(r.state is RecipientState.PENDING for r in entry.recipients)
+    assert files(q.path, "new") == []
+    assert files(q.path, "messages") == [qid]
+    assert q.read_message(entry).endswith(MSG)
+    assert q.load(qid).to_json() == entry.to_json()
+
+
+def test_state_changes_survive_reload(tmp_path):
+    q = Queue(str(tmp_path))
+    q.enqueue("a@example.com", ["b@example.org", "c@example.org"], MSG)
+    entry = q.pickup(q.incoming()[0])
+    entry.recipients[0].attempts = 1
+    entry.recipients[0].move(RecipientState.DELIVERED, Reply(250, "2.0.0 ok"))
+    entry.recipients[1].attempts = 1
+    entry.recipients[1].move(RecipientState.DEFERRED, Reply(451, "4.3.0 later"), 1234.5)
+    q.save(entry)
+    again = q.load(entry.qid)
+    assert again.recipients[0].state is RecipientState.DELIVERED
+    assert again.recipients[1].next_attempt == 1234.5
+    assert again.recipients[1].reply == Reply(451, "4.3.0 later")
+    assert not again.done
+    assert files(q.path, "state") == [entry.qid + ".json"]  # no tmp files left
+
+
+def test_zope_sendmail_file_is_picked_up_without_envelope_lines(tmp_path):
+    q = Queue(str(tmp_path))
+    body = b"From: a@example.com\nSubject: zope\n\nHello from Zope\n"
+    # zope.sendmail's QueuedMailDelivery writes exactly these two lines first.
+    data = b"X-Zope-From: a@example.com\nX-Zope-To: b@example.org, c@example.org\n" + body
+    with open(os.path.join(q.path, "new", "1700000000.M1P2Q3.host"), "wb") as f:
+        f.write(data)
+    entry = q.pickup("new/1700000000.M1P2Q3.host")
+    assert entry.origin == "zope"
+    assert entry.sender == "a@example.com"
+    assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
+    assert q.read_message(entry) == body
+    assert files(q.path, "new") == []
+
+
+def test_repoze_sendmail_file_is_picked_up_without_envelope_headers(tmp_path):
+    # repoze.sendmail / pyramid_mailer add these as (RFC 2047 encoded) headers.
+    m = Message()
+    m["From"] = "a@example.com"
+    m["Subject"] = "pyramid"
+    m.set_payload("Hello from Pyramid\n")
+    original = m.as_bytes()
+    m["X-Actually-From"] = Header("a@example.com", "utf-8")
+    m["X-Actually-To"] = Header(",".join(["b@example.org", "c@example.org"]), "utf-8")
+    q = Queue(str(tmp_path))
+    with open(os.path.join(q.path, "new", "1700000001.M1P2Q3.host"), "wb") as f:
+        f.write(m.as_bytes())
+    entry = q.pickup("new/1700000001.M1P2Q3.host")
+    assert entry.origin == "repoze"
+    assert entry.sender == "a@example.com"
+    assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
+    assert q.read_message(entry) == original
+
+
+@pytest.mark.parametrize("content", [
+    b"just some text without any envelope\n",
+    b'X-Mailout-Envelope: {"v":1,"sender":"a@example.com"\n',
+    b'X-Mailout-Envelope: {"v":1,"sender":"a@example.com","recipients":["bad"]}\nx\n',
+    b"X-Zope-From: a@example.com\nX-Zope-To: \nbody\n",
+    b"\xff\xfe\x00garbage",
+])
+def test_unparseable_file_goes_to_corrupt_and_rest_continue(tmp_path, content):
+    q = Queue(str(tmp_path))
+    with open(os.path.join(q.path, "new", "0bad"), "wb") as f:
+        f.write(content)
+    good = q.enqueue("a@example.com", ["b@example.org"], MSG)
+    picked, corrupt = [], []
+    for name in q.incoming():
+        try:
+            picked.append(q.pickup(name).qid)
+        except CorruptEntry:
+            corrupt.append(name)
+    assert picked == [good]
+    assert corrupt == ["new/0bad"]
+    assert "0bad" in files(q.path, "corrupt")
+    assert open(os.path.join(q.path, "corrupt", "0bad"), "rb").read() == content
+
+
+def test_only_one_daemon_per_queue_folder(tmp_path):
+    q1 = Queue(str(tmp_path))
+    q1.lock()
+    q2 = Queue(str(tmp_path))
+    with pytest.raises(QueueLocked, match="already running"):
+        q2.lock()
+    # Another process is refused too.
+    code = ("import sys; from twisted_mailout.queue import Queue, QueueLocked\n"
+            "try:\n Queue(sys.argv[1]).lock()\nexcept QueueLocked: sys.exit(3)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 3
+    q1.unlock()
+    q2.lock()
+    q2.unlock()
+
+
+def test_recovery_repairs_interrupted_steps(tmp_path):
+    q = Queue(str(tmp_path))
+    # 1. enqueue died before rename: a leftover in tmp/ was never acknowledged.
+    with open(os.path.join(q.path, "tmp", ".partial"), "wb") as f:
+        f.write(b"half")
+    # 2. pickup died after writing state, before moving the message.
+    qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
+    entry = q.pickup(q.incoming()[0])
+    os.rename(q.message_path(qid), os.path.join(q.path, "new", qid))
+    # 3. a state write died before its rename.
+    with open(os.path.join(q.path, "state", "X.json.tmp"), "wb") as f:
+        f.write(b"{")
+    # 4. a corrupt state file.
+    qid2 = q.enqueue("a@example.com", ["c@example.org"], MSG)
+    q.pickup(q.incoming()[1] if len(q.incoming()) > 1 else q.incoming()[0])
+    with open(os.path.join(q.path, "state", qid2 + ".json"), "wb") as f:
+        f.write(b"not json")
+    entries, problems = q.recover()
+    assert entries == []  # qid's state removed (pickup will be repeated), qid2 quarantined
+    assert len(problems) >= 3
+    assert files(q.path, "tmp") == []
+    assert qid2 in files(q.path, "corrupt")
+    # the interrupted pickup is simply repeated: nothing lost
+    [name] = q.incoming()
+    again = q.pickup(name)
+    assert again.qid == entry.qid
+    assert files(q.path, "messages") == [qid]
+
+
+def test_recover_rebuilds_lost_state_from_the_envelope_line(tmp_path):
+    q = Queue(str(tmp_path))
+    qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
+    q.pickup(q.incoming()[0])
+    os.unlink(os.path.join(q.path, "state", qid + ".json"))
+    entries, problems = q.recover()
+    assert [e.qid for e in entries] == [qid]
+    assert entries[0].recipients[0].state is RecipientState.PENDING
+
+
+def test_remove_deletes_message_then_state(tmp_path):
+    q = Queue(str(tmp_path))
+    qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
+    q.pickup(q.incoming()[0])
+    q.remove(qid)
+    assert files(q.path, "messages") == [] and files(q.path, "state") == []

@@ -1,0 +1,749 @@
+"""Loopback network peers for the ``mailout demo`` command and for tests.
+
+This module provides two in-process servers that only ever listen on loopback
+addresses (``127.0.0.0/8`` or ``::1``):
+
+* a DNS server built on :mod:`twisted.names` that serves an in-memory zone
+  described by a plain, JSON-serialisable ``dict`` (see :class:`Zone`), started
+  with :func:`start_dns_server`;
+* an SMTP receiver built on the server side of :mod:`twisted.mail.smtp` that
+  records every message it accepts, started with :func:`start_smtp_receiver`.
+
+It can also be run as a program so that the DNS server lives in its own
+process::
+
+    python -m twisted_mailout.loopback dns --zone ZONE.json --port-file FILE \\
+        [--interface 127.0.0.1] [--port 0] [--max-lifetime SECONDS]
+
+The program writes the bound port number to ``FILE`` (atomically) once both the
+UDP and the TCP socket are listening, and runs until it receives SIGTERM or
+SIGINT (or until ``--max-lifetime`` seconds have passed, if given).
+
+Zone description
+----------------
+
+::
+
+    {
+      "ttl": 60,                         # default TTL in seconds (optional, default 60)
+      "authoritative_for": ["test"],     # optional, see below
+      "records": {
+        "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]],
+                         "A": ["127.0.0.1"]},
+        "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"], "ttl": 5},
+        "alias.test": {"CNAME": "example.test"},
+        "nullmx.test": {"MX": [[0, "."]]},
+        "broken.test": {"SERVFAIL": true},
+        "slow.test": {"TIMEOUT": true}
+      }
+    }
+
+Supported record types: ``A`` and ``AAAA`` (list of address strings), ``MX``
+(list of ``[preference, exchange]`` pairs; exchange ``"."`` is the null MX of
+RFC 7505), ``CNAME`` (one target name), ``TXT`` (list of strings, or list of
+lists of strings for multi-string records), ``NS`` and ``PTR`` (list of names).
+A single value may be given instead of a one-element list.
+
+Answers:
+
+* a listed name with records of the asked type: ``NOERROR`` with those records;
+* a listed name without records of the asked type: ``NOERROR`` and an empty
+  answer section (NODATA); the same holds for an unlisted name that is the
+  parent of a listed name (an "empty non-terminal");
+* a ``CNAME`` name: the CNAME record, followed (like a recursive resolver would)
+  by the target's records of the asked type when the target is in the zone
+  (chains are followed up to 8 links; a query of type CNAME returns only the
+  CNAME record);
+* ``"SERVFAIL": true``: ``SERVFAIL`` (rcode 2) for every query of that name;
+* ``"TIMEOUT": true``: the query is silently dropped, never answered;
+* an unlisted name under one of the ``authoritative_for`` suffixes:
+  ``NXDOMAIN`` (rcode 3);
+* any other unlisted name: ``REFUSED`` (rcode 5).  When ``authoritative_for``
+  is absent the server is authoritative for every name, so every unlisted name
+  is ``NXDOMAIN``.
+
+Names compare case-insensitively and a trailing dot is ignored.  Record TTLs
+are the zone ``ttl`` unless the name has its own ``ttl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.mail import smtp
+from twisted.names import common, dns, error, server
+from zope.interface import implementer
+
+__all__ = [
+    "DEFAULT_TTL",
+    "LoopbackDNSServerFactory",
+    "SMTPReceiver",
+    "Zone",
+    "ZoneNameError",
+    "ZoneRefusedError",
+    "ZoneResolver",
+    "ZoneServerFailure",
+    "ZoneTimeoutError",
+    "main",
+    "start_dns_server",
+    "start_smtp_receiver",
+]
+
+#: Default record TTL in seconds when the zone has no ``"ttl"`` key.
+DEFAULT_TTL = 60
+
+_MAX_CNAME_CHAIN = 8
+
+_TYPE_CODES: dict[str, int] = {
+    "A": dns.A,
+    "AAAA": dns.AAAA,
+    "MX": dns.MX,
+    "CNAME": dns.CNAME,
+    "TXT": dns.TXT,
+    "NS": dns.NS,
+    "PTR": dns.PTR,
+}
+
+_FLAG_KEYS = ("SERVFAIL", "TIMEOUT", "ttl")
+
+
+def _require_loopback(interface: str) -> None:
+    """Raise ValueError unless ``interface`` is a loopback IP address literal."""
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        raise ValueError(
+            f"interface must be a loopback IP address literal, got {interface!r}"
+        ) from None
+    if not address.is_loopback:
+        raise ValueError(f"refusing to listen on non-loopback address {interface!r}")
+
+
+def _normalise_name(name: str | bytes) -> str:
+    """Return ``name`` as a lower-case text domain name without a trailing dot."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii", errors="replace")
+    if not isinstance(name, str):
+        raise TypeError(f"domain name must be a string, got {name!r}")
+    return name.strip().lower().removesuffix(".")
+
+
+def _wire_name(name: str) -> bytes:
+    """Encode a normalised text name for twisted.names (root is ``b""``, not ``b"."``)."""
+    return _normalise_name(name).encode("ascii")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _ttl_value(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+        raise ValueError(f"{where}: ttl must be an integer 0..2147483647, got {value!r}")
+    return value
+
+
+class ZoneNameError(error.DNSNameError):
+    """The queried name does not exist in an authoritative part of the zone (NXDOMAIN)."""
+
+
+class ZoneServerFailure(error.DNSServerError):
+    """The zone marks the queried name ``"SERVFAIL": true`` (SERVFAIL)."""
+
+
+class ZoneRefusedError(error.DNSQueryRefusedError):
+    """The queried name is outside the names the zone is authoritative for (REFUSED)."""
+
+
+class ZoneTimeoutError(error.DNSQueryTimeoutError):
+    """The zone marks the queried name ``"TIMEOUT": true``: a server never answers it."""
+
+
+@dataclass
+class _Entry:
+    ttl: int
+    servfail: bool = False
+    timeout: bool = False
+    cname: str | None = None
+    records: dict[int, list[Any]] = field(default_factory=dict)
+
+
+class Zone:
+    """An in-memory DNS zone built from a JSON-serialisable description.
+
+    :param description: the zone ``dict`` described in this module's docstring.
+    :raises TypeError: if the description, its ``records`` or a name's records
+        are not mappings.
+    :raises ValueError: if the description is malformed (unknown key or record
+        type, bad address, bad TTL, CNAME mixed with other records, ...).
+    """
+
+    def __init__(self, description: Mapping[str, Any]) -> None:
+        if not isinstance(description, Mapping):
+            raise TypeError("zone description must be a mapping")
+        unknown = set(description) - {"ttl", "records", "authoritative_for"}
+        if unknown:
+            raise ValueError(f"unknown zone keys: {sorted(unknown)}")
+        self.default_ttl: int = _ttl_value(description.get("ttl", DEFAULT_TTL), "zone")
+        authoritative = description.get("authoritative_for")
+        if authoritative is None:
+            self.authoritative_for: tuple[str, ...] = ("",)
+        else:
+            if isinstance(authoritative, str):
+                authoritative = [authoritative]
+            self.authoritative_for = tuple(_normalise_name(s) for s in authoritative)
+        records = description.get("records", {})
+        if not isinstance(records, Mapping):
+            raise TypeError("zone 'records' must be a mapping of name -> records")
+        self._entries: dict[str, _Entry] = {}
+        for name, spec in records.items():
+            key = _normalise_name(name)
+            if key in self._entries:
+                raise ValueError(f"name {name!r} is listed twice (names are case-insensitive)")
+            self._entries[key] = self._parse_entry(key, spec)
+
+    def _parse_entry(self, name: str, spec: Any) -> _Entry:
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"{name}: records must be a mapping of TYPE -> value")
+        entry = _Entry(ttl=_ttl_value(spec.get("ttl", self.default_ttl), name))
+        entry.servfail = bool(spec.get("SERVFAIL", False))
+        entry.timeout = bool(spec.get("TIMEOUT", False))
+        for rtype, value in spec.items():
+            if rtype in _FLAG_KEYS:
+                continue
+            code = _TYPE_CODES.get(str(rtype).upper())
+            if code is None:
+                raise ValueError(f"{name}: unsupported record type {rtype!r}")
+            entry.records[code] = self._parse_records(name, code, value, entry.ttl)
+        if dns.CNAME in entry.records:
+            if len(entry.records) > 1:
+                raise ValueError(f"{name}: CNAME cannot coexist with other record types")
+            if len(entry.records[dns.CNAME]) != 1:
+                raise ValueError(f"{name}: exactly one CNAME target is allowed")
+            entry.cname = _normalise_name(entry.records[dns.CNAME][0].name.name)
+        return entry
+
+    @staticmethod
+    def _parse_records(name: str, code: int, value: Any, ttl: int) -> list[Any]:
+        out: list[Any] = []
+        for item in _as_list(value):
+            try:
+                if code == dns.A:
+                    out.append(dns.Record_A(str(ipaddress.IPv4Address(item)), ttl))
+                elif code == dns.AAAA:
+                    out.append(dns.Record_AAAA(str(ipaddress.IPv6Address(item)), ttl))
+                elif code == dns.MX:
+                    preference, exchange = item
+                    if isinstance(preference, bool) or not isinstance(preference, int):
+                        raise ValueError("MX preference must be an integer")
+                    if not 0 <= preference <= 65535:
+                        raise ValueError("MX preference must be 0..65535")
+                    out.append(dns.Record_MX(preference, _wire_name(exchange), ttl))
+                elif code == dns.TXT:
+                    strings = [s.encode("utf-8") for s in _as_list(item)]
+                    out.append(dns.Record_TXT(*strings, ttl=ttl))
+                elif code == dns.CNAME:
+                    out.append(dns.Record_CNAME(_wire_name(item), ttl))
+                elif code == dns.NS:
+                    out.append(dns.Record_NS(_wire_name(item), ttl))
+                elif code == dns.PTR:
+                    out.append(dns.Record_PTR(_wire_name(item), ttl))
+            except (TypeError, ValueError, AttributeError) as exc:
+                kind = dns.QUERY_TYPES[code]
+                raise ValueError(f"{name}: bad {kind} record {item!r}: {exc}") from None
+        return out
+
+    def is_authoritative(self, name: str | bytes) -> bool:
+        """Return whether ``name`` (str or bytes) is under an ``authoritative_for`` suffix."""
+        key = _normalise_name(name)
+        return any(
+            suffix in ("", key) or key.endswith("." + suffix) for suffix in self.authoritative_for
+        )
+
+    def is_timeout(self, name: str | bytes) -> bool:
+        """Return whether queries for ``name`` (str or bytes) must never be answered."""
+        entry = self._entries.get(_normalise_name(name))
+        return entry is not None and entry.timeout
+
+    def _exists(self, key: str) -> bool:
+        if key in self._entries:
+            return True
+        suffix = "." + key
+        return any(other.endswith(suffix) for other in self._entries) if key else True
+
+    def resolve(
+        self, name: str | bytes, qtype: int
+    ) -> tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]:
+        """Answer one query from the zone, as a recursive resolver in front of it would.
+
+        :param name: the queried name (str or bytes); its spelling is kept in answers.
+        :param qtype: the query type code, e.g. ``twisted.names.dns.MX``;
+            ``dns.ALL_RECORDS`` returns every record of the name.
+        :return: ``(answers, authority, additional)`` lists of ``dns.RRHeader``;
+            ``([], [], [])`` means NODATA.  Authority and additional are always empty.
+        :raises ZoneTimeoutError: the name is marked ``TIMEOUT``.
+        :raises ZoneServerFailure: the name is marked ``SERVFAIL``.
+        :raises ZoneNameError: the name does not exist and the zone is authoritative for it.
+        :raises ZoneRefusedError: the name does not exist and is outside the zone's authority.
+        """
+        owner = name.decode("ascii", errors="replace") if isinstance(name, bytes) else name
+        owner = owner.rstrip(".")
+        key = _normalise_name(owner)
+        entry = self._entries.get(key)
+        if entry is None:
+            if self._exists(key):
+                return [], [], []
+            if self.is_authoritative(key):
+                raise ZoneNameError(key)
+            raise ZoneRefusedError(key)
+        if entry.timeout:
+            raise ZoneTimeoutError(key)
+        if entry.servfail:
+            raise ZoneServerFailure(key)
+        answers: list[dns.RRHeader] = []
+        seen = {key}
+        for _ in range(_MAX_CNAME_CHAIN + 1):
+            auth = self.is_authoritative(key)
+            if entry.cname is not None and qtype not in (dns.CNAME, dns.ALL_RECORDS):
+                answers.extend(self._headers(owner, entry, dns.CNAME, auth))
+                target = self._entries.get(entry.cname)
+                if target is None or target.servfail or target.timeout or entry.cname in seen:
+                    break
+                seen.add(entry.cname)
+                owner, key, entry = entry.cname, entry.cname, target
+                continue
+            if qtype == dns.ALL_RECORDS:
+                for code in entry.records:
+                    answers.extend(self._headers(owner, entry, code, auth))
+            else:
+                answers.extend(self._headers(owner, entry, qtype, auth))
+            break
+        return answers, [], []
+
+    @staticmethod
+    def _headers(owner: str, entry: _Entry, code: int, auth: bool) -> list[dns.RRHeader]:
+        return [
+            dns.RRHeader(
+                name=owner.encode("ascii", errors="replace"),
+                type=code,
+                cls=dns.IN,
+                ttl=entry.ttl,
+                payload=payload,
+                auth=auth,
+            )
+            for payload in entry.records.get(code, [])
+        ]
+
+
+class ZoneResolver(common.ResolverBase):
+    """A twisted.names ``IResolver`` answering from a :class:`Zone`.
+
+    Usable both as the authority of :class:`LoopbackDNSServerFactory` and directly,
+    in process, as a resolver.  Lookups fire with ``(answers, authority,
+    additional)`` or fail with :class:`ZoneNameError`, :class:`ZoneServerFailure`,
+    :class:`ZoneRefusedError` or :class:`ZoneTimeoutError` (the latter fails at once:
+    used in process, it does not wait for the caller's timeout).
+
+    :param zone: a :class:`Zone` or a zone description ``dict``.
+    :raises TypeError, ValueError: if the description is malformed (see :class:`Zone`).
+    """
+
+    def __init__(self, zone: Zone | Mapping[str, Any]) -> None:
+        super().__init__()
+        self.zone = zone if isinstance(zone, Zone) else Zone(zone)
+
+    def _lookup(self, name, cls, type, timeout):
+        if cls not in (dns.IN, dns.ANY):
+            return defer.succeed(([], [], []))
+        return defer.maybeDeferred(self.zone.resolve, name, type)
+
+    def lookupAllRecords(self, name, timeout=None):
+        """Look up every record of ``name``; see :meth:`Zone.resolve`."""
+        return self._lookup(name, dns.IN, dns.ALL_RECORDS, timeout)
+
+
+class LoopbackDNSServerFactory(server.DNSServerFactory):
+    """A ``DNSServerFactory`` serving a :class:`ZoneResolver`, usable for UDP and TCP.
+
+    Differences from the stock factory: names marked ``TIMEOUT`` are never
+    answered; ``SERVFAIL`` and ``REFUSED`` are sent without logging an error (the
+    stock factory maps any ``DomainError``, including ``DNSServerError``, to
+    NXDOMAIN and logs every other failure); NXDOMAIN and NODATA answers for
+    authoritative names carry the AA bit; nothing is cached; the RA bit is set,
+    since CNAMEs are followed.
+
+    :param resolver: the :class:`ZoneResolver` to answer from.
+    :param verbose: twisted.names verbosity (0 silent, 2 logs full messages).
+
+    Attributes: ``queries`` is a list of ``(name: str, qtype: int)`` received, in
+    order (including dropped ones); ``dropped`` counts queries left unanswered.
+    """
+
+    def __init__(self, resolver: ZoneResolver, verbose: int = 0) -> None:
+        super().__init__(authorities=[resolver], verbose=verbose)
+        self.zone_resolver = resolver
+        self.canRecurse = True
+        self.queries: list[tuple[str, int]] = []
+        self.dropped = 0
+
+    def handleQuery(self, message, protocol, address):
+        """Answer the first query of ``message`` unless its name is marked TIMEOUT."""
+        query = message.queries[0]
+        self.queries.append((query.name.name.decode("ascii", errors="replace"), query.type))
+        if self.zone_resolver.zone.is_timeout(query.name.name):
+            self.dropped += 1
+            return None
+        return super().handleQuery(message, protocol, address)
+
+    def gotResolverResponse(self, response, protocol, message, address):
+        """Send the zone's answer; NODATA answers for authoritative names carry the AA bit."""
+        answers, authority, additional = response
+        reply = self._responseFromMessage(
+            message=message,
+            rCode=dns.OK,
+            answers=answers,
+            authority=authority,
+            additional=additional,
+        )
+        if not answers and self.zone_resolver.zone.is_authoritative(message.queries[0].name.name):
+            reply.auth = True
+        self.sendReply(protocol, reply, address)
+
+    def gotResolverError(self, failure, protocol, message, address):
+        """Send SERVFAIL/REFUSED/NXDOMAIN for zone failures; defer to the base class otherwise."""
+        codes = (
+            (ZoneServerFailure, dns.ESERVER),
+            (ZoneRefusedError, dns.EREFUSED),
+            (ZoneNameError, dns.ENAME),
+        )
+        for exc_type, rcode in codes:
+            if failure.check(exc_type):
+                response = self._responseFromMessage(message=message, rCode=rcode)
+                if rcode == dns.ENAME:
+                    response.auth = True
+                self.sendReply(protocol, response, address)
+                return None
+        return super().gotResolverError(failure, protocol, message, address)
+
+
+def start_dns_server(
+    zone: Mapping[str, Any] | Zone,
+    reactor: Any,
+    interface: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    attempts: int = 5,
+    verbose: int = 0,
+) -> tuple[Any, Any, int]:
+    """Start a DNS server for ``zone`` listening on UDP and TCP on the same port.
+
+    :param zone: zone description ``dict`` (see the module docstring) or a :class:`Zone`.
+    :param reactor: the Twisted reactor (``IReactorUDP`` and ``IReactorTCP``).
+    :param interface: loopback IP address literal to bind, e.g. ``"127.0.0.1"`` or ``"::1"``.
+    :param port: port number, or 0 to let the kernel choose (UDP chooses, TCP follows).
+    :param attempts: how many UDP/TCP bind pairs to try when ``port`` is 0 and the
+        TCP bind of the UDP-chosen port fails (someone else holds it).
+    :param verbose: twisted.names logging verbosity.
+    :return: ``(udp_port, tcp_port, port_number)``: the two ``IListeningPort``
+        objects (stop both with ``stopListening()``) and the bound port number.
+        ``tcp_port.factory`` is the :class:`LoopbackDNSServerFactory`.
+    :raises TypeError, ValueError: bad zone description (see :class:`Zone`), or
+        ``interface`` not a loopback IP address literal (ValueError).
+    :raises twisted.internet.error.CannotListenError: the port could not be bound.
+    """
+    _require_loopback(interface)
+    factory = LoopbackDNSServerFactory(ZoneResolver(zone), verbose=verbose)
+    last_error: CannotListenError | None = None
+    for _ in range(max(1, attempts)):
+        udp_port = reactor.listenUDP(
+            port, dns.DNSDatagramProtocol(controller=factory, reactor=reactor), interface=interface
+        )
+        number = udp_port.getHost().port
+        try:
+            tcp_port = reactor.listenTCP(number, factory, interface=interface)
+        except CannotListenError as exc:
+            udp_port.stopListening()
+            if port != 0:
+                raise
+            last_error = exc
+            continue
+        return udp_port, tcp_port, number
+    assert last_error is not None
+    raise last_error
+
+
+class _Transaction:
+    """Collects one mail transaction's envelope and message lines."""
+
+    def __init__(self, mail_from: str, rcpt_tos: list[str]) -> None:
+        self.mail_from = mail_from
+        self.rcpt_tos = rcpt_tos
+        self.lines: list[bytes] = []
+        self._handed_out = False
+
+    def new_message(self, receiver: SMTPReceiver) -> _RecordingMessage:
+        primary = not self._handed_out
+        self._handed_out = True
+        return _RecordingMessage(receiver, self, primary)
+
+
+@implementer(smtp.IMessage)
+class _RecordingMessage:
+    """One ``IMessage`` per accepted recipient; only the first one records the data."""
+
+    def __init__(self, receiver: SMTPReceiver, txn: _Transaction, primary: bool) -> None:
+        self._receiver = receiver
+        self._txn = txn
+        self._primary = primary
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._primary:
+            self._txn.lines.append(line)
+
+    def eomReceived(self) -> defer.Deferred:
+        if self._primary:
+            data = b"".join(line + b"\r\n" for line in self._txn.lines)
+            self._receiver._record(
+                {
+                    "mail_from": self._txn.mail_from,
+                    "rcpt_tos": list(self._txn.rcpt_tos),
+                    "data": data,
+                }
+            )
+        return defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        self._txn.lines = []
+
+
+@implementer(smtp.IMessageDelivery)
+class _Delivery:
+    """Minimal ``IMessageDelivery``: accept every sender, ask the policy about recipients."""
+
+    def __init__(self, receiver: SMTPReceiver, proto: _ReceiverESMTP) -> None:
+        self._receiver = receiver
+        self._proto = proto
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        address = str(user.dest)
+        verdict = self._receiver.policy(address) if self._receiver.policy else None
+        if verdict is not None:
+            code, text = verdict
+            code = int(code)
+            if not 400 <= code <= 599:
+                raise ValueError(f"policy reply code must be 4xx or 5xx, got {code}")
+            self._receiver.refused.append({"rcpt": address, "code": code, "text": str(text)})
+            raise smtp.SMTPBadRcpt(user.dest, code, str(text))
+        return lambda: self._proto.current_transaction.new_message(self._receiver)
+
+
+class _ReceiverESMTP(smtp.ESMTP):
+    """ESMTP server protocol recording whole transactions (one record per DATA)."""
+
+    receiver: SMTPReceiver
+    current_transaction: _Transaction
+
+    def connectionMade(self):
+        self.receiver.connections += 1
+        super().connectionMade()
+
+    def extensions(self):
+        ext = super().extensions()
+        ext[b"8BITMIME"] = None
+        ext[b"PIPELINING"] = None
+        return ext
+
+    def do_DATA(self, rest):
+        if self._from is not None and self._to:
+            self.current_transaction = _Transaction(
+                str(self._from), [str(user.dest) for user, _ in self._to]
+            )
+        super().do_DATA(rest)
+        if self.mode == smtp.DATA:
+            # twisted.mail.smtp.SMTP inserts an empty line before a message whose
+            # first line has no ":" (meant to separate a Received: header we do not
+            # add); pretend we are already inside the header so data is kept as sent.
+            self._SMTP__inheader = 1
+
+
+class _ReceiverFactory(smtp.SMTPFactory):
+    protocol = _ReceiverESMTP
+
+    def __init__(self, receiver: SMTPReceiver, tls_context_factory: Any = None) -> None:
+        super().__init__()
+        self.receiver = receiver
+        self.domain = receiver.name.encode("ascii")
+        self.tls_context_factory = tls_context_factory
+
+    def buildProtocol(self, addr):
+        proto = _ReceiverESMTP(contextFactory=self.tls_context_factory)
+        proto.factory = self
+        proto.host = self.domain
+        proto.receiver = self.receiver
+        proto.delivery = _Delivery(self.receiver, proto)
+        return proto
+
+
+class SMTPReceiver:
+    """Records the messages accepted by a receiver started with :func:`start_smtp_receiver`.
+
+    Attributes:
+
+    * ``name`` (str): host name used in the greeting and EHLO reply;
+    * ``policy``: ``None`` or ``policy(rcpt_address: str) -> None | (code: int, text: str)``;
+      may be replaced at any time;
+    * ``messages``: list of ``{"mail_from": str, "rcpt_tos": [str], "data": bytes}``,
+      one per completed DATA, in arrival order; ``mail_from`` is ``""`` for the
+      null sender; ``data`` is the unstuffed message with CRLF line endings;
+    * ``refused``: list of ``{"rcpt": str, "code": int, "text": str}`` refused RCPTs;
+    * ``connections``: number of SMTP connections accepted (int).
+    """
+
+    def __init__(
+        self,
+        name: str = "mx",
+        policy: Callable[[str], tuple[int, str] | None] | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.messages: list[dict[str, Any]] = []
+        self.refused: list[dict[str, Any]] = []
+        self.connections = 0
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+
+    def _record(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        ready = [(n, d) for n, d in self._waiters if len(self.messages) >= n]
+        self._waiters = [(n, d) for n, d in self._waiters if len(self.messages) < n]
+        for _, waiter in ready:
+            waiter.callback(list(self.messages))
+
+    def when_messages(self, count: int) -> defer.Deferred:
+        """Return a Deferred firing with ``messages`` once at least ``count`` arrived.
+
+        The Deferred has no time limit of its own: add one, e.g.
+        ``d.addTimeout(10, reactor)``.
+        """
+        if len(self.messages) >= count:
+            return defer.succeed(list(self.messages))
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append((count, waiter))
+        return waiter
+
+
+def start_smtp_receiver(
+    reactor: Any,
+    interface: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "mx",
+    policy: Callable[[str], tuple[int, str] | None] | None = None,
+    *,
+    tls_context_factory: Any = None,
+) -> tuple[Any, SMTPReceiver]:
+    """Start an ESMTP receiver that accepts and records every message.
+
+    :param reactor: the Twisted reactor (``IReactorTCP``).
+    :param interface: loopback IP address literal, e.g. ``"127.0.0.1"`` or ``"::1"``.
+    :param port: TCP port number, 0 to let the kernel choose (read it back with
+        ``listening_port.getHost().port``).
+    :param name: host name (ASCII) announced in the greeting and EHLO reply.
+    :param policy: optional ``policy(rcpt_address: str) -> None | (code, text)``; a
+        tuple refuses that RCPT with ``code`` (int, 4xx or 5xx) and ``text`` (str,
+        e.g. ``"5.1.1 No such user"``).  Exceptions raised by the policy (and codes
+        outside 400..599) are logged by Twisted and answered with 451.
+    :param tls_context_factory: optional Twisted TLS context factory (e.g.
+        ``twisted.internet.ssl.CertificateOptions``); when given, STARTTLS is offered.
+    :return: ``(listening_port, receiver)``: an ``IListeningPort`` (stop it with
+        ``stopListening()``) and the :class:`SMTPReceiver` recording messages.
+        8BITMIME and PIPELINING are advertised; MAIL/RCPT parameters are ignored.
+    :raises ValueError: ``interface`` is not a loopback address.
+    :raises twisted.internet.error.CannotListenError: the port could not be bound.
+    """
+    _require_loopback(interface)
+    receiver = SMTPReceiver(name=name, policy=policy)
+    factory = _ReceiverFactory(receiver, tls_context_factory)
+    listening_port = reactor.listenTCP(port, factory, interface=interface)
+    return listening_port, receiver
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """Write ``port`` followed by a newline to ``path`` atomically (tmp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="ascii") as handle:
+        handle.write(f"{port}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m twisted_mailout.loopback",
+        description="Run a loopback peer in its own process.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    dns_cmd = commands.add_parser("dns", help="serve an in-memory zone over UDP and TCP")
+    dns_cmd.add_argument("--zone", required=True, help="zone description JSON file")
+    dns_cmd.add_argument("--interface", default="127.0.0.1", help="loopback address to bind")
+    dns_cmd.add_argument("--port", type=int, default=0, help="port number (0: any free port)")
+    dns_cmd.add_argument("--port-file", required=True, help="file receiving the bound port")
+    dns_cmd.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until SIGTERM)",
+    )
+    dns_cmd.add_argument("--verbose", type=int, default=0, help="twisted.names verbosity")
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """Command-line entry point: ``dns --zone ZONE.json --port-file FILE [...]``.
+
+    :param argv: arguments without the program name (default ``sys.argv[1:]``).
+    :return: process exit status: 0 after a clean stop (SIGTERM, SIGINT or
+        ``--max-lifetime``), 2 for a bad zone or unusable interface/port.
+    :raises SystemExit: on command-line usage errors (from argparse).
+    """
+    args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from twisted.internet import reactor
+
+    try:
+        with open(args.zone, encoding="utf-8") as handle:
+            zone = Zone(json.load(handle))
+        _udp_port, _tcp_port, number = start_dns_server(
+            zone, reactor, interface=args.interface, port=args.port, verbose=args.verbose
+        )
+    except (OSError, TypeError, ValueError, CannotListenError) as exc:
+        print(f"loopback dns: {exc}", file=sys.stderr)
+        return 2
+    _write_port_file(args.port_file, number)
+    print(
+        f"loopback dns: listening on {args.interface} port {number} (udp+tcp)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.max_lifetime is not None:
+        reactor.callLater(args.max_lifetime, reactor.stop)
+    reactor.run()  # installs SIGTERM/SIGINT handlers that stop the reactor
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
