@@ -79,6 +79,8 @@ class _Dest:
 
 
 class _Factory(protocol.Factory):
+    noisy = False
+
     def __init__(self, make):
         self._make = make
 

@@ -306,7 +306,7 @@ class ESMTPSession(protocol.Protocol):
         while True:
             i = self._buffer.find(b"\n")
             if i < 0:
-                if len(self._buffer) > MAX_LINE:
+                if len(self._buffer) > MAX_LINE + 1:  # + 1: its CR may come before the LF
                     self._protocol_error(f"reply line longer than {MAX_LINE} bytes")
                 return
             line, self._buffer = self._buffer[:i], self._buffer[i + 1 :]
@@ -453,8 +453,8 @@ class ESMTPSession(protocol.Protocol):
                 if self._buffer or self._lines:
                     # Bytes sent after the 220 but before the handshake could
                     # only be an injection attempt (CVE-2011-0411): discard.
-                    self.log.warning("discarding {n} bytes {peer} sent before the TLS handshake",
-                                  n=len(self._buffer), peer=self.peer)
+                    self.log.warn("discarding {n} bytes {peer} sent before the TLS handshake",
+                               n=len(self._buffer), peer=self.peer)
                     self._buffer = b""
                     self._lines = []
                 self.transport.startTLS(self.tls_creator(self.hostname))
@@ -556,9 +556,14 @@ class ESMTPSession(protocol.Protocol):
                         raise ValueError("CR, LF or NUL in an SMTP command")
                 self.transport.write(
                     b"".join(c.encode("utf-8") + b"\r\n" for c in [mail_cmd, *rcpt_cmds, "DATA"]))
-                mail_reply = await ds[0]
-                rcpt_replies = [await d for d in ds[1:-1]]
-                data_reply = await ds[-1]
+                try:
+                    mail_reply = await ds[0]
+                    rcpt_replies = [await d for d in ds[1:-1]]
+                    data_reply = await ds[-1]
+                except SessionError:
+                    for d in ds:  # all failed together: consume the others' failures
+                        d.addErrback(lambda _: None)
+                    raise
             else:
                 mail_reply = await self._send(mail_cmd, self.timeouts.mail, "MAIL")
                 rcpt_replies = []
