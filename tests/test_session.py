@@ -737,8 +737,10 @@ class QuitTests(SessionTestBase):
         self.assertNoResult(d)
         self.assertFalse(t.disconnecting)
         self.feed(b"221 2.0.0 bye\r\n")
-        self.assertIsNone(self.successResultOf(d))
         self.assertTrue(t.disconnecting)
+        self.assertNoResult(d)  # fires once the connection is really closed
+        s.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIsNone(self.successResultOf(d))
 
     def test_quit_without_reply_fires_after_timeout(self):
         s, t = self.start()
@@ -746,8 +748,11 @@ class QuitTests(SessionTestBase):
         self.clock.advance(9)
         self.assertNoResult(d)
         self.clock.advance(2)
-        self.assertIsNone(self.successResultOf(d))
         self.assertTrue(t.disconnecting)
+        # a peer that never closes: the connection is aborted after the timeout
+        self.clock.advance(10)
+        s.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertIsNone(self.successResultOf(d))
 
     def test_quit_after_connection_lost(self):
         s, t = self.start()

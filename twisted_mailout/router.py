@@ -93,12 +93,14 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, p
 
 
-def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11)):
+def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11),
+                  resolv_conf: str = "/etc/resolv.conf", hosts_file: str = "/etc/hosts"):
     """A C{twisted.names} resolver.
 
     @param servers: C{["HOST[:PORT]", ...]} (IPv4 addresses): only these are
-        asked, resolv.conf is not read. L{None} or empty: the system's
-        configuration (hosts file, then resolv.conf servers).
+        asked; neither resolv.conf nor the hosts file is read. L{None} or
+        empty: the hosts file, then the IPv4 name servers of resolv.conf, read
+        once now (127.0.0.1 when it names none).
     @param timeout: per-try timeouts in seconds; the query fails after their sum.
     @return: an C{IResolver}.
     @raise ValueError: a malformed server.
@@ -116,9 +118,30 @@ def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11)):
             parsed.append((host, port))
         return client.Resolver(servers=parsed, reactor=reactor, timeout=timeout)
     return resolve.ResolverChain([
-        hosts.Resolver(b"/etc/hosts"),
-        client.Resolver(resolv=b"/etc/resolv.conf", reactor=reactor, timeout=timeout),
+        hosts.Resolver(hosts_file.encode()),
+        client.Resolver(servers=system_nameservers(resolv_conf), reactor=reactor,
+                        timeout=timeout),
     ])
+
+
+def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The IPv4 C{nameserver} entries of resolv.conf(5), as C{(host, 53)};
+    C{[("127.0.0.1", 53)]} when there are none or the file is unreadable
+    (the resolver library's own default)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        ipaddress.IPv4Address(parts[1])
+                    except ValueError:
+                        continue
+                    out.append((parts[1], 53))
+    except OSError:
+        pass
+    return out or [("127.0.0.1", 53)]
 
 
 def _name(n) -> str:

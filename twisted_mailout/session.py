@@ -393,6 +393,8 @@ class ESMTPSession(protocol.Protocol):
             v = reason.value
             if isinstance(v, SSL.Error):
                 detail = f"TLS failure: {_ssl_text(v)}"
+            elif type(v).__name__ == "VerificationError":  # service_identity
+                detail = f"TLS failure: certificate does not match {self.hostname}: {v}"
             elif not reason.check(error.ConnectionDone):
                 detail = f"connection lost: {v}"
         return SessionError(_local(421, f"4.4.2 {detail} while waiting for the {what} reply "
@@ -626,18 +628,34 @@ class ESMTPSession(protocol.Protocol):
         return await self._expect(self.timeouts.data_done, "end of DATA")
 
     def quit(self) -> defer.Deferred:
-        """Send QUIT and close the connection; the Deferred fires (with
-        L{None}) once closed or after the QUIT timeout. Never fails."""
+        """Send QUIT and close the connection.
+
+        @return: a Deferred firing (with L{None}) once the connection is
+            closed; after the QUIT timeout (at most 10 s) the connection is
+            aborted. It never fails.
+        """
         self.usable = False
         if self._closed:
             return defer.succeed(None)
-        d = self._send("QUIT", min(self.timeouts.helo, 10), "QUIT")
+        limit = min(self.timeouts.helo, 10)
+        d = self._send("QUIT", limit, "QUIT")
 
         def close(_):
             if not self._closed:
                 self.transport.loseConnection()
+                timer = self.clock.callLater(limit, self._abort)
+                self.closed.addBoth(lambda _: timer.cancel() if timer.active() else None)
+            return None
 
-        return d.addBoth(close)
+        d.addBoth(close)
+        return d.addCallback(lambda _: _chain(self.closed))
+
+
+def _chain(d: defer.Deferred) -> defer.Deferred:
+    """A new Deferred firing (with L{None}) when C{d} fires, leaving C{d} as it is."""
+    out = defer.Deferred()
+    d.addBoth(lambda r: (out.callback(None), r)[1])
+    return out
 
 
 def _ssl_text(e: SSL.Error) -> str:
