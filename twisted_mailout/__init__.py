@@ -12,14 +12,14 @@ from .message import MessageError
 from .queue import QueueError, QueueLocked, enqueue
 
 __all__ = [
-    "enqueue",
-    "sendmail",
-    "DeliveryReport",
-    "RecipientResult",
     "AddressError",
+    "DeliveryReport",
     "MessageError",
     "QueueError",
     "QueueLocked",
+    "RecipientResult",
+    "enqueue",
+    "sendmail",
 ]
 
 __version__ = "0.1.0"

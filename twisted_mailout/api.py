@@ -13,7 +13,7 @@ from .queue import enqueue
 from .router import parse_hostport
 from .session import TLS_LEVELS
 
-__all__ = ["enqueue", "sendmail", "RecipientResult", "DeliveryReport"]
+__all__ = ["DeliveryReport", "RecipientResult", "enqueue", "sendmail"]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def cmd_sendmail(args) -> int:
 def _when(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
 
 
 def cmd_queue_list(args) -> int:

@@ -335,7 +335,7 @@ class Connector:
             hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining)
         try:
             await self._connect(addr, hop.port, _Factory(lambda: session))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every connect failure becomes a reply
             raise SessionError(Reply(421, f"4.4.1 connect to {hop.host}[{addr}]:{hop.port}: "
                                      f"{_conn_error(e)}", local=True), "connect") from None
         return await session.ready

@@ -28,7 +28,7 @@ from .config import Config
 from .queue import enqueue
 from .service import DeliveryService
 
-__all__ = ["main", "run", "ZONE_HOSTS"]
+__all__ = ["ZONE_HOSTS", "main", "run"]
 
 # MX host name -> loopback address; the dead one gets no receiver.
 ZONE_HOSTS = {

@@ -33,9 +33,11 @@ class AddressError(ValueError):
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff"
 _DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
-_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_QUOTED_STRING = re.compile(
+    r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}\Z")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 
 MAX_LOCAL_PART = 64  # octets, RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # octets, RFC 5321 4.5.3.1.2
@@ -251,7 +253,11 @@ class RecipientState(enum.Enum):
 FINAL_STATES = frozenset({RecipientState.DELIVERED, RecipientState.BOUNCED})
 
 _ALLOWED = {
-    RecipientState.PENDING: {RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.DEFERRED},
+    RecipientState.PENDING: {
+        RecipientState.DELIVERED,
+        RecipientState.BOUNCED,
+        RecipientState.DEFERRED,
+    },
     RecipientState.DEFERRED: {
         RecipientState.DELIVERED,
         RecipientState.BOUNCED,

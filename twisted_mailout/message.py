@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import re
 import socket
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
 __all__ = [
@@ -72,7 +73,7 @@ def split_headers(data: bytes) -> tuple[list[bytes], bytes]:
         line = data[pos:end]
         if line in (b"\r\n", b"\n"):
             break
-        if line[:1] in (b" ", b"\t") and lines or _FIELD_NAME.match(line):
+        if (line[:1] in (b" ", b"\t") and lines) or _FIELD_NAME.match(line):
             lines.append(line)
         else:
             break
@@ -107,8 +108,8 @@ def header_values(data: bytes, name: str) -> list[str]:
         if fname == name.lower():
             try:
                 out.append(str(make_header(decode_header(value))))
-            except Exception:
-                out.append(value)
+            except (ValueError, LookupError, UnicodeError, HeaderParseError):
+                out.append(value)  # undecodable encoded words: keep them as they are
     return out
 
 
@@ -152,7 +153,7 @@ def prepare_message(data: bytes, sender_domain: str | None = None) -> bytes:
         name when L{None}.
     @return: the message bytes, unchanged when both fields are present.
     """
-    lines, rest = split_headers(data)
+    lines, _ = split_headers(data)
     names = {f[0] for f in _fields(lines)}
     eol = b"\r\n" if (lines[0] if lines else data).find(b"\r\n") >= 0 else b"\n"
     add = []

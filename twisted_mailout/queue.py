@@ -38,6 +38,7 @@ from .message import MessageError, coerce_message, header_values, prepare_messag
 __all__ = [
     "ENVELOPE_HEADER",
     "CorruptEntry",
+    "MessageError",
     "Queue",
     "QueueEntry",
     "QueueError",
@@ -188,7 +189,9 @@ class QueueEntry:
         """Recipients to try at time C{now} (pending, or deferred and due)."""
         out = []
         for r in self.recipients:
-            if r.state is RecipientState.PENDING or r.state is RecipientState.DEFERRED and (r.next_attempt or 0) <= now:
+            if r.state is RecipientState.PENDING or (
+                r.state is RecipientState.DEFERRED and (r.next_attempt or 0) <= now
+            ):
                 out.append(r)
         return out
 
@@ -676,7 +679,8 @@ def _is_safe_qid(name: str) -> bool:
 
 
 def _foreign_qid(name: str) -> str:
-    return "F" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=11).hexdigest().upper()
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=11)
+    return "F" + digest.hexdigest().upper()
 
 
 def enqueue(queue_dir: str, sender: str | None, recipients, message) -> str:
@@ -696,6 +700,3 @@ def enqueue(queue_dir: str, sender: str | None, recipients, message) -> str:
     """
     return Queue(queue_dir).enqueue(sender, recipients, message)
 
-
-# Re-exported for callers catching errors from enqueue().
-MessageError = MessageError

@@ -314,7 +314,7 @@ class MXRouter:
         addrs: list[str] = []
         ttls = []
         failures = []
-        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA)):
+        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA), strict=True):
             if not ok:
                 failures.append(res)
                 continue

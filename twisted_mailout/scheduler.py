@@ -312,7 +312,7 @@ class Scheduler:
         """Work on one message. @return: when it is due next, or L{None}."""
         try:
             return await self._process_inner(qid)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug or disk error must not lose the message
             log.failure("{qid}: internal error; will retry", qid=qid)
             return float(self.clock.seconds() + self.retry.base)
 
@@ -364,7 +364,7 @@ class Scheduler:
         offset = entry.body_offset
 
         def opener():
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - the connector closes it
             f.seek(offset)
             return f
 
@@ -373,7 +373,7 @@ class Scheduler:
             self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k])
             for k in keys])
         now = self.clock.seconds()
-        for key, attempt in zip(keys, results):
+        for key, attempt in zip(keys, results, strict=True):
             for form, rs in groups[key].items():
                 reply = attempt.replies.get(form) or Reply(
                     451, "4.3.0 no reply recorded for this recipient", local=True)
@@ -396,7 +396,7 @@ class Scheduler:
         for obs in self.observers:
             try:
                 obs(o)
-            except Exception:
+            except Exception:  # noqa: BLE001 - observers never break delivery
                 log.failure("outcome observer {obs!r} failed", obs=obs)
 
     async def _report_bounces(self, entry: QueueEntry):

@@ -16,7 +16,7 @@ from .router import MXRouter, RelayRouter, make_resolver, parse_hostport
 from .scheduler import RetryPolicy, Scheduler, thread_io
 from .session import load_trust_root
 
-__all__ = ["DeliveryService", "makeService", "build_connector"]
+__all__ = ["DeliveryService", "build_connector", "makeService"]
 
 log = Logger(namespace="twisted_mailout")
 

@@ -289,15 +289,11 @@ class ESMTPSession(protocol.Protocol):
     # -- wire level ---------------------------------------------------------
 
     def connectionMade(self):
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
-        try:
-            p = self.transport.getPeer()
-            self.peer = f"{p.host}:{p.port}"
-        except Exception:
-            pass
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:  # TCP: no Nagle delay for our small commands
+            nodelay(True)
+        p = self.transport.getPeer()
+        self.peer = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
         d = self._expect(self.timeouts.greeting, "greeting")
         defer.Deferred.fromCoroutine(self._start(d)).addErrback(self._start_failed)
 
@@ -499,8 +495,8 @@ class ESMTPSession(protocol.Protocol):
             return
         try:
             await self._send("QUIT", min(self.timeouts.helo, 10), "QUIT")
-        except Exception:
-            pass
+        except SessionError:
+            pass  # the session is over either way
         self._abort_later()
 
     def _abort_later(self):
@@ -582,7 +578,7 @@ class ESMTPSession(protocol.Protocol):
                     await self._send_empty_data()
                 return TransactionResult({r: mail_reply for r in recipients}, self._still_usable())
             accepted = []
-            for r, reply in zip(recipients, rcpt_replies):
+            for r, reply in zip(recipients, rcpt_replies, strict=False):
                 if reply.code in (250, 251):
                     accepted.append(r)
                 else:
@@ -645,7 +641,6 @@ class ESMTPSession(protocol.Protocol):
                 self.transport.loseConnection()
                 timer = self.clock.callLater(limit, self._abort)
                 self.closed.addBoth(lambda _: timer.cancel() if timer.active() else None)
-            return None
 
         d.addBoth(close)
         return d.addCallback(lambda _: _chain(self.closed))
@@ -664,7 +659,7 @@ def _ssl_text(e: SSL.Error) -> str:
         for item in e.args[0]:
             parts.append(item[-1] if isinstance(item, tuple) else str(item))
         return ", ".join(parts) or "handshake failed"
-    except Exception:
+    except (TypeError, IndexError, AttributeError):
         return str(e) or "handshake failed"
 
 

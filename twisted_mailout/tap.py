@@ -6,7 +6,7 @@ from twisted.python import usage
 
 from .config import Config, ConfigError
 
-__all__ = ["Options", "makeService", "config_from_options"]
+__all__ = ["Options", "config_from_options", "makeService"]
 
 
 def _seconds(v: str) -> float:
