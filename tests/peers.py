@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Where Debian's postfix package installs smtp-sink.
@@ -750,3 +753,19 @@ class SmtpSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@implementer(IOpenSSLContextFactory)
+class PemContextFactory:
+    """Twisted TLS context factory loading a key + certificate chain PEM file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def getContext(self):
+        from OpenSSL import SSL
+
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.use_certificate_chain_file(self.path)
+        context.use_privatekey_file(self.path)
+        return context

@@ -9,31 +9,15 @@ import socket
 import tempfile
 
 import trustme
-from peers import AiosmtpdSink
+from peers import AiosmtpdSink, PemContextFactory
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.trial import unittest
-from zope.interface import implementer
 
 import twisted_mailout
 from twisted_mailout.loopback import start_dns_server, start_smtp_receiver
 
 MSG = (b"Message-ID: <api@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: api\r\n\r\n.dot line\r\nbody\r\n")
-
-
-@implementer(IOpenSSLContextFactory)
-class PemContext:
-    def __init__(self, path):
-        self.path = path
-
-    def getContext(self):
-        from OpenSSL import SSL
-
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.use_certificate_chain_file(self.path)
-        ctx.use_privatekey_file(self.path)
-        return ctx
 
 
 class SendmailTests(unittest.TestCase):
@@ -164,7 +148,7 @@ class SendmailTests(unittest.TestCase):
         capem = os.path.join(tmp, "ca.pem")
         ca.cert_pem.write_to_path(capem)
         lp, receiver = start_smtp_receiver(reactor, "127.0.0.1", 0, "mx.dest.test",
-                                           tls_context_factory=PemContext(pem))
+                                           tls_context_factory=PemContextFactory(pem))
         self.addCleanup(lp.stopListening)
         relay = f"127.0.0.1:{lp.getHost().port}"
         may = yield twisted_mailout.sendmail("a@origin.test", "b@dest.test", MSG, relay=relay,

@@ -16,12 +16,11 @@ from peers import (
     free_port,
     parse_smtp_sink_dump,
     wait_for,
+    PemContextFactory,
 )
 from twisted.internet import defer, reactor, task, threads
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.names import client, dns, error
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from twisted_mailout import loopback
 
@@ -455,22 +454,6 @@ def test_parse_smtp_sink_dump_rejects_garbage():
 # ------------------------------------------------------------- Twisted receiver
 
 
-@implementer(IOpenSSLContextFactory)
-class _PemContextFactory:
-    """Twisted TLS context factory loading a key + certificate chain PEM file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def getContext(self):
-        from OpenSSL import SSL
-
-        context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        context.use_certificate_chain_file(self.path)
-        context.use_privatekey_file(self.path)
-        return context
-
-
 class TwistedReceiverTests(unittest.TestCase):
     timeout = 30
     interface = "127.0.0.1"
@@ -561,7 +544,7 @@ class TwistedReceiverTests(unittest.TestCase):
         self.addCleanup(tmpdir.cleanup)
         pem_path = os.path.join(tmpdir.name, "mx.pem")
         cert.private_key_and_cert_chain_pem.write_to_path(pem_path)
-        options = _PemContextFactory(pem_path)
+        options = PemContextFactory(pem_path)
         port, receiver = self.start(tls_context_factory=options)
 
         def send_over_tls():
