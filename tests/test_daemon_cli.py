@@ -254,6 +254,7 @@ def test_sendmail_rejects_bad_input_and_queues_nothing(tmp_path, case):
     assert "Traceback" not in err
     for sub in ("tmp", "new", "cur", "messages", "state"):
         assert files_in(q / sub) == [], sub
+    assert not q.exists(), "bad input must not even create the queue folder"
 
 
 def test_sendmail_unwritable_queue_folder_exits_73(tmp_path):

@@ -15,7 +15,7 @@ import sys
 
 from .envelope import AddressError
 from .message import MessageError, recipients_from_headers, remove_headers
-from .queue import Queue, QueueError
+from .queue import Queue, QueueError, validate_envelope
 
 __all__ = ["main"]
 
@@ -49,6 +49,7 @@ def cmd_sendmail(args) -> int:
         return EX_USAGE
     sender = args.f if args.f is not None else _default_sender()
     try:
+        validate_envelope(sender, rcpts)  # before the queue folder is touched
         qid = Queue(args.queue).enqueue(sender, rcpts, data)
     except AddressError as e:
         hint = "" if args.f is not None else " (the default sender; give one with -f)"

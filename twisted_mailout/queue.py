@@ -45,6 +45,7 @@ __all__ = [
     "QueueLocked",
     "RecipientStatus",
     "enqueue",
+    "validate_envelope",
 ]
 
 ENVELOPE_HEADER = b"X-Mailout-Envelope: "
@@ -246,8 +247,15 @@ class QueueEntry:
             raise CorruptEntry(f"malformed state: {e!r}") from e
 
 
-def _validate_envelope(sender, recipients) -> tuple[str, list[str]]:
-    """@raise AddressError: bad sender or recipient, or no recipients."""
+def validate_envelope(sender, recipients) -> tuple[str, list[str]]:
+    """Validate an envelope as enqueue does.
+
+    @param sender: a mailbox, or C{""}/C{"<>"}/L{None} for the null sender.
+    @param recipients: an iterable of mailboxes (a C{str} is one recipient).
+    @return: C{(sender, recipients)} normalised: C{""} for the null sender,
+        duplicates removed.
+    @raise AddressError: bad sender or recipient, or no recipients.
+    """
     if isinstance(recipients, str):
         recipients = [recipients]
     recipients = list(recipients)
@@ -340,7 +348,7 @@ class Queue:
         @raise QueueError: the message could not be written (nothing is left
             behind in the queue).
         """
-        sender, rcpts = _validate_envelope(sender, recipients)
+        sender, rcpts = validate_envelope(sender, recipients)
         data = coerce_message(message)
         data = prepare_message(data, sender.rpartition("@")[2] if sender else None)
         qid = _new_queue_id()
@@ -431,7 +439,7 @@ class Queue:
                 raise CorruptEntry("envelope line not terminated")
             try:
                 env = json.loads(first[len(ENVELOPE_HEADER) : end])
-                sender, rcpts = _validate_envelope(env["sender"], env["recipients"])
+                sender, rcpts = validate_envelope(env["sender"], env["recipients"])
                 arrival = float(env.get("arrival", time.time()))
             except (ValueError, KeyError, TypeError, AddressError) as e:
                 raise CorruptEntry(f"bad envelope line: {e}") from e
@@ -452,7 +460,7 @@ class Queue:
             try:
                 sender = line1[len(b"X-Zope-From:") :].strip().decode("utf-8")
                 rcpts_raw = line2[len(b"X-Zope-To:") :].strip().decode("utf-8")
-                sender, rcpts = _validate_envelope(
+                sender, rcpts = validate_envelope(
                     sender, [r.strip() for r in rcpts_raw.split(",") if r.strip()]
                 )
             except (UnicodeDecodeError, AddressError) as e:
@@ -467,7 +475,7 @@ class Queue:
                     "nor X-Actually-From/X-Actually-To"
                 )
             try:
-                sender, rcpts = _validate_envelope(
+                sender, rcpts = validate_envelope(
                     froms[0].strip(), [r.strip() for r in tos[0].split(",") if r.strip()]
                 )
             except AddressError as e:
