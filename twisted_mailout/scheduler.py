@@ -340,7 +340,10 @@ class Scheduler:
         due = entry.due(now)
         if due:
             await self._attempt(entry, due, size)
-            await self.io(self.queue.save, entry)
+            if not (entry.done and self._all_reported(entry)):
+                await self.io(self.queue.save, entry)
+            # else: removing the message is the record of its outcome; a state
+            # write just before it would only cost an fsync more.
         await self._report_bounces(entry)
         if entry.done:
             await self.io(self.queue.remove, entry.qid)
@@ -398,6 +401,11 @@ class Scheduler:
                 obs(o)
             except Exception:  # noqa: BLE001 - observers never break delivery
                 log.failure("outcome observer {obs!r} failed", obs=obs)
+
+    @staticmethod
+    def _all_reported(entry: QueueEntry) -> bool:
+        return all(rs.state is not RecipientState.BOUNCED or rs.address in entry.bounced_reported
+                   for rs in entry.recipients)
 
     async def _report_bounces(self, entry: QueueEntry):
         unreported = [rs for rs in entry.recipients if rs.state is RecipientState.BOUNCED
