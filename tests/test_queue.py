@@ -192,41 +192,58 @@ def test_only_one_daemon_per_queue_folder(tmp_path):
 
 def test_recovery_repairs_interrupted_steps(tmp_path):
     q = Queue(str(tmp_path))
-    # 1. enqueue died before rename: a leftover in tmp/ was never acknowledged.
+    # 1. enqueue died before its rename: a leftover in tmp/ was never acknowledged.
     with open(os.path.join(q.path, "tmp", ".partial"), "wb") as f:
         f.write(b"half")
-    # 2. pickup died after writing state, before moving the message.
-    qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    entry = q.pickup(q.incoming()[0])
-    os.rename(q.message_path(qid), os.path.join(q.path, "new", qid))
+    # 2. removal died between unlinking the message and its state.
+    done = q.enqueue("a@example.com", ["b@example.org"], MSG)
+    q.pickup(q.incoming()[0])
+    entry = q.load(done)
+    entry.recipients[0].move(RecipientState.DELIVERED, Reply(250, "ok"))
+    q.save(entry)
+    os.unlink(q.message_path(done))
     # 3. a state write died before its rename.
     with open(os.path.join(q.path, "state", "X.json.tmp"), "wb") as f:
         f.write(b"{")
     # 4. a corrupt state file.
-    qid2 = q.enqueue("a@example.com", ["c@example.org"], MSG)
-    q.pickup(q.incoming()[1] if len(q.incoming()) > 1 else q.incoming()[0])
-    with open(os.path.join(q.path, "state", qid2 + ".json"), "wb") as f:
+    bad = q.enqueue("a@example.com", ["c@example.org"], MSG)
+    q.pickup(q.incoming()[0])
+    with open(os.path.join(q.path, "state", bad + ".json"), "wb") as f:
         f.write(b"not json")
+    # 5. a picked-up message whose first attempt never finished: no state yet.
+    fresh = q.enqueue("a@example.com", ["d@example.org", "e@example.org"], MSG)
+    q.pickup(q.incoming()[0])
     entries, problems = q.recover()
-    assert entries == []  # qid's state removed (pickup will be repeated), qid2 quarantined
-    assert len(problems) >= 3
+    assert [e.qid for e in entries] == [fresh]
+    assert [r.state for r in entries[0].recipients] == [RecipientState.PENDING] * 2
+    assert len(problems) == 4, problems
     assert files(q.path, "tmp") == []
-    assert qid2 in files(q.path, "corrupt")
-    # the interrupted pickup is simply repeated: nothing lost
-    [name] = q.incoming()
-    again = q.pickup(name)
-    assert again.qid == entry.qid
-    assert files(q.path, "messages") == [qid]
+    assert files(q.path, "state") == []
+    assert bad in files(q.path, "corrupt") and bad + ".json" in files(q.path, "corrupt")
+    assert files(q.path, "messages") == [fresh]
 
 
-def test_recover_rebuilds_lost_state_from_the_envelope_line(tmp_path):
+def test_a_picked_up_message_is_pending_until_its_first_outcome(tmp_path):
     q = Queue(str(tmp_path))
     qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    q.pickup(q.incoming()[0])
-    os.unlink(os.path.join(q.path, "state", qid + ".json"))
-    entries, problems = q.recover()
-    assert [e.qid for e in entries] == [qid]
-    assert entries[0].recipients[0].state is RecipientState.PENDING
+    entries, problems = q.pickup_all()
+    assert [e.qid for e in entries] == [qid] and problems == []
+    assert files(q.path, "state") == []  # nothing to write: the envelope line says it all
+    again = q.load(qid)
+    assert again.recipients[0].state is RecipientState.PENDING
+    assert [e.qid for e in q.entries()] == [qid]
+
+
+def test_rewritten_pickup_interrupted_before_removing_its_source(tmp_path):
+    q = Queue(str(tmp_path))
+    data = b"X-Zope-From: a@example.com\nX-Zope-To: b@example.org\n\nbody\n"
+    for _ in range(2):  # the second copy stands for the source left behind
+        with open(os.path.join(q.path, "new", "1.M2P3.host"), "wb") as f:
+            f.write(data)
+        entries, _ = q.pickup_all()
+    assert files(q.path, "new") == []
+    assert len(files(q.path, "messages")) == 1
+    assert entries == []  # the repeat found the message already there
 
 
 def test_remove_deletes_message_then_state(tmp_path):

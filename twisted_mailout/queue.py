@@ -385,21 +385,55 @@ class Queue:
         return out
 
     def pickup(self, name: str) -> QueueEntry | None:
-        """Move one dropped file into the active queue.
+        """Move one dropped file into the active queue (see L{pickup_all})."""
+        entry = self._pickup_one(name)
+        self._sync_pickup()
+        return entry
+
+    def pickup_all(self, limit: int | None = None) -> tuple[list[QueueEntry], list[str]]:
+        """Pick up everything waiting in C{new/} and C{cur/}, in arrival order.
 
         Our own files are renamed into C{messages/}; zope.sendmail and
-        repoze.sendmail files are rewritten without their envelope header
-        fields. The state file is written before the message is moved, so a
-        crash between the two steps only repeats the pickup.
+        repoze.sendmail files are rewritten (fsynced) without their envelope
+        lines. No state file is written: a message without one has every
+        recipient pending (its envelope line says who they are). The folders
+        are fsynced once for the whole batch, before this returns.
 
-        @param name: as returned by L{incoming}.
-        @return: the new L{QueueEntry} (every recipient pending), or L{None}
-            when the file had already been picked up (only its removal had
-            been interrupted).
-        @raise CorruptEntry: the file was unparseable and has been moved to
-            C{corrupt/}.
-        @raise FileNotFoundError: the file vanished (another process took it).
+        @param limit: pick up at most this many files (L{None}: all).
+        @return: C{(entries, problems)}: the new entries, and one line per
+            file moved to C{corrupt/} or that could not be read.
         """
+        entries, problems = [], []
+        names = self.incoming()
+        if limit is not None:
+            names = names[:limit]
+        try:
+            for name in names:
+                try:
+                    e = self._pickup_one(name)
+                except CorruptEntry as err:
+                    problems.append(f"{name}: moved to corrupt/: {err}")
+                    continue
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    problems.append(f"{name}: cannot pick up: {err}")
+                    continue
+                if e is not None:
+                    entries.append(e)
+        finally:
+            if names:
+                self._sync_pickup()
+        return entries, problems
+
+    def _sync_pickup(self) -> None:
+        for sub in ("messages", "new", "cur"):
+            _fsync_dir(self._p(sub))
+
+    def _pickup_one(self, name: str) -> QueueEntry | None:
+        """@return: the entry, or L{None} when the file had already been
+        picked up (only the removal of a rewritten source was interrupted).
+        @raise CorruptEntry: moved to C{corrupt/}. @raise OSError."""
         src = self._p(name)
         base = name.split("/", 1)[1]
         with open(src, "rb") as f:
@@ -409,26 +443,19 @@ class Queue:
             except CorruptEntry as e:
                 self._move_corrupt(src, base, str(e))
                 raise
-        state_path = self._p("state", entry.qid + ".json")
         msg_path = self._p("messages", entry.qid)
-        if os.path.exists(msg_path) and os.path.exists(state_path):
-            # A rewriting pickup finished all but removing its source.
-            os.unlink(src)
-            _fsync_dir(os.path.dirname(src))
-            return None
-        self._write_state(entry, exclusive=False)
-        if rewrite is not None:
-            tmp = self._p("tmp", "." + entry.qid + ".pickup")
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            _write_durably(tmp, rewrite)
-            os.rename(tmp, msg_path)
-            _fsync_dir(self._p("messages"))
-            os.unlink(src)
-        else:
+        if rewrite is None:
             os.rename(src, msg_path)
-            _fsync_dir(self._p("messages"))
-        _fsync_dir(os.path.dirname(src))
+            return entry
+        if os.path.exists(msg_path):
+            os.unlink(src)
+            return None
+        tmp = self._p("tmp", "." + entry.qid + ".pickup")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _write_durably(tmp, rewrite)
+        os.rename(tmp, msg_path)
+        os.unlink(src)
         return entry
 
     def _parse_dropped(self, base: str, first: bytes, f, src: str):
@@ -536,13 +563,17 @@ class Queue:
         self._write_state(entry)
 
     def load(self, qid: str) -> QueueEntry:
-        """Read the state of C{qid}.
+        """Read the state of C{qid}; a message that has no state file yet has
+        every recipient pending, as its envelope line says.
 
-        @raise CorruptEntry: unreadable or malformed state.
+        @raise CorruptEntry: unreadable or malformed state or envelope.
         @raise FileNotFoundError: no such entry.
         """
-        with open(self._p("state", qid + ".json"), "rb") as f:
-            raw = f.read()
+        try:
+            with open(self._p("state", qid + ".json"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return self._fresh_entry(qid)
         try:
             d = json.loads(raw)
         except ValueError as e:
@@ -550,6 +581,13 @@ class Queue:
         if not isinstance(d, dict):
             raise CorruptEntry(f"state file of {qid} is not a JSON object")
         return QueueEntry.from_json(d)
+
+    def _fresh_entry(self, qid: str) -> QueueEntry:
+        path = self._p("messages", qid)
+        with open(path, "rb") as f:
+            entry, _ = self._parse_dropped(qid, f.read(65536), f, path)
+        entry.qid = qid
+        return entry
 
     def remove(self, qid: str) -> None:
         """Remove a finished entry: the message first, then its state, so a
@@ -596,8 +634,9 @@ class Queue:
         """Load every entry at start and repair what a crash left behind.
 
         Removes leftover C{tmp/} files of enqueue (never acknowledged), state
-        files whose message is gone, and C{.tmp} state files; moves corrupt
-        state and its message to C{corrupt/}.
+        files whose message is gone (finished: the message is removed first),
+        and unfinished C{.tmp} state writes; moves a corrupt state and its
+        message to C{corrupt/}. A message without state is pending.
 
         @return: C{(entries, problems)}: the loaded entries and one
             human-readable line per repair made.
@@ -606,49 +645,26 @@ class Queue:
         for name in os.listdir(self._p("tmp")):
             path = self._p("tmp", name)
             try:
-                if time.time() - os.stat(path).st_mtime > 36 * 3600 or name.startswith("."):
+                if name.startswith(".") or time.time() - os.stat(path).st_mtime > 36 * 3600:
                     os.unlink(path)
                     problems.append(f"removed stale tmp/{name}")
             except OSError:
                 pass
-        entries = []
-        messages = set(os.listdir(self._p("messages")))
+        messages = {n for n in os.listdir(self._p("messages")) if not n.startswith(".")}
         for name in sorted(os.listdir(self._p("state"))):
             path = self._p("state", name)
             if name.endswith(".tmp"):
                 os.unlink(path)
                 problems.append(f"removed unfinished state write state/{name}")
-                continue
-            if not name.endswith(".json"):
-                continue
-            qid = name[: -len(".json")]
-            if qid not in messages:
+            elif name.endswith(".json") and name[: -len(".json")] not in messages:
                 os.unlink(path)
-                problems.append(f"{qid}: removed state without message (finished, or pickup "
-                                "interrupted and to be repeated)")
-                continue
+                problems.append(f"{name[:-5]}: removed the state of a finished message")
+        entries = []
+        for qid in sorted(messages):
             try:
                 entries.append(self.load(qid))
             except (CorruptEntry, OSError) as e:
-                self._move_corrupt(path, name, str(e))
-                self._move_corrupt(self._p("messages", qid), qid, str(e))
-                problems.append(f"{qid}: moved to corrupt/: {e}")
-            messages.discard(qid)
-        for qid in messages:
-            if qid.startswith("."):
-                continue
-            # A message without state: pickup wrote the state first, so this
-            # is a state lost to corruption; rebuild it from the envelope line.
-            path = self._p("messages", qid)
-            try:
-                with open(path, "rb") as f:
-                    entry, _ = self._parse_dropped(qid, f.read(65536), f, path)
-                entry.qid = qid
-                self._write_state(entry)
-                entries.append(entry)
-                problems.append(f"{qid}: state missing, rebuilt from the envelope line")
-            except (CorruptEntry, OSError) as e:
-                self._move_corrupt(path, qid, str(e))
+                self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
         return entries, problems
 
@@ -673,10 +689,10 @@ class Queue:
         """Every entry in the active queue, read-only (for C{mailout queue list});
         unreadable ones are skipped."""
         out = []
-        for name in sorted(os.listdir(self._p("state"))):
-            if name.endswith(".json"):
+        for qid in sorted(os.listdir(self._p("messages"))):
+            if not qid.startswith("."):
                 try:
-                    out.append(self.load(name[:-5]))
+                    out.append(self.load(qid))
                 except (CorruptEntry, OSError):
                     pass
         return out

@@ -241,21 +241,7 @@ class Scheduler:
         return total
 
     def _pickup_sync(self):
-        entries, problems = [], []
-        for name in self.queue.incoming():
-            try:
-                e = self.queue.pickup(name)
-            except CorruptEntry as err:
-                problems.append(f"{name}: moved to corrupt/: {err}")
-                continue
-            except FileNotFoundError:
-                continue
-            except OSError as err:
-                problems.append(f"{name}: cannot pick up: {err}")
-                continue
-            if e is not None:
-                entries.append(e)
-        return entries, problems
+        return self.queue.pickup_all()
 
     # -- scheduling ---------------------------------------------------------
 
