@@ -6,7 +6,7 @@ Layout (see docs/queue-format.md)::
     DIR/tmp/          enqueue writes here first (Maildir)
     DIR/new/          the drop zone: ready for pickup (Maildir); also cur/
     DIR/messages/QID  a picked-up message: envelope line + message bytes
-    DIR/state/QID.json  its envelope and the state of every recipient
+    DIR/state/QID.json  the state of every recipient, from the first outcome on
     DIR/corrupt/      files that could not be parsed, moved aside
 
 Every function here blocks on the file system; the daemon calls them from a
