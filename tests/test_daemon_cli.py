@@ -584,3 +584,22 @@ def test_demo_runs_and_reports_expected_outcomes():
     assert r.returncode == 0, (out, r.stderr.decode(errors="replace"))
     assert "status=sent" in out and "status=bounced" in out, out
     assert "All outcomes as expected" in out, out
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], "--queue=DIR is required"),
+    (["--queue={q}", "--tls=bogus"], "--tls must be one of"),
+    (["--queue={q}", "--relay=host:99999"], "port out of range"),
+    (["--queue={q}", "--resolver=dns.example"], "expected an IPv4 address"),
+    (["--queue={q}", "--tls=verify", "--cafile={q}/../missing.pem"], "No such file"),
+    (["--queue={q}", "--retry-base=600", "--retry-max=60"], "--retry-max must not be less"),
+])
+def test_daemon_refuses_bad_options_with_a_clear_message(tmp_path, args, words):
+    args = [a.format(q=tmp_path / "q") for a in args]
+    r = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                        "-n", "--pidfile=", f"--logfile={tmp_path / 'log'}", "mailout", *args],
+                       env=env(), capture_output=True, timeout=60, cwd=str(tmp_path))
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode != 0
+    assert words in out, out
+    assert "Traceback" not in out

@@ -120,3 +120,5 @@ def makeService(options):
         return _make(options["config"])
     except QueueError as e:
         raise SystemExit(f"mailout: {e}") from None
+    except (OSError, ValueError) as e:  # e.g. an unreadable or empty --cafile
+        raise SystemExit(f"mailout: cannot start: {e}") from None
