@@ -858,3 +858,35 @@ class BodyStreamingTests(SessionTestBase):
             self.feed(b"250 id%d\r\n" % n)
             self.assertEqual(self.successResultOf(d).replies["a@b.example"], Reply(250, f"id{n}"))
         self.assertEqual(s.transactions, 2)
+
+
+class NoTranscriptInErrorsTests(SessionTestBase):
+    """twisted.mail's client puts its session transcript (AUTH lines included)
+    into exception texts. Ours never repeats what it sent: errors carry the
+    server's reply or a local explanation only."""
+
+    def test_failures_do_not_echo_our_commands(self):
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        s, t = self.start()
+        secret_rcpt = "secret-token-1234@example.org"
+        d = s.transaction("sender@example.com", [secret_rcpt], io.BytesIO(b"x\r\n"))
+        self.feed(b"250 ok\r\n")  # MAIL
+        self.assertIn(b"secret-token-1234", self.take())
+        self.feed(b"421-4.7.0 closing\r\n421 4.7.0 bye\r\n")  # RCPT
+        result = self.successResultOf(d)
+        text = " ".join(r.text for r in result.replies.values())
+        self.assertIn("closing", text)
+        for word in ("secret-token", "MAIL FROM", "RCPT TO", "EHLO"):
+            self.assertNotIn(word, text)
+        d2 = s.transaction("sender@example.com", [secret_rcpt], io.BytesIO(b"x\r\n"))
+        s.connectionLost(Failure(error.ConnectionLost()))
+        for reply in self.successResultOf(d2).replies.values():
+            self.assertNotIn("secret-token", reply.text)
+        from twisted.logger import formatEvent
+
+        for event in logged:
+            self.assertNotIn("secret-token", formatEvent(event))
