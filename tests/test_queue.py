@@ -130,6 +130,7 @@ def test_zope_sendmail_file_is_picked_up_without_envelope_lines(tmp_path):
     assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
     assert q.read_message(entry) == body
     assert files(q.path, "new") == []
+    assert q.load(entry.qid).origin == "zope"  # kept when reloaded (no state file yet)
 
 
 def test_repoze_sendmail_file_is_picked_up_without_envelope_headers(tmp_path):

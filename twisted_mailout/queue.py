@@ -473,7 +473,10 @@ class Queue:
             qid = base if _is_safe_qid(base) else _foreign_qid(base)
             if os.fstat(f.fileno()).st_size <= end + 1:
                 raise CorruptEntry("no message after the envelope line")
-            return self._entry(qid, sender, rcpts, arrival, end + 1, "mailout"), None
+            origin = env.get("origin", "mailout")
+            if origin not in ("mailout", "zope", "repoze"):
+                raise CorruptEntry(f"unknown origin {origin!r} in the envelope line")
+            return self._entry(qid, sender, rcpts, arrival, end + 1, origin), None
         # Foreign formats are small; read them whole and rewrite them.
         data = first + f.read()
         arrival = os.fstat(f.fileno()).st_mtime
