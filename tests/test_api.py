@@ -176,3 +176,28 @@ class SendmailTests(unittest.TestCase):
         f = self.failureResultOf(twisted_mailout.sendmail("a@origin.test", "b@dest.test", MSG,
                                                           tls="bogus"))
         self.assertIsInstance(f.value, ValueError)
+
+
+class TooManyRecipientsTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_452_after_two_recipients_sends_the_rest_in_new_transactions(self):
+        # aiosmtpd answers 452 to every RCPT past the second of a transaction
+        counts = {}
+
+        def rcpt_reply(rcpt):
+            n = counts.get("n", 0) + 1
+            counts["n"] = n
+            return "452 4.5.3 too many recipients" if n > 2 else None
+
+        sink = AiosmtpdSink("127.0.0.1", rcpt_reply=rcpt_reply,
+                            data_reply=lambda rec: counts.clear()).start()
+        self.addCleanup(lambda: threads.deferToThread(sink.stop))
+        rcpts = [f"r{i}@dest.test" for i in range(5)]
+        report = yield twisted_mailout.sendmail("a@origin.test", rcpts, MSG,
+                                                relay=f"127.0.0.1:{sink.port}", timeout=10)
+        self.assertEqual([r.status for r in report], ["delivered"] * 5)
+        self.assertEqual([m["rcpt_tos"] for m in sink.messages],
+                         [rcpts[:2], rcpts[2:4], rcpts[4:]])
+        self.assertEqual(len({m["peer"] for m in sink.messages}), 1, "one connection")

@@ -207,3 +207,34 @@ def test_outcome_for_maps_reply_classes():
     assert rs.state is RecipientState.BOUNCED
     with pytest.raises(InvalidTransition):
         outcome_for(rs, OK, 1001.0, 0.0, p, False)
+
+
+def test_delay_warning_sent_once_then_the_final_outcome(tmp_path):
+    replies = iter([LATER, LATER, LATER, OK])
+    h = Harness(tmp_path, script=lambda d, r: next(replies) if d == "b.test" else OK,
+                delay_warning=500)
+    h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    assert [c for c in h.connector.calls if c[1] == ""] == []  # too early for a warning
+    h.clock.advance(300)  # second attempt, 300 s after arrival: still no warning
+    assert [c for c in h.connector.calls if c[1] == ""] == []
+    h.clock.advance(600)  # third attempt, 900 s: one warning
+    warnings = [c for c in h.connector.calls if c[1] == ""]
+    assert [(c[0], c[2]) for c in warnings] == [("origin.test", ["s@origin.test"])]
+    report = email.message_from_bytes(warnings[0][3])
+    blocks = report.get_payload()[1].get_payload()
+    assert blocks[1]["Action"] == "delayed"
+    assert blocks[1]["Status"] == "4.3.0"
+    assert "Delayed Mail" in report["Subject"]
+    h.clock.advance(1200)  # delivered: no second warning, no bounce
+    assert h.status()[-1] == ("x@b.test", "sent")
+    assert len([c for c in h.connector.calls if c[1] == ""]) == 1
+
+
+def test_no_delay_warning_by_default(tmp_path):
+    h = Harness(tmp_path, script=lambda d, r: LATER)
+    h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    for _ in range(20):
+        h.clock.advance(4000)
+    assert [c for c in h.connector.calls if c[1] == ""] == []

@@ -45,6 +45,8 @@ class Config:
     @ivar connect_timeout: TCP connect timeout, seconds.
     @ivar dns_timeout: seconds a DNS query may take in all.
     @ivar shutdown_timeout: seconds a graceful stop waits for transactions.
+    @ivar delay_warning: seconds after arrival when the sender of mail still
+        deferred is warned once (RFC 3464 action C{delayed}); L{None}: never.
     """
 
     queue: str
@@ -68,6 +70,7 @@ class Config:
     connect_timeout: float = 30.0
     dns_timeout: float = 15.0
     shutdown_timeout: float = 30.0
+    delay_warning: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -95,6 +98,8 @@ class Config:
                      "bounce_lifetime", "connect_timeout", "dns_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.delay_warning is not None and self.delay_warning <= 0:
+            raise ConfigError("--delay-warning must be positive")
         if self.retry_max < self.retry_base:
             raise ConfigError("--retry-max must not be less than --retry-base")
 

@@ -119,33 +119,49 @@ class Connector:
         @param sender: MAIL FROM address (validated), C{""} for null.
         @param recipients: RCPT TO addresses (validated), all for C{dest}.
         @param open_source: C{callable() -> binary file} giving the message
-            bytes; called once a session is ready, closed afterwards.
+            bytes; called once per transaction, the file closed afterwards.
         @param size: message size in bytes for SIZE, or L{None}.
         @param smtputf8: the envelope needs SMTPUTF8.
         @return: Deferred firing with an L{Attempt}; it does not fail for
-            network, DNS or server trouble, which become replies.
+            network, DNS or server trouble, which become replies. Recipients
+            refused with 452 (too many recipients) while others were accepted
+            are sent at once in a further transaction (RFC 5321 4.5.3.1.10).
         """
         return defer.Deferred.fromCoroutine(
             self._deliver(dest, sender, recipients, open_source, size, smtputf8))
 
     async def _deliver(self, dest, sender, recipients, open_source, size, smtputf8):
-        try:
-            session = await self._acquire(dest)
-        except (RouteError, SessionError) as e:
-            return Attempt({r: e.reply for r in recipients}, None)
-        relay = session.relay_label
-        try:
-            source = open_source()
-        except OSError as e:
-            self._release(dest, session, session.usable)
-            r = Reply(451, f"4.3.0 cannot read the queued message: {e.strerror}", local=True)
-            return Attempt({rc: r for rc in recipients}, None)
-        try:
-            result = await session.transaction(sender, recipients, source, size, smtputf8)
-        finally:
-            source.close()
-        self._release(dest, session, result.session_usable)
-        return Attempt(result.replies, relay)
+        replies: dict[str, Reply] = {}
+        relay = None
+        remaining = list(recipients)
+        while remaining:
+            try:
+                session = await self._acquire(dest)
+            except (RouteError, SessionError) as e:
+                replies.update((r, e.reply) for r in remaining)
+                break
+            relay = session.relay_label
+            try:
+                source = open_source()
+            except OSError as e:
+                self._release(dest, session, session.usable)
+                r = Reply(451, f"4.3.0 cannot read the queued message: {e.strerror}", local=True)
+                replies.update((rc, r) for rc in remaining)
+                break
+            try:
+                result = await session.transaction(sender, remaining, source, size, smtputf8)
+            finally:
+                source.close()
+            self._release(dest, session, result.session_usable)
+            replies.update(result.replies)
+            # RFC 5321 4.5.3.1.10: "452 too many recipients" asks for the rest
+            # in another transaction, at once; go on while each one makes progress.
+            more = [r for r in remaining if result.replies[r].code == 452]
+            if not more or len(more) == len(remaining) or not any(
+                    result.replies[r].is_positive for r in remaining):
+                break
+            remaining = more
+        return Attempt(replies, relay)
 
     def close(self, timeout: float = 10.0) -> defer.Deferred:
         """QUIT idle connections and stop reusing any. Busy connections are

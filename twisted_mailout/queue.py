@@ -168,6 +168,8 @@ class QueueEntry:
     @ivar body_offset: where the message bytes start in the message file.
     @ivar origin: C{"mailout"}, C{"zope"} or C{"repoze"}.
     @ivar recipients: one L{RecipientStatus} per envelope recipient.
+    @ivar delay_warned: C{True} once a delay warning (RFC 3464 action
+        C{delayed}) has been queued for this message.
     @ivar bounced_reported: addresses of bounced recipients already named in
         a delivery status notification that has been queued (so a restart
         never reports them twice).
@@ -180,6 +182,7 @@ class QueueEntry:
     origin: str = "mailout"
     recipients: list[RecipientStatus] = field(default_factory=list)
     bounced_reported: list[str] = field(default_factory=list)
+    delay_warned: bool = False
 
     @property
     def done(self) -> bool:
@@ -218,6 +221,7 @@ class QueueEntry:
             "origin": self.origin,
             "recipients": [r.to_json() for r in self.recipients],
             "bounced_reported": self.bounced_reported,
+            "delay_warned": self.delay_warned,
         }
 
     @classmethod
@@ -237,6 +241,7 @@ class QueueEntry:
                 origin=str(d.get("origin", "mailout")),
                 recipients=[RecipientStatus.from_json(r) for r in d["recipients"]],
                 bounced_reported=[str(a) for a in d.get("bounced_reported", [])],
+                delay_warned=bool(d.get("delay_warned", False)),
             )
             if not entry.recipients:
                 raise ValueError("no recipients")

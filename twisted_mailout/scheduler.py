@@ -130,13 +130,16 @@ class Scheduler:
     @param reporting_mta: this host's name, for bounces.
     @param observers: callables receiving each L{Outcome}; their errors are
         logged, never raised.
+    @param delay_warning: seconds after arrival when the sender of mail still
+        deferred gets one delay warning (RFC 3464 action C{delayed}), or
+        L{None} for none.
     @param rng: C{random.Random} for retry jitter.
     """
 
     def __init__(self, queue: Queue, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
                  max_inflight: int = 200, reporting_mta: str | None = None,
-                 observers=(), rng=None):
+                 observers=(), rng=None, delay_warning: float | None = None):
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -147,6 +150,7 @@ class Scheduler:
         self.reporting_mta = reporting_mta or socket.gethostname()
         self.observers = list(observers)
         self.rng = rng or _random.Random()
+        self.delay_warning = delay_warning
         self._heap: list = []
         self._queued: set[str] = set()
         self._inflight: dict[str, defer.Deferred] = {}
@@ -330,6 +334,7 @@ class Scheduler:
                 await self.io(self.queue.save, entry)
             # else: removing the message is the record of its outcome; a state
             # write just before it would only cost an fsync more.
+            await self._warn_delay(entry, now)
         await self._report_bounces(entry)
         if entry.done:
             await self.io(self.queue.remove, entry.qid)
@@ -388,6 +393,19 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - observers never break delivery
                 log.failure("outcome observer {obs!r} failed", obs=obs)
 
+    async def _warn_delay(self, entry: QueueEntry, now: float):
+        if (self.delay_warning is None or entry.delay_warned or not entry.sender
+                or now - entry.arrival < self.delay_warning):
+            return
+        deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
+        if not deferred:
+            return
+        qid = await self.io(self._enqueue_dsn, entry, deferred, "delayed")
+        log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
+        entry.delay_warned = True
+        await self.io(self.queue.save, entry)
+        self.pickup()
+
     @staticmethod
     def _all_reported(entry: QueueEntry) -> bool:
         return all(rs.state is not RecipientState.BOUNCED or rs.address in entry.bounced_reported
@@ -412,7 +430,9 @@ class Scheduler:
         if not entry.done:
             await self.io(self.queue.save, entry)
 
-    def _enqueue_dsn(self, entry: QueueEntry, failed: list[RecipientStatus]) -> str:
+    def _enqueue_dsn(self, entry: QueueEntry, failed: list[RecipientStatus],
+                     action: str = "failed") -> str:
         head, _ = split_headers(self.queue.read_headers(entry))
-        dsn = make_dsn(entry, b"".join(head), failed, self.reporting_mta, self.clock.seconds())
+        dsn = make_dsn(entry, b"".join(head), failed, self.reporting_mta, self.clock.seconds(),
+                       action)
         return self.queue.enqueue("", [entry.sender], dsn)

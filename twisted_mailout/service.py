@@ -92,6 +92,7 @@ class DeliveryService(service.Service):
             max_inflight=max(50, config.max_connections * 10),
             reporting_mta=config.helo_name,
             observers=observers,
+            delay_warning=config.delay_warning,
         )
         self._poller = None
         self._notifier = None

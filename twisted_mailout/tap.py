@@ -57,6 +57,8 @@ class Options(usage.Options):
         ["dns-timeout", None, 15.0, "Seconds a DNS query may take in all.", _seconds],
         ["shutdown-timeout", None, 30.0, "Seconds a graceful stop (SIGTERM) waits for "
          "transactions in flight.", _seconds],
+        ["delay-warning", None, None, "Seconds after arrival when the sender of mail still "
+         "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
     ]
 
     def __init__(self):
@@ -104,6 +106,7 @@ def config_from_options(o) -> Config:
         connect_timeout=o["connect-timeout"],
         dns_timeout=o["dns-timeout"],
         shutdown_timeout=o["shutdown-timeout"],
+        delay_warning=o["delay-warning"],
     )
 
 
