@@ -164,44 +164,6 @@ def test_accepted_refused_and_deferred_recipients_and_the_bounce(tmp_path, dns_s
         stop_sinks(sinks)
 
 
-def test_sigkill_in_mid_run_loses_nothing(tmp_path):
-    sink = AiosmtpdSink("127.0.0.1").start()
-    q = tmp_path / "q"
-    ids = set()
-    for i in range(600):
-        data = message(i, "s@origin.test", [f"r{i}@dest.test"], size=(i % 5) * 4000)
-        enqueue(str(q), "s@origin.test", [f"r{i}@dest.test"], data)
-        ids.add(message_id(data))
-    relay = f"--relay=127.0.0.1:{sink.port}"
-    try:
-        kills = 0
-        for round_ in range(6):
-            d = Daemon(q, relay, "--max-connections=4", log=tmp_path / f"run{round_}.log").start()
-            if round_ < 3:
-                target = 100 * (round_ + 1)
-                wait_until(lambda: len(sink.messages) >= target, 60, interval=0.005)
-                d.kill()
-                kills += 1
-                continue
-            try:
-                wait_until(lambda: {message_id(m["data"]) for m in sink.messages} >= ids, 60,
-                           what="every message")
-                wait_until(lambda: queue_list(q) == [], 30, what="an empty queue")
-            finally:
-                d.stop()
-            break
-        got = [message_id(m["data"]) for m in sink.messages]
-        assert set(got) == ids, "every acknowledged message arrived"
-        duplicates = len(got) - len(set(got))
-        # Only a transaction in flight when the daemon died may be repeated:
-        # at most one per connection per kill.
-        assert duplicates <= 4 * kills, duplicates
-        print(f"\nSIGKILL x{kills}: {len(ids)} messages, {duplicates} duplicates "
-              f"(bound {4 * kills})")
-    finally:
-        sink.stop()
-
-
 def test_relay_to_postfix_smtp_sink_byte_for_byte(tmp_path, smtp_sink):
     sink = smtp_sink()
     q = tmp_path / "q"
