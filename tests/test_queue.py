@@ -214,9 +214,9 @@ def test_recovery_repairs_interrupted_steps(tmp_path):
     # 5. a picked-up message whose first attempt never finished: no state yet.
     fresh = q.enqueue("a@example.com", ["d@example.org", "e@example.org"], MSG)
     q.pickup(q.incoming()[0])
-    entries, problems = q.recover()
-    assert [e.qid for e in entries] == [fresh]
-    assert [r.state for r in entries[0].recipients] == [RecipientState.PENDING] * 2
+    due, problems = q.recover()
+    assert due == [(fresh, None)]  # no state: pending, due at once
+    assert [r.state for r in q.load(fresh).recipients] == [RecipientState.PENDING] * 2
     assert len(problems) == 4, problems
     assert files(q.path, "tmp") == []
     assert files(q.path, "state") == []

@@ -321,15 +321,17 @@ class TransactionTests(SessionTestBase):
         self.assertTrue(self.take().startswith(b"RSET\r\n"))
 
     def test_pipelining_broken_server_354_after_refusals(self):
-        # All recipients refused but DATA answered 354: end the empty DATA.
+        # All recipients refused but DATA answered 354: never end it with a
+        # lone dot (the server could accept an empty message): hang up.
         s, t = self.start("PIPELINING")
         d = s.transaction("f@a.example", ["r1@b.example"], io.BytesIO(BODY))
         self.take()
         self.feed(b"250 ok\r\n550 nope\r\n354 go\r\n")
-        self.assertEqual(self.take(), b".\r\n")
-        self.assertNoResult(d)
-        self.feed(b"554 empty message\r\n")
-        self.assertEqual(self.successResultOf(d).replies, {"r1@b.example": Reply(550, "nope")})
+        self.assertEqual(self.take(), b"")
+        result = self.successResultOf(d)
+        self.assertEqual(result.replies, {"r1@b.example": Reply(550, "nope")})
+        self.assertFalse(result.session_usable)
+        self.assertTrue(t.disconnecting or t.disconnected)
 
     def test_pipelining_disabled_by_caller(self):
         s, t = self.start("PIPELINING", pipelining=False)
@@ -402,7 +404,9 @@ class ConnectionLossTests(SessionTestBase):
         s, _ = self.start()
         big = b"line\r\n" * 40000
         d = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(big))
-        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"354 go\r\n")
         self.transport.producer.resumeProducing()
         s.connectionLost(Failure(error.ConnectionLost()))
         result = self.successResultOf(d)
@@ -578,7 +582,8 @@ class TimeoutTests(SessionTestBase):
         s, t = self.start("PIPELINING", timeouts=Timeouts(mail=100.0, rcpt=5.0))
         d = s.transaction("f@a.example", ["a@b.example", "c@b.example"], io.BytesIO(BODY))
         self.clock.advance(50)
-        self.feed(b"250 ok\r\n250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
         self.clock.advance(5.1)
         result = self.successResultOf(d)
         for r in result.replies.values():
@@ -619,7 +624,9 @@ class TimeoutTests(SessionTestBase):
     def test_no_final_dot_reply(self):
         s, t = self.start(timeouts=Timeouts(data_done=600.0, data_block=10.0))
         d = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(BODY))
-        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"354 go\r\n")
         self.pump_body()
         self.clock.advance(599)
         self.assertNoResult(d)
@@ -632,7 +639,9 @@ class TimeoutTests(SessionTestBase):
         # The transport never asks for more data: the data_block timer fires.
         s, t = self.start(timeouts=Timeouts(data_block=30.0))
         d = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(b"x" * (3 * CHUNK)))
-        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"354 go\r\n")
         t.producer.resumeProducing()
         self.clock.advance(29)
         self.assertNoResult(d)
@@ -802,7 +811,8 @@ class BodyStreamingTests(SessionTestBase):
         body = self._body()
         source = ReadRecorder(body)
         d = s.transaction("f@a.example", ["a@b.example"], source, size=len(body))
-        self.feed(b"250 ok\r\n250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
         self.assertEqual(source.sizes, [])  # nothing read before 354
         self.feed(b"354 go\r\n")
         self.take()
@@ -829,7 +839,9 @@ class BodyStreamingTests(SessionTestBase):
         s, _ = self.start()
         d = s.transaction("f@a.example", ["a@b.example"],
                           io.BytesIO(b"a\n.\nb\r.\rc\r\n.\r\nlast"))
-        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"354 go\r\n")
         self.take()
         self.pump_body()
         self.assertEqual(self.take(), b"a\r\n..\r\nb\r\n..\r\nc\r\n..\r\nlast\r\n.\r\n")
@@ -839,7 +851,9 @@ class BodyStreamingTests(SessionTestBase):
     def test_empty_body(self):
         s, _ = self.start()
         d = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(b""))
-        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"250 ok\r\n")
+        self.feed(b"354 go\r\n")
         self.take()
         self.pump_body()
         self.assertEqual(self.take(), b".\r\n")
@@ -890,3 +904,36 @@ class NoTranscriptInErrorsTests(SessionTestBase):
 
         for event in logged:
             self.assertNotIn("secret-token", formatEvent(event))
+
+
+class OutOfStepTests(SessionTestBase):
+    """A reply that arrives before the command it would answer (an extra line
+    after the greeting, a second reply to EHLO) would shift every later reply
+    onto the wrong command; the session refuses to go on instead."""
+
+    def test_extra_line_after_the_greeting(self):
+        s, t = self.make()
+        self.feed(b"220 mx.example ESMTP\r\n250 surprise\r\n")
+        err = self.ready_failure()
+        self.assertLocal4xx(err.reply)
+        self.assertIn("before the EHLO command", err.reply.text)
+        self.assertTrue(t.disconnecting or t.disconnected)
+
+    def test_second_reply_to_a_command(self):
+        s, t = self.start()
+        d = s.transaction("f@a.example", ["r@b.example"], io.BytesIO(BODY))
+        self.take()
+        self.feed(b"250 ok\r\n250 extra\r\n")  # MAIL answered twice
+        result = self.successResultOf(d)
+        self.assertLocal4xx(result.replies["r@b.example"])
+        self.assertFalse(result.session_usable)
+        self.assertNotIn(b"DATA", self.take())
+
+    def test_pipelined_replies_together_are_in_step(self):
+        s, t = self.start("PIPELINING")
+        d = s.transaction("f@a.example", ["r@b.example"], io.BytesIO(BODY))
+        self.take()
+        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.pump_body()
+        self.feed(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).replies["r@b.example"], Reply(250, "queued"))

@@ -333,11 +333,14 @@ class Connector:
                 return session
         if last is None:
             last = Reply(451, f"4.4.4 no host to try for {key}", local=True)
-        text = last.text if len(tried) <= 1 else f"{last.text} (all {len(tried)} hosts failed)"
-        code = last.code if last.is_transient else 451
-        if not last.is_transient and not text[:1].isdigit():
-            text = f"4.4.1 {text}"
-        raise SessionError(Reply(code, text, local=last.local), "connect")
+        many = "" if len(tried) <= 1 else f" (all {len(tried)} hosts failed)"
+        if last.is_transient:
+            reply = Reply(last.code, last.text + many, local=last.local)
+        else:
+            # A host that refuses the session (554 greeting, EHLO and HELO
+            # refused) is not a verdict on the recipients: try again later.
+            reply = Reply(451, f"4.4.0 session refused: {last.one_line()}{many}", local=True)
+        raise SessionError(reply, "connect")
 
     def _tls_creator(self, hostname):
         if self.settings.tls == "verify":

@@ -638,16 +638,19 @@ class Queue:
                 return data[: i + len(sep) // 2]
         return data
 
-    def recover(self) -> tuple[list[QueueEntry], list[str]]:
-        """Load every entry at start and repair what a crash left behind.
+    def recover(self) -> tuple[list[tuple[str, float | None]], list[str]]:
+        """Find every active message at start and repair what a crash left.
 
         Removes leftover C{tmp/} files of enqueue (never acknowledged), state
         files whose message is gone (finished: the message is removed first),
         and unfinished C{.tmp} state writes; moves a corrupt state and its
-        message to C{corrupt/}. A message without state is pending.
+        message to C{corrupt/}. Only state files are read: a message without
+        one is pending, due at once, and is not opened here (so a queue of
+        100,000 fresh messages starts after one directory listing).
 
-        @return: C{(entries, problems)}: the loaded entries and one
-            human-readable line per repair made.
+        @return: C{(due, problems)}: C{(qid, when)} per active message, with
+            C{when} the next attempt time (seconds since the epoch) or L{None}
+            for "now"; and one human-readable line per repair made.
         """
         problems = []
         for name in os.listdir(self._p("tmp")):
@@ -659,22 +662,30 @@ class Queue:
             except OSError:
                 pass
         messages = {n for n in os.listdir(self._p("messages")) if not n.startswith(".")}
+        states = set()
         for name in sorted(os.listdir(self._p("state"))):
             path = self._p("state", name)
             if name.endswith(".tmp"):
                 os.unlink(path)
                 problems.append(f"removed unfinished state write state/{name}")
-            elif name.endswith(".json") and name[: -len(".json")] not in messages:
-                os.unlink(path)
-                problems.append(f"{name[:-5]}: removed the state of a finished message")
-        entries = []
+            elif name.endswith(".json"):
+                qid = name[: -len(".json")]
+                if qid in messages:
+                    states.add(qid)
+                else:
+                    os.unlink(path)
+                    problems.append(f"{qid}: removed the state of a finished message")
+        due: list[tuple[str, float | None]] = []
         for qid in sorted(messages):
+            if qid not in states:
+                due.append((qid, None))
+                continue
             try:
-                entries.append(self.load(qid))
+                due.append((qid, self.load(qid).next_attempt()))
             except (CorruptEntry, OSError) as e:
                 self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
-        return entries, problems
+        return due, problems
 
     def incoming_entries(self) -> list[tuple[str, QueueEntry]]:
         """Files waiting in C{new/} and C{cur/}, parsed but left in place

@@ -136,6 +136,8 @@ class Scheduler:
     @param rng: C{random.Random} for retry jitter.
     """
 
+    PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
+
     def __init__(self, queue: Queue, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
                  max_inflight: int = 200, reporting_mta: str | None = None,
@@ -172,16 +174,16 @@ class Scheduler:
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self):
-        entries, problems = await self.io(self.queue.recover)
+        due, problems = await self.io(self.queue.recover)
         for p in problems:
             log.warn("queue recovery: {problem}", problem=p)
         now = self.clock.seconds()
-        for e in entries:
-            na = e.next_attempt()
-            self._schedule(e.qid, now if na is None else na)
-        log.info("queue {path}: {n} messages recovered", path=self.queue.path, n=len(entries))
+        for qid, when in due:
+            self._schedule(qid, now if when is None else when, dispatch=False)
+        self._dispatch()
+        log.info("queue {path}: {n} messages recovered", path=self.queue.path, n=len(due))
         await self.pickup()
-        return len(entries)
+        return len(due)
 
     def stop(self, timeout: float = 30.0) -> defer.Deferred:
         """Start no new work; wait up to C{timeout} seconds for messages in
@@ -227,35 +229,34 @@ class Scheduler:
         try:
             while True:
                 self._pick_again = False
-                entries, problems = await self.io(self._pickup_sync)
+                entries, problems = await self.io(self.queue.pickup_all, self.PICKUP_BATCH)
                 for p in problems:
                     log.error("pickup: {problem}", problem=p)
                 now = self.clock.seconds()
                 for e in entries:
                     log.info("{qid}: from=<{sender}>, nrcpt={n} (queue active, {origin})",
                              qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
-                    if len(self._fresh) < 1000:
+                    if len(self._fresh) < self.PICKUP_BATCH:
                         self._fresh[e.qid] = e
-                    self._schedule(e.qid, now)
+                    self._schedule(e.qid, now, dispatch=False)
+                self._dispatch()
                 total += len(entries)
-                if not self._pick_again or self._stopping:
+                full = len(entries) + len(problems) >= self.PICKUP_BATCH
+                if not (full or self._pick_again) or self._stopping:
                     break
         finally:
             self._picking = False
         return total
 
-    def _pickup_sync(self):
-        return self.queue.pickup_all()
-
     # -- scheduling ---------------------------------------------------------
 
-    def _schedule(self, qid: str, due: float):
+    def _schedule(self, qid: str, due: float, dispatch: bool = True):
         if qid in self._queued or qid in self._inflight:
             return
         self._queued.add(qid)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, qid))
-        if not self._stopping:
+        if dispatch and not self._stopping:
             self._dispatch()
 
     def _dispatch(self):

@@ -276,6 +276,9 @@ class ESMTPSession(protocol.Protocol):
         self.created = clock.seconds()
         self.greeting: Reply | None = None
         self._buffer = b""
+        self._rx_total = 0  # bytes received so far
+        self._consumed = 0  # offset of _buffer's first byte in the stream
+        self._reply_start = 0  # offset of the current reply's first line
         self._lines: list[bytes] = []
         self._reply_bytes = 0
         self._waiting: deque = deque()
@@ -298,6 +301,7 @@ class ESMTPSession(protocol.Protocol):
         defer.Deferred.fromCoroutine(self._start(d)).addErrback(self._start_failed)
 
     def dataReceived(self, data: bytes):
+        self._rx_total += len(data)
         self._buffer += data
         while True:
             i = self._buffer.find(b"\n")
@@ -306,6 +310,9 @@ class ESMTPSession(protocol.Protocol):
                     self._protocol_error(f"reply line longer than {MAX_LINE} bytes")
                 return
             line, self._buffer = self._buffer[:i], self._buffer[i + 1 :]
+            if not self._lines:
+                self._reply_start = self._consumed
+            self._consumed += i + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > MAX_LINE:
@@ -342,7 +349,13 @@ class ESMTPSession(protocol.Protocol):
             return
         if reply.code == 421:
             self.usable = False  # the server is closing the channel
-        d, _, _ = self._waiting.popleft()
+        if self._reply_start < self._waiting[0][3]:
+            # It began before we sent the command it would answer: an extra
+            # reply put the dialogue out of step; nothing after it is trusted.
+            self._protocol_error(f"reply {reply.one_line()[:80]!r} arrived before the "
+                                 f"{self._waiting[0][2]} command it would answer")
+            return
+        d, _, _, _ = self._waiting.popleft()
         self._arm()
         d.callback(reply)
 
@@ -351,7 +364,7 @@ class ESMTPSession(protocol.Protocol):
         if self._closed:
             d.errback(self._lost_failure(what))
             return d
-        self._waiting.append((d, timeout, what))
+        self._waiting.append((d, timeout, what, self._rx_total))
         if len(self._waiting) == 1:
             self._arm()
         return d
@@ -361,7 +374,7 @@ class ESMTPSession(protocol.Protocol):
             self._timer.cancel()
         self._timer = None
         if self._waiting and self._producer is None:
-            _, timeout, what = self._waiting[0]
+            _, timeout, what, _ = self._waiting[0]
             self._timer = self.clock.callLater(timeout, self._timed_out, what, timeout)
 
     def _timed_out(self, what: str, timeout: float):
@@ -401,7 +414,7 @@ class ESMTPSession(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for d, _, _ in waiting:
+        for d, _, _, _ in waiting:
             d.errback(Failure(exc))
 
     def connectionLost(self, reason=protocol.connectionDone):
@@ -415,7 +428,7 @@ class ESMTPSession(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for d, _, what in waiting:
+        for d, _, what, _ in waiting:
             d.errback(Failure(self._lost_failure(what)))
         if not self.ready.called:
             self.ready.errback(Failure(self._lost_failure("greeting")))
@@ -453,6 +466,7 @@ class ESMTPSession(protocol.Protocol):
                     # only be an injection attempt (CVE-2011-0411): discard.
                     self.log.warn("discarding {n} bytes {peer} sent before the TLS handshake",
                                n=len(self._buffer), peer=self.peer)
+                    self._consumed += len(self._buffer)
                     self._buffer = b""
                     self._lines = []
                 self.transport.startTLS(self.tls_creator(self.hostname))
@@ -482,7 +496,7 @@ class ESMTPSession(protocol.Protocol):
                 if kw:
                     self.extensions[kw.upper()] = arg
             return
-        if reply.code in (500, 502, 504, 550) and not self.encrypted:
+        if reply.code in (500, 501, 502, 504, 550) and not self.encrypted:
             reply = await self._send(f"HELO {self.helo}", self.timeouts.helo, "HELO")
             if reply.code == 250:
                 self.extensions = {}
@@ -523,8 +537,18 @@ class ESMTPSession(protocol.Protocol):
         return defer.Deferred.fromCoroutine(
             self._transaction(sender, recipients, source, size, smtputf8))
 
+    def _unexpected(self, reply: Reply, what: str) -> SessionError:
+        """A reply that no server may give here (a 2xx where 354 belongs, a
+        3xx to RCPT...): the dialogue is out of step, so nothing the server
+        says can be trusted any more. Never taken as a recipient's outcome."""
+        self._abort()
+        return SessionError(_local(421, f"4.5.0 protocol error from "
+                                   f"{self.hostname or self.peer}: unexpected reply to {what}: "
+                                   f"{reply.one_line()[:200]}"), what)
+
     async def _transaction(self, sender, recipients, source, size, smtputf8):
-        replies: dict[str, Reply] = {}
+        replies: dict[str, Reply] = {}  # final replies, recorded as soon as known
+        accepted: list[str] = []
         try:
             if self._needs_rset:
                 reply = await self._send("RSET", self.timeouts.helo, "RSET")
@@ -542,60 +566,72 @@ class ESMTPSession(protocol.Protocol):
                 params += " SMTPUTF8"
                 if "8BITMIME" in self.extensions:
                     params += " BODY=8BITMIME"
-            mail_cmd = f"MAIL FROM:<{sender}>{params}"
-            rcpt_cmds = [f"RCPT TO:<{r}>" for r in recipients]
+            commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients),
+                        "DATA"]
+            for c in commands:
+                if "\r" in c or "\n" in c or "\0" in c:
+                    raise ValueError("CR, LF or NUL in an SMTP command")
             self.transactions += 1
-            if self.pipelining and "PIPELINING" in self.extensions:
+            pipelined = self.pipelining and "PIPELINING" in self.extensions
+            if pipelined:
                 ds = [self._expect(self.timeouts.mail, "MAIL")]
-                ds += [self._expect(self.timeouts.rcpt, "RCPT") for _ in rcpt_cmds]
+                ds += [self._expect(self.timeouts.rcpt, "RCPT") for _ in recipients]
                 ds.append(self._expect(self.timeouts.data, "DATA"))
-                for c in [mail_cmd, *rcpt_cmds, "DATA"]:
-                    if b"\r" in c.encode() or b"\n" in c.encode() or "\0" in c:
-                        raise ValueError("CR, LF or NUL in an SMTP command")
-                self.transport.write(
-                    b"".join(c.encode("utf-8") + b"\r\n" for c in [mail_cmd, *rcpt_cmds, "DATA"]))
-                try:
-                    mail_reply = await ds[0]
-                    rcpt_replies = [await d for d in ds[1:-1]]
-                    data_reply = await ds[-1]
-                except SessionError:
-                    for d in ds:  # all failed together: consume the others' failures
-                        d.addErrback(lambda _: None)
-                    raise
+                self.transport.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+                for d in ds:  # if one fails, all fail: consume the others' failures
+                    d.addErrback(lambda f: f)
+                replies_in_order = iter(ds)
+
+                async def next_reply(command, timeout, what):
+                    return await next(replies_in_order)
             else:
-                mail_reply = await self._send(mail_cmd, self.timeouts.mail, "MAIL")
-                rcpt_replies = []
-                if mail_reply.code == 250:
-                    for c in rcpt_cmds:
-                        rcpt_replies.append(await self._send(c, self.timeouts.rcpt, "RCPT"))
-                data_reply = None
-                if any(r.code in (250, 251) for r in rcpt_replies):
-                    data_reply = await self._send("DATA", self.timeouts.data, "DATA")
-            if mail_reply.code != 250:
-                self._needs_rset = True
-                if data_reply is not None and data_reply.code == 354:
-                    # A broken pipelining server: end the empty DATA at once.
-                    await self._send_empty_data()
-                return TransactionResult({r: mail_reply for r in recipients}, self._still_usable())
-            accepted = []
-            for r, reply in zip(recipients, rcpt_replies, strict=False):
-                if reply.code in (250, 251):
-                    accepted.append(r)
-                else:
-                    replies[r] = reply
+                async def next_reply(command, timeout, what):
+                    return await self._send(command, timeout, what)
+            try:
+                mail_reply = await next_reply(commands[0], self.timeouts.mail, "MAIL")
+                if mail_reply.code != 250:
+                    if not (mail_reply.is_transient or mail_reply.is_permanent):
+                        raise self._unexpected(mail_reply, "MAIL")
+                    replies.update((r, mail_reply) for r in recipients)
+                if not pipelined and replies:
+                    self._needs_rset = True
+                    return TransactionResult(replies, self._still_usable())
+                for r, command in zip(recipients, commands[1:-1], strict=True):
+                    reply = await next_reply(command, self.timeouts.rcpt, "RCPT")
+                    if r in replies:
+                        continue  # MAIL was refused: pipelined RCPT replies mean nothing
+                    if reply.is_positive:
+                        accepted.append(r)
+                    elif reply.is_transient or reply.is_permanent:
+                        replies[r] = reply
+                    else:
+                        raise self._unexpected(reply, "RCPT")
+                if not pipelined and not accepted:
+                    self._needs_rset = True
+                    return TransactionResult(replies, self._still_usable())
+                data_reply = await next_reply("DATA", self.timeouts.data, "DATA")
+            finally:
+                if pipelined:
+                    for d in ds:
+                        d.addErrback(lambda _: None)
             if not accepted:
                 self._needs_rset = True
-                if data_reply is not None and data_reply.code == 354:
-                    await self._send_empty_data()
+                if data_reply.code == 354:
+                    # A broken pipelining server opened DATA with nothing to
+                    # send: never end it with a dot (an empty message would be
+                    # accepted); drop the connection instead.
+                    self._abort()
                 return TransactionResult(replies, self._still_usable())
             if data_reply.code != 354:
+                if not (data_reply.is_transient or data_reply.is_permanent):
+                    raise self._unexpected(data_reply, "DATA")
                 self._needs_rset = True
-                for r in accepted:
-                    replies[r] = data_reply
+                replies.update((r, data_reply) for r in accepted)
                 return TransactionResult(replies, self._still_usable())
             final = await self._send_body(source)
-            for r in accepted:
-                replies[r] = final
+            if not (final.is_positive or final.is_transient or final.is_permanent):
+                raise self._unexpected(final, "end of DATA")
+            replies.update((r, final) for r in accepted)
             return TransactionResult(replies, self._still_usable())
         except SessionError as e:
             for r in recipients:
