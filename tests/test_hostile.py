@@ -26,7 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from daemon import Daemon, env, queue_list, wait_until
 from faulty_smtp import DEFAULT_EXTENSIONS, FaultySMTPServer
 from twisted.internet import defer, reactor
