@@ -75,7 +75,8 @@ class ScriptedConnector:
         self.calls = []
         self.closed = False
 
-    def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False):
+    def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False,
+                eightbit=False):
         f = open_source()
         body = f.read()
         f.close()

@@ -362,7 +362,7 @@ class TransactionTests(SessionTestBase):
     def test_smtputf8_offered(self):
         s, _ = self.start("8BITMIME", "SMTPUTF8")
         s.transaction("f@a.example", ["jörg@b.example"], io.BytesIO(BODY), smtputf8=True)
-        self.assertEqual(self.take(), b"MAIL FROM:<f@a.example> SMTPUTF8 BODY=8BITMIME\r\n")
+        self.assertEqual(self.take(), b"MAIL FROM:<f@a.example> BODY=8BITMIME SMTPUTF8\r\n")
         self.feed(b"250 ok\r\n")
         self.assertEqual(self.take(), "RCPT TO:<jörg@b.example>\r\n".encode())
 
@@ -937,3 +937,15 @@ class OutOfStepTests(SessionTestBase):
         self.pump_body()
         self.feed(b"250 queued\r\n")
         self.assertEqual(self.successResultOf(d).replies["r@b.example"], Reply(250, "queued"))
+
+
+class EightBitTests(SessionTestBase):
+    def test_body_8bitmime_only_when_offered(self):
+        s, _ = self.start("8BITMIME")
+        s.transaction("f@a.example", ["r@b.example"], io.BytesIO(b"caf\xc3\xa9\r\n"),
+                      eightbit=True)
+        self.assertEqual(self.take(), b"MAIL FROM:<f@a.example> BODY=8BITMIME\r\n")
+        s2, _ = self.start()
+        s2.transaction("f@a.example", ["r@b.example"], io.BytesIO(b"caf\xc3\xa9\r\n"),
+                       eightbit=True)
+        self.assertEqual(self.take(), b"MAIL FROM:<f@a.example>\r\n")

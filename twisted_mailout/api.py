@@ -136,7 +136,8 @@ async def _send(connector, snd, addrs, data: bytes, relay: bool) -> DeliveryRepo
         attempts = await defer.gatherResults([
             connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
                               lambda: io.BytesIO(data), len(data),
-                              utf8 or any(a.needs_smtputf8 for a in groups[k]))
+                              utf8 or any(a.needs_smtputf8 for a in groups[k]),
+                              not data.isascii())
             for k in keys])
     finally:
         await connector.close()

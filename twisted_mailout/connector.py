@@ -111,7 +111,8 @@ class Connector:
     # -- public -------------------------------------------------------------
 
     def deliver(self, dest: str, sender: str, recipients: list[str], open_source,
-                size: int | None = None, smtputf8: bool = False) -> defer.Deferred:
+                size: int | None = None, smtputf8: bool = False,
+                eightbit: bool = False) -> defer.Deferred:
         """Deliver one message to the recipients of one destination.
 
         @param dest: the destination key: an A-label domain (routed by MX) or
@@ -122,15 +123,16 @@ class Connector:
             bytes; called once per transaction, the file closed afterwards.
         @param size: message size in bytes for SIZE, or L{None}.
         @param smtputf8: the envelope needs SMTPUTF8.
+        @param eightbit: the message has 8-bit bytes (BODY=8BITMIME).
         @return: Deferred firing with an L{Attempt}; it does not fail for
             network, DNS or server trouble, which become replies. Recipients
             refused with 452 (too many recipients) while others were accepted
             are sent at once in a further transaction (RFC 5321 4.5.3.1.10).
         """
         return defer.Deferred.fromCoroutine(
-            self._deliver(dest, sender, recipients, open_source, size, smtputf8))
+            self._deliver(dest, sender, recipients, open_source, size, smtputf8, eightbit))
 
-    async def _deliver(self, dest, sender, recipients, open_source, size, smtputf8):
+    async def _deliver(self, dest, sender, recipients, open_source, size, smtputf8, eightbit):
         replies: dict[str, Reply] = {}
         relay = None
         remaining = list(recipients)
@@ -149,7 +151,8 @@ class Connector:
                 replies.update((rc, r) for rc in remaining)
                 break
             try:
-                result = await session.transaction(sender, remaining, source, size, smtputf8)
+                result = await session.transaction(sender, remaining, source, size, smtputf8,
+                                                   eightbit)
             finally:
                 source.close()
             self._release(dest, session, result.session_usable)

@@ -168,6 +168,8 @@ class QueueEntry:
     @ivar body_offset: where the message bytes start in the message file.
     @ivar origin: C{"mailout"}, C{"zope"} or C{"repoze"}.
     @ivar recipients: one L{RecipientStatus} per envelope recipient.
+    @ivar eightbit: the message has bytes above 127 (sent with
+        C{BODY=8BITMIME}, RFC 6152, where the server offers it).
     @ivar delay_warned: C{True} once a delay warning (RFC 3464 action
         C{delayed}) has been queued for this message.
     @ivar bounced_reported: addresses of bounced recipients already named in
@@ -183,6 +185,7 @@ class QueueEntry:
     recipients: list[RecipientStatus] = field(default_factory=list)
     bounced_reported: list[str] = field(default_factory=list)
     delay_warned: bool = False
+    eightbit: bool = False
 
     @property
     def done(self) -> bool:
@@ -222,6 +225,7 @@ class QueueEntry:
             "recipients": [r.to_json() for r in self.recipients],
             "bounced_reported": self.bounced_reported,
             "delay_warned": self.delay_warned,
+            "8bit": self.eightbit,
         }
 
     @classmethod
@@ -242,6 +246,7 @@ class QueueEntry:
                 recipients=[RecipientStatus.from_json(r) for r in d["recipients"]],
                 bounced_reported=[str(a) for a in d.get("bounced_reported", [])],
                 delay_warned=bool(d.get("delay_warned", False)),
+                eightbit=bool(d.get("8bit", False)),
             )
             if not entry.recipients:
                 raise ValueError("no recipients")
@@ -358,7 +363,8 @@ class Queue:
         data = prepare_message(data, sender.rpartition("@")[2] if sender else None)
         qid = _new_queue_id()
         head = ENVELOPE_HEADER + json.dumps(
-            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": time.time()},
+            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": time.time(),
+             **({"8bit": True} if not data.isascii() else {})},
             separators=(",", ":"),
         ).encode("ascii") + b"\n"
         tmp = self._p("tmp", qid)
@@ -481,7 +487,9 @@ class Queue:
             origin = env.get("origin", "mailout")
             if origin not in ("mailout", "zope", "repoze"):
                 raise CorruptEntry(f"unknown origin {origin!r} in the envelope line")
-            return self._entry(qid, sender, rcpts, arrival, end + 1, origin), None
+            entry = self._entry(qid, sender, rcpts, arrival, end + 1, origin)
+            entry.eightbit = bool(env.get("8bit", False))
+            return entry, None
         # Foreign formats are small; read them whole and rewrite them.
         data = first + f.read()
         arrival = os.fstat(f.fileno()).st_mtime
@@ -522,10 +530,11 @@ class Queue:
         qid = _foreign_qid(base)
         head = ENVELOPE_HEADER + json.dumps(
             {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": arrival,
-             "origin": origin, "source": base},
+             "origin": origin, "source": base, **({"8bit": True} if not body.isascii() else {})},
             separators=(",", ":"),
         ).encode("ascii") + b"\n"
         entry = self._entry(qid, sender, rcpts, arrival, len(head), origin)
+        entry.eightbit = not body.isascii()
         return entry, head + body
 
     @staticmethod

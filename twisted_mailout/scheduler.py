@@ -365,7 +365,8 @@ class Scheduler:
 
         keys = list(groups)
         results = await defer.gatherResults([
-            self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k])
+            self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
+                                   entry.eightbit)
             for k in keys])
         now = self.clock.seconds()
         for key, attempt in zip(keys, results, strict=True):

@@ -521,7 +521,7 @@ class ESMTPSession(protocol.Protocol):
     # -- transactions -------------------------------------------------------
 
     def transaction(self, sender: str, recipients: list[str], source, size: int | None = None,
-                    smtputf8: bool = False) -> defer.Deferred:
+                    smtputf8: bool = False, eightbit: bool = False) -> defer.Deferred:
         """Run one mail transaction: MAIL, RCPT for each recipient, DATA.
 
         @param sender: the MAIL FROM address, already validated, C{""} for
@@ -531,11 +531,14 @@ class ESMTPSession(protocol.Protocol):
             read in chunks until EOF (not closed here).
         @param size: message size in bytes, for the SIZE parameter (RFC 1870).
         @param smtputf8: the envelope needs SMTPUTF8 (RFC 6531).
+        @param eightbit: the message has 8-bit bytes: C{BODY=8BITMIME} is
+            sent when the server offers it (RFC 6152). To a server that does
+            not, the message goes as it is (no MIME conversion).
         @return: a Deferred firing with a L{TransactionResult}; it never
             fails for server or network trouble (those are replies).
         """
         return defer.Deferred.fromCoroutine(
-            self._transaction(sender, recipients, source, size, smtputf8))
+            self._transaction(sender, recipients, source, size, smtputf8, eightbit))
 
     def _unexpected(self, reply: Reply, what: str) -> SessionError:
         """A reply that no server may give here (a 2xx where 354 belongs, a
@@ -546,7 +549,7 @@ class ESMTPSession(protocol.Protocol):
                                    f"{self.hostname or self.peer}: unexpected reply to {what}: "
                                    f"{reply.one_line()[:200]}"), what)
 
-    async def _transaction(self, sender, recipients, source, size, smtputf8):
+    async def _transaction(self, sender, recipients, source, size, smtputf8, eightbit=False):
         replies: dict[str, Reply] = {}  # final replies, recorded as soon as known
         accepted: list[str] = []
         try:
@@ -562,10 +565,10 @@ class ESMTPSession(protocol.Protocol):
             params = ""
             if size is not None and "SIZE" in self.extensions:
                 params += f" SIZE={size}"
+            if (eightbit or smtputf8) and "8BITMIME" in self.extensions:
+                params += " BODY=8BITMIME"
             if smtputf8:
                 params += " SMTPUTF8"
-                if "8BITMIME" in self.extensions:
-                    params += " BODY=8BITMIME"
             commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients),
                         "DATA"]
             for c in commands:
