@@ -313,6 +313,7 @@ class Connector:
         hops: list[NextHop] = await self.router.route(key)
         last: Reply | None = None
         tried = []
+        seen: set[tuple[str, int]] = set()
         for hop in hops:
             try:
                 addrs = await self.router.addresses(hop)
@@ -323,6 +324,9 @@ class Connector:
                 tried.append(f"{hop.host}: {e.reply.text}")
                 continue
             for addr in addrs:
+                if (addr, hop.port) in seen:
+                    continue  # another MX name for an address already tried
+                seen.add((addr, hop.port))
                 label = f"{hop.host}[{addr}]:{hop.port}"
                 try:
                     session = await self._connect_one(hop, addr)

@@ -155,7 +155,8 @@ def prepare_message(data: bytes, sender_domain: str | None = None) -> bytes:
     """
     lines, _ = split_headers(data)
     names = {f[0] for f in _fields(lines)}
-    eol = b"\r\n" if (lines[0] if lines else data).find(b"\r\n") >= 0 else b"\n"
+    first_line = lines[0] if lines else data[: data.find(b"\n") + 1]
+    eol = b"\r\n" if first_line.endswith(b"\r\n") else b"\n"
     add = []
     if "message-id" not in names:
         msgid = email.utils.make_msgid(domain=sender_domain or _default_domain())
@@ -165,6 +166,9 @@ def prepare_message(data: bytes, sender_domain: str | None = None) -> bytes:
     if not add:
         return data
     if not lines:
+        if data.startswith((b"\r\n", b"\n")):
+            # An empty header section: the separator line is already there.
+            return b"".join(add) + data
         # No header block at all: the whole message is body.
         return b"".join(add) + eol + data
     return b"".join(add) + data

@@ -250,6 +250,7 @@ class QueueEntry:
             )
             if not entry.recipients:
                 raise ValueError("no recipients")
+            validate_envelope(entry.sender, [r.address for r in entry.recipients])
             return entry
         except CorruptEntry:
             raise
@@ -295,15 +296,17 @@ class Queue:
     def __init__(self, path: str, create: bool = True):
         self.path = os.path.abspath(path)
         self._lock_fd: int | None = None
-        try:
-            if create:
-                os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
-                for sub in self.SUBDIRS:
-                    os.makedirs(os.path.join(self.path, sub), mode=DIR_MODE, exist_ok=True)
-            elif not os.path.isdir(os.path.join(self.path, "new")):
+        if not create:
+            if not os.path.isdir(os.path.join(self.path, "new")):
                 raise QueueError(f"{self.path} is not a mailout queue folder (no new/ in it)")
-        except OSError as e:
-            raise QueueError(f"cannot create queue folder {self.path}: {e.strerror}") from e
+            return
+        for folder in [self.path, *(os.path.join(self.path, sub) for sub in self.SUBDIRS)]:
+            try:
+                os.makedirs(folder, mode=DIR_MODE, exist_ok=True)
+            except OSError as e:
+                raise QueueError(f"cannot create queue folder {folder}: {e.strerror}") from e
+            if not os.path.isdir(folder):  # a dangling symlink, or a file through one
+                raise QueueError(f"cannot create queue folder {folder}: not a folder")
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -415,7 +418,10 @@ class Queue:
             file moved to C{corrupt/} or that could not be read.
         """
         entries, problems = [], []
-        names = self.incoming()
+        try:
+            names = self.incoming()
+        except OSError as e:
+            return [], [f"cannot list {self.path}/new or cur: {e}"]
         if limit is not None:
             names = names[:limit]
         try:

@@ -19,7 +19,14 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from .bounce import make_dsn
-from .envelope import RecipientState, Reply, parse_address, parse_sender
+from .envelope import (
+    FINAL_STATES,
+    RecipientState,
+    Reply,
+    check_transition,
+    parse_address,
+    parse_sender,
+)
 from .message import split_headers
 from .queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
 
@@ -99,6 +106,8 @@ def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
         C{"deferred"} or C{"expired"}.
     @raise InvalidTransition: the recipient was already final.
     """
+    if rs.state in FINAL_STATES:
+        check_transition(rs.state, RecipientState.DEFERRED)  # raises: nothing changes
     rs.attempts += 1
     if reply.is_positive:
         rs.move(RecipientState.DELIVERED, reply)
@@ -229,7 +238,11 @@ class Scheduler:
         try:
             while True:
                 self._pick_again = False
-                entries, problems = await self.io(self.queue.pickup_all, self.PICKUP_BATCH)
+                try:
+                    entries, problems = await self.io(self.queue.pickup_all, self.PICKUP_BATCH)
+                except Exception:  # noqa: BLE001 - pickup must survive and run again
+                    log.failure("pickup failed; will try again at the next poll")
+                    break
                 for p in problems:
                     log.error("pickup: {problem}", problem=p)
                 now = self.clock.seconds()

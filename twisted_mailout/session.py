@@ -322,7 +322,8 @@ class ESMTPSession(protocol.Protocol):
                 return
 
     def _line_received(self, line: bytes) -> bool:
-        if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3:4] not in b" -"):
+        if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
+                or (len(line) > 3 and line[3:4] not in b" -")):
             self._protocol_error(f"malformed reply line {line[:80]!r}")
             return False
         if self._lines and line[:3] != self._lines[0][:3]:
