@@ -166,6 +166,7 @@ class Scheduler:
         self._queued: set[str] = set()
         self._inflight: dict[str, defer.Deferred] = {}
         self._fresh: dict[str, QueueEntry] = {}
+        self._unsaved: set[str] = set()  # outcomes known but not yet on disk
         self._seq = 0
         self._wakeup = None
         self._stopping = False
@@ -342,18 +343,33 @@ class Scheduler:
             return None
         now = self.clock.seconds()
         due = entry.due(now)
-        if due:
-            await self._attempt(entry, due, size)
-            if not (entry.done and self._all_reported(entry)):
+        try:
+            if due:
+                await self._attempt(entry, due, size)
+                self._unsaved.add(qid)
+            # When the message is finished, removing it is the record of its
+            # outcome: a state write just before it would only cost an fsync.
+            if qid in self._unsaved and not (entry.done and self._all_reported(entry)):
                 await self.io(self.queue.save, entry)
-            # else: removing the message is the record of its outcome; a state
-            # write just before it would only cost an fsync more.
-            await self._warn_delay(entry, now)
-        await self._report_bounces(entry)
-        if entry.done:
-            await self.io(self.queue.remove, entry.qid)
-            log.info("{qid}: removed", qid=entry.qid)
-            return None
+                self._unsaved.discard(qid)
+            if due:
+                await self._warn_delay(entry, now)
+            await self._report_bounces(entry)
+            if entry.done:
+                await self.io(self.queue.remove, entry.qid)
+                self._unsaved.discard(qid)
+                log.info("{qid}: removed", qid=entry.qid)
+                return None
+        except OSError as e:
+            # Disk full, read-only file system...: the outcomes are known and
+            # kept in memory; only the write is tried again, never a delivery
+            # the server has already accepted.
+            retry = min(30.0, self.retry.base)
+            log.error("{qid}: cannot record the outcome ({err}); kept in memory, writing "
+                      "again in {retry:g}s", qid=qid, err=e.strerror or e, retry=retry)
+            self._unsaved.add(qid)
+            self._fresh[qid] = entry
+            return float(self.clock.seconds() + retry)
         na = entry.next_attempt()
         return None if na is None else float(na)
 
