@@ -593,6 +593,8 @@ def test_demo_runs_and_reports_expected_outcomes():
     (["--queue={q}", "--resolver=dns.example"], "expected an IPv4 address"),
     (["--queue={q}", "--tls=verify", "--cafile={q}/../missing.pem"], "No such file"),
     (["--queue={q}", "--retry-base=600", "--retry-max=60"], "--retry-max must not be less"),
+    (["--queue={q}", "--retry-jitter=2"], "--retry-jitter must be between 0 and 1"),
+    (["--queue={q}", "--delay-warning=0"], "--delay-warning must be positive"),
 ])
 def test_daemon_refuses_bad_options_with_a_clear_message(tmp_path, args, words):
     args = [a.format(q=tmp_path / "q") for a in args]

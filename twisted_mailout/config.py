@@ -45,6 +45,11 @@ class Config:
     @ivar connect_timeout: TCP connect timeout, seconds.
     @ivar dns_timeout: seconds a DNS query may take in all.
     @ivar shutdown_timeout: seconds a graceful stop waits for transactions.
+    @ivar retry_jitter: fraction (0 to 1) by which each retry delay is
+        shortened at random, so retries of many messages spread out.
+    @ivar destination_failure_memory: seconds a destination whose every host
+        failed is not tried again (its mail is deferred at once); at most
+        C{retry_base}.
     @ivar delay_warning: seconds after arrival when the sender of mail still
         deferred is warned once (RFC 3464 action C{delayed}); L{None}: never.
     """
@@ -71,6 +76,8 @@ class Config:
     dns_timeout: float = 15.0
     shutdown_timeout: float = 30.0
     delay_warning: float | None = None
+    retry_jitter: float = 0.1
+    destination_failure_memory: float = 60.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -98,6 +105,10 @@ class Config:
                      "bounce_lifetime", "connect_timeout", "dns_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.retry_jitter <= 1:
+            raise ConfigError("--retry-jitter must be between 0 and 1")
+        if self.destination_failure_memory < 0:
+            raise ConfigError("--destination-failure-memory must not be negative")
         if self.delay_warning is not None and self.delay_warning <= 0:
             raise ConfigError("--delay-warning must be positive")
         if self.retry_max < self.retry_base:

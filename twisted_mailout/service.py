@@ -47,7 +47,7 @@ def build_connector(config: Config, reactor, resolver=None) -> Connector:
         idle_timeout=config.connection_idle,
         max_age=config.connection_max_age,
         max_messages=config.max_messages_per_connection,
-        failure_memory=min(60.0, config.retry_base),
+        failure_memory=min(config.destination_failure_memory, config.retry_base),
     )
     return Connector(reactor, router, settings)
 
@@ -87,7 +87,8 @@ class DeliveryService(service.Service):
             io=thread_io(reactor),
             retry=RetryPolicy(base=config.retry_base, max=config.retry_max,
                               lifetime=config.max_queue_lifetime,
-                              bounce_lifetime=config.bounce_lifetime),
+                              bounce_lifetime=config.bounce_lifetime,
+                              jitter=config.retry_jitter),
             relay=bool(config.relay),
             max_inflight=max(50, config.max_connections * 10),
             reporting_mta=config.helo_name,

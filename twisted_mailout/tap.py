@@ -57,6 +57,11 @@ class Options(usage.Options):
         ["dns-timeout", None, 15.0, "Seconds a DNS query may take in all.", _seconds],
         ["shutdown-timeout", None, 30.0, "Seconds a graceful stop (SIGTERM) waits for "
          "transactions in flight.", _seconds],
+        ["retry-jitter", None, 0.1, "Fraction (0 to 1) by which each retry delay is "
+         "shortened at random, so retries spread out.", float],
+        ["destination-failure-memory", None, 60.0, "Seconds a destination whose every host "
+         "failed is not tried again; its mail is deferred at once (at most --retry-base).",
+         _seconds],
         ["delay-warning", None, None, "Seconds after arrival when the sender of mail still "
          "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
     ]
@@ -107,6 +112,8 @@ def config_from_options(o) -> Config:
         dns_timeout=o["dns-timeout"],
         shutdown_timeout=o["shutdown-timeout"],
         delay_warning=o["delay-warning"],
+        retry_jitter=o["retry-jitter"],
+        destination_failure_memory=o["destination-failure-memory"],
     )
 
 
