@@ -238,3 +238,32 @@ def test_no_delay_warning_by_default(tmp_path):
     for _ in range(20):
         h.clock.advance(4000)
     assert [c for c in h.connector.calls if c[1] == ""] == []
+
+
+def test_group_commit_batches_what_arrives_while_a_batch_runs():
+    from twisted.internet import defer
+
+    from twisted_mailout.scheduler import GroupCommit
+
+    batches, running = [], []
+
+    def io(f, items):
+        d = defer.Deferred()
+        running.append((d, f, items))
+        return d
+
+    gc = GroupCommit(io, lambda items: batches.append(list(items)))
+    first = gc.submit("a")  # runs at once, alone
+    later = [gc.submit(x) for x in "bcd"]  # wait for "a" to finish: one batch
+    assert [items for _, _, items in running] == [["a"]]
+    d, f, items = running.pop(0)
+    f(items)
+    d.callback(None)
+    assert first.called and not any(x.called for x in later)
+    assert [items for _, _, items in running] == [["b", "c", "d"]]
+    d, f, items = running.pop(0)
+    d.errback(OSError(28, "No space left on device"))
+    for x in later:  # an error fails every item of its batch
+        assert isinstance(x.result.value, OSError)
+        x.addErrback(lambda _: None)
+    assert batches == [["a"]]

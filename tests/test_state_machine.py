@@ -487,11 +487,11 @@ test_scheduler_state_machine = QueueMachine.TestCase
 @pytest.mark.parametrize("crash_on,reply,statuses,dsns", [
     # final dot accepted, the process dies before removing the finished message:
     # the one duplicate delivery docs/reliability.md allows
-    ("remove", 250, [("sent", True), ("sent", False)], 0),
+    ("remove_many", 250, [("sent", True), ("sent", False)], 0),
     # bounced and recorded, dies before queueing the DSN: it is queued after the restart
     ("_enqueue_dsn", 550, [("bounced", False)], 1),
     # bounced, DSN queued, dies before the message is removed: one duplicate DSN
-    ("remove", 550, [("bounced", False)], 2),
+    ("remove_many", 550, [("bounced", False)], 2),
 ])
 def test_crash_points_of_reliability_md(crash_on, reply, statuses, dsns):
     """Three rows of docs/reliability.md, on one message, by name of the

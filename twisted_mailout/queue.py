@@ -583,7 +583,24 @@ class Queue:
 
         @raise OSError: the write failed; the old state stays in place.
         """
-        self._write_state(entry)
+        self.save_many([entry])
+
+    def save_many(self, entries: list[QueueEntry]) -> None:
+        """L{save} for several entries, with one fsync of C{state/} for all
+        (group commit): each file is written to a C{.tmp}, fsynced and renamed.
+
+        @raise OSError: a write failed; every entry not yet renamed keeps
+            its old state.
+        """
+        for entry in entries:
+            path = self._p("state", entry.qid + ".json")
+            tmp = path + ".tmp"
+            data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            _write_durably(tmp, data)
+            os.rename(tmp, path)
+        _fsync_dir(self._p("state"))
 
     def load(self, qid: str) -> QueueEntry:
         """Read the state of C{qid}; a message that has no state file yet has
@@ -616,11 +633,17 @@ class Queue:
         """Remove a finished entry: the message first, then its state, so a
         crash in between leaves a state without message, which L{recover}
         deletes (see docs/reliability.md)."""
-        for path in (self._p("messages", qid), self._p("state", qid + ".json")):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.remove_many([qid])
+
+    def remove_many(self, qids: list[str]) -> None:
+        """L{remove} for several entries: every message, then every state,
+        then one fsync of each folder (group commit)."""
+        for folder, suffix in (("messages", ""), ("state", ".json")):
+            for qid in qids:
+                try:
+                    os.unlink(self._p(folder, qid + suffix))
+                except FileNotFoundError:
+                    pass
         _fsync_dir(self._p("messages"))
         _fsync_dir(self._p("state"))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .bounce import make_dsn
 from .envelope import (
@@ -48,6 +49,50 @@ def thread_io(reactor):
 def inline_io(f, *args, **kw):
     """C{io} that runs file work at once (tests, tools)."""
     return defer.maybeDeferred(f, *args, **kw)
+
+
+class GroupCommit:
+    """Runs a blocking batch function over items submitted close together.
+
+    While one batch runs (in C{io}), new items wait; they all go in the next
+    batch. So state writes and removals that finish at about the same time
+    share their folder fsyncs, without delaying a lone item at all.
+
+    @param io: C{callable(f, *args) -> Deferred}.
+    @param func: C{func(list_of_items) -> None}, blocking; it may raise
+        C{OSError}, which fails every item of its batch.
+    """
+
+    def __init__(self, io, func):
+        self.io = io
+        self.func = func
+        self._pending: list = []
+        self._running = False
+
+    def submit(self, item) -> defer.Deferred:
+        """@return: a Deferred firing (with L{None}) once C{item}'s batch is
+        done, or failing with its error."""
+        d = defer.Deferred()
+        self._pending.append((item, d))
+        if not self._running:
+            self._run()
+        return d
+
+    def _run(self):
+        batch, self._pending = self._pending, []
+        self._running = True
+
+        def done(result):
+            self._running = False
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            if self._pending:
+                self._run()
+
+        self.io(self.func, [item for item, _ in batch]).addBoth(done)
 
 
 @dataclass(frozen=True)
@@ -167,6 +212,8 @@ class Scheduler:
         self._inflight: dict[str, defer.Deferred] = {}
         self._fresh: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
+        self._saver = GroupCommit(io, queue.save_many)
+        self._remover = GroupCommit(io, queue.remove_many)
         self._seq = 0
         self._wakeup = None
         self._stopping = False
@@ -350,13 +397,13 @@ class Scheduler:
             # When the message is finished, removing it is the record of its
             # outcome: a state write just before it would only cost an fsync.
             if qid in self._unsaved and not (entry.done and self._all_reported(entry)):
-                await self.io(self.queue.save, entry)
+                await self._saver.submit(entry)
                 self._unsaved.discard(qid)
             if due:
                 await self._warn_delay(entry, now)
             await self._report_bounces(entry)
             if entry.done:
-                await self.io(self.queue.remove, entry.qid)
+                await self._remover.submit(entry.qid)
                 self._unsaved.discard(qid)
                 log.info("{qid}: removed", qid=entry.qid)
                 return None
