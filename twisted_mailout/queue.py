@@ -80,9 +80,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_durably(path: str, data: bytes, *, exclusive: bool = True) -> None:
+def _write_durably(path: str, data: bytes) -> None:
     """Create C{path} with C{data}, fsynced; remove the partial file on error."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(path, flags, FILE_MODE)
     try:
         view = memoryview(data)
@@ -566,16 +566,6 @@ class Queue:
             pass
 
     # -- state --------------------------------------------------------------
-
-    def _write_state(self, entry: QueueEntry, exclusive: bool = False) -> None:
-        path = self._p("state", entry.qid + ".json")
-        tmp = path + ".tmp"
-        data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        _write_durably(tmp, data)
-        os.rename(tmp, path)
-        _fsync_dir(self._p("state"))
 
     def save(self, entry: QueueEntry) -> None:
         """Replace the state file of C{entry} atomically (tmp, fsync, rename,
