@@ -58,18 +58,21 @@ def message(i: int, size: int) -> bytes:
     return head + body
 
 
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS bytes) of a live process, from /proc."""
+def proc_stats(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, resident bytes, peak resident bytes) of a live process,
+    from /proc (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks
-    rss = 0
+    rss = peak = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
-    return cpu, rss
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return cpu, rss, peak
 
 
 def queue_empty(q: Path) -> bool:
@@ -97,10 +100,10 @@ def run_mailout(n: int, size: int, port: int) -> dict:
         while not queue_empty(q) or not (q / "messages").exists():
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"drain did not finish; see {tmp / 'log'}")
-            cpu, rss = proc_stats(proc.pid)
+            cpu, _, rss = proc_stats(proc.pid)
             time.sleep(0.02)
         elapsed = time.perf_counter() - t1
-        cpu, rss = proc_stats(proc.pid)
+        cpu, _, rss = proc_stats(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from drain import free_port, message, start_sink  # noqa: E402
+from drain import free_port, message, proc_stats, start_sink  # noqa: E402
 
 from twisted_mailout.queue import ENVELOPE_HEADER, Queue, _new_queue_id  # noqa: E402
 
@@ -46,23 +46,6 @@ def fill(q: Path, n: int, size: int) -> None:
             f.write(head + body.replace(b"<bench0@", f"<bench{i}@".encode()))
     while queue.pickup_all(10000)[0]:
         pass
-
-
-def rss(pid: int) -> tuple[int, int]:
-    cur = peak = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return cur, peak
-
-
-def cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(n: int, deliver: int, size: int, port: int) -> dict:
@@ -85,7 +68,7 @@ def run(n: int, deliver: int, size: int, port: int) -> dict:
             left = len(os.listdir(msgs))
             if first is None and left < n:
                 first = time.perf_counter() - t0
-                c1, t1, left1 = cpu(proc.pid), time.perf_counter(), left
+                c1, t1, left1 = proc_stats(proc.pid)[0], time.perf_counter(), left
             if first is not None and (left1 - left >= deliver or left == 0):
                 break
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -93,8 +76,8 @@ def run(n: int, deliver: int, size: int, port: int) -> dict:
             time.sleep(0.05)
         elapsed = time.perf_counter() - t1
         done = left1 - left
-        used = cpu(proc.pid) - c1
-        cur, peak = rss(proc.pid)
+        c2, cur, peak = proc_stats(proc.pid)
+        used = c2 - c1
     finally:
         proc.terminate()
         proc.wait(60)
