@@ -679,9 +679,13 @@ class SmtpSink:
         """
         if self.dumpdir is None:
             return []
+        # List the files before asking which are open: a file created after
+        # the /proc snapshot would otherwise look complete while being written
+        # (smtp-sink never reopens a file it has closed).
+        paths = list(self.dumpdir.rglob("*"))
         open_files = self._open_files()
         found = []
-        for path in self.dumpdir.rglob("*"):
+        for path in paths:
             try:
                 if not path.is_file():
                     continue
