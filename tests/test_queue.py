@@ -253,3 +253,60 @@ def test_remove_deletes_message_then_state(tmp_path):
     q.pickup(q.incoming()[0])
     q.remove(qid)
     assert files(q.path, "messages") == [] and files(q.path, "state") == []
+
+
+# -- batches and two-phase enqueue ---------------------------------------------
+
+
+def test_enqueue_many_publishes_every_item_in_order_and_the_daemon_picks_them_up(tmp_path):
+    q = str(tmp_path / "q")
+    items = [("a@example.com", [f"r{i}@example.org"], MSG) for i in range(20)]
+    qids = twisted_mailout.enqueue_many(q, items)
+    assert len(set(qids)) == 20 and files(q, "new") == sorted(qids)
+    assert files(q, "tmp") == []
+    entries, problems = Queue(q).pickup_all()
+    assert problems == []
+    assert sorted(e.recipients[0].address for e in entries) == sorted(
+        f"r{i}@example.org" for i in range(20))
+
+
+def test_enqueue_many_is_all_or_nothing_when_one_item_is_bad(tmp_path):
+    q = str(tmp_path / "q")
+    items = [("a@example.com", ["ok@example.org"], MSG), ("a@example.com", ["no at sign"], MSG)]
+    with pytest.raises(AddressError, match="item 1"):
+        twisted_mailout.enqueue_many(q, items)
+    with pytest.raises(MessageError, match="item 0"):
+        twisted_mailout.enqueue_many(q, [("a@example.com", ["b@example.org"], b"")])
+    with pytest.raises(TypeError, match="item 0"):
+        twisted_mailout.enqueue_many(q, [("a@example.com", ["b@example.org"])])
+    assert files(q, "new") == [] and files(q, "tmp") == []
+
+
+def test_enqueue_many_leaves_nothing_when_the_disk_write_fails(tmp_path, monkeypatch):
+    import twisted_mailout.queue as qmod
+
+    q = str(tmp_path / "q")
+    calls = []
+    real = qmod._write_durably
+
+    def failing(path, data, sync=True):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(path, data, sync)
+
+    monkeypatch.setattr(qmod, "_write_durably", failing)
+    with pytest.raises(QueueError, match="No space left"):
+        twisted_mailout.enqueue_many(q, [("a@example.com", ["b@example.org"], MSG)] * 5)
+    assert files(q, "new") == [] and files(q, "tmp") == []
+
+
+def test_staged_message_is_invisible_until_published_and_gone_when_discarded(tmp_path):
+    queue = Queue(str(tmp_path / "q"))
+    kept = queue.stage("a@example.com", ["b@example.org"], MSG)
+    dropped = queue.stage("a@example.com", ["c@example.org"], MSG)
+    assert files(queue.path, "new") == [] and queue.pickup_all()[0] == []
+    assert sorted(files(queue.path, "tmp")) == sorted([kept.qid, dropped.qid])
+    queue.discard([dropped])
+    assert queue.publish([kept]) == [kept.qid]
+    assert files(queue.path, "new") == [kept.qid] and files(queue.path, "tmp") == []

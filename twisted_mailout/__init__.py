@@ -9,7 +9,7 @@ or to each domain's MX hosts.
 from .api import DeliveryReport, RecipientResult, sendmail
 from .envelope import AddressError
 from .message import MessageError
-from .queue import QueueError, QueueLocked, enqueue
+from .queue import QueueError, QueueLocked, enqueue, enqueue_many
 
 __all__ = [
     "AddressError",
@@ -19,6 +19,7 @@ __all__ = [
     "QueueLocked",
     "RecipientResult",
     "enqueue",
+    "enqueue_many",
     "sendmail",
 ]
 
