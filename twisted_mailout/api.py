@@ -10,7 +10,8 @@ from .config import Config
 from .envelope import AddressError, Reply, parse_address, parse_sender
 from .message import coerce_message, prepare_message
 from .queue import enqueue
-from .router import parse_hostport
+from .auth import Credentials
+from .router import parse_relay
 from .session import TLS_LEVELS
 
 __all__ = ["DeliveryReport", "RecipientResult", "enqueue", "sendmail"]
@@ -66,7 +67,8 @@ def _status(reply: Reply) -> str:
 
 
 def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=25, helo=None,
-             tls="may", cafile=None, reactor=None, timeout=60.0) -> defer.Deferred:
+             tls="may", cafile=None, reactor=None, timeout=60.0, tls_match=None,
+             tls_policy=None, auth=None, auth_plaintext=False) -> defer.Deferred:
     """Deliver a message now, without the queue, through the same router and
     session code as the daemon.
 
@@ -77,13 +79,27 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
     @param recipients: an iterable of addresses (a C{str} is one recipient).
     @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
         and Date are added when missing.
-    @param relay: C{"HOST[:PORT]"} of a smarthost, or L{None} for MX routing.
+    @param relay: a smarthost, C{"HOST[:PORT]"} (port 25),
+        C{"smtp://HOST[:PORT]"} (port 587) or C{"smtps://HOST[:PORT]"} (port
+        465, implicit TLS, RFC 8314); L{None} for MX routing.
     @param resolver: C{"HOST[:PORT]"} of the only DNS server to ask (or a
         list of them), or L{None} for resolv.conf.
     @param mx_port: port for MX hosts.
     @param helo: EHLO name (this host's name by default).
-    @param tls: C{"none"}, C{"may"}, C{"encrypt"} or C{"verify"}.
-    @param cafile: CA certificates (PEM) for C{verify}.
+    @param tls: the TLS level: C{"none"}, C{"may"}, C{"encrypt"},
+        C{"verify"} or C{"secure"} (see L{tlspolicy}); a level that cannot be
+        met defers the recipients (4xx), it never sends in plaintext.
+    @param cafile: CA certificates (PEM) for C{verify}/C{secure}; the
+        system store by default.
+    @param tls_match: for C{verify}/C{secure}: names the certificate may
+        match (C{".example.com"}: any subdomain); by default the host name
+        (verify) or the recipient domain and its subdomains (secure).
+    @param tls_policy: a policy file of per-destination levels (see
+        L{tlspolicy.PolicyTable}); C{tls} is then the default.
+    @param auth: C{(username, password)} or L{auth.Credentials} for AUTH at
+        the relay (RFC 4954); the password never appears in logs or errors.
+    @param auth_plaintext: allow AUTH without TLS (off: such a relay gets
+        no credentials and the recipients are deferred).
     @param reactor: the reactor; the global one when L{None}.
     @param timeout: cap in seconds on each network step (connect, each
         command, DNS); nothing waits longer, so the Deferred always fires.
@@ -102,12 +118,31 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         if tls not in TLS_LEVELS:
             raise ValueError(f"tls must be one of {TLS_LEVELS}, not {tls!r}")
         if relay is not None:
-            parse_hostport(relay, 25)
+            parse_relay(relay)
+        credentials = None
+        if isinstance(auth, Credentials):
+            credentials = auth
+        elif auth is not None:
+            try:
+                user, password = auth
+            except (TypeError, ValueError):
+                raise TypeError("auth must be (username, password) or Credentials") from None
+            credentials = Credentials(user, password, allow_plaintext=auth_plaintext)
+        if credentials is not None and relay is None:
+            raise ValueError("auth is for a relay: give relay= too")
         resolvers = [resolver] if isinstance(resolver, str) else list(resolver or ())
         config = Config(queue="-", relay=relay, resolvers=tuple(resolvers), mx_port=mx_port,
                         helo=helo, tls=tls, cafile=cafile, command_timeout=timeout,
                         connect_timeout=min(timeout, 30.0), dns_timeout=min(timeout, 15.0),
-                        connection_idle=0.01, max_connections=10, max_per_destination=2)
+                        connection_idle=0.01, max_connections=10, max_per_destination=2,
+                        tls_policy=tls_policy)
+        from .tlspolicy import TLSPolicy
+
+        policy = config.policy_table()
+        if tls_match:
+            if isinstance(tls_match, str):
+                tls_match = [tls_match]
+            policy.default = TLSPolicy(tls, tuple(m.lower() for m in tls_match), "tls_match")
     except Exception as e:  # noqa: BLE001 - returned as the Deferred's failure
         return defer.fail(e)
     if reactor is None:
@@ -117,7 +152,7 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
     from .service import build_connector
 
     try:
-        connector = build_connector(config, reactor)
+        connector = build_connector(config, reactor, credentials=credentials, policy=policy)
     except Exception as e:  # noqa: BLE001
         return defer.fail(e)
     return defer.Deferred.fromCoroutine(_send(connector, snd, addrs, data, bool(relay)))

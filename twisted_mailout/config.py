@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from .router import parse_hostport
+from .router import parse_hostport, parse_relay
 from .session import TLS_LEVELS, Timeouts
 
 __all__ = ["Config", "ConfigError"]
@@ -20,15 +20,32 @@ class Config:
     """Everything the delivery service needs.
 
     @ivar queue: the queue folder.
-    @ivar relay: C{"HOST[:PORT]"} of a smarthost (port 25 by default), or
-        L{None} to deliver to each domain's MX hosts.
+    @ivar relay: a smarthost: C{"HOST[:PORT]"} (port 25, STARTTLS),
+        C{"smtp://HOST[:PORT]"} (port 587, STARTTLS) or C{"smtps://HOST[:PORT]"}
+        (port 465, implicit TLS, RFC 8314); L{None} to deliver to each
+        domain's MX hosts.
     @ivar resolvers: C{["HOST[:PORT]", ...]} DNS servers (IPv4); empty for
         the system's resolv.conf. When given, they are the only ones asked.
     @ivar mx_port: TCP port used for MX hosts.
     @ivar helo: EHLO name; this host's name when L{None}.
-    @ivar tls: C{none}, C{may}, C{encrypt} or C{verify}.
-    @ivar cafile: PEM file of trusted CAs for C{verify}; the system store
-        when L{None}.
+    @ivar tls: the default TLS level (L{tlspolicy.LEVELS}: C{none}, C{may},
+        C{encrypt}, C{verify}, C{secure}, C{dane}, C{dane-only}).
+    @ivar tls_policy: a policy file of per-destination levels (see
+        L{tlspolicy.PolicyTable}), or L{None}.
+    @ivar cafile: PEM file of trusted CAs for C{verify}/C{secure} and
+        MTA-STS; the system store when L{None}.
+    @ivar tls_fallback_memory: seconds a host whose TLS handshake failed
+        under C{may} is sent plaintext without trying TLS again.
+    @ivar auth_user: SMTP AUTH user name for the relay, or L{None}.
+    @ivar auth_password_file: file holding the AUTH password.
+    @ivar auth_password_env: environment variable holding it.
+    @ivar auth_token_file: file holding an XOAUTH2 token (read per connection).
+    @ivar auth_token_command: command printing an XOAUTH2 token.
+    @ivar auth_mechanisms: allowed mechanisms, comma-separated, or L{None}.
+    @ivar auth_plaintext: allow AUTH over a connection without TLS.
+    @ivar mta_sts: apply MTA-STS (RFC 8461) policies to MX delivery.
+    @ivar dnssec_resolvers: C{["HOST[:PORT]", ...]} validating resolvers:
+        when given, DANE (RFC 7672) applies to C{may}/C{dane} destinations.
     @ivar max_connections: open SMTP connections at most.
     @ivar max_per_destination: open connections to one destination at most.
     @ivar poll_interval: seconds between scans of C{new/} (inotify makes
@@ -78,6 +95,17 @@ class Config:
     delay_warning: float | None = None
     retry_jitter: float = 0.1
     destination_failure_memory: float = 60.0
+    tls_policy: str | None = None
+    tls_fallback_memory: float = 3600.0
+    auth_user: str | None = None
+    auth_password_file: str | None = None
+    auth_password_env: str | None = None
+    auth_token_file: str | None = None
+    auth_token_command: str | None = None
+    auth_mechanisms: str | None = None
+    auth_plaintext: bool = False
+    mta_sts: bool = False
+    dnssec_resolvers: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -87,15 +115,34 @@ class Config:
             raise ConfigError(f"--tls must be one of {', '.join(TLS_LEVELS)}, not {self.tls!r}")
         if self.relay is not None:
             try:
-                parse_hostport(self.relay, 25)
+                parse_relay(self.relay)
             except ValueError as e:
                 raise ConfigError(f"--relay: {e}") from None
-        for r in self.resolvers:
+        for opt, servers in (("--resolver", self.resolvers),
+                             ("--dnssec-resolver", self.dnssec_resolvers)):
+            for r in servers:
+                try:
+                    host, _ = parse_hostport(r, 53)
+                    socket.inet_aton(host)
+                except (ValueError, OSError):
+                    raise ConfigError(f"{opt} {r!r}: expected an IPv4 address[:port]") from None
+        if self.tls_policy is not None:
+            from .tlspolicy import PolicyFileError, PolicyTable
+
             try:
-                host, _ = parse_hostport(r, 53)
-                socket.inet_aton(host)
-            except (ValueError, OSError):
-                raise ConfigError(f"--resolver {r!r}: expected an IPv4 address[:port]") from None
+                PolicyTable.from_file(self.tls_policy)
+            except PolicyFileError as e:
+                raise ConfigError(f"--tls-policy: {e}") from None
+        from .auth import AuthError
+
+        try:
+            creds = self.credentials()
+        except AuthError as e:
+            raise ConfigError(str(e)) from None
+        if creds is not None and self.relay is None:
+            raise ConfigError("--auth-user is for a relay: give --relay too")
+        if self.tls_fallback_memory < 0:
+            raise ConfigError("--tls-fallback-memory must not be negative")
         if not 0 < self.mx_port < 65536:
             raise ConfigError("--mx-port must be 1..65535")
         for name in ("max_connections", "max_per_destination", "max_messages_per_connection"):
@@ -113,6 +160,31 @@ class Config:
             raise ConfigError("--delay-warning must be positive")
         if self.retry_max < self.retry_base:
             raise ConfigError("--retry-max must not be less than --retry-base")
+
+    def credentials(self):
+        """The relay's AUTH L{auth.Credentials}, read from the file or the
+        environment now, or L{None} without C{auth_user}.
+
+        @raise auth.AuthError: incomplete options, an unreadable file.
+        """
+        from .auth import credentials_from_options
+
+        return credentials_from_options(
+            self.auth_user, self.auth_password_file, self.auth_password_env,
+            self.auth_token_file, self.auth_token_command, self.auth_mechanisms,
+            self.auth_plaintext)
+
+    def policy_table(self):
+        """The L{tlspolicy.PolicyTable}: the file's entries over C{tls}.
+
+        @raise tlspolicy.PolicyFileError: the file cannot be used.
+        """
+        from .tlspolicy import PolicyTable, TLSPolicy
+
+        default = TLSPolicy(self.tls, (), "--tls")
+        if self.tls_policy is None:
+            return PolicyTable(default)
+        return PolicyTable.from_file(self.tls_policy, default)
 
     @property
     def helo_name(self) -> str:

@@ -17,7 +17,8 @@ from twisted.logger import Logger
 
 from .envelope import Reply
 from .router import NextHop, RouteError
-from .session import ESMTPSession, SessionError, Timeouts, opportunistic_tls, verified_tls
+from .session import ESMTPSession, SessionError, Timeouts, opportunistic_tls
+from .tlspolicy import PolicyTable, TLSPolicy, name_checking_tls
 
 __all__ = ["Attempt", "Connector", "ConnectorSettings"]
 
@@ -29,8 +30,13 @@ class ConnectorSettings:
     """How the connector opens and keeps connections.
 
     @ivar helo: the EHLO name.
-    @ivar tls: C{"none"}, C{"may"}, C{"encrypt"} or C{"verify"}.
-    @ivar trust_root: for C{verify}: from L{session.load_trust_root}.
+    @ivar tls: the default TLS level (L{tlspolicy.LEVELS}), used when
+        C{policy} is L{None}.
+    @ivar policy: a L{tlspolicy.PolicyTable} of per-destination levels.
+    @ivar trust_root: for C{verify}/C{secure}: from L{session.load_trust_root}.
+    @ivar credentials: L{auth.Credentials} for AUTH at the relay, or L{None}.
+    @ivar tls_fallback_memory: seconds a host whose handshake failed under
+        C{may} is sent plaintext without trying TLS (0: never fall back).
     @ivar timeouts: per-command L{Timeouts}.
     @ivar max_connections: open connections at most, all destinations.
     @ivar max_per_destination: open connections at most to one destination.
@@ -53,6 +59,9 @@ class ConnectorSettings:
     max_messages: int = 100
     failure_memory: float = 60.0
     pipelining: bool = True
+    policy: PolicyTable | None = None
+    credentials: object = None
+    tls_fallback_memory: float = 3600.0
 
 
 @dataclass
@@ -107,6 +116,9 @@ class Connector:
         self._total = 0
         self._blocked: deque = deque()  # dests with waiters blocked by the global limit
         self._closing = False
+        self.policy = (settings.policy if settings.policy is not None
+                       else PolicyTable(TLSPolicy(settings.tls)))
+        self._plaintext_until: dict[tuple[str, str, int], float] = {}
 
     # -- public -------------------------------------------------------------
 
@@ -311,6 +323,9 @@ class Connector:
 
     async def _open_any_host(self, key: str):
         hops: list[NextHop] = await self.router.route(key)
+        relay = getattr(self.router, "relay", False)
+        domain = None if relay else key
+        policy = self.policy.lookup(self.router.name if relay else key)
         last: Reply | None = None
         tried = []
         seen: set[tuple[str, int]] = set()
@@ -329,7 +344,7 @@ class Connector:
                 seen.add((addr, hop.port))
                 label = f"{hop.host}[{addr}]:{hop.port}"
                 try:
-                    session = await self._connect_one(hop, addr)
+                    session = await self._connect_secured(hop, addr, policy, domain)
                 except SessionError as e:
                     last = e.reply
                     tried.append(f"{label}: {e.reply.one_line()}")
@@ -349,18 +364,56 @@ class Connector:
             reply = Reply(451, f"4.4.0 session refused: {last.one_line()}{many}", local=True)
         raise SessionError(reply, "connect")
 
-    def _tls_creator(self, hostname):
-        if self.settings.tls == "verify":
-            return verified_tls(hostname, self.settings.trust_root)
-        return opportunistic_tls(hostname)
+    def _creator(self, policy: TLSPolicy, domain: str | None, hop: NextHop):
+        """The TLS connection creator for C{hop} under C{policy}."""
+        if policy.level in ("verify", "secure"):
+            return name_checking_tls(hop.host, policy.names_for(domain, hop.host),
+                                     self.settings.trust_root)
+        return opportunistic_tls(hop.host)
 
-    async def _connect_one(self, hop: NextHop, addr: str):
+    async def _connect_secured(self, hop: NextHop, addr: str, policy: TLSPolicy,
+                               domain: str | None):
+        """Connect under C{policy}; under C{may}, a host whose TLS handshake
+        fails is tried again at once in plaintext, and sent plaintext for
+        C{tls_fallback_memory} seconds (Postfix does the same)."""
+        level = policy.level
+        implicit = getattr(self.router, "implicit_tls", False)
+        opportunistic = level in ("may", "dane") and not implicit
+        memo = (hop.host, addr, hop.port)
+        now = self.reactor.seconds()
+        if opportunistic and self._plaintext_until.get(memo, 0) > now:
+            level = "none"
+        try:
+            return await self._connect_one(hop, addr, level, self._creator(policy, domain, hop),
+                                           implicit)
+        except SessionError as e:
+            if not (opportunistic and level != "none" and e.stage == "tls"
+                    and self.settings.tls_fallback_memory > 0):
+                raise
+            log.warn("{host}[{addr}]:{port}: {why}; sending in plaintext (TLS level may) and "
+                     "not trying TLS with it for {memory:g}s", host=hop.host, addr=addr,
+                     port=hop.port, why=e.reply.one_line(),
+                     memory=self.settings.tls_fallback_memory)
+            self._plaintext_until[memo] = now + self.settings.tls_fallback_memory
+            return await self._connect_one(hop, addr, "none", None, False)
+
+    async def _connect_one(self, hop: NextHop, addr: str, level: str, creator,
+                           implicit: bool = False):
         s = self.settings
         session = ESMTPSession(
-            helo=s.helo, clock=self.reactor, tls=s.tls, tls_creator=self._tls_creator,
-            hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining)
+            helo=s.helo, clock=self.reactor, tls=level,
+            tls_creator=(lambda _host: creator) if creator is not None else None,
+            hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining,
+            implicit_tls=implicit,
+            credentials=s.credentials if getattr(self.router, "relay", False) else None)
+        factory = _Factory(lambda: session)
+        if implicit:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(creator or opportunistic_tls(hop.host), True, factory)
+            factory.noisy = False
         try:
-            await self._connect(addr, hop.port, _Factory(lambda: session))
+            await self._connect(addr, hop.port, factory)
         except Exception as e:  # noqa: BLE001 - every connect failure becomes a reply
             raise SessionError(Reply(421, f"4.4.1 connect to {hop.host}[{addr}]:{hop.port}: "
                                      f"{_conn_error(e)}", local=True), "connect") from None

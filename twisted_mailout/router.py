@@ -26,6 +26,7 @@ __all__ = [
     "RouteError",
     "make_resolver",
     "parse_hostport",
+    "parse_relay",
 ]
 
 log = Logger()
@@ -91,6 +92,30 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     if not 0 < p < 65536:
         raise ValueError(f"port out of range in {text!r}")
     return host, p
+
+
+def parse_relay(text: str) -> tuple[str, int, bool]:
+    """Parse a C{--relay} value: C{HOST[:PORT]} or C{[HOST]:PORT} (STARTTLS,
+    port 25 by default), C{smtp://HOST[:PORT]} (port 587 by default, RFC 6409),
+    or C{smtps://HOST[:PORT]} (implicit TLS, port 465 by default, RFC 8314 3.3).
+
+    @return: C{(host, port, implicit_tls)}.
+    @raise ValueError: an unknown scheme, an empty host, a bad port, a path.
+    """
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        host, port = parse_hostport(text, 25)
+        return host, port, False
+    scheme = scheme.lower()
+    if scheme not in ("smtp", "smtps"):
+        raise ValueError(f"unknown relay scheme {scheme!r} in {text!r} (smtp:// or smtps://)")
+    rest = rest.rstrip("/")
+    if "/" in rest or "?" in rest or "@" in rest:
+        raise ValueError(f"a relay is smtp[s]://HOST[:PORT] only, not {text!r} "
+                         "(credentials go in --auth-* options)")
+    host, port = parse_hostport(rest, 465 if scheme == "smtps" else 587)
+    return host, port, scheme == "smtps"
 
 
 def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11),
@@ -233,6 +258,9 @@ class MXRouter:
     @param max_ttl: cap on how long an answer is cached, in seconds.
     """
 
+    relay = False
+    implicit_tls = False
+
     def __init__(self, resolver, clock, port: int = 25, rng=None, max_ttl: float = 3600):
         self.resolver = resolver
         self.clock = clock
@@ -346,9 +374,16 @@ class RelayRouter:
     @param clock: C{IReactorTime}.
     """
 
-    def __init__(self, host: str, port: int, resolver, clock):
+    relay = True
+
+    def __init__(self, host: str, port: int, resolver, clock, implicit_tls: bool = False,
+                 name: str | None = None):
         self.hop = NextHop(host, port)
         self._mx = MXRouter(resolver, clock, port)
+        #: the relay speaks TLS from the first byte (smtps://).
+        self.implicit_tls = implicit_tls
+        #: the relay as the operator wrote it (the TLS policy table's key).
+        self.name = name or f"[{host}]:{port}"
 
     def route(self, domain: str) -> defer.Deferred:
         """@return: Deferred firing with C{[NextHop(relay)]}."""

@@ -12,7 +12,7 @@ from twisted.python import filepath
 from .config import Config
 from .connector import Connector, ConnectorSettings
 from .queue import Queue
-from .router import MXRouter, RelayRouter, make_resolver, parse_hostport
+from .router import MXRouter, RelayRouter, make_resolver, parse_relay
 from .scheduler import RetryPolicy, Scheduler, thread_io
 from .session import load_trust_root
 
@@ -21,26 +21,35 @@ __all__ = ["DeliveryService", "build_connector", "makeService"]
 log = Logger(namespace="twisted_mailout")
 
 
-def build_connector(config: Config, reactor, resolver=None) -> Connector:
+def build_connector(config: Config, reactor, resolver=None, credentials=None,
+                    policy=None) -> Connector:
     """The router and connector that C{config} describes.
 
     @param resolver: an C{IResolver}; made from C{config.resolvers} when
         L{None}.
+    @param credentials: L{auth.Credentials} replacing C{config}'s AUTH options.
+    @param policy: a L{tlspolicy.PolicyTable} replacing C{config}'s.
     @return: a L{Connector}.
-    @raise ValueError: a bad resolver or relay; OSError: unreadable cafile.
+    @raise ValueError: a bad resolver, relay or TLS policy file, unusable
+        AUTH credentials (L{auth.AuthError}); OSError: unreadable cafile.
     """
     if resolver is None:
         resolver = make_resolver(list(config.resolvers), reactor, config.dns_tries)
     if config.relay:
-        host, port = parse_hostport(config.relay, 25)
-        router = RelayRouter(host, port, resolver, reactor)
+        host, port, implicit = parse_relay(config.relay)
+        router = RelayRouter(host, port, resolver, reactor, implicit_tls=implicit,
+                             name=config.relay)
     else:
         router = MXRouter(resolver, reactor, port=config.mx_port)
-    trust = load_trust_root(config.cafile) if config.tls == "verify" else None
+    if policy is None:
+        policy = config.policy_table()
     settings = ConnectorSettings(
         helo=config.helo_name,
         tls=config.tls,
-        trust_root=trust,
+        policy=policy,
+        credentials=credentials if credentials is not None else config.credentials(),
+        tls_fallback_memory=config.tls_fallback_memory,
+        trust_root=load_trust_root(config.cafile),
         timeouts=config.timeouts,
         max_connections=config.max_connections,
         max_per_destination=config.max_per_destination,

@@ -20,7 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import auth as _auth
 from .envelope import Reply
+from .tlspolicy import LEVELS, REQUIRED, CertificateError
 
 __all__ = [
     "TLS_LEVELS",
@@ -33,7 +35,7 @@ __all__ = [
     "verified_tls",
 ]
 
-TLS_LEVELS = ("none", "may", "encrypt", "verify")
+TLS_LEVELS = LEVELS
 
 MAX_LINE = 4096  # bytes in one reply line (RFC 5321 4.5.3.1.5 says 512; be lenient)
 MAX_REPLY_LINES = 200  # lines in one multi-line reply
@@ -76,8 +78,12 @@ class SessionError(Exception):
 
     @ivar reply: what decides the outcome: a server reply, or a local one
         (code 4xx for network trouble, timeouts, TLS failures).
-    @ivar stage: C{"connect"}, C{"greeting"}, C{"ehlo"}, C{"starttls"}, ...
+    @ivar stage: C{"connect"}, C{"greeting"}, C{"ehlo"}, C{"starttls"},
+        C{"tls"} (handshake or certificate failure), C{"AUTH"}, ...
+    @ivar tls_failure: for C{"tls"}: the RFC 8460 result type when known.
     """
+
+    tls_failure: str | None = None
 
     def __init__(self, reply: Reply, stage: str):
         super().__init__(f"{stage}: {reply.one_line()}")
@@ -250,15 +256,27 @@ class ESMTPSession(protocol.Protocol):
     @param hostname: the peer's host name (for TLS and logs).
     @param timeouts: L{Timeouts}.
     @param pipelining: use PIPELINING (RFC 2920) when the server offers it.
+    @param implicit_tls: the transport is TLS from the first byte (RFC 8314
+        submissions port 465): no STARTTLS, the session counts as encrypted.
+    @param credentials: L{auth.Credentials} for AUTH (RFC 4954) after EHLO,
+        or L{None}. Credentials are only sent under TLS unless they allow
+        plaintext; a server that offers no AUTH gets the mail without it.
+
+    A TLS failure (handshake, certificate) fails C{ready} with a
+    L{SessionError} whose C{stage} is C{"tls"}.
     """
 
     log = Logger()
 
     def __init__(self, helo: str, clock, tls: str = "may", tls_creator=None,
                  hostname: str | None = None, timeouts: Timeouts | None = None,
-                 pipelining: bool = True):
+                 pipelining: bool = True, implicit_tls: bool = False,
+                 credentials=None):
         if tls not in TLS_LEVELS:
             raise ValueError(f"unknown TLS level {tls!r}; expected one of {TLS_LEVELS}")
+        self.implicit_tls = implicit_tls
+        self.credentials = credentials
+        self.authenticated = False
         self.helo = helo
         self.clock = clock
         self.tls = tls
@@ -287,6 +305,7 @@ class ESMTPSession(protocol.Protocol):
         self._lost_reason: Failure | None = None
         self._needs_rset = False
         self._producer = None
+        self._tls_pending = implicit_tls  # a handshake is under way
         self.peer = "?"
 
     # -- wire level ---------------------------------------------------------
@@ -342,6 +361,7 @@ class ESMTPSession(protocol.Protocol):
         return not self._closed
 
     def _reply(self, reply: Reply):
+        self._tls_pending = False  # a reply after the handshake: it is done
         if not self._waiting:
             self.log.debug("unsolicited reply from {peer}: {reply}", peer=self.peer,
                            reply=reply.one_line())
@@ -399,16 +419,25 @@ class ESMTPSession(protocol.Protocol):
     def _lost_failure(self, what: str) -> SessionError:
         reason = self._lost_reason
         detail = "connection closed"
+        status = "4.4.2"
         if reason is not None:
             v = reason.value
             if isinstance(v, SSL.Error):
-                detail = f"TLS failure: {_ssl_text(v)}"
+                detail, status, what = f"TLS failure: {_ssl_text(v)}", "4.7.5", "tls"
+            elif isinstance(v, CertificateError):
+                detail, status, what = f"TLS failure: {v}", "4.7.5", "tls"
             elif type(v).__name__ == "VerificationError":  # service_identity
                 detail = f"TLS failure: certificate does not match {self.hostname}: {v}"
+                status, what = "4.7.5", "tls"
             elif not reason.check(error.ConnectionDone):
                 detail = f"connection lost: {v}"
-        return SessionError(_local(421, f"4.4.2 {detail} while waiting for the {what} reply "
-                                   f"from {self.hostname or self.peer}"), what)
+            elif self._tls_pending:
+                detail, what = "connection closed during the TLS handshake", "tls"
+        err = SessionError(_local(421, f"{status} {detail} while waiting for the "
+                                  f"{'TLS handshake' if what == 'tls' else what + ' reply'} "
+                                  f"from {self.hostname or self.peer}"), what)
+        err.tls_failure = getattr(reason.value, "result_type", None) if reason else None
+        return err
 
     def _fail_all(self, exc: Exception):
         waiting, self._waiting = self._waiting, deque()
@@ -455,11 +484,15 @@ class ESMTPSession(protocol.Protocol):
     async def _start(self, greeting_d):
         greeting = await greeting_d
         self.greeting = greeting
+        self.encrypted = self.implicit_tls
         if greeting.code != 220:
             await self._quietly_quit()
             raise SessionError(greeting, "greeting")
         await self._ehlo()
-        if "STARTTLS" in self.extensions and self.tls != "none":
+        required = self.tls in REQUIRED
+        if self.implicit_tls:
+            pass
+        elif "STARTTLS" in self.extensions and self.tls != "none":
             reply = await self._send("STARTTLS", self.timeouts.helo, "STARTTLS")
             if reply.code == 220:
                 if self._buffer or self._lines:
@@ -470,23 +503,91 @@ class ESMTPSession(protocol.Protocol):
                     self._consumed += len(self._buffer)
                     self._buffer = b""
                     self._lines = []
+                self._tls_pending = True
                 self.transport.startTLS(self.tls_creator(self.hostname))
                 self.encrypted = True
                 self.extensions = {}
                 await self._ehlo()
-            elif self.tls in ("encrypt", "verify"):
+            elif required:
                 await self._quietly_quit()
                 raise SessionError(
                     _local(reply.code if reply.code >= 400 else 454,
                            f"4.7.5 TLS is required ({self.tls}) but STARTTLS was refused: "
                            f"{reply.one_line()}"), "starttls")
-        elif self.tls in ("encrypt", "verify"):
+        elif required:
             await self._quietly_quit()
             raise SessionError(
                 _local(454, f"4.7.4 TLS is required ({self.tls}) but "
                        f"{self.hostname or self.peer} does not offer STARTTLS"), "starttls")
+        if self.credentials is not None:
+            await self._authenticate()
         self.usable = True
         self.ready.callback(self)
+
+    async def _authenticate(self):
+        """AUTH (RFC 4954) with the credentials; never sends a secret over
+        plaintext unless the credentials allow it. Failures defer (4xx):
+        a refused login is the operator's to fix, not the recipients'."""
+        creds = self.credentials
+        who = self.hostname or self.peer
+        offered = self.extensions.get("AUTH")
+        if offered is None:
+            self.log.info("{peer} offers no AUTH; sending without authenticating", peer=who)
+            return
+        if not self.encrypted and not creds.allow_plaintext:
+            await self._quietly_quit()
+            raise SessionError(_local(454, f"4.7.0 not sending AUTH credentials to {who} over "
+                                      "an unencrypted connection (no TLS; allow it "
+                                      "explicitly with --auth-plaintext)"), "AUTH")
+        mech = _auth.choose_mechanism(creds, offered, self.encrypted)
+        if mech is None:
+            await self._quietly_quit()
+            raise SessionError(_local(454, f"4.7.0 no AUTH mechanism in common with {who}: it "
+                                      f"offers {offered[:100]!r}, we allow "
+                                      f"{' '.join(creds.mechanisms)}"), "AUTH")
+        t = self.timeouts.helo
+        if mech == "PLAIN":
+            reply = await self._send(f"AUTH PLAIN {_auth.plain_response(creds)}", t, "AUTH")
+            if reply.code == 334:  # a server that wants the response on its own line
+                reply = await self._send(_auth.plain_response(creds), t, "AUTH")
+        elif mech == "LOGIN":
+            reply = await self._send("AUTH LOGIN", t, "AUTH")
+            if reply.code == 334:
+                reply = await self._send(_auth.b64(creds.username.encode()), t, "AUTH")
+                if reply.code == 334:
+                    reply = await self._send(_auth.b64(creds.password.reveal().encode()), t,
+                                             "AUTH")
+        elif mech == "CRAM-MD5":
+            reply = await self._send("AUTH CRAM-MD5", t, "AUTH")
+            if reply.code == 334:
+                try:
+                    answer = _auth.cram_md5_response(creds, reply.text.split("\n")[0])
+                except _auth.AuthError as e:
+                    await self._send("*", t, "AUTH")  # cancel the exchange (RFC 4954 4)
+                    await self._quietly_quit()
+                    raise SessionError(_local(454, f"4.7.0 {e} ({who})"), "AUTH") from None
+                reply = await self._send(answer, t, "AUTH")
+        else:  # XOAUTH2
+            try:
+                token = await creds.token()
+            except _auth.AuthError as e:
+                await self._quietly_quit()
+                raise SessionError(_local(451, f"4.7.0 {e}"), "AUTH") from None
+            initial = _auth.xoauth2_response(creds.username, token)
+            reply = await self._send(f"AUTH XOAUTH2 {initial}", t, "AUTH")
+            if reply.code == 334:  # an error report in base64; an empty line ends it
+                reply = await self._send("", t, "AUTH")
+        if reply.code == 235:
+            self.authenticated = True
+            return
+        if reply.code == 334:  # still asking: we have nothing more to say
+            reply = await self._send("*", t, "AUTH")
+        await self._quietly_quit()
+        if not (reply.is_transient or reply.is_permanent):
+            raise self._unexpected(reply, "AUTH")
+        raise SessionError(_local(454 if reply.is_permanent else reply.code,
+                                  f"4.7.8 authentication as {creds.username} failed at {who} "
+                                  f"({mech}): {reply.one_line()[:200]}"), "AUTH")
 
     async def _ehlo(self):
         reply = await self._send(f"EHLO {self.helo}", self.timeouts.helo, "EHLO")

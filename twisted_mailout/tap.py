@@ -25,15 +25,35 @@ class Options(usage.Options):
     )
     optParameters = [
         ["queue", "q", None, "Queue folder (created if missing). Required."],
-        ["relay", None, None, "Send all mail to this smarthost, HOST[:PORT] (port 25 by "
-         "default), instead of to MX hosts."],
+        ["relay", None, None, "Send all mail to this smarthost instead of to MX hosts: "
+         "HOST[:PORT] (port 25, STARTTLS), smtp://HOST[:PORT] (port 587, STARTTLS) or "
+         "smtps://HOST[:PORT] (port 465, implicit TLS, RFC 8314)."],
         ["mx-port", None, 25, "TCP port used for MX hosts.", int],
         ["helo", None, None, "Name given in EHLO/HELO (default: this host's name)."],
-        ["tls", None, "may", "STARTTLS policy: none, may (TLS when offered, certificate not "
-         "checked), encrypt (TLS required), verify (TLS required, chain and host name "
-         "checked)."],
-        ["cafile", None, None, "PEM file of trusted CA certificates for --tls=verify "
-         "(default: the system's store)."],
+        ["tls", None, "may", "Default TLS level: none; may (STARTTLS when offered, any "
+         "certificate; plaintext retry if the handshake fails); encrypt (TLS required, "
+         "certificate not checked); verify (TLS required, chain and MX/relay host name "
+         "checked); secure (as verify, but the certificate must match the recipient domain "
+         "or a policy match= name); dane / dane-only (RFC 7672, needs --dnssec-resolver). "
+         "See docs/security.md."],
+        ["tls-policy", None, None, "Policy file of per-destination TLS levels, one "
+         "'DESTINATION LEVEL [match=NAME:NAME]' per line (docs/security.md)."],
+        ["cafile", None, None, "PEM file of trusted CA certificates for verify, secure and "
+         "MTA-STS (default: the system's store)."],
+        ["tls-fallback-memory", None, 3600.0, "Seconds a host whose TLS handshake failed "
+         "under 'may' is sent plaintext without trying TLS again (0: never fall back).",
+         _seconds],
+        ["auth-user", None, None, "SMTP AUTH user name for the relay (with one of the "
+         "--auth-password-file, --auth-password-env, --auth-token-* options)."],
+        ["auth-password-file", None, None, "File whose first line is the AUTH password "
+         "(keep it mode 0600). Passwords are never taken from the command line."],
+        ["auth-password-env", None, None, "Environment variable holding the AUTH password."],
+        ["auth-token-file", None, None, "File holding an OAuth 2.0 access token for XOAUTH2, "
+         "read again for each connection."],
+        ["auth-token-command", None, None, "Command printing an OAuth 2.0 access token for "
+         "XOAUTH2 on its standard output, run for each connection (no shell)."],
+        ["auth-mechanisms", None, None, "AUTH mechanisms allowed, comma-separated, in order "
+         "of preference (default: PLAIN, LOGIN, CRAM-MD5; XOAUTH2 with a token)."],
         ["max-connections", None, 20, "Open SMTP connections at most.", int],
         ["max-per-destination", None, 4, "Open connections to one destination at most.", int],
         ["poll-interval", None, 5.0, "Seconds between scans of new/ (inotify picks up at "
@@ -66,9 +86,23 @@ class Options(usage.Options):
          "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
     ]
 
+    optFlags = [
+        ["auth-plaintext", None, "Allow AUTH over a connection that is not encrypted "
+         "(off: credentials are only sent under TLS)."],
+        ["mta-sts", None, "Apply MTA-STS policies (RFC 8461) of recipient domains: fetch, "
+         "cache under the queue folder, enforce."],
+    ]
+
     def __init__(self):
         super().__init__()
         self["resolvers"] = []
+        self["dnssec-resolvers"] = []
+
+    def opt_dnssec_resolver(self, value):
+        """Validating DNS resolver, HOST[:PORT] (IPv4; repeatable), trusted to set the AD
+        bit: enables DANE (RFC 7672) for destinations at the may, dane and dane-only
+        levels."""
+        self["dnssec-resolvers"].append(value)
 
     def opt_resolver(self, value):
         """DNS server to ask, HOST[:PORT] (IPv4; repeatable). When given, no other
@@ -114,6 +148,17 @@ def config_from_options(o) -> Config:
         delay_warning=o["delay-warning"],
         retry_jitter=o["retry-jitter"],
         destination_failure_memory=o["destination-failure-memory"],
+        tls_policy=o["tls-policy"],
+        tls_fallback_memory=o["tls-fallback-memory"],
+        auth_user=o["auth-user"],
+        auth_password_file=o["auth-password-file"],
+        auth_password_env=o["auth-password-env"],
+        auth_token_file=o["auth-token-file"],
+        auth_token_command=o["auth-token-command"],
+        auth_mechanisms=o["auth-mechanisms"],
+        auth_plaintext=bool(o["auth-plaintext"]),
+        mta_sts=bool(o["mta-sts"]),
+        dnssec_resolvers=tuple(o["dnssec-resolvers"]),
     )
 
 
