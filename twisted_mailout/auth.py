@@ -109,7 +109,7 @@ class Credentials:
         self.token_file = token_file
         self.token_command = list(token_command) if token_command else None
         self.allow_plaintext = allow_plaintext
-        usable = ("XOAUTH2",) if password is None else ("CRAM-MD5", "PLAIN", "LOGIN")
+        usable = ("XOAUTH2",) if password is None else ("PLAIN", "LOGIN", "CRAM-MD5")
         if mechanisms is None:
             mechanisms = usable
         mechanisms = tuple(m.upper() for m in mechanisms)

@@ -1,0 +1,194 @@
+"""AUTH credentials and the TLS policy table: what an operator configures.
+
+Secrets must never show in a repr, a log line or an error text; a policy
+file with a mistake must be refused at startup naming the line.
+"""
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from twisted_mailout.auth import (
+    AuthError,
+    Credentials,
+    Secret,
+    choose_mechanism,
+    cram_md5_response,
+    credentials_from_options,
+    plain_response,
+    xoauth2_response,
+)
+from twisted_mailout.config import Config, ConfigError
+from twisted_mailout.router import parse_relay
+from twisted_mailout.tlspolicy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
+
+PASSWORD = "pa55-w0rd-XYZ"
+
+
+def test_secret_and_credentials_never_show_the_password():
+    c = Credentials("user@example.com", PASSWORD)
+    for text in (repr(c), str(c), repr(c.password), str(c.password), f"{c.password}"):
+        assert PASSWORD not in text
+    assert c.password.reveal() == PASSWORD
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(c.password)
+
+
+def test_plain_response_follows_rfc4616():
+    c = Credentials("tim", "tanstaaftanstaaf")
+    assert base64.b64decode(plain_response(c)) == b"\0tim\0tanstaaftanstaaf"
+
+
+def test_cram_md5_response_matches_rfc2195_example():
+    # RFC 2195 section 2: the example exchange.
+    c = Credentials("tim", "tanstaaftanstaaf")
+    challenge = base64.b64encode(b"<1896.697170952@postoffice.reston.mci.net>").decode()
+    answer = base64.b64decode(cram_md5_response(c, challenge))
+    assert answer == b"tim b913a602c7eda7a495b4e6e7334d3890"
+    expected = hmac.new(b"tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>",
+                        hashlib.md5).hexdigest()
+    assert answer.endswith(expected.encode())
+    with pytest.raises(AuthError, match="not base64"):
+        cram_md5_response(c, "***")
+
+
+def test_xoauth2_response_shape():
+    raw = base64.b64decode(xoauth2_response("me@example.com", Secret("ya29.tok")))
+    assert raw == b"user=me@example.com\x01auth=Bearer ya29.tok\x01\x01"
+
+
+def test_mechanism_choice_prefers_challenge_response_without_tls():
+    c = Credentials("u", "p")
+    assert choose_mechanism(c, "LOGIN PLAIN CRAM-MD5", encrypted=True) == "PLAIN"
+    assert choose_mechanism(c, "LOGIN PLAIN CRAM-MD5", encrypted=False) == "CRAM-MD5"
+    assert choose_mechanism(c, "LOGIN", encrypted=True) == "LOGIN"
+    assert choose_mechanism(c, "GSSAPI", encrypted=True) is None
+    only = Credentials("u", "p", mechanisms=("login",))
+    assert choose_mechanism(only, "PLAIN LOGIN", encrypted=True) == "LOGIN"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"username": ""}, "user name"),
+    ({"username": "u\r\nRSET"}, "user name"),
+    ({"username": "u"}, "exactly one"),
+    ({"username": "u", "password": ""}, "empty"),
+    ({"username": "u", "password": "p", "mechanisms": ("XOAUTH2",)}, "cannot be used"),
+    ({"username": "u", "password": "p", "mechanisms": ("NTLM",)}, "unknown"),
+])
+def test_bad_credentials_are_refused_clearly(kwargs, message):
+    with pytest.raises(AuthError, match=message):
+        Credentials(**kwargs)
+
+
+def test_credentials_from_a_file_and_from_the_environment(tmp_path, monkeypatch):
+    f = tmp_path / "pw"
+    f.write_text(PASSWORD + "\n")
+    c = credentials_from_options("u", password_file=str(f))
+    assert c.password.reveal() == PASSWORD
+    monkeypatch.setenv("MAILOUT_PW", PASSWORD)
+    assert credentials_from_options("u", password_env="MAILOUT_PW").password.reveal() == PASSWORD
+    with pytest.raises(AuthError, match="unset or empty"):
+        credentials_from_options("u", password_env="MAILOUT_NOT_SET_ANYWHERE")
+    with pytest.raises(AuthError, match="cannot read"):
+        credentials_from_options("u", password_file=str(tmp_path / "missing"))
+    with pytest.raises(AuthError, match="no --auth-user"):
+        credentials_from_options(None, password_file=str(f))
+    with pytest.raises(AuthError, match="exactly one"):
+        credentials_from_options("u", password_file=str(f), password_env="MAILOUT_PW")
+    assert credentials_from_options(None) is None
+
+
+def test_config_refuses_auth_without_a_relay_and_keeps_the_password_out_of_errors(tmp_path):
+    f = tmp_path / "pw"
+    f.write_text(PASSWORD)
+    with pytest.raises(ConfigError, match="--relay") as e:
+        Config(queue=str(tmp_path / "q"), auth_user="u", auth_password_file=str(f))
+    assert PASSWORD not in str(e.value)
+    cfg = Config(queue=str(tmp_path / "q"), relay="smtps://relay.example.net",
+                 auth_user="u", auth_password_file=str(f))
+    assert PASSWORD not in repr(cfg)
+    assert cfg.credentials().password.reveal() == PASSWORD
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("relay.example.net", ("relay.example.net", 25, False)),
+    ("relay.example.net:2525", ("relay.example.net", 2525, False)),
+    ("smtp://relay.example.net", ("relay.example.net", 587, False)),
+    ("smtps://relay.example.net", ("relay.example.net", 465, True)),
+    ("SMTPS://[::1]:1465", ("::1", 1465, True)),
+])
+def test_relay_forms(text, expected):
+    assert parse_relay(text) == expected
+
+
+@pytest.mark.parametrize("text", ["http://x", "smtp://u:p@relay", "smtp://relay/path", "smtps://"])
+def test_bad_relay_forms(text):
+    with pytest.raises(ValueError):
+        parse_relay(text)
+
+
+def test_policy_file_lookup_order(tmp_path):
+    f = tmp_path / "policy"
+    f.write_text("""
+# comment
+example.com        secure
+.example.com       verify   # every subdomain
+.sub.example.com   encrypt
+bank.example       secure match=mx.bankhost.net:.bank.example
+[relay.example.net]:587  verify
+legacy.example     none
+""")
+    t = PolicyTable.from_file(str(f), TLSPolicy("may"))
+    assert t.lookup("example.com").level == "secure"
+    assert t.lookup("EXAMPLE.COM.").level == "secure"
+    assert t.lookup("a.example.com").level == "verify"
+    assert t.lookup("x.sub.example.com").level == "encrypt"
+    assert t.lookup("other.example").level == "may"
+    assert t.lookup("relay.example.net:587").level == "verify"
+    assert t.lookup("smtp://relay.example.net:587").level == "verify"
+    bank = t.lookup("bank.example")
+    assert bank.names_for("bank.example", "mx1.attacker.test") == ("mx.bankhost.net",
+                                                                   ".bank.example")
+    assert t.lookup("legacy.example").source.endswith(":8")  # the text starts with a newline
+
+
+@pytest.mark.parametrize("content, message", [
+    ("example.com\n", ":1: expected"),
+    ("example.com strict\n", "unknown TLS level 'strict'"),
+    ("example.com may match=x\n", "match= applies only"),
+    ("example.com verify cipher=high\n", "unknown option"),
+    ("example.com may\nEXAMPLE.com verify\n", ":2: EXAMPLE.com is listed twice"),
+])
+def test_policy_file_mistakes_name_the_line(tmp_path, content, message):
+    f = tmp_path / "policy"
+    f.write_text(content)
+    with pytest.raises(PolicyFileError, match=message):
+        PolicyTable.from_file(str(f))
+    with pytest.raises(ConfigError, match="--tls-policy"):
+        Config(queue=str(tmp_path / "q"), tls_policy=str(f))
+
+
+def test_secure_names_default_to_the_recipient_domain_and_its_subdomains():
+    p = TLSPolicy("secure")
+    assert p.names_for("example.com", "mx.attacker.test") == ("example.com", ".example.com")
+    assert TLSPolicy("verify").names_for("example.com", "MX.Example.com") == ("mx.example.com",)
+    assert p.names_for(None, "relay.example.net") == ("relay.example.net",)
+
+
+@pytest.mark.parametrize("cert_names, wanted, ok", [
+    (["mx.example.com"], ("mx.example.com",), True),
+    (["*.example.com"], ("mx.example.com",), True),
+    (["*.example.com"], ("a.mx.example.com",), False),  # one label only (RFC 6125 6.4.3)
+    (["mx.example.com"], ("example.com", ".example.com"), True),
+    (["*.example.com"], ("example.com", ".example.com"), True),
+    (["example.com.evil.test"], ("example.com", ".example.com"), False),
+    (["mx.attacker.test"], ("example.com", ".example.com"), False),
+    (["badexample.com"], (".example.com",), False),
+    ([], ("mx.example.com",), False),
+])
+def test_certificate_name_matching(cert_names, wanted, ok):
+    assert name_matches(cert_names, wanted) is ok
