@@ -456,6 +456,15 @@ class Scheduler:
                                    attempt.relay or "none", now - entry.arrival, rs.attempts))
 
     def _emit(self, o: Outcome):
+        """Log one outcome and give it to the observers.
+
+        The log event's namespace is C{twisted_mailout.outcome}; its fields
+        are stable: C{qid}, C{recipient}, C{event} (C{"delivered"},
+        C{"deferred"} or C{"bounced"}), C{outcome} (the same, with
+        C{"sent"} and C{"expired"}), C{code}, C{dsn} (enhanced status),
+        C{reply} (one line), C{relay}, C{delay} (seconds), C{attempts},
+        C{local} (no server gave the reply).
+        """
         self.counts[o.status] = self.counts.get(o.status, 0) + 1
         word = {"expired": "bounced"}.get(o.status, o.status)
         log.info(
@@ -464,7 +473,8 @@ class Scheduler:
             qid=o.qid, recipient=o.recipient, relay=o.relay, delay=o.delay,
             attempts=o.attempts, dsn=o.reply.enhanced_status, status=word,
             reply=o.reply.one_line(), code=o.reply.code, outcome=o.status,
-            log_namespace="twisted_mailout.outcome")
+            event={"sent": "delivered", "expired": "bounced"}.get(o.status, o.status),
+            local=o.reply.local, log_namespace="twisted_mailout.outcome")
         for obs in self.observers:
             try:
                 obs(o)
