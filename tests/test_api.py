@@ -201,3 +201,43 @@ class TooManyRecipientsTests(unittest.TestCase):
         self.assertEqual([m["rcpt_tos"] for m in sink.messages],
                          [rcpts[:2], rcpts[2:4], rcpts[4:]])
         self.assertEqual(len({m["peer"] for m in sink.messages}), 1, "one connection")
+
+
+class SharedConnectionTests(unittest.TestCase):
+    """sendmail() calls made close together share connections (issue 5)."""
+
+    timeout = 60
+
+    def sink(self):
+        s = AiosmtpdSink("127.0.0.1").start()
+        self.addCleanup(lambda: threads.deferToThread(s.stop))
+        return s
+
+    @defer.inlineCallbacks
+    def test_calls_in_flight_together_share_a_few_connections(self):
+        sink = self.sink()
+        reports = yield defer.gatherResults([
+            twisted_mailout.sendmail("a@origin.test", [f"r{i}@dest.test"], MSG,
+                                     relay=f"127.0.0.1:{sink.port}", timeout=10, connections=2)
+            for i in range(20)])
+        self.assertTrue(all(r.all_delivered for r in reports))
+        self.assertEqual(len(sink.messages), 20)
+        peers = {tuple(m["peer"]) for m in sink.messages}
+        self.assertLessEqual(len(peers), 2)  # 20 messages over at most 2 connections
+        from twisted_mailout.api import _POOLS
+
+        self.assertEqual(_POOLS, {})  # linger=0: nothing kept once none is in flight
+
+    @defer.inlineCallbacks
+    def test_linger_keeps_the_connection_for_the_next_call(self):
+        sink = self.sink()
+        for i in range(3):
+            report = yield twisted_mailout.sendmail(
+                "a@origin.test", [f"r{i}@dest.test"], MSG, relay=f"127.0.0.1:{sink.port}",
+                timeout=10, linger=30)
+            self.assertTrue(report.all_delivered)
+        self.assertEqual(len({tuple(m["peer"]) for m in sink.messages}), 1)
+        yield twisted_mailout.api.close_connections()
+        from twisted_mailout.api import _POOLS
+
+        self.assertEqual(_POOLS, {})

@@ -14,7 +14,7 @@ from .auth import Credentials
 from .router import parse_relay
 from .session import TLS_LEVELS
 
-__all__ = ["DeliveryReport", "RecipientResult", "enqueue", "sendmail"]
+__all__ = ["DeliveryReport", "RecipientResult", "close_connections", "enqueue", "sendmail"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def _status(reply: Reply) -> str:
 
 def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=25, helo=None,
              tls="may", cafile=None, reactor=None, timeout=60.0, tls_match=None,
-             tls_policy=None, auth=None, auth_plaintext=False) -> defer.Deferred:
+             tls_policy=None, auth=None, auth_plaintext=False, connections=4,
+             linger=0.0) -> defer.Deferred:
     """Deliver a message now, without the queue, through the same router and
     session code as the daemon.
 
@@ -103,6 +104,12 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
     @param reactor: the reactor; the global one when L{None}.
     @param timeout: cap in seconds on each network step (connect, each
         command, DNS); nothing waits longer, so the Deferred always fires.
+    @param connections: open connections per destination at most.
+    @param linger: seconds idle connections stay open after the last call
+        in flight finishes, for later calls with the same settings. Calls
+        in flight at the same time with the same settings always share
+        connections (and DNS answers); with C{0} everything is closed
+        when none is in flight. See L{close_connections}.
     @return: a Deferred firing with a L{DeliveryReport}. It fails only for
         bad arguments (L{AddressError}, L{MessageError}, C{ValueError}); a
         refused or unreachable recipient is a result, not a failure.
@@ -134,8 +141,11 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         config = Config(queue="-", relay=relay, resolvers=tuple(resolvers), mx_port=mx_port,
                         helo=helo, tls=tls, cafile=cafile, command_timeout=timeout,
                         connect_timeout=min(timeout, 30.0), dns_timeout=min(timeout, 15.0),
-                        connection_idle=0.01, max_connections=10, max_per_destination=2,
-                        tls_policy=tls_policy)
+                        connection_idle=max(linger, 1.0),
+                        max_connections=max(10, connections),
+                        max_per_destination=connections, tls_policy=tls_policy)
+        if linger < 0:
+            raise ValueError("linger must not be negative")
         from .tlspolicy import TLSPolicy
 
         policy = config.policy_table()
@@ -151,15 +161,82 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         reactor = _reactor
     from .service import build_connector
 
-    try:
-        connector = build_connector(config, reactor, credentials=credentials, policy=policy)
-    except Exception as e:  # noqa: BLE001
-        return defer.fail(e)
-    return defer.Deferred.fromCoroutine(_send(connector, snd, addrs, data, bool(relay)))
+    key = (id(reactor), relay, tuple(resolvers), mx_port, helo, tls, cafile, tls_policy,
+           tuple(tls_match or ()), _credentials_key(credentials), timeout, connections)
+    pool = _POOLS.get(key)
+    if pool is None:
+        try:
+            connector = build_connector(config, reactor, credentials=credentials, policy=policy)
+        except Exception as e:  # noqa: BLE001
+            return defer.fail(e)
+        pool = _POOLS[key] = _Pool(key, connector, reactor)
+    pool.enter()
+    return defer.Deferred.fromCoroutine(_send(pool, linger, snd, addrs, data, bool(relay)))
 
 
-async def _send(connector, snd, addrs, data: bytes, relay: bool) -> DeliveryReport:
+#: Connectors shared by sendmail() calls with the same settings.
+_POOLS: dict = {}
+
+
+def _credentials_key(c):
+    if c is None:
+        return None
+    import hashlib
+
+    secret = c.password.reveal() if c.password is not None else repr(
+        (c.token_file, c.token_command))
+    return (c.username, hashlib.sha256(secret.encode()).hexdigest(), c.mechanisms,
+            c.allow_plaintext)
+
+
+class _Pool:
+    """One shared connector and the calls using it."""
+
+    def __init__(self, key, connector, reactor):
+        self.key = key
+        self.connector = connector
+        self.reactor = reactor
+        self.users = 0
+        self.timer = None
+
+    def enter(self):
+        self.users += 1
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def leave(self, linger: float) -> defer.Deferred:
+        self.users -= 1
+        if self.users:
+            return defer.succeed(None)
+        if linger > 0:
+            self.timer = self.reactor.callLater(linger, self.close)
+            return defer.succeed(None)
+        return self.close()
+
+    def close(self) -> defer.Deferred:
+        self.timer = None
+        if _POOLS.get(self.key) is self:
+            del _POOLS[self.key]
+        return self.connector.close()
+
+
+def close_connections() -> defer.Deferred:
+    """Close the connections that L{sendmail} keeps open for C{linger}.
+
+    @return: a Deferred firing (with L{None}) once they are closed.
+    """
+    pools = [p for p in _POOLS.values() if p.users == 0]
+    for p in pools:
+        if p.timer is not None and p.timer.active():
+            p.timer.cancel()
+    return defer.DeferredList([p.close() for p in pools]).addCallback(lambda _: None)
+
+
+async def _send(pool, linger, snd, addrs, data: bytes, relay: bool) -> DeliveryReport:
     import io
+
+    connector = pool.connector
 
     groups: dict[str, list] = {}
     for a in addrs:
@@ -175,7 +252,7 @@ async def _send(connector, snd, addrs, data: bytes, relay: bool) -> DeliveryRepo
                               not data.isascii())
             for k in keys])
     finally:
-        await connector.close()
+        await pool.leave(linger)
     results = {}
     for k, attempt in zip(keys, attempts, strict=True):
         for a in groups[k]:
