@@ -839,11 +839,21 @@ class _BodyProducer:
         chunk = self.source.read(CHUNK)
         while chunk:
             out = self.stuffer.feed(chunk)
+            if len(chunk) < CHUNK:  # probably the end: if so, the dot goes in the same write
+                chunk = self.source.read(CHUNK)
+                if not chunk:
+                    self.session.transport.write(out + self.stuffer.finish())
+                    self._done_writing()
+                    return
+                out += self.stuffer.feed(chunk)
             if out:
                 self.session.transport.write(out)
                 return
             chunk = self.source.read(CHUNK)
         self.session.transport.write(self.stuffer.finish())
+        self._done_writing()
+
+    def _done_writing(self):
         self.session.transport.unregisterProducer()
         self._finish(None)
 
