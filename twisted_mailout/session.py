@@ -429,10 +429,10 @@ class ESMTPSession(protocol.Protocol):
             elif type(v).__name__ == "VerificationError":  # service_identity
                 detail = f"TLS failure: certificate does not match {self.hostname}: {v}"
                 status, what = "4.7.5", "tls"
+            elif self._tls_pending:  # closed (cleanly or not) before the handshake ended
+                detail, status, what = "connection closed during the TLS handshake", "4.7.5", "tls"
             elif not reason.check(error.ConnectionDone):
                 detail = f"connection lost: {v}"
-            elif self._tls_pending:
-                detail, what = "connection closed during the TLS handshake", "tls"
         err = SessionError(_local(421, f"{status} {detail} while waiting for the "
                                   f"{'TLS handshake' if what == 'tls' else what + ' reply'} "
                                   f"from {self.hostname or self.peer}"), what)
