@@ -69,7 +69,7 @@ def _status(reply: Reply) -> str:
 def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=25, helo=None,
              tls="may", cafile=None, reactor=None, timeout=60.0, tls_match=None,
              tls_policy=None, auth=None, auth_plaintext=False, connections=4,
-             linger=0.0) -> defer.Deferred:
+             linger=0.0, dnssec_resolver=None, mta_sts=False) -> defer.Deferred:
     """Deliver a message now, without the queue, through the same router and
     session code as the daemon.
 
@@ -104,6 +104,12 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
     @param reactor: the reactor; the global one when L{None}.
     @param timeout: cap in seconds on each network step (connect, each
         command, DNS); nothing waits longer, so the Deferred always fires.
+    @param dnssec_resolver: C{"HOST[:PORT]"} (or a list) of validating
+        resolvers trusted to set the AD bit: DANE (RFC 7672) then applies to
+        MX delivery at the C{may}, C{dane} and C{dane-only} levels.
+    @param mta_sts: C{True} to apply recipient domains' MTA-STS policies
+        (RFC 8461) to MX delivery (cached in memory), or an
+        L{mtasts.MTASTS} to use.
     @param connections: open connections per destination at most.
     @param linger: seconds idle connections stay open after the last call
         in flight finishes, for later calls with the same settings. Calls
@@ -138,12 +144,15 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         if credentials is not None and relay is None:
             raise ValueError("auth is for a relay: give relay= too")
         resolvers = [resolver] if isinstance(resolver, str) else list(resolver or ())
+        dnssec = ([dnssec_resolver] if isinstance(dnssec_resolver, str)
+                  else list(dnssec_resolver or ()))
         config = Config(queue="-", relay=relay, resolvers=tuple(resolvers), mx_port=mx_port,
                         helo=helo, tls=tls, cafile=cafile, command_timeout=timeout,
                         connect_timeout=min(timeout, 30.0), dns_timeout=min(timeout, 15.0),
                         connection_idle=max(linger, 1.0),
                         max_connections=max(10, connections),
-                        max_per_destination=connections, tls_policy=tls_policy)
+                        max_per_destination=connections, tls_policy=tls_policy,
+                        dnssec_resolvers=tuple(dnssec), mta_sts=mta_sts is True)
         if linger < 0:
             raise ValueError("linger must not be negative")
         from .tlspolicy import TLSPolicy
@@ -162,11 +171,14 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
     from .service import build_connector
 
     key = (id(reactor), relay, tuple(resolvers), mx_port, helo, tls, cafile, tls_policy,
-           tuple(tls_match or ()), _credentials_key(credentials), timeout, connections)
+           tuple(tls_match or ()), _credentials_key(credentials), timeout, connections,
+           tuple(dnssec), mta_sts if mta_sts is True or not mta_sts else id(mta_sts))
     pool = _POOLS.get(key)
     if pool is None:
         try:
-            connector = build_connector(config, reactor, credentials=credentials, policy=policy)
+            connector = build_connector(
+                config, reactor, credentials=credentials, policy=policy,
+                mta_sts=None if isinstance(mta_sts, bool) else mta_sts)
         except Exception as e:  # noqa: BLE001
             return defer.fail(e)
         pool = _POOLS[key] = _Pool(key, connector, reactor)

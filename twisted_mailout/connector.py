@@ -37,6 +37,10 @@ class ConnectorSettings:
     @ivar credentials: L{auth.Credentials} for AUTH at the relay, or L{None}.
     @ivar tls_fallback_memory: seconds a host whose handshake failed under
         C{may} is sent plaintext without trying TLS (0: never fall back).
+    @ivar dane: a L{dane.DNSSECResolver} (validating) enabling DANE for MX
+        delivery at the C{may}, C{dane} and C{dane-only} levels, or L{None}.
+    @ivar mta_sts: an L{mtasts.MTASTS} applying MTA-STS policies to MX
+        delivery at the C{may} and C{dane} levels, or L{None}.
     @ivar timeouts: per-command L{Timeouts}.
     @ivar max_connections: open connections at most, all destinations.
     @ivar max_per_destination: open connections at most to one destination.
@@ -62,6 +66,8 @@ class ConnectorSettings:
     policy: PolicyTable | None = None
     credentials: object = None
     tls_fallback_memory: float = 3600.0
+    dane: object = None
+    mta_sts: object = None
 
 
 @dataclass
@@ -75,6 +81,45 @@ class Attempt:
 
     replies: dict[str, Reply]
     relay: str | None
+
+
+@dataclass(frozen=True)
+class _Security:
+    """How one host is secured: the session's TLS level, the connection
+    creator, where the decision came from (for logs) and the RFC 8460
+    policy type to report TLS results under (C{"sts"}, C{"tlsa"}, or
+    L{None} when no TLS-RPT policy applies), with the policy's strings and
+    MX patterns: C{(policy_type, strings, patterns)}."""
+
+    level: str
+    creator: object
+    source: str
+    report: tuple | None
+
+
+def _tlsrpt(report, domain, mx_host, addr, result_type, detail):
+    """Log one TLS session result in RFC 8460 terms (see L{tlsrpt});
+    C{result_type} L{None} is a success. Never raises: reporting must not
+    break delivery.
+
+    @param report: C{(policy_type, policy_strings, mx_patterns)}.
+    """
+    from . import tlsrpt
+
+    policy_type, strings, patterns = report
+    try:
+        if result_type is None:
+            tlsrpt.log_success(policy_type, domain, policy_string=list(strings),
+                               mx_host=list(patterns))
+        else:
+            if result_type not in tlsrpt.RESULT_TYPES:
+                result_type = "validation-failure"
+            tlsrpt.log_failure(policy_type, domain, result_type,
+                               policy_string=list(strings), mx_host=list(patterns),
+                               receiving_mx_hostname=mx_host, receiving_ip=addr,
+                               failure_reason_code=detail)
+    except Exception:  # noqa: BLE001
+        log.failure("cannot log a TLS-RPT result for {domain}", domain=domain)
 
 
 class _Dest:
@@ -328,8 +373,46 @@ class Connector:
         policy = self.policy.lookup(self.router.name if relay else key)
         last: Reply | None = None
         tried = []
-        seen: set[tuple[str, int]] = set()
+        # DANE (RFC 7672) and MTA-STS (RFC 8461) raise opportunistic levels
+        # for MX delivery; an explicit verify/secure/encrypt/none stands.
+        mx_secure = False
+        use_dane = (self.settings.dane is not None and not relay
+                    and policy.level in ("may", "dane", "dane-only"))
+        if use_dane:
+            mx_secure = await self._mx_secure(key, policy)
+        elif policy.level == "dane-only":
+            raise SessionError(Reply(451, f"4.7.5 TLS level dane-only for {key} needs a "
+                                     "validating resolver (--dnssec-resolver)", local=True),
+                               "dane")
+        sts = None
+        if (self.settings.mta_sts is not None and not relay
+                and policy.level in ("may", "dane")):
+            sts = await self.settings.mta_sts.policy_for(key)
+            if sts is not None and sts.mode == "none":
+                sts = None
+        if sts is not None and sts.mode == "enforce" and not mx_secure:
+            kept = [h for h in hops if sts.matches(h.host)]
+            for h in hops:
+                if h not in kept:
+                    tried.append(f"{h.host}: not an MX host of the MTA-STS policy")
+                    _tlsrpt(("sts", sts.lines(), sts.mx), key, h.host, None,
+                            "validation-failure",
+                            f"MX host {h.host} does not match the MTA-STS policy")
+            if not kept:
+                raise SessionError(Reply(451, f"4.7.5 no MX host of {key} matches its "
+                                         f"MTA-STS policy (enforce; mx: "
+                                         f"{', '.join(sts.mx)})", local=True), "mta-sts")
+            hops = kept
+        seen: set[tuple] = set()
         for hop in hops:
+            try:
+                security = await self._hop_security(hop, policy, domain, mx_secure, sts)
+            except SessionError as e:
+                last = e.reply
+                tried.append(f"{hop.host}: {e.reply.one_line()}")
+                log.info("{host}: {reason}; trying the next host", host=hop.host,
+                         reason=e.reply.one_line())
+                continue
             try:
                 addrs = await self.router.addresses(hop)
             except RouteError as e:
@@ -339,18 +422,29 @@ class Connector:
                 tried.append(f"{hop.host}: {e.reply.text}")
                 continue
             for addr in addrs:
-                if (addr, hop.port) in seen:
-                    continue  # another MX name for an address already tried
-                seen.add((addr, hop.port))
+                # Another MX name for an address already tried is skipped,
+                # unless its own DANE/MTA-STS rules make it a different try.
+                tag = (addr, hop.port, hop.host if security.report else None)
+                if tag in seen:
+                    continue
+                seen.add(tag)
                 label = f"{hop.host}[{addr}]:{hop.port}"
                 try:
-                    session = await self._connect_secured(hop, addr, policy, domain)
+                    session = await self._connect_secured(hop, addr, security, domain)
                 except SessionError as e:
+                    if e.stage in ("tls", "starttls") and security.report is not None:
+                        _tlsrpt(security.report, key, hop.host, addr,
+                                e.tls_failure or ("starttls-not-supported"
+                                                  if e.stage == "starttls"
+                                                  else "validation-failure"),
+                                e.reply.one_line())
                     last = e.reply
                     tried.append(f"{label}: {e.reply.one_line()}")
                     log.info("{label}: {reason}; trying the next host", label=label,
                              reason=e.reply.one_line())
                     continue
+                if security.report is not None:
+                    _tlsrpt(security.report, key, hop.host, addr, None, None)
                 session.relay_label = label
                 return session
         if last is None:
@@ -364,6 +458,56 @@ class Connector:
             reply = Reply(451, f"4.4.0 session refused: {last.one_line()}{many}", local=True)
         raise SessionError(reply, "connect")
 
+    async def _mx_secure(self, key: str, policy: TLSPolicy) -> bool:
+        """Whether the MX RRset of C{key} (or its secure absence) validated."""
+        from .dane import DNSLookupError
+
+        try:
+            lookup = await self.settings.dane.mx(key)
+        except DNSLookupError as e:
+            # A bogus MX RRset is an attack or a broken zone: never fall back.
+            raise SessionError(Reply(451, f"4.7.5 DNSSEC validation of the MX records of "
+                                     f"{key} failed: {e}", local=True), "dane") from None
+        if policy.level == "dane-only" and not lookup.secure:
+            raise SessionError(Reply(451, f"4.7.5 TLS level dane-only but the MX records of "
+                                     f"{key} are not DNSSEC-signed", local=True), "dane")
+        return lookup.secure
+
+    async def _hop_security(self, hop: NextHop, policy: TLSPolicy, domain: str | None,
+                            mx_secure: bool, sts) -> _Security:
+        """The TLS level and connection creator for one host."""
+        if mx_secure:
+            from . import dane
+
+            try:
+                dp = await dane.host_policy(self.settings.dane, hop.host, port=hop.port,
+                                            mx_secure=True, domain=domain)
+            except dane.DNSLookupError as e:
+                _tlsrpt(("tlsa", (), ()), domain, hop.host, None, "dnssec-invalid", str(e))
+                raise SessionError(Reply(451, f"4.7.5 DNSSEC lookup for {hop.host} failed: {e}",
+                                         local=True), "dane") from None
+            report = ("tlsa", tuple(str(r) for r in dp.tlsa), ())
+            if dp.mode == "dane":
+                return _Security("dane-only", dp.tls_creator(hop.host), "dane", report)
+            if dp.mode == "encrypt":
+                return _Security("encrypt", opportunistic_tls(hop.host), "dane", report)
+            if policy.level == "dane-only":
+                raise SessionError(Reply(451, f"4.7.5 TLS level dane-only but {hop.host} has "
+                                         f"no usable DANE TLSA records ({dp.reason})",
+                                         local=True), "dane")
+        if sts is not None:
+            if sts.mode == "enforce" and not sts.matches(hop.host):
+                raise SessionError(Reply(451, f"4.7.5 {hop.host} is not an MX host of the "
+                                         f"MTA-STS policy of {domain}", local=True), "mta-sts")
+            if sts.mode == "enforce":
+                return _Security("verify", name_checking_tls(hop.host, (hop.host.lower(),),
+                                                             self.settings.trust_root),
+                                 "mta-sts", ("sts", sts.lines(), sts.mx))
+            return _Security("may", opportunistic_tls(hop.host), "mta-sts testing",
+                             ("sts", sts.lines(), sts.mx))
+        level = "may" if policy.level == "dane" else policy.level
+        return _Security(level, self._creator(policy, domain, hop), policy.source, None)
+
     def _creator(self, policy: TLSPolicy, domain: str | None, hop: NextHop):
         """The TLS connection creator for C{hop} under C{policy}."""
         if policy.level in ("verify", "secure"):
@@ -371,21 +515,20 @@ class Connector:
                                      self.settings.trust_root)
         return opportunistic_tls(hop.host)
 
-    async def _connect_secured(self, hop: NextHop, addr: str, policy: TLSPolicy,
+    async def _connect_secured(self, hop: NextHop, addr: str, security: _Security,
                                domain: str | None):
-        """Connect under C{policy}; under C{may}, a host whose TLS handshake
+        """Connect under C{security}; under C{may}, a host whose TLS handshake
         fails is tried again at once in plaintext, and sent plaintext for
         C{tls_fallback_memory} seconds (Postfix does the same)."""
-        level = policy.level
+        level = security.level
         implicit = getattr(self.router, "implicit_tls", False)
-        opportunistic = level in ("may", "dane") and not implicit
+        opportunistic = level == "may" and not implicit
         memo = (hop.host, addr, hop.port)
         now = self.reactor.seconds()
         if opportunistic and self._plaintext_until.get(memo, 0) > now:
             level = "none"
         try:
-            return await self._connect_one(hop, addr, level, self._creator(policy, domain, hop),
-                                           implicit)
+            return await self._connect_one(hop, addr, level, security.creator, implicit)
         except SessionError as e:
             if not (opportunistic and level != "none" and e.stage == "tls"
                     and self.settings.tls_fallback_memory > 0):

@@ -12,7 +12,7 @@ from twisted.python import filepath
 from .config import Config
 from .connector import Connector, ConnectorSettings
 from .queue import Queue
-from .router import MXRouter, RelayRouter, make_resolver, parse_relay
+from .router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
 from .scheduler import RetryPolicy, Scheduler, thread_io
 from .session import load_trust_root
 
@@ -22,13 +22,14 @@ log = Logger(namespace="twisted_mailout")
 
 
 def build_connector(config: Config, reactor, resolver=None, credentials=None,
-                    policy=None) -> Connector:
+                    policy=None, mta_sts=None) -> Connector:
     """The router and connector that C{config} describes.
 
     @param resolver: an C{IResolver}; made from C{config.resolvers} when
         L{None}.
     @param credentials: L{auth.Credentials} replacing C{config}'s AUTH options.
     @param policy: a L{tlspolicy.PolicyTable} replacing C{config}'s.
+    @param mta_sts: an L{mtasts.MTASTS} to use instead of building one.
     @return: a L{Connector}.
     @raise ValueError: a bad resolver, relay or TLS policy file, unusable
         AUTH credentials (L{auth.AuthError}); OSError: unreadable cafile.
@@ -43,13 +44,31 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         router = MXRouter(resolver, reactor, port=config.mx_port)
     if policy is None:
         policy = config.policy_table()
+    dane_resolver = None
+    if config.dnssec_resolvers:
+        from .dane import DNSSECResolver
+
+        dane_resolver = DNSSECResolver(
+            reactor, [parse_hostport(r, 53) for r in config.dnssec_resolvers],
+            timeout=config.dns_timeout)
+    trust_root = load_trust_root(config.cafile)
+    if mta_sts is None and config.mta_sts and not config.relay:
+        from .mtasts import MTASTS
+
+        cache = None if config.queue == "-" else os.path.join(config.queue, "mta-sts")
+        mta_sts = MTASTS(reactor, resolver, cache, trust_root=trust_root,
+                         timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
+                         **({"https_port": config.extra["mta_sts_port"]}
+                            if "mta_sts_port" in config.extra else {}))
     settings = ConnectorSettings(
         helo=config.helo_name,
         tls=config.tls,
         policy=policy,
         credentials=credentials if credentials is not None else config.credentials(),
         tls_fallback_memory=config.tls_fallback_memory,
-        trust_root=load_trust_root(config.cafile),
+        trust_root=trust_root,
+        dane=dane_resolver,
+        mta_sts=mta_sts,
         timeouts=config.timeouts,
         max_connections=config.max_connections,
         max_per_destination=config.max_per_destination,
