@@ -1,0 +1,819 @@
+"""SMTP MTA Strict Transport Security (MTA-STS, RFC 8461).
+
+L{MTASTS.policy_for} finds the policy of a recipient domain: the
+C{_mta-sts.<domain>} TXT record (section 3.1) through the C{twisted.names}
+resolver it is given, then, when its id is new, the policy at
+C{https://mta-sts.<domain>/.well-known/mta-sts.txt} (3.2, 3.3) over verified
+HTTPS with treq.  Policies are cached for their C{max_age} in memory and as
+JSON files (one per domain) in a folder, so a restart keeps them (5.1).
+
+Name resolution: C{mta-sts.<domain>} is resolved with A then AAAA queries
+through the same C{twisted.names} resolver (never C{getaddrinfo}), and the
+HTTPS client (a C{twisted.web.client.Agent} with our own endpoint factory)
+connects to those IP addresses with C{TCP4ClientEndpoint} /
+C{TCP6ClientEndpoint}, TLS wrapped around them with
+C{optionsForClientTLS("mta-sts.<domain>", trust_root)}: SNI, the chain and
+the host name (service_identity, RFC 6125) are checked against that name.
+
+What the connector does with a policy (section 4, 5): in C{enforce} mode
+only MX hosts that L{Policy.matches} are tried, with STARTTLS required and
+the certificate verified against the MX host name; in C{testing} mode
+failures are logged (L{twisted_mailout.tlsrpt}) and delivery goes on as
+without a policy; C{none} is no policy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import treq
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dnserror
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from . import tlsrpt
+
+__all__ = [
+    "MAX_AGE_LIMIT",
+    "MAX_POLICY_SIZE",
+    "MTASTS",
+    "FetchError",
+    "Policy",
+    "PolicyError",
+    "parse_policy",
+    "parse_txt",
+    "policy_url",
+]
+
+log = Logger(namespace="twisted_mailout.mtasts")
+
+#: Largest C{max_age} a policy may have, in seconds (about one year, RFC 8461 3.2).
+MAX_AGE_LIMIT = 31557600
+#: Largest policy body accepted, in bytes (the 64 KiB RFC 8461 3.3 suggests).
+MAX_POLICY_SIZE = 65536
+#: Where the policy is served (RFC 8461 3.3).
+WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"
+
+_MODES = ("enforce", "testing", "none")
+_CACHE_FORMAT = 1
+# Bound on each in-memory table (policies, TXT answers, failed fetches);
+# when full it is emptied: policies are read again from their files.
+_MAX_ENTRIES = 10000
+
+
+class PolicyError(ValueError):
+    """A policy (RFC 8461 3.2) or a domain name that cannot be used."""
+
+
+class FetchError(Exception):
+    """The policy could not be fetched or was not valid.
+
+    @ivar result_type: the RFC 8460 result type: C{"sts-policy-fetch-error"}
+        (DNS, connection, HTTP status, media type, size, timeout),
+        C{"sts-webpki-invalid"} (the HTTPS certificate did not verify) or
+        C{"sts-policy-invalid"} (the body is not a valid policy).
+    @ivar reason: a short text for logs and C{failure-reason-code}.
+    """
+
+    def __init__(self, result_type: str, reason: str):
+        super().__init__(f"{result_type}: {reason}")
+        self.result_type = result_type
+        self.reason = reason
+
+
+# A label: letters, digits, hyphens inside (RFC 5321 4.1.2 sub-domain, A-labels).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}\Z")
+_TXT_EXT_VALUE_RE = re.compile(r"[\x21-\x3a\x3c\x3e-\x7e]+\Z")
+# RFC 8461 3.2 sts-policy-ext-value: VCHAR or UTF-8, spaces only inside.
+_POLICY_EXT_VALUE_RE = re.compile(r"[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?\Z")
+_WSP = " \t"
+
+
+def _domain(name: str, what: str = "domain") -> str:
+    """Normalise a domain (lower case, no trailing dot, A-labels).
+
+    @raise PolicyError: not a syntactically valid domain name.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be str, got {name!r}")
+    text = name[:-1] if name.endswith(".") else name
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise PolicyError(f"{what} {name!r} is not a valid domain name") from None
+    if len(text) > 253 or not _DOMAIN_RE.match(text):
+        raise PolicyError(f"{what} {name!r} is not a valid domain name")
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An MTA-STS policy (RFC 8461 3.2) and where and when it was fetched.
+
+    @ivar domain: the policy domain (lower case, A-labels).
+    @ivar id: the id of the TXT record it was fetched for (3.1).
+    @ivar mode: C{"enforce"}, C{"testing"} or C{"none"}.
+    @ivar mx: the MX patterns, lower case, in policy order (C{"*.example.com"}
+        or C{"mx.example.com"}); may be empty only in mode C{none}.
+    @ivar max_age: how long it may be cached, in seconds (0..L{MAX_AGE_LIMIT}).
+    @ivar fetched: when it was fetched, epoch seconds (the clock's).
+    @ivar text: the policy body as served (decoded UTF-8).
+    """
+
+    domain: str
+    id: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    fetched: float
+    text: str
+
+    def matches(self, mx_host: str) -> bool:
+        """Whether C{mx_host} is allowed by the policy's C{mx} patterns
+        (RFC 8461 4.1): equal, ignoring case and a trailing dot, or, for
+        C{"*.example.com"}, C{example.com} with exactly one more label in
+        front (C{mx.example.com}, not C{example.com} nor C{a.b.example.com}).
+
+        @param mx_host: an MX host name.
+        @return: C{bool}; C{False} for an empty or malformed name.
+        """
+        try:
+            host = _domain(mx_host, "mx_host")
+        except (PolicyError, TypeError):
+            return False
+        parent = host.partition(".")[2]
+        for pattern in self.mx:
+            if pattern.startswith("*."):
+                if parent and parent == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+    @property
+    def expires(self) -> float:
+        """When the policy expires: C{fetched + max_age}, epoch seconds."""
+        return self.fetched + self.max_age
+
+    def expired(self, now: float) -> bool:
+        """Whether the policy must no longer be used at C{now} (epoch seconds):
+        C{now >= fetched + max_age} (RFC 8461 3.2, 5.1)."""
+        return now >= self.expires
+
+    def lines(self) -> list[str]:
+        """The policy's lines without line ends: the C{policy-string} of an
+        RFC 8460 report (4.4)."""
+        return [line.rstrip("\r") for line in self.text.split("\n") if line.rstrip("\r")]
+
+    def report_fields(self) -> dict:
+        """The policy part of an RFC 8460 event: C{policy_type},
+        C{policy_domain}, C{policy_string}, C{mx_host}; pass them on to
+        L{twisted_mailout.tlsrpt.log_failure} or C{log_success} as keywords."""
+        return {"policy_type": "sts", "policy_domain": self.domain,
+                "policy_string": self.lines(), "mx_host": list(self.mx)}
+
+
+def _mx_pattern(value: str) -> str:
+    wild = value.startswith("*.")
+    name = value[2:] if wild else value
+    if not name.isascii() or len(name) > 253 or not _DOMAIN_RE.match(name):
+        raise PolicyError(f"bad mx pattern {value!r} (A-label domain, optionally "
+                          f"after '*.')")
+    return ("*." if wild else "") + name.lower()
+
+
+def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
+                 fetched: float = 0.0) -> Policy:
+    """Parse a policy body strictly by the grammar of RFC 8461 3.2.
+
+    One C{key: value} per line, lines ending in LF or CRLF (the last may
+    lack it), no empty lines; C{version: STSv1}, C{mode} and C{max_age}
+    required, C{mx} at least once unless the mode is C{none}.  A repeated
+    key other than C{mx} keeps its first value; unknown keys (extensions)
+    are ignored.  Keys and the fixed values are case-sensitive.
+
+    @param text: the body, C{str} or UTF-8 C{bytes}.
+    @param domain: stored in the L{Policy} (the policy domain).
+    @param id: stored in the L{Policy} (the TXT id).
+    @param fetched: stored in the L{Policy}, epoch seconds.
+    @return: a L{Policy}.
+    @raise PolicyError: the body breaks the grammar or a rule above.
+    @raise TypeError: C{text} is neither C{str} nor C{bytes}.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PolicyError(f"policy is not UTF-8: {e}") from None
+    if not isinstance(text, str):
+        raise TypeError(f"policy text must be str or bytes, got {type(text).__name__}")
+    if not text:
+        raise PolicyError("empty policy")
+    body = text[:-1] if text.endswith("\n") else text
+    fields: dict[str, str] = {}
+    mx: list[str] = []
+    for n, raw in enumerate(body.split("\n"), 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if "\r" in line:
+            raise PolicyError(f"line {n}: bare CR")
+        key, colon, value = line.partition(":")
+        if not colon:
+            raise PolicyError(f"line {n}: no ':' in {line!r}" if line else
+                              f"line {n}: empty line")
+        if not _KEY_RE.match(key):
+            raise PolicyError(f"line {n}: bad key {key!r}")
+        value = value.lstrip(_WSP).rstrip(_WSP)
+        if key == "version":
+            if value != "STSv1":
+                raise PolicyError(f"line {n}: version must be STSv1, got {value!r}")
+        elif key == "mode":
+            if value not in _MODES:
+                raise PolicyError(f"line {n}: mode must be one of {', '.join(_MODES)}, "
+                                  f"got {value!r}")
+        elif key == "max_age":
+            if not (value.isascii() and value.isdigit() and len(value) <= 10):
+                raise PolicyError(f"line {n}: max_age must be 1 to 10 digits, got {value!r}")
+            if int(value) > MAX_AGE_LIMIT:
+                raise PolicyError(f"line {n}: max_age {value} exceeds {MAX_AGE_LIMIT} seconds")
+        elif key == "mx":
+            mx.append(_mx_pattern(value))
+            continue
+        elif not _POLICY_EXT_VALUE_RE.match(value):
+            raise PolicyError(f"line {n}: bad value for extension {key!r}: {value!r}")
+        fields.setdefault(key, value)
+    for required in ("version", "mode", "max_age"):
+        if required not in fields:
+            raise PolicyError(f"policy lacks {required!r}")
+    mode = fields["mode"]
+    if not mx and mode != "none":
+        raise PolicyError(f"policy in mode {mode} lists no mx")
+    return Policy(domain=domain, id=id, mode=mode, mx=tuple(dict.fromkeys(mx)),
+                  max_age=int(fields["max_age"]), fetched=float(fetched), text=text)
+
+
+def _txt_record_text(record) -> str | None:
+    parts = [record] if isinstance(record, (bytes, str)) else list(record)
+    out = []
+    for part in parts:
+        if isinstance(part, bytes):
+            try:
+                out.append(part.decode("ascii"))
+            except UnicodeDecodeError:
+                return None
+        elif isinstance(part, str):
+            out.append(part)
+        else:
+            raise TypeError(f"TXT strings must be str or bytes, got {part!r}")
+    return "".join(out)
+
+
+def _parse_sts_txt(text: str) -> str:
+    """The id of one C{v=STSv1} record (RFC 8461 3.1).
+
+    @raise PolicyError: the record breaks the grammar.
+    """
+    rest = text[len("v=STSv1"):]
+    fields = []
+    rest = rest.rstrip(_WSP)
+    if rest.endswith(";"):
+        rest = rest[:-1]
+    for n, part in enumerate(rest.split(";")):
+        if n == 0:
+            if part.strip(_WSP):
+                raise PolicyError(f"text after v=STSv1: {part!r}")
+            continue
+        fields.append(part.strip(_WSP))
+    if not fields:
+        raise PolicyError("no id field")
+    ident = None
+    for f in fields:
+        key, eq, value = f.partition("=")
+        if not eq or not _KEY_RE.match(key):
+            raise PolicyError(f"bad field {f!r}")
+        if key == "id":
+            if not _ID_RE.match(value):
+                raise PolicyError(f"bad id {value!r} (1 to 32 letters and digits)")
+            if ident is None:
+                ident = value
+        elif not _TXT_EXT_VALUE_RE.match(value):
+            raise PolicyError(f"bad value in {f!r}")
+    if ident is None:
+        raise PolicyError("no id field")
+    return ident
+
+
+def _txt_id(records: Iterable) -> tuple[str | None, str, bool]:
+    """C{(id, why, invalid)}: the id, or L{None}, why there is no usable
+    record, and whether C{v=STSv1} records were there but unusable."""
+    sts = []
+    for record in records:
+        text = _txt_record_text(record)
+        if text is not None and text.startswith("v=STSv1") and (
+                len(text) == 7 or text[7] in ";" + _WSP):
+            sts.append(text)
+    if not sts:
+        return None, "no v=STSv1 TXT record", False
+    if len(sts) > 1:
+        return None, f"{len(sts)} v=STSv1 TXT records (RFC 8461 3.1 wants one)", True
+    try:
+        return _parse_sts_txt(sts[0]), "", False
+    except PolicyError as e:
+        return None, f"invalid record {sts[0]!r}: {e}", True
+
+
+def parse_txt(records: Iterable) -> str | None:
+    """The policy id published in C{_mta-sts.<domain>} TXT records (RFC 8461 3.1).
+
+    Records that do not start with C{v=STSv1} are discarded; if not exactly
+    one remains, or it breaks the grammar (C{id=} 1 to 32 letters and
+    digits, fields separated by C{;} with optional spaces, extensions
+    C{name=value}), the domain has no usable policy.
+
+    @param records: the TXT records; each a C{str}/C{bytes}, or a sequence
+        of them (the character-strings of one record, concatenated).
+    @return: the id (C{str}), or L{None}.
+    @raise TypeError: a string is neither C{str} nor C{bytes}.
+    """
+    return _txt_id(records)[0]
+
+
+def policy_url(domain: str, port: int = 443) -> str:
+    """C{https://mta-sts.<domain>/.well-known/mta-sts.txt} (RFC 8461 3.3),
+    with C{:port} when it is not 443.
+
+    @raise PolicyError: a malformed domain.
+    """
+    host = "mta-sts." + _domain(domain)
+    return f"https://{host}{'' if port == 443 else f':{port}'}{WELL_KNOWN_PATH}"
+
+
+def _name(n) -> str:
+    return str(n).rstrip(".").lower()
+
+
+def _follow(answers, qname: str, rtype: int) -> tuple[list, int | None]:
+    """Records of C{rtype} for C{qname} in C{answers}, following CNAMEs;
+    C{(records, min_ttl)}."""
+    names = {qname}
+    ttls = []
+    changed = True
+    while changed:
+        changed = False
+        for rr in answers:
+            if rr.type == dns.CNAME and _name(rr.name) in names:
+                target = _name(rr.payload.name)
+                if target not in names:
+                    names.add(target)
+                    ttls.append(rr.ttl)
+                    changed = True
+    out = [rr for rr in answers if rr.type == rtype and _name(rr.name) in names]
+    ttls.extend(rr.ttl for rr in out)
+    return out, (min(ttls) if ttls else None)
+
+
+@implementer(IStreamClientEndpoint)
+class _AddressesEndpoint:
+    """Connects to the first of several IP addresses that accepts, wrapping
+    TLS around it; remembers the protocols it connected so the fetch can
+    abort them."""
+
+    def __init__(self, reactor, addresses: Sequence[str], port: int, creator,
+                 timeout: float, connected: list):
+        self._reactor = reactor
+        self._addresses = list(addresses)
+        self._port = port
+        self._creator = creator
+        self._timeout = timeout
+        self._connected = connected
+
+    def connect(self, protocolFactory):
+        return defer.Deferred.fromCoroutine(self._connect(protocolFactory))
+
+    async def _connect(self, protocolFactory):
+        last: BaseException | None = None
+        for addr in self._addresses:
+            cls = TCP6ClientEndpoint if ":" in addr else TCP4ClientEndpoint
+            tcp = cls(self._reactor, addr, self._port, timeout=max(1, int(self._timeout)))
+            try:
+                proto = await wrapClientTLS(self._creator, tcp).connect(protocolFactory)
+            except defer.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - try the next address
+                last = e
+                continue
+            self._connected.append(proto)
+            return proto
+        assert last is not None
+        raise last
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    def __init__(self, endpoint):
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri):
+        return self._endpoint
+
+
+class MTASTS:
+    """Finds, fetches, caches and persists MTA-STS policies (RFC 8461).
+
+    @param reactor: provides C{IReactorTCP} and C{IReactorTime}; the HTTPS
+        client and its timeout run on it.
+    @param resolver: a C{twisted.names} C{IResolver} (from
+        L{twisted_mailout.router.make_resolver}); the only resolver asked, for
+        the TXT record and for the addresses of C{mta-sts.<domain>}.
+    @param cache_dir: folder for the persisted policies (one
+        C{<domain>.json} file each, written atomically, mode 0600, removed
+        when found expired; the folder is created with mode 0700), e.g.
+        C{<queue>/mta-sts}; L{None} keeps them in memory only.  Files are
+        not fsynced: a policy lost in a crash is fetched again.
+    @param trust_root: an C{IOpenSSLTrustRoot}, or the path of a PEM CA file
+        (L{twisted_mailout.session.load_trust_root}); L{None} for the
+        platform's store.
+    @param https_port: the port of the policy host (443; tests use others).
+    @param timeout: limit on one HTTPS fetch (connect, TLS, request, body),
+        in seconds; DNS queries are bounded by the resolver's own timeouts.
+    @param clock: C{IReactorTime} for policy ages, the TXT cache and the
+        back-off (the reactor by default).
+    @param fetch_backoff: after a failed fetch, seconds during which the
+        same TXT id is not fetched again (a cached policy, or none, is used
+        meanwhile; a new id is fetched at once).
+    @param max_txt_ttl: cap on how long a TXT answer is reused, in seconds
+        (its TTL otherwise; 0 asks DNS on every call).
+    @raise OSError: C{cache_dir} cannot be created.
+    @raise ValueError: C{timeout} not positive, C{https_port} out of range.
+    """
+
+    def __init__(self, reactor, resolver, cache_dir: str | None = None, trust_root=None,
+                 https_port: int = 443, timeout: float = 10.0, clock=None,
+                 fetch_backoff: float = 300.0, max_txt_ttl: float = 300.0):
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if not 0 < https_port < 65536:
+            raise ValueError(f"https_port out of range: {https_port!r}")
+        self.reactor = reactor
+        self.resolver = resolver
+        self.clock = clock or reactor
+        self.https_port = https_port
+        self.timeout = timeout
+        self.fetch_backoff = fetch_backoff
+        self.max_txt_ttl = max_txt_ttl
+        if isinstance(trust_root, (str, os.PathLike)):
+            from .session import load_trust_root
+
+            trust_root = load_trust_root(os.fspath(trust_root))
+        self.trust_root = trust_root if trust_root is not None else ssl.platformTrust()
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            for entry in os.listdir(self.cache_dir):  # left by a crash during a write
+                if entry.startswith(".tmp-") and entry.endswith(".json"):
+                    try:
+                        os.unlink(os.path.join(self.cache_dir, entry))
+                    except OSError:
+                        pass
+        self._policies: dict[str, Policy | None] = {}  # None: no file on disk
+        self._txt: dict[str, tuple[float, str | None]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._inflight: dict[str, list[defer.Deferred]] = {}
+
+    # -- public ------------------------------------------------------------
+
+    def policy_for(self, domain: str) -> defer.Deferred:
+        """The policy to apply to mail for C{domain} (RFC 8461 5.1).
+
+        Looks up the TXT record (reusing an answer for its TTL, at most
+        C{max_txt_ttl}); fetches the policy when its id differs from the
+        cached policy's, or when the cached one expired; otherwise returns
+        the cached policy.  A cached, unexpired policy is also returned when
+        the TXT record is missing or its lookup fails, or the fetch fails.
+        Concurrent calls for one domain share one lookup and fetch.  Fetch
+        failures are logged as RFC 8460 events (L{twisted_mailout.tlsrpt}).
+
+        @param domain: the recipient domain (A-labels or U-labels; a trailing
+            dot is ignored).  An address literal (C{[192.0.2.1]}) or a
+            malformed name has no policy.
+        @return: a Deferred that never fails, firing with a L{Policy} (check
+            its C{mode}: C{"none"} means no policy applies) or L{None} when
+            the domain has no usable policy.
+        @raise TypeError: C{domain} is not a C{str}.
+        """
+        if not isinstance(domain, str):
+            raise TypeError(f"domain must be str, got {domain!r}")
+        try:
+            name = _domain(domain)
+        except PolicyError:
+            return defer.succeed(None)
+        waiters = self._inflight.get(name)
+        d: defer.Deferred = defer.Deferred()
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._inflight[name] = [d]
+        work = defer.Deferred.fromCoroutine(self._policy_for(name))
+
+        def done(result):
+            if isinstance(result, Failure):
+                log.failure("MTA-STS lookup for {domain} failed unexpectedly", result,
+                            domain=name)
+                result = self.cached(name)
+            for w in self._inflight.pop(name, []):
+                w.callback(result)
+
+        work.addBoth(done)
+        return d
+
+    def cached(self, domain: str) -> Policy | None:
+        """The cached, unexpired policy of C{domain} (memory, else its file).
+
+        @raise PolicyError: a malformed domain.
+        """
+        name = _domain(domain)
+        if name not in self._policies:
+            if len(self._policies) >= _MAX_ENTRIES:
+                self._policies.clear()
+            self._policies[name] = self._load(name)
+        policy = self._policies[name]
+        if policy is not None and policy.expired(self.clock.seconds()):
+            return None
+        return policy
+
+    def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred:
+        """Fetch and parse C{https://mta-sts.<domain>/.well-known/mta-sts.txt}
+        (RFC 8461 3.3), without the cache or the TXT record.
+
+        Only status 200 with media type C{text/plain} is accepted; redirects
+        are not followed; the body may have at most L{MAX_POLICY_SIZE} bytes;
+        the whole fetch is limited to C{timeout} seconds.
+
+        @param domain: the policy domain.
+        @param policy_id: stored as the policy's C{id}.
+        @return: Deferred firing with a L{Policy}, or failing with
+            L{FetchError} (or L{PolicyError} for a malformed domain).
+        """
+        try:
+            name = _domain(domain)
+        except PolicyError:
+            return defer.fail()
+        return defer.Deferred.fromCoroutine(self._fetch(name, policy_id))
+
+    # -- lookup ------------------------------------------------------------
+
+    async def _policy_for(self, name: str) -> Policy | None:
+        now = self.clock.seconds()
+        cached = self.cached(name)
+        ident, why, status = await self._lookup_txt(name)
+        if ident is None:
+            if status in ("failed", "invalid"):
+                # RFC 8460 4.3.2.2; the policy is the one still applied, if any
+                self._report(name, cached,
+                             "sts-policy-fetch-error" if status == "failed"
+                             else "sts-policy-invalid", f"_mta-sts.{name} TXT: {why}")
+                log.info("MTA-STS {domain}: TXT {why}; {what}", domain=name, why=why,
+                         what="using the cached policy" if cached else "no policy")
+            return cached
+        if cached is not None and cached.id == ident:
+            return cached
+        failed = self._failed.get(name)
+        if failed is not None and failed[1] == ident and now < failed[0]:
+            return cached
+        try:
+            policy = await self._fetch(name, ident)
+        except FetchError as e:
+            if len(self._failed) >= _MAX_ENTRIES:
+                self._failed.clear()
+            self._failed[name] = (now + self.fetch_backoff, ident)
+            self._report(name, cached, e.result_type, e.reason)
+            log.info("MTA-STS {domain}: policy id {id} not fetched ({reason}); {what}",
+                     domain=name, id=ident, reason=str(e),
+                     what="using the cached policy" if cached else "no policy")
+            return cached
+        self._failed.pop(name, None)
+        self._store(policy)
+        log.info("MTA-STS {domain}: policy id {id}, mode {mode}, max_age {max_age}",
+                 domain=name, id=policy.id, mode=policy.mode, max_age=policy.max_age)
+        return policy
+
+    def _report(self, name: str, cached: Policy | None, result_type: str, reason: str):
+        fields = cached.report_fields() if cached else {
+            "policy_type": "sts", "policy_domain": name}
+        tlsrpt.log_failure(result_type=result_type, failure_reason_code=reason, **fields)
+
+    async def _lookup_txt(self, name: str) -> tuple[str | None, str, str]:
+        """C{(id or None, why, status)} for C{_mta-sts.<name>}; status is
+        C{"ok"}, C{"none"} (no STS record), C{"invalid"} (STS records
+        breaking RFC 8461 3.1), C{"failed"} (DNS failure) or C{"cached"}."""
+        now = self.clock.seconds()
+        hit = self._txt.get(name)
+        if hit is not None and now < hit[0]:
+            return hit[1], "cached answer", "cached"
+        qname = "_mta-sts." + name
+        try:
+            answers = (await self.resolver.lookupText(qname))[0]
+        except dnserror.DNSNameError:
+            self._remember_txt(name, None, 60)
+            return None, "NXDOMAIN", "none"
+        except Exception as e:  # noqa: BLE001 - SERVFAIL, timeouts, refusals
+            return None, f"lookup failed: {e.__class__.__name__}: {e}", "failed"
+        records, ttl = _follow(answers, qname, dns.TXT)
+        ident, why, invalid = _txt_id([rr.payload.data for rr in records])
+        self._remember_txt(name, ident, ttl if ttl is not None else 60)
+        return ident, why, "ok" if ident else "invalid" if invalid else "none"
+
+    def _remember_txt(self, name: str, ident: str | None, ttl: float):
+        ttl = min(ttl, self.max_txt_ttl)
+        if ttl > 0:
+            if len(self._txt) >= _MAX_ENTRIES:
+                self._txt.clear()
+            self._txt[name] = (self.clock.seconds() + ttl, ident)
+
+    # -- HTTPS -------------------------------------------------------------
+
+    async def _addresses(self, host: str) -> list[str]:
+        results = await defer.DeferredList(
+            [self.resolver.lookupAddress(host), self.resolver.lookupIPV6Address(host)],
+            consumeErrors=True)
+        addrs: list[str] = []
+        errors = []
+        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA), strict=True):
+            if not ok:
+                errors.append(res.getErrorMessage() or res.type.__name__)
+                continue
+            records, _ = _follow(res[0], host, rtype)
+            for rr in records:
+                if rtype == dns.A:
+                    addrs.append(rr.payload.dottedQuad())
+                else:
+                    addrs.append(str(ipaddress.IPv6Address(rr.payload.address)))
+        if not addrs:
+            why = "; ".join(errors) if errors else "no A/AAAA record"
+            raise FetchError("sts-policy-fetch-error", f"{host}: {why}")
+        return addrs
+
+    async def _fetch(self, name: str, ident: str) -> Policy:
+        host = "mta-sts." + name
+        addrs = await self._addresses(host)
+        creator = tlsrpt.VerifyRecorder(ssl.optionsForClientTLS(
+            host, trustRoot=self.trust_root,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}))
+        connected: list = []
+        endpoint = _AddressesEndpoint(self.reactor, addrs, self.https_port, creator,
+                                      self.timeout, connected)
+        agent = Agent.usingEndpointFactory(
+            self.reactor, _EndpointFactory(endpoint),
+            pool=HTTPConnectionPool(self.reactor, persistent=False))
+        client = treq.client.HTTPClient(agent)
+        work = defer.Deferred.fromCoroutine(
+            self._get(client, policy_url(name, self.https_port), name, ident))
+        timed_out = False
+
+        def expire():
+            nonlocal timed_out
+            timed_out = True
+            work.cancel()
+
+        timer = self.reactor.callLater(self.timeout, expire)
+        try:
+            return await work
+        except FetchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure maps to a result type
+            if timed_out:
+                raise FetchError("sts-policy-fetch-error",
+                                 f"no policy within {self.timeout:g} s") from None
+            kind = tlsrpt.result_type_for(e, creator.verify_errors())
+            if kind is not None:
+                raise FetchError("sts-webpki-invalid",
+                                 f"{host}: {kind}: {_describe(e)}") from None
+            raise FetchError("sts-policy-fetch-error", f"{host}: {_describe(e)}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+            for proto in connected:  # a stalled body or a timeout leaves one open
+                transport = getattr(proto, "transport", None)
+                if transport is not None and getattr(proto, "state", "") != "CONNECTION_LOST":
+                    transport.abortConnection()
+
+    async def _get(self, client, url: str, name: str, ident: str) -> Policy:
+        response = await client.get(url, allow_redirects=False, unbuffered=True,
+                                    headers={"Accept": ["text/plain"]})
+        if response.code != 200:
+            what = f"HTTP status {response.code}"
+            if 300 <= response.code < 400:
+                what += " (redirects are not followed, RFC 8461 3.3)"
+            raise FetchError("sts-policy-fetch-error", what)
+        ctype = response.headers.getRawHeaders("content-type", [""])[0]
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "text/plain":
+            raise FetchError("sts-policy-fetch-error",
+                             f"media type {ctype!r}, not text/plain (RFC 8461 3.2)")
+        length = response.length
+        if isinstance(length, int) and length > MAX_POLICY_SIZE:
+            raise FetchError("sts-policy-fetch-error",
+                             f"policy of {length} bytes exceeds {MAX_POLICY_SIZE}")
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes):
+            nonlocal size
+            size += len(data)
+            if size > MAX_POLICY_SIZE:
+                raise FetchError("sts-policy-fetch-error",
+                                 f"policy exceeds {MAX_POLICY_SIZE} bytes")
+            chunks.append(data)
+
+        await treq.collect(response, collect)
+        try:
+            return parse_policy(b"".join(chunks), domain=name, id=ident,
+                                fetched=self.clock.seconds())
+        except PolicyError as e:
+            raise FetchError("sts-policy-invalid", str(e)) from None
+
+    # -- persistence -------------------------------------------------------
+
+    def _path(self, name: str) -> str | None:
+        if self.cache_dir is None:
+            return None
+        return os.path.join(self.cache_dir, name + ".json")
+
+    def _load(self, name: str) -> Policy | None:
+        path = self._path(name)
+        if path is None:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("format") != _CACHE_FORMAT or data.get("domain") != name:
+                raise ValueError("not a policy cache file for this domain")
+            ident = data["id"]
+            if not isinstance(ident, str) or not _ID_RE.match(ident):
+                raise ValueError(f"bad id {ident!r}")
+            fetched = data["fetched"]
+            if isinstance(fetched, bool) or not isinstance(fetched, (int, float)):
+                raise ValueError(f"bad fetched {fetched!r}")
+            policy = parse_policy(data["text"], domain=name, id=ident, fetched=fetched)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warn("MTA-STS cache {path} ignored: {error}", path=path, error=str(e))
+            return None
+        if policy.expired(self.clock.seconds()):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return None
+        return policy
+
+    def _store(self, policy: Policy):
+        self._policies[policy.domain] = policy
+        path = self._path(policy.domain)
+        if path is None:
+            return
+        data = {"format": _CACHE_FORMAT, "domain": policy.domain, "id": policy.id,
+                "fetched": policy.fetched, "text": policy.text}
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.cache_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            log.warn("MTA-STS cache {path} not written: {error}", path=path, error=str(e))
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def _describe(e: BaseException) -> str:
+    """A one-line description of a failure, unwrapping twisted.web's wrappers."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        inner = reasons[0].value if isinstance(reasons[0], Failure) else reasons[0]
+        if isinstance(inner, BaseException):
+            return _describe(inner)
+    text = str(e) or e.__class__.__name__
+    return f"{e.__class__.__name__}: {text}" if text != e.__class__.__name__ else text
