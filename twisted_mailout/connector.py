@@ -444,7 +444,12 @@ class Connector:
                              reason=e.reply.one_line())
                     continue
                 if security.report is not None:
-                    _tlsrpt(security.report, key, hop.host, addr, None, None)
+                    result, detail = None, None
+                    if security.source == "mta-sts testing":
+                        # Delivery goes on whatever the certificate (RFC 8461
+                        # 5, testing); what enforce would refuse is reported.
+                        result, detail = self._diagnose(session, hop.host)
+                    _tlsrpt(security.report, key, hop.host, addr, result, detail)
                 session.relay_label = label
                 return session
         if last is None:
@@ -457,6 +462,19 @@ class Connector:
             # refused) is not a verdict on the recipients: try again later.
             reply = Reply(451, f"4.4.0 session refused: {last.one_line()}{many}", local=True)
         raise SessionError(reply, "connect")
+
+    def _diagnose(self, session, host: str) -> tuple[str | None, str | None]:
+        """What an MTA-STS enforce policy would have said of an established
+        session: C{(result_type, detail)}, or C{(None, None)} when fine."""
+        from . import tlsrpt
+
+        if not session.encrypted:
+            return "starttls-not-supported", f"{host} did not offer STARTTLS"
+        try:
+            result = tlsrpt.diagnose_peer(session.transport, host, self.settings.trust_root)
+        except Exception as e:  # noqa: BLE001 - reporting never breaks delivery
+            return "validation-failure", f"cannot check the certificate: {e}"
+        return (result, f"certificate of {host}: {result}") if result else (None, None)
 
     async def _mx_secure(self, key: str, policy: TLSPolicy) -> bool:
         """Whether the MX RRset of C{key} (or its secure absence) validated."""
