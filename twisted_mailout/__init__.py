@@ -7,6 +7,9 @@ or to each domain's MX hosts.
 """
 
 from .api import DeliveryReport, RecipientResult, sendmail
+from .builder import build_message
+from .deliveries import get_delivery
+from .mailer import Mailer
 from .envelope import AddressError
 from .message import MessageError
 from .queue import QueueError, QueueLocked, enqueue, enqueue_many
@@ -14,12 +17,15 @@ from .queue import QueueError, QueueLocked, enqueue, enqueue_many
 __all__ = [
     "AddressError",
     "DeliveryReport",
+    "Mailer",
     "MessageError",
     "QueueError",
     "QueueLocked",
     "RecipientResult",
+    "build_message",
     "enqueue",
     "enqueue_many",
+    "get_delivery",
     "sendmail",
 ]
 

@@ -428,7 +428,7 @@ class Queue:
         """
         sender, rcpts = validate_envelope(sender, recipients)
         data = coerce_message(message)
-        data = prepare_message(data, sender.rpartition("@")[2] if sender else None)
+        data = prepare_message(data, parse_sender(sender).ascii_domain if sender else None)
         qid = _new_queue_id()
         head = ENVELOPE_HEADER + json.dumps(
             {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": time.time(),

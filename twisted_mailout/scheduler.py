@@ -34,6 +34,7 @@ from .queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
 __all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "thread_io"]
 
 log = Logger(namespace="twisted_mailout")
+outcome_log = Logger(namespace="twisted_mailout.outcome")
 
 
 def thread_io(reactor):
@@ -467,14 +468,14 @@ class Scheduler:
         """
         self.counts[o.status] = self.counts.get(o.status, 0) + 1
         word = {"expired": "bounced"}.get(o.status, o.status)
-        log.info(
+        outcome_log.info(
             "{qid}: to=<{recipient}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, "
             "dsn={dsn}, status={status} ({reply})",
             qid=o.qid, recipient=o.recipient, relay=o.relay, delay=o.delay,
             attempts=o.attempts, dsn=o.reply.enhanced_status, status=word,
             reply=o.reply.one_line(), code=o.reply.code, outcome=o.status,
             event={"sent": "delivered", "expired": "bounced"}.get(o.status, o.status),
-            local=o.reply.local, log_namespace="twisted_mailout.outcome")
+            local=o.reply.local)
         for obs in self.observers:
             try:
                 obs(o)
