@@ -6,6 +6,8 @@ once, at the edge (RFC 5321 section 4.1.2 syntax, RFC 6531 for SMTPUTF8).
 
 from __future__ import annotations
 
+import functools
+
 import enum
 import re
 from dataclasses import dataclass
@@ -118,6 +120,13 @@ def parse_address(text: str) -> Address:
     """
     if not isinstance(text, str):
         raise AddressError(f"address must be a str, not {type(text).__name__}")
+    return _parse_address(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_address(text: str) -> Address:
+    # Cached: the scheduler parses each queued address at every attempt, and
+    # an Address is immutable; errors are not cached (lru_cache skips them).
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise AddressError(f"address {text!r} contains a control character (CR, LF, NUL, ...)")
     if text.startswith("<") and text.endswith(">"):

@@ -406,7 +406,7 @@ class Scheduler:
             if entry.done:
                 await self._remover.submit(entry.qid)
                 self._unsaved.discard(qid)
-                log.info("{qid}: removed", qid=entry.qid)
+                log.debug("{qid}: removed", qid=entry.qid)
                 return None
         except OSError as e:
             # Disk full, read-only file system...: the outcomes are known and
