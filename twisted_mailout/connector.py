@@ -306,11 +306,33 @@ class Connector:
             if dest.waiters:
                 dest.waiters.popleft().callback(session)
                 return
+            if self._someone_blocked():
+                # Other destinations wait for a slot under the global limit:
+                # give this one up now rather than keep it idle.
+                self._give_up(dest, session)
+                return
             timer = self.reactor.callLater(self.settings.idle_timeout, self._idle_expired,
                                            dest, session)
             dest.idle.append((session, timer))
             return
         session.quit()
+
+    def _someone_blocked(self) -> bool:
+        """Whether another destination waits for a slot (global limit);
+        forgets destinations whose waiters were served meanwhile."""
+        while self._blocked and not self._blocked[0].waiters:
+            self._blocked.popleft()
+        return any(d.waiters for d in self._blocked)
+
+    def _give_up(self, dest: _Dest, session):
+        """QUIT C{session} and count its slot free at once (its close,
+        later, does not count again), starting a blocked waiter."""
+        session.quit()
+        if getattr(session, "counted", True):
+            session.counted = False
+            dest.conns -= 1
+            self._total -= 1
+        self._slot_freed(None)
 
     def _idle_expired(self, dest: _Dest, session):
         for item in list(dest.idle):

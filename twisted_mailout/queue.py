@@ -237,6 +237,8 @@ class QueueEntry:
     bounced_reported: list[str] = field(default_factory=list)
     delay_warned: bool = False
     eightbit: bool = False
+    #: message bytes after the envelope, when known from pickup (not stored).
+    size: int | None = field(default=None, compare=False)
 
     @property
     def done(self) -> bool:
@@ -347,6 +349,7 @@ class Queue:
     def __init__(self, path: str, create: bool = True):
         self.path = os.path.abspath(path)
         self._lock_fd: int | None = None
+        self._backlog: list[str] = []  # names listed, not yet picked up (newest first)
         if not create:
             if not os.path.isdir(os.path.join(self.path, "new")):
                 raise QueueError(f"{self.path} is not a mailout queue folder (no new/ in it)")
@@ -560,12 +563,18 @@ class Queue:
             file moved to C{corrupt/} or that could not be read.
         """
         entries, problems = [], []
-        try:
-            names = self.incoming()
-        except OSError as e:
-            return [], [f"cannot list {self.path}/new or cur: {e}"]
-        if limit is not None:
-            names = names[:limit]
+        if not self._backlog:
+            # One listing serves every batch until it is used up: listing
+            # (and sorting) a folder of 100,000 names per batch of 1,000
+            # would make pickup quadratic. Files arriving meanwhile are
+            # found by the next listing.
+            try:
+                self._backlog = self.incoming()
+            except OSError as e:
+                return [], [f"cannot list {self.path}/new or cur: {e}"]
+            self._backlog.reverse()  # pop() from the end gives the oldest first
+        n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
+        names = [self._backlog.pop() for _ in range(n)]
         try:
             for name in names:
                 try:
@@ -602,9 +611,11 @@ class Queue:
             except CorruptEntry as e:
                 self._move_corrupt(src, base, str(e))
                 raise
+            total = os.fstat(f.fileno()).st_size
         msg_path = self._p("messages", entry.qid)
         if rewrite is None:
             os.rename(src, msg_path)
+            entry.size = total - entry.body_offset
             return entry
         if os.path.exists(msg_path):
             os.unlink(src)
@@ -615,6 +626,7 @@ class Queue:
         _write_durably(tmp, rewrite)
         os.rename(tmp, msg_path)
         os.unlink(src)
+        entry.size = len(rewrite) - entry.body_offset
         return entry
 
     def _parse_dropped(self, base: str, first: bytes, f, src: str):
@@ -770,14 +782,17 @@ class Queue:
     def remove_many(self, qids: list[str]) -> None:
         """L{remove} for several entries: every message, then every state,
         then one fsync of each folder (group commit)."""
+        removed = {"messages": 0, "state": 0}
         for folder, suffix in (("messages", ""), ("state", ".json")):
             for qid in qids:
                 try:
                     os.unlink(self._p(folder, qid + suffix))
+                    removed[folder] += 1
                 except FileNotFoundError:
-                    pass
+                    pass  # mail finished at its first attempt never had a state file
         _fsync_dir(self._p("messages"))
-        _fsync_dir(self._p("state"))
+        if removed["state"]:
+            _fsync_dir(self._p("state"))
 
     def quarantine(self, qid: str, why: str) -> None:
         """Move the state and message of C{qid} to C{corrupt/}, with the

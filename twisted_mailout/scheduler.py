@@ -192,6 +192,9 @@ class Scheduler:
     """
 
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
+    #: entries picked up and kept in memory until their first attempt (so
+    #: they need not be read again); beyond it they are loaded from disk.
+    FRESH_LIMIT = 20000
 
     def __init__(self, queue: Queue, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
@@ -298,7 +301,7 @@ class Scheduler:
                 for e in entries:
                     log.info("{qid}: from=<{sender}>, nrcpt={n} (queue active, {origin})",
                              qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
-                    if len(self._fresh) < self.PICKUP_BATCH:
+                    if len(self._fresh) < self.FRESH_LIMIT:
                         self._fresh[e.qid] = e
                     self._schedule(e.qid, now, dispatch=False)
                 self._dispatch()
@@ -379,6 +382,8 @@ class Scheduler:
         try:
             if entry is None:
                 entry, size = await self.io(self._load, qid)
+            elif entry.size is not None:
+                size = entry.size  # known from pickup: no file work at all
             else:
                 size = await self.io(os.path.getsize, self.queue.message_path(qid))
                 size -= entry.body_offset
@@ -441,10 +446,15 @@ class Scheduler:
             return f
 
         keys = list(groups)
-        results = await defer.gatherResults([
-            self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
-                                   entry.eightbit)
-            for k in keys])
+        if len(keys) == 1:  # the usual case: no DeferredList to build
+            k = keys[0]
+            results = [await self.connector.deliver(k, sender, list(groups[k]), opener, size,
+                                                    flags[k], entry.eightbit)]
+        else:
+            results = await defer.gatherResults([
+                self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
+                                       entry.eightbit)
+                for k in keys])
         now = self.clock.seconds()
         for key, attempt in zip(keys, results, strict=True):
             for form, rs in groups[key].items():

@@ -391,12 +391,20 @@ class ESMTPSession(protocol.Protocol):
         return d
 
     def _arm(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        """(Re)start the timeout of the reply now awaited; moving a live
+        timer is cheaper than cancelling it and making a new one."""
+        timer = self._timer
         if self._waiting and self._producer is None:
             _, timeout, what, _ = self._waiting[0]
-            self._timer = self.clock.callLater(timeout, self._timed_out, what, timeout)
+            if timer is not None and timer.active():
+                timer.args = (what, timeout)
+                timer.reset(timeout)
+            else:
+                self._timer = self.clock.callLater(timeout, self._timed_out, what, timeout)
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
 
     def _timed_out(self, what: str, timeout: float):
         self._timer = None
