@@ -411,7 +411,6 @@ class Scheduler:
             if entry.done:
                 await self._remover.submit(entry.qid)
                 self._unsaved.discard(qid)
-                log.debug("{qid}: removed", qid=entry.qid)
                 return None
         except OSError as e:
             # Disk full, read-only file system...: the outcomes are known and
