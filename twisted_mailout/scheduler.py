@@ -194,7 +194,8 @@ class Scheduler:
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
     #: entries picked up and kept in memory until their first attempt (so
     #: they need not be read again); beyond it they are loaded from disk.
-    FRESH_LIMIT = 20000
+    #: 100,000 of them add about 5 MB (benchmarks/run.py --only scale).
+    FRESH_LIMIT = 200000
 
     def __init__(self, queue: Queue, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
