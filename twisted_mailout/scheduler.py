@@ -36,6 +36,9 @@ __all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "t
 log = Logger(namespace="twisted_mailout")
 outcome_log = Logger(namespace="twisted_mailout.outcome")
 
+_PICKUP_LINE = "{}: from=<{}>, nrcpt={} (queue active, {})"
+_OUTCOME_LINE = "{}: to=<{}>, relay={}, delay={:.2f}, attempts={}, dsn={}, status={} ({})"
+
 
 def thread_io(reactor):
     """C{io} that runs blocking file work in the reactor's thread pool."""
@@ -300,8 +303,11 @@ class Scheduler:
                     log.error("pickup: {problem}", problem=p)
                 now = self.clock.seconds()
                 for e in entries:
-                    log.info("{qid}: from=<{sender}>, nrcpt={n} (queue active, {origin})",
-                             qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
+                    # Formatted here with str.format (C); twisted.logger's own
+                    # formatter is pure Python and was a tenth of the CPU.
+                    log.info("{text}", text=_PICKUP_LINE.format(
+                        e.qid, e.sender, len(e.recipients), e.origin),
+                        qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
                     if len(self._fresh) < self.FRESH_LIMIT:
                         self._fresh[e.qid] = e
                     self._schedule(e.qid, now, dispatch=False)
@@ -478,12 +484,13 @@ class Scheduler:
         """
         self.counts[o.status] = self.counts.get(o.status, 0) + 1
         word = {"expired": "bounced"}.get(o.status, o.status)
+        dsn, reply = o.reply.enhanced_status, o.reply.one_line()
         outcome_log.info(
-            "{qid}: to=<{recipient}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, "
-            "dsn={dsn}, status={status} ({reply})",
+            "{text}", text=_OUTCOME_LINE.format(o.qid, o.recipient, o.relay, o.delay,
+                                                o.attempts, dsn, word, reply),
             qid=o.qid, recipient=o.recipient, relay=o.relay, delay=o.delay,
-            attempts=o.attempts, dsn=o.reply.enhanced_status, status=word,
-            reply=o.reply.one_line(), code=o.reply.code, outcome=o.status,
+            attempts=o.attempts, dsn=dsn, status=word,
+            reply=reply, code=o.reply.code, outcome=o.status,
             event={"sent": "delivered", "expired": "bounced"}.get(o.status, o.status),
             local=o.reply.local)
         for obs in self.observers:
