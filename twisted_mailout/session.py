@@ -390,6 +390,25 @@ class ESMTPSession(protocol.Protocol):
             self._arm()
         return d
 
+    def _expect_group(self, steps: list[tuple[float, str]]) -> _ReplyGroup:
+        """Expect one reply per C{(timeout, what)} step, in order, as for a
+        pipelined group (RFC 2920): each is timed like a single command, but
+        the caller is woken once, when the last has arrived (or the session
+        failed), instead of once per reply."""
+        group = _ReplyGroup()
+        last = len(steps) - 1
+        for i, (timeout, what) in enumerate(steps):
+            self._expect_slot(_GroupSlot(group, i == last), timeout, what)
+        return group
+
+    def _expect_slot(self, slot, timeout: float, what: str):
+        if self._closed:
+            slot.errback(Failure(self._lost_failure(what)))
+            return
+        self._waiting.append((slot, timeout, what, self._rx_total))
+        if len(self._waiting) == 1:
+            self._arm()
+
     def _arm(self):
         """(Re)start the timeout of the reply now awaited; moving a live
         timer is cheaper than cancelling it and making a new one."""
@@ -687,46 +706,48 @@ class ESMTPSession(protocol.Protocol):
             self.transactions += 1
             pipelined = self.pipelining and "PIPELINING" in self.extensions
             if pipelined:
-                ds = [self._expect(self.timeouts.mail, "MAIL")]
-                ds += [self._expect(self.timeouts.rcpt, "RCPT") for _ in recipients]
-                ds.append(self._expect(self.timeouts.data, "DATA"))
+                group = self._expect_group(
+                    [(self.timeouts.mail, "MAIL"),
+                     *((self.timeouts.rcpt, "RCPT") for _ in recipients),
+                     (self.timeouts.data, "DATA")])
                 self.transport.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
-                for d in ds:  # if one fails, all fail: consume the others' failures
-                    d.addErrback(lambda f: f)
-                replies_in_order = iter(ds)
+                taken = [0]
 
                 async def next_reply(command, timeout, what):
-                    return await next(replies_in_order)
+                    # Replies that arrived before a failure still count
+                    # (a refused RCPT stays refused); the failure is raised
+                    # where the first missing reply would be.
+                    if taken[0] >= len(group.replies) and group.failure is None:
+                        await group.wait()
+                    if taken[0] < len(group.replies):
+                        taken[0] += 1
+                        return group.replies[taken[0] - 1]
+                    group.failure.raiseException()
             else:
                 async def next_reply(command, timeout, what):
                     return await self._send(command, timeout, what)
-            try:
-                mail_reply = await next_reply(commands[0], self.timeouts.mail, "MAIL")
-                if mail_reply.code != 250:
-                    if not (mail_reply.is_transient or mail_reply.is_permanent):
-                        raise self._unexpected(mail_reply, "MAIL")
-                    replies.update((r, mail_reply) for r in recipients)
-                if not pipelined and replies:
-                    self._needs_rset = True
-                    return TransactionResult(replies, self._still_usable())
-                for r, command in zip(recipients, commands[1:-1], strict=True):
-                    reply = await next_reply(command, self.timeouts.rcpt, "RCPT")
-                    if r in replies:
-                        continue  # MAIL was refused: pipelined RCPT replies mean nothing
-                    if reply.is_positive:
-                        accepted.append(r)
-                    elif reply.is_transient or reply.is_permanent:
-                        replies[r] = reply
-                    else:
-                        raise self._unexpected(reply, "RCPT")
-                if not pipelined and not accepted:
-                    self._needs_rset = True
-                    return TransactionResult(replies, self._still_usable())
-                data_reply = await next_reply("DATA", self.timeouts.data, "DATA")
-            finally:
-                if pipelined:
-                    for d in ds:
-                        d.addErrback(lambda _: None)
+            mail_reply = await next_reply(commands[0], self.timeouts.mail, "MAIL")
+            if mail_reply.code != 250:
+                if not (mail_reply.is_transient or mail_reply.is_permanent):
+                    raise self._unexpected(mail_reply, "MAIL")
+                replies.update((r, mail_reply) for r in recipients)
+            if not pipelined and replies:
+                self._needs_rset = True
+                return TransactionResult(replies, self._still_usable())
+            for r, command in zip(recipients, commands[1:-1], strict=True):
+                reply = await next_reply(command, self.timeouts.rcpt, "RCPT")
+                if r in replies:
+                    continue  # MAIL was refused: pipelined RCPT replies mean nothing
+                if reply.is_positive:
+                    accepted.append(r)
+                elif reply.is_transient or reply.is_permanent:
+                    replies[r] = reply
+                else:
+                    raise self._unexpected(reply, "RCPT")
+            if not pipelined and not accepted:
+                self._needs_rset = True
+                return TransactionResult(replies, self._still_usable())
+            data_reply = await next_reply("DATA", self.timeouts.data, "DATA")
             if not accepted:
                 self._needs_rset = True
                 if data_reply.code == 354:
@@ -793,6 +814,48 @@ class ESMTPSession(protocol.Protocol):
 
         d.addBoth(close)
         return d.addCallback(lambda _: _chain(self.closed))
+
+
+class _ReplyGroup:
+    """The replies of one pipelined group, and how it ended."""
+
+    __slots__ = ("_d", "failure", "replies")
+
+    def __init__(self):
+        self.replies: list[Reply] = []
+        self.failure: Failure | None = None
+        self._d: defer.Deferred | None = None
+
+    def wait(self) -> defer.Deferred:
+        """A Deferred firing when every reply arrived or the group failed."""
+        self._d = defer.Deferred()
+        return self._d
+
+    def _wake(self):
+        d, self._d = self._d, None
+        if d is not None:
+            d.callback(None)
+
+
+class _GroupSlot:
+    """Stands in the session's queue of awaited replies for one command of
+    a L{_ReplyGroup}, with a Deferred's C{callback}/C{errback}."""
+
+    __slots__ = ("group", "last")
+
+    def __init__(self, group: _ReplyGroup, last: bool):
+        self.group = group
+        self.last = last
+
+    def callback(self, reply: Reply):
+        self.group.replies.append(reply)
+        if self.last:
+            self.group._wake()
+
+    def errback(self, failure: Failure):
+        if self.group.failure is None:
+            self.group.failure = failure
+            self.group._wake()
 
 
 def _chain(d: defer.Deferred) -> defer.Deferred:
