@@ -45,6 +45,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from . import tlsrpt
+from .router import _follow  # CNAME chasing, shared with MX routing
 
 __all__ = [
     "MAX_AGE_LIMIT",
@@ -362,30 +363,6 @@ def policy_url(domain: str, port: int = 443) -> str:
     """
     host = "mta-sts." + _domain(domain)
     return f"https://{host}{'' if port == 443 else f':{port}'}{WELL_KNOWN_PATH}"
-
-
-def _name(n) -> str:
-    return str(n).rstrip(".").lower()
-
-
-def _follow(answers, qname: str, rtype: int) -> tuple[list, int | None]:
-    """Records of C{rtype} for C{qname} in C{answers}, following CNAMEs;
-    C{(records, min_ttl)}."""
-    names = {qname}
-    ttls = []
-    changed = True
-    while changed:
-        changed = False
-        for rr in answers:
-            if rr.type == dns.CNAME and _name(rr.name) in names:
-                target = _name(rr.payload.name)
-                if target not in names:
-                    names.add(target)
-                    ttls.append(rr.ttl)
-                    changed = True
-    out = [rr for rr in answers if rr.type == rtype and _name(rr.name) in names]
-    ttls.extend(rr.ttl for rr in out)
-    return out, (min(ttls) if ttls else None)
 
 
 @implementer(IStreamClientEndpoint)

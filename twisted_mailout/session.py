@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from . import auth as _auth
 from .envelope import Reply
-from .tlspolicy import LEVELS, REQUIRED, CertificateError
+from .tlspolicy import LEVELS, REQUIRED, CertificateError, _is_ip
 
 __all__ = [
     "TLS_LEVELS",
@@ -178,16 +178,6 @@ class _UnverifiedTLS:
             conn.set_tlsext_host_name(self._sni)
         conn.set_connect_state()
         return conn
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def opportunistic_tls(hostname: str | None):

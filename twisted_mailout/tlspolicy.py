@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 from twisted.internet import interfaces, ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -332,13 +333,8 @@ class _NameCheckingTLS:
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
+    """An IP address literal (no SNI is sent for one, RFC 6066 3)."""
+    return isIPAddress(host) or isIPv6Address(host)
 
 
 def name_checking_tls(sni: str | None, wanted: tuple[str, ...], trust_root):
