@@ -412,19 +412,6 @@ class Connector:
             sts = await self.settings.mta_sts.policy_for(key)
             if sts is not None and sts.mode == "none":
                 sts = None
-        if sts is not None and sts.mode == "enforce" and not mx_secure:
-            kept = [h for h in hops if sts.matches(h.host)]
-            for h in hops:
-                if h not in kept:
-                    tried.append(f"{h.host}: not an MX host of the MTA-STS policy")
-                    _tlsrpt(("sts", sts.lines(), sts.mx), key, h.host, None,
-                            "validation-failure",
-                            f"MX host {h.host} does not match the MTA-STS policy")
-            if not kept:
-                raise SessionError(Reply(451, f"4.7.5 no MX host of {key} matches its "
-                                         f"MTA-STS policy (enforce; mx: "
-                                         f"{', '.join(sts.mx)})", local=True), "mta-sts")
-            hops = kept
         seen: set[tuple] = set()
         for hop in hops:
             try:
@@ -537,8 +524,12 @@ class Connector:
                                          local=True), "dane")
         if sts is not None:
             if sts.mode == "enforce" and not sts.matches(hop.host):
+                # RFC 8461 4.1: never connected to (DANE, above, would win).
+                _tlsrpt(("sts", sts.lines(), sts.mx), domain, hop.host, None,
+                        "validation-failure", f"MX host {hop.host} does not match the policy")
                 raise SessionError(Reply(451, f"4.7.5 {hop.host} is not an MX host of the "
-                                         f"MTA-STS policy of {domain}", local=True), "mta-sts")
+                                         f"MTA-STS policy of {domain} (enforce; mx: "
+                                         f"{', '.join(sts.mx)})", local=True), "mta-sts")
             if sts.mode == "enforce":
                 return _Security("verify", name_checking_tls(hop.host, (hop.host.lower(),),
                                                              self.settings.trust_root),
