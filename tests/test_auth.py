@@ -79,7 +79,7 @@ class _AuthTestBase(unittest.TestCase):
         """``auth=`` for a mechanism: (user, password), or for XOAUTH2 the
         token in a file (Credentials(token_file=...))."""
         if mechanism == "XOAUTH2":
-            from twisted_mailout.auth import Credentials
+            from twisted_mailout.smtp.auth import Credentials
 
             path = os.path.join(self.tmp, "token")
             with open(path, "w") as f:
@@ -297,7 +297,7 @@ class PlaintextAuthTests(_AuthTestBase):
 class SecretReprTests(unittest.SynchronousTestCase):
     def test_credentials_repr_and_str_hide_the_secret(self):
         """The objects holding credentials never show the secret in repr/str."""
-        from twisted_mailout.auth import Credentials
+        from twisted_mailout.smtp.auth import Credentials
 
         c = Credentials(USER, PASSWORD)
         for text in (repr(c), str(c), repr(c.password), str(c.password)):

@@ -10,7 +10,7 @@ import hmac
 
 import pytest
 
-from twisted_mailout.auth import (
+from twisted_mailout.smtp.auth import (
     AuthError,
     Credentials,
     Secret,

@@ -1,6 +1,6 @@
 """DANE for SMTP (RFC 7672): twisted_mailout.dane against a real validating
 resolver (Unbound, zones signed with ldns, see tests/dnssec.py) and a real
-STARTTLS server (aiosmtpd) on loopback, through twisted_mailout.session.
+STARTTLS server (aiosmtpd) on loopback, through twisted_mailout.smtp.protocol.
 
 Under CI (CI=true) missing unbound/ldns tools fail these tests instead of
 skipping them.
@@ -31,7 +31,7 @@ from twisted.trial import unittest
 
 from twisted_mailout import dane
 from twisted_mailout.dane import TLSA
-from twisted_mailout.session import ESMTPSession, SessionError, Timeouts
+from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts
 
 UTC = datetime.UTC
 NOW = datetime.datetime.now(UTC)

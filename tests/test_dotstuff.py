@@ -13,7 +13,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twisted_mailout.session import CHUNK, DotStuffer, encode_data
+from twisted_mailout.smtp.protocol import CHUNK, DotStuffer, encode_data
 
 SETTINGS = settings(
     max_examples=200,

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from twisted_mailout.envelope import Reply
-from twisted_mailout.session import (
+from twisted_mailout.smtp.protocol import (
     CHUNK,
     MAX_LINE,
     ESMTPSession,

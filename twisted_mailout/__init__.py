@@ -6,13 +6,13 @@ needed) or deliver it at once with L{sendmail} (a Deferred); the daemon
 or to each domain's MX hosts.
 """
 
-from .api import DeliveryReport, RecipientResult, sendmail
-from .builder import build_message
-from .deliveries import get_delivery
-from .mailer import Mailer
-from .envelope import AddressError
-from .message import MessageError
-from .queue import QueueError, QueueLocked, enqueue, enqueue_many
+from twisted_mailout.api import DeliveryReport, RecipientResult, sendmail
+from twisted_mailout.builder import build_message
+from twisted_mailout.deliveries import get_delivery
+from twisted_mailout.mailer import Mailer
+from twisted_mailout.envelope import AddressError
+from twisted_mailout.message import MessageError
+from twisted_mailout.queue import QueueError, QueueLocked, enqueue, enqueue_many
 
 __all__ = [
     "AddressError",

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
-from .config import Config
-from .envelope import AddressError, Reply, parse_address, parse_sender
-from .message import coerce_message, prepare_message
-from .queue import enqueue
-from .auth import Credentials
-from .router import parse_relay
-from .session import TLS_LEVELS
+from twisted_mailout.config import Config
+from twisted_mailout.envelope import AddressError, Reply, parse_address, parse_sender
+from twisted_mailout.message import coerce_message, prepare_message
+from twisted_mailout.queue import enqueue
+from twisted_mailout.smtp.auth import Credentials
+from twisted_mailout.router import parse_relay
+from twisted_mailout.smtp.protocol import TLS_LEVELS
 
 __all__ = ["DeliveryReport", "RecipientResult", "close_connections", "enqueue", "sendmail"]
 
@@ -155,7 +155,7 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
                         dnssec_resolvers=tuple(dnssec), mta_sts=mta_sts is True)
         if linger < 0:
             raise ValueError("linger must not be negative")
-        from .tlspolicy import TLSPolicy
+        from twisted_mailout.tlspolicy import TLSPolicy
 
         policy = config.policy_table()
         if tls_match:
@@ -168,7 +168,7 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    from .service import build_connector
+    from twisted_mailout.service import build_connector
 
     key = (id(reactor), relay, tuple(resolvers), mx_port, helo, tls, cafile, tls_policy,
            tuple(tls_match or ()), _credentials_key(credentials), timeout, connections,

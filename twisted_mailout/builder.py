@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 
-from .envelope import AddressError, parse_address
-from .message import MessageError
+from twisted_mailout.envelope import AddressError, parse_address
+from twisted_mailout.message import MessageError
 
 __all__ = [
     "Attachment",

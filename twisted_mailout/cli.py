@@ -13,9 +13,9 @@ import json
 import socket
 import sys
 
-from .envelope import AddressError
-from .message import MessageError, recipients_from_headers, remove_headers
-from .queue import Queue, QueueError, validate_envelope
+from twisted_mailout.envelope import AddressError
+from twisted_mailout.message import MessageError, recipients_from_headers, remove_headers
+from twisted_mailout.queue import Queue, QueueError, validate_envelope
 
 __all__ = ["main"]
 
@@ -125,7 +125,7 @@ def _row(entry, where, name) -> dict:
 
 def cmd_demo(args) -> int:
     """C{mailout demo}: the whole job on loopback (see L{demo.run})."""
-    from . import demo
+    from twisted_mailout import demo
 
     return demo.main(args)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from .router import parse_hostport, parse_relay
-from .session import TLS_LEVELS, Timeouts
+from twisted_mailout.router import parse_hostport, parse_relay
+from twisted_mailout.smtp.protocol import TLS_LEVELS, Timeouts
 
 __all__ = ["Config", "ConfigError"]
 
@@ -127,13 +127,13 @@ class Config:
                 except (ValueError, OSError):
                     raise ConfigError(f"{opt} {r!r}: expected an IPv4 address[:port]") from None
         if self.tls_policy is not None:
-            from .tlspolicy import PolicyFileError, PolicyTable
+            from twisted_mailout.tlspolicy import PolicyFileError, PolicyTable
 
             try:
                 PolicyTable.from_file(self.tls_policy)
             except PolicyFileError as e:
                 raise ConfigError(f"--tls-policy: {e}") from None
-        from .auth import AuthError
+        from twisted_mailout.smtp.auth import AuthError
 
         try:
             creds = self.credentials()
@@ -167,7 +167,7 @@ class Config:
 
         @raise auth.AuthError: incomplete options, an unreadable file.
         """
-        from .auth import credentials_from_options
+        from twisted_mailout.smtp.auth import credentials_from_options
 
         return credentials_from_options(
             self.auth_user, self.auth_password_file, self.auth_password_env,
@@ -179,7 +179,7 @@ class Config:
 
         @raise tlspolicy.PolicyFileError: the file cannot be used.
         """
-        from .tlspolicy import PolicyTable, TLSPolicy
+        from twisted_mailout.tlspolicy import PolicyTable, TLSPolicy
 
         default = TLSPolicy(self.tls, (), "--tls")
         if self.tls_policy is None:

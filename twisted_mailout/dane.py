@@ -18,7 +18,7 @@ The pieces, in the order a delivery uses them:
    I{bogus} answer, or a timeout) raises L{DNSLookupError}: that host must
    not be used (RFC 7672 2.1.1).
 3. L{dane_tls} (or C{Policy.tls_creator}) is the STARTTLS connection creator
-   for L{twisted_mailout.session.ESMTPSession} (with C{tls="encrypt"}, which
+   for L{twisted_mailout.smtp.protocol.ESMTPSession} (with C{tls="encrypt"}, which
    makes STARTTLS mandatory): the TLS handshake succeeds only when the
    server's chain matches a usable record (L{verify_chain}); otherwise it
    fails with L{DANEVerificationError}, an C{OpenSSL.SSL.Error} whose text
@@ -900,7 +900,7 @@ class Policy:
 
     def tls_creator(self, hostname: str | None = None):
         """For C{ESMTPSession(tls_creator=...)}: L{dane_tls} for C{"dane"},
-        unauthenticated TLS (L{twisted_mailout.session.opportunistic_tls})
+        unauthenticated TLS (L{twisted_mailout.smtp.protocol.opportunistic_tls})
         otherwise.
 
         @param hostname: ignored (the session passes its host name; the
@@ -908,7 +908,7 @@ class Policy:
         """
         if self.mode == "dane":
             return dane_tls(self.host, self.records, self.names)
-        from .session import opportunistic_tls
+        from twisted_mailout.smtp.protocol import opportunistic_tls
 
         return opportunistic_tls(self.host)
 

@@ -35,10 +35,10 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .api import DeliveryReport, RecipientResult
-from .envelope import AddressError, Reply, parse_sender
-from .message import MessageError, coerce_message, prepare_message
-from .queue import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
+from twisted_mailout.api import DeliveryReport, RecipientResult
+from twisted_mailout.envelope import AddressError, Reply, parse_sender
+from twisted_mailout.message import MessageError, coerce_message, prepare_message
+from twisted_mailout.queue import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
 
 __all__ = [
     "ConsoleDelivery",
@@ -281,7 +281,7 @@ class SMTPDelivery(Delivery):
         C{ValueError})."""
         from twisted.internet import defer
 
-        from . import api
+        from twisted_mailout import api
 
         try:
             env = prepare(sender, recipients, message)

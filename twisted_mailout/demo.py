@@ -24,9 +24,9 @@ import tempfile
 
 from twisted.internet import defer, error, task
 
-from .config import Config
-from .queue import enqueue
-from .service import DeliveryService
+from twisted_mailout.config import Config
+from twisted_mailout.queue import enqueue
+from twisted_mailout.service import DeliveryService
 
 __all__ = ["ZONE_HOSTS", "main", "run"]
 
@@ -72,7 +72,7 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
     @param timeout: seconds before giving up.
     @return: 0 when every outcome was the expected one, else 1.
     """
-    from .loopback import start_dns_server, start_smtp_receiver
+    from twisted_mailout.loopback import start_dns_server, start_smtp_receiver
 
     udp, tcp, dns_port = start_dns_server(_zone(), reactor)
     ports = [udp, tcp]

@@ -27,9 +27,9 @@ from typing import ClassVar
 
 from twisted.logger import Logger
 
-from .deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
-from .envelope import AddressError, Reply
-from .message import coerce_message, header_values, recipients_from_headers, remove_headers
+from twisted_mailout.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
+from twisted_mailout.envelope import AddressError, Reply
+from twisted_mailout.message import coerce_message, header_values, recipients_from_headers, remove_headers
 
 __all__ = [
     "EVENT_TYPES",
@@ -341,7 +341,7 @@ class Mailer:
         self.delivery: Delivery = get_delivery(delivery)
         self.sender = sender
         if sender is not None:
-            from .builder import format_address
+            from twisted_mailout.builder import format_address
 
             self._from_field = format_address(sender)
         items = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
@@ -439,11 +439,11 @@ class Mailer:
         sender, recipients, data = self.prepare(message, sender, recipients)
         delivery = self.current_delivery()
         if self.transactional:
-            from .txn import join
+            from twisted_mailout.txn import join
 
             return join(self, delivery, sender, recipients, data)
         if delivery.asynchronous:
-            from .txn import in_reactor_thread
+            from twisted_mailout.txn import in_reactor_thread
 
             if not in_reactor_thread():
                 raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
@@ -481,7 +481,7 @@ class Mailer:
     def notify_accepted(self, delivery: Delivery, mid: str, sender, recipients) -> None:
         """Report a message a synchronous delivery took: L{MailQueued} for a
         queue, L{MailDelivered} for the others."""
-        from .deliveries import QueueDelivery
+        from twisted_mailout.deliveries import QueueDelivery
 
         queued = isinstance(delivery, QueueDelivery)
         for r in recipients:
@@ -502,7 +502,7 @@ class Mailer:
         sender, recipients, data = self.prepare(message, sender, recipients)
         delivery = self.current_delivery()
         if self.transactional:
-            from .txn import join
+            from twisted_mailout.txn import join
 
             return join(self, delivery, sender, recipients, data)
         if not delivery.asynchronous:

@@ -44,8 +44,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from . import tlsrpt
-from .router import _follow  # CNAME chasing, shared with MX routing
+from twisted_mailout import tlsrpt
+from twisted_mailout.router import _follow  # CNAME chasing, shared with MX routing
 
 __all__ = [
     "MAX_AGE_LIMIT",
@@ -424,7 +424,7 @@ class MTASTS:
         C{<queue>/mta-sts}; L{None} keeps them in memory only.  Files are
         not fsynced: a policy lost in a crash is fetched again.
     @param trust_root: an C{IOpenSSLTrustRoot}, or the path of a PEM CA file
-        (L{twisted_mailout.session.load_trust_root}); L{None} for the
+        (L{twisted_mailout.smtp.protocol.load_trust_root}); L{None} for the
         platform's store.
     @param https_port: the port of the policy host (443; tests use others).
     @param timeout: limit on one HTTPS fetch (connect, TLS, request, body),
@@ -455,7 +455,7 @@ class MTASTS:
         self.fetch_backoff = fetch_backoff
         self.max_txt_ttl = max_txt_ttl
         if isinstance(trust_root, (str, os.PathLike)):
-            from .session import load_trust_root
+            from twisted_mailout.smtp.protocol import load_trust_root
 
             trust_root = load_trust_root(os.fspath(trust_root))
         self.trust_root = trust_root if trust_root is not None else ssl.platformTrust()

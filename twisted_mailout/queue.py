@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from .envelope import (
+from twisted_mailout.envelope import (
     FINAL_STATES,
     AddressError,
     RecipientState,
@@ -35,7 +35,7 @@ from .envelope import (
     parse_address,
     parse_sender,
 )
-from .message import MessageError, coerce_message, header_values, prepare_message, remove_headers
+from twisted_mailout.message import MessageError, coerce_message, header_values, prepare_message, remove_headers
 
 __all__ = [
     "ENVELOPE_HEADER",

@@ -17,7 +17,7 @@ from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 
-from .envelope import Reply
+from twisted_mailout.envelope import Reply
 
 __all__ = [
     "MXRouter",

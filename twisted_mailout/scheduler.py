@@ -19,8 +19,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bounce import make_dsn
-from .envelope import (
+from twisted_mailout.bounce import make_dsn
+from twisted_mailout.envelope import (
     FINAL_STATES,
     RecipientState,
     Reply,
@@ -28,8 +28,8 @@ from .envelope import (
     parse_address,
     parse_sender,
 )
-from .message import split_headers
-from .queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
+from twisted_mailout.message import split_headers
+from twisted_mailout.queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
 
 __all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "thread_io"]
 

@@ -9,12 +9,12 @@ from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python import filepath
 
-from .config import Config
-from .connector import Connector, ConnectorSettings
-from .queue import Queue
-from .router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
-from .scheduler import RetryPolicy, Scheduler, thread_io
-from .session import load_trust_root
+from twisted_mailout.config import Config
+from twisted_mailout.connector import Connector, ConnectorSettings
+from twisted_mailout.queue import Queue
+from twisted_mailout.router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
+from twisted_mailout.scheduler import RetryPolicy, Scheduler, thread_io
+from twisted_mailout.smtp.protocol import load_trust_root
 
 __all__ = ["DeliveryService", "build_connector", "makeService"]
 
@@ -46,14 +46,14 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         policy = config.policy_table()
     dane_resolver = None
     if config.dnssec_resolvers:
-        from .dane import DNSSECResolver
+        from twisted_mailout.dane import DNSSECResolver
 
         dane_resolver = DNSSECResolver(
             reactor, [parse_hostport(r, 53) for r in config.dnssec_resolvers],
             timeout=config.dns_timeout)
     trust_root = load_trust_root(config.cafile)
     if mta_sts is None and config.mta_sts and not config.relay:
-        from .mtasts import MTASTS
+        from twisted_mailout.mtasts import MTASTS
 
         cache = None if config.queue == "-" else os.path.join(config.queue, "mta-sts")
         mta_sts = MTASTS(reactor, resolver, cache, trust_root=trust_root,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from .config import Config, ConfigError
+from twisted_mailout.config import Config, ConfigError
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
@@ -168,8 +168,8 @@ def makeService(options):
     Exits with a clear message when another daemon holds the queue's lock or
     the folder cannot be used.
     """
-    from .queue import QueueError
-    from .service import makeService as _make
+    from twisted_mailout.queue import QueueError
+    from twisted_mailout.service import makeService as _make
 
     try:
         return _make(options["config"])

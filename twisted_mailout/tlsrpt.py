@@ -423,7 +423,7 @@ def result_type_for_verify_error(errno: int) -> str:
 class VerifyRecorder:
     """Wraps a verifying TLS connection creator (e.g. from
     C{twisted.internet.ssl.optionsForClientTLS} or
-    L{twisted_mailout.session.verified_tls}) so that, after a handshake
+    L{twisted_mailout.smtp.protocol.verified_tls}) so that, after a handshake
     failed, L{verify_errors} can tell why OpenSSL rejected the peer's chain;
     the C{SSL.Error} it raises only says "certificate verify failed".
 
@@ -494,7 +494,7 @@ def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
     @param hostname: the name the certificate must match (the MX host
         name, RFC 6125 DNS-ID; an IP address is matched as an IP-ID).
     @param trust_root: an C{IOpenSSLTrustRoot} (e.g. from
-        L{twisted_mailout.session.load_trust_root}); L{None} for the
+        L{twisted_mailout.smtp.protocol.load_trust_root}); L{None} for the
         platform's store.
     @return: L{None} when the chain verifies and the name matches; else
         C{"certificate-expired"}, C{"certificate-not-trusted"},

@@ -31,9 +31,9 @@ import threading
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .deliveries import Delivery, DeliveryError, QueueDelivery, new_message_id
-from .mailer import MailBounced
-from .queue import validate_envelope
+from twisted_mailout.deliveries import Delivery, DeliveryError, QueueDelivery, new_message_id
+from twisted_mailout.mailer import MailBounced
+from twisted_mailout.queue import validate_envelope
 
 __all__ = ["MailDataManager", "in_reactor_thread", "join"]
 
@@ -264,7 +264,7 @@ def join(mailer, delivery: Delivery, sender, recipients, data: bytes) -> str:
     @raise RuntimeError: a direct delivery from a thread while no reactor
         runs: it could never be sent.
     """
-    from .deliveries import prepare
+    from twisted_mailout.deliveries import prepare
 
     manager = mailer.transaction_manager
     txn = manager.get()

@@ -36,10 +36,10 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from twisted.logger import Logger
 
-from ..builder import parse_display_address
-from ..deliveries import DeliveryError, DeliveryReport, prepare
-from ..envelope import Reply
-from ..mailer import Mailer
+from twisted_mailout.builder import parse_display_address
+from twisted_mailout.deliveries import DeliveryError, DeliveryReport, prepare
+from twisted_mailout.envelope import Reply
+from twisted_mailout.mailer import Mailer
 
 __all__ = ["EmailBackend", "message_bytes"]
 

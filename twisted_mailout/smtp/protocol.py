@@ -20,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth as _auth
-from .envelope import Reply
-from .tlspolicy import LEVELS, REQUIRED, CertificateError, _is_ip
+from twisted_mailout.smtp import auth as _auth
+from twisted_mailout.envelope import Reply
+from twisted_mailout.tlspolicy import LEVELS, REQUIRED, CertificateError, _is_ip
 
 __all__ = [
     "TLS_LEVELS",
