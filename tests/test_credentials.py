@@ -21,7 +21,7 @@ from twisted_mailout.smtp.auth import (
     xoauth2_response,
 )
 from twisted_mailout.config import Config, ConfigError
-from twisted_mailout.router import parse_relay
+from twisted_mailout.routing.router import parse_relay
 from twisted_mailout.tlspolicy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
 
 PASSWORD = "pa55-w0rd-XYZ"

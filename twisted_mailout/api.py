@@ -11,7 +11,7 @@ from twisted_mailout.envelope import AddressError, Reply, parse_address, parse_s
 from twisted_mailout.message import coerce_message, prepare_message
 from twisted_mailout.queue import enqueue
 from twisted_mailout.smtp.auth import Credentials
-from twisted_mailout.router import parse_relay
+from twisted_mailout.routing.router import parse_relay
 from twisted_mailout.smtp.protocol import TLS_LEVELS
 
 __all__ = ["DeliveryReport", "RecipientResult", "close_connections", "enqueue", "sendmail"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from twisted_mailout.router import parse_hostport, parse_relay
+from twisted_mailout.routing.router import parse_hostport, parse_relay
 from twisted_mailout.smtp.protocol import TLS_LEVELS, Timeouts
 
 __all__ = ["Config", "ConfigError"]

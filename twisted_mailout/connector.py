@@ -16,7 +16,7 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from twisted_mailout.envelope import Reply
-from twisted_mailout.router import NextHop, RouteError
+from twisted_mailout.routing.router import NextHop, RouteError
 from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts, opportunistic_tls
 from twisted_mailout.tlspolicy import PolicyTable, TLSPolicy, name_checking_tls
 

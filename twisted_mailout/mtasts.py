@@ -45,7 +45,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from twisted_mailout import tlsrpt
-from twisted_mailout.router import _follow  # CNAME chasing, shared with MX routing
+from twisted_mailout.routing.router import _follow  # CNAME chasing, shared with MX routing
 
 __all__ = [
     "MAX_AGE_LIMIT",
@@ -416,7 +416,7 @@ class MTASTS:
     @param reactor: provides C{IReactorTCP} and C{IReactorTime}; the HTTPS
         client and its timeout run on it.
     @param resolver: a C{twisted.names} C{IResolver} (from
-        L{twisted_mailout.router.make_resolver}); the only resolver asked, for
+        L{twisted_mailout.routing.router.make_resolver}); the only resolver asked, for
         the TXT record and for the addresses of C{mta-sts.<domain>}.
     @param cache_dir: folder for the persisted policies (one
         C{<domain>.json} file each, written atomically, mode 0600, removed
