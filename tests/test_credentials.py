@@ -22,7 +22,7 @@ from twisted_mailout.smtp.auth import (
 )
 from twisted_mailout.config import Config, ConfigError
 from twisted_mailout.routing.router import parse_relay
-from twisted_mailout.tlspolicy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
+from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
 
 PASSWORD = "pa55-w0rd-XYZ"
 

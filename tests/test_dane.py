@@ -1,4 +1,4 @@
-"""DANE for SMTP (RFC 7672): twisted_mailout.dane against a real validating
+"""DANE for SMTP (RFC 7672): twisted_mailout.tls.dane against a real validating
 resolver (Unbound, zones signed with ldns, see tests/dnssec.py) and a real
 STARTTLS server (aiosmtpd) on loopback, through twisted_mailout.smtp.protocol.
 
@@ -29,8 +29,8 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.names import dns
 from twisted.trial import unittest
 
-from twisted_mailout import dane
-from twisted_mailout.dane import TLSA
+from twisted_mailout.tls import dane
+from twisted_mailout.tls.dane import TLSA
 from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts
 
 UTC = datetime.UTC

@@ -19,7 +19,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from twisted_mailout.loopback import Zone, start_dns_server
-from twisted_mailout.mtasts import (
+from twisted_mailout.tls.mtasts import (
     MAX_AGE_LIMIT,
     MTASTS,
     FetchError,

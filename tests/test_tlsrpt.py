@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web._newclient import ResponseNeverReceived
 
-from twisted_mailout import tlsrpt
-from twisted_mailout.mtasts import parse_policy
+from twisted_mailout.tls import tlsrpt
+from twisted_mailout.tls.mtasts import parse_policy
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmx: *.example.net\nmax_age: 86400\n"
 START = datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC)
@@ -78,7 +78,7 @@ class LogTests(unittest.SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         tlsrpt.log_success("sts", "example.com")
         self.assertEqual([e["log_namespace"] for e in seen if "tlsrpt" in e],
-                         ["twisted_mailout.tlsrpt"])
+                         ["twisted_mailout.tls.tlsrpt"])
 
     def test_bad_arguments(self):
         _, logger = capture()

@@ -155,7 +155,7 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
                         dnssec_resolvers=tuple(dnssec), mta_sts=mta_sts is True)
         if linger < 0:
             raise ValueError("linger must not be negative")
-        from twisted_mailout.tlspolicy import TLSPolicy
+        from twisted_mailout.tls.policy import TLSPolicy
 
         policy = config.policy_table()
         if tls_match:

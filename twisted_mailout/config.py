@@ -127,7 +127,7 @@ class Config:
                 except (ValueError, OSError):
                     raise ConfigError(f"{opt} {r!r}: expected an IPv4 address[:port]") from None
         if self.tls_policy is not None:
-            from twisted_mailout.tlspolicy import PolicyFileError, PolicyTable
+            from twisted_mailout.tls.policy import PolicyFileError, PolicyTable
 
             try:
                 PolicyTable.from_file(self.tls_policy)
@@ -179,7 +179,7 @@ class Config:
 
         @raise tlspolicy.PolicyFileError: the file cannot be used.
         """
-        from twisted_mailout.tlspolicy import PolicyTable, TLSPolicy
+        from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
 
         default = TLSPolicy(self.tls, (), "--tls")
         if self.tls_policy is None:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted_mailout.envelope import Reply
 from twisted_mailout.routing.router import NextHop, RouteError
 from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts, opportunistic_tls
-from twisted_mailout.tlspolicy import PolicyTable, TLSPolicy, name_checking_tls
+from twisted_mailout.tls.policy import PolicyTable, TLSPolicy, name_checking_tls
 
 __all__ = ["Attempt", "Connector", "ConnectorSettings"]
 
@@ -104,7 +104,7 @@ def _tlsrpt(report, domain, mx_host, addr, result_type, detail):
 
     @param report: C{(policy_type, policy_strings, mx_patterns)}.
     """
-    from twisted_mailout import tlsrpt
+    from twisted_mailout.tls import tlsrpt
 
     policy_type, strings, patterns = report
     try:
@@ -475,7 +475,7 @@ class Connector:
     def _diagnose(self, session, host: str) -> tuple[str | None, str | None]:
         """What an MTA-STS enforce policy would have said of an established
         session: C{(result_type, detail)}, or C{(None, None)} when fine."""
-        from twisted_mailout import tlsrpt
+        from twisted_mailout.tls import tlsrpt
 
         if not session.encrypted:
             return "starttls-not-supported", f"{host} did not offer STARTTLS"
@@ -487,7 +487,7 @@ class Connector:
 
     async def _mx_secure(self, key: str, policy: TLSPolicy) -> bool:
         """Whether the MX RRset of C{key} (or its secure absence) validated."""
-        from twisted_mailout.dane import DNSLookupError
+        from twisted_mailout.tls.dane import DNSLookupError
 
         try:
             lookup = await self.settings.dane.mx(key)
@@ -504,7 +504,7 @@ class Connector:
                             mx_secure: bool, sts) -> _Security:
         """The TLS level and connection creator for one host."""
         if mx_secure:
-            from twisted_mailout import dane
+            from twisted_mailout.tls import dane
 
             try:
                 dp = await dane.host_policy(self.settings.dane, hop.host, port=hop.port,

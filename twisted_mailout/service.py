@@ -46,14 +46,14 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         policy = config.policy_table()
     dane_resolver = None
     if config.dnssec_resolvers:
-        from twisted_mailout.dane import DNSSECResolver
+        from twisted_mailout.tls.dane import DNSSECResolver
 
         dane_resolver = DNSSECResolver(
             reactor, [parse_hostport(r, 53) for r in config.dnssec_resolvers],
             timeout=config.dns_timeout)
     trust_root = load_trust_root(config.cafile)
     if mta_sts is None and config.mta_sts and not config.relay:
-        from twisted_mailout.mtasts import MTASTS
+        from twisted_mailout.tls.mtasts import MTASTS
 
         cache = None if config.queue == "-" else os.path.join(config.queue, "mta-sts")
         mta_sts = MTASTS(reactor, resolver, cache, trust_root=trust_root,

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from twisted_mailout.smtp import auth as _auth
 from twisted_mailout.envelope import Reply
-from twisted_mailout.tlspolicy import LEVELS, REQUIRED, CertificateError, _is_ip
+from twisted_mailout.tls.policy import LEVELS, REQUIRED, CertificateError, _is_ip
 
 __all__ = [
     "TLS_LEVELS",

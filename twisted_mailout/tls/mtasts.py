@@ -18,7 +18,7 @@ the host name (service_identity, RFC 6125) are checked against that name.
 What the connector does with a policy (section 4, 5): in C{enforce} mode
 only MX hosts that L{Policy.matches} are tried, with STARTTLS required and
 the certificate verified against the MX host name; in C{testing} mode
-failures are logged (L{twisted_mailout.tlsrpt}) and delivery goes on as
+failures are logged (L{twisted_mailout.tls.tlsrpt}) and delivery goes on as
 without a policy; C{none} is no policy.
 """
 
@@ -44,7 +44,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from twisted_mailout import tlsrpt
+from twisted_mailout.tls import tlsrpt
 from twisted_mailout.routing.router import _follow  # CNAME chasing, shared with MX routing
 
 __all__ = [
@@ -186,7 +186,7 @@ class Policy:
     def report_fields(self) -> dict:
         """The policy part of an RFC 8460 event: C{policy_type},
         C{policy_domain}, C{policy_string}, C{mx_host}; pass them on to
-        L{twisted_mailout.tlsrpt.log_failure} or C{log_success} as keywords."""
+        L{twisted_mailout.tls.tlsrpt.log_failure} or C{log_success} as keywords."""
         return {"policy_type": "sts", "policy_domain": self.domain,
                 "policy_string": self.lines(), "mx_host": list(self.mx)}
 
@@ -484,7 +484,7 @@ class MTASTS:
         the cached policy.  A cached, unexpired policy is also returned when
         the TXT record is missing or its lookup fails, or the fetch fails.
         Concurrent calls for one domain share one lookup and fetch.  Fetch
-        failures are logged as RFC 8460 events (L{twisted_mailout.tlsrpt}).
+        failures are logged as RFC 8460 events (L{twisted_mailout.tls.tlsrpt}).
 
         @param domain: the recipient domain (A-labels or U-labels; a trailing
             dot is ignored).  An address literal (C{[192.0.2.1]}) or a
