@@ -139,7 +139,7 @@ def fill_queue_fast(q: Path, n: int, size: int) -> None:
     """N messages written straight into tmp/ in the queue's own format (what
     enqueue writes), one sync(2), then renamed into new/: a full drop zone
     without the durable enqueue's cost per file (for 100,000 messages)."""
-    from twisted_mailout.queue import ENVELOPE_HEADER, Queue, _new_queue_id
+    from twisted_mailout.queue.store import ENVELOPE_HEADER, Queue, _new_queue_id
 
     Queue(str(q))
     body = message(0, size)
@@ -202,7 +202,7 @@ def case_drain(ctx: Ctx) -> None:
 
 
 def _concurrent(ctx: Ctx, row: str, producer: str) -> None:
-    from twisted_mailout.queue import Queue
+    from twisted_mailout.queue.store import Queue
 
     with Workdir(ctx.base, "mailout-conc-") as tmp:
         q = tmp / "q"

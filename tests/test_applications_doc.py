@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "applications.md"

@@ -16,7 +16,7 @@ from collections import Counter
 from peers import AiosmtpdSink
 
 from tests.daemon import Daemon, queue_list, wait_until
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 
 MAX_CONNECTIONS = 5
 

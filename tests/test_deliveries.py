@@ -36,7 +36,7 @@ from twisted_mailout.deliveries import (
     parse_url,
     sysexit_reply,
 )
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 
 MSG = (b"From: a@origin.test\r\nTo: b@dest.test\r\nMessage-ID: <d@test>\r\n"
        b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nSubject: deliveries\r\n\r\n"

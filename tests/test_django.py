@@ -41,7 +41,7 @@ from django.test.utils import override_settings  # noqa: E402
 from twisted_mailout import AddressError  # noqa: E402
 from twisted_mailout.contrib.django import EmailBackend  # noqa: E402
 from twisted_mailout.deliveries import DeliveryError  # noqa: E402
-from twisted_mailout.queue import Queue  # noqa: E402
+from twisted_mailout.queue.store import Queue  # noqa: E402
 from twisted_mailout.testing import capture_mail  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

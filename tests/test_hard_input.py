@@ -49,7 +49,7 @@ from tests.daemon import Daemon, queue_list, wait_until
 from tests.fakes import ScriptedConnector
 from twisted_mailout import enqueue
 from twisted_mailout.envelope import Reply
-from twisted_mailout.queue import Queue, QueueError
+from twisted_mailout.queue.store import Queue, QueueError
 from twisted_mailout.scheduler import RetryPolicy, Scheduler
 
 SENDER = "author@origin.test"

@@ -31,7 +31,7 @@ from twisted_mailout.mailer import (
     make_event,
     outcome_observer,
 )
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 from twisted_mailout.scheduler import Outcome
 
 

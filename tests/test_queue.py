@@ -13,7 +13,7 @@ import pytest
 import twisted_mailout
 from twisted_mailout.envelope import AddressError, RecipientState, Reply
 from twisted_mailout.message import MessageError
-from twisted_mailout.queue import CorruptEntry, Queue, QueueError, QueueLocked
+from twisted_mailout.queue.store import CorruptEntry, Queue, QueueError, QueueLocked
 
 MSG = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -183,7 +183,7 @@ def test_only_one_daemon_per_queue_folder(tmp_path):
     with pytest.raises(QueueLocked, match="already running"):
         q2.lock()
     # Another process is refused too.
-    code = ("import sys; from twisted_mailout.queue import Queue, QueueLocked\n"
+    code = ("import sys; from twisted_mailout.queue.store import Queue, QueueLocked\n"
             "try:\n Queue(sys.argv[1]).lock()\nexcept QueueLocked: sys.exit(3)\n")
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 3
     q1.unlock()
@@ -283,7 +283,7 @@ def test_enqueue_many_is_all_or_nothing_when_one_item_is_bad(tmp_path):
 
 
 def test_enqueue_many_leaves_nothing_when_the_disk_write_fails(tmp_path, monkeypatch):
-    import twisted_mailout.queue as qmod
+    import twisted_mailout.queue.store as qmod
 
     q = str(tmp_path / "q")
     calls = []

@@ -16,7 +16,7 @@ from twisted_mailout.envelope import (
     Reply,
     check_transition,
 )
-from twisted_mailout.queue import Queue, RecipientStatus
+from twisted_mailout.queue.store import Queue, RecipientStatus
 from twisted_mailout.scheduler import RetryPolicy, Scheduler, outcome_for
 
 MSG = b"From: a@example.com\r\nSubject: s\r\nMessage-ID: <m1@example.com>\r\n\r\nbody\r\n"

@@ -53,10 +53,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
-from twisted_mailout import queue as queue_module
+from twisted_mailout.queue import store as queue_module
 from twisted_mailout.connector import Attempt
 from twisted_mailout.envelope import FINAL_STATES, InvalidTransition, RecipientState, Reply
-from twisted_mailout.queue import CorruptEntry, Queue, RecipientStatus
+from twisted_mailout.queue.store import CorruptEntry, Queue, RecipientStatus
 from twisted_mailout.scheduler import RetryPolicy, Scheduler, outcome_for
 
 # --------------------------------------------------------------------------- (a) outcome_for

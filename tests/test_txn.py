@@ -20,7 +20,7 @@ from twisted_mailout import AddressError, QueueError
 from twisted_mailout.builder import build_message
 from twisted_mailout.deliveries import MemoryDelivery
 from twisted_mailout.mailer import MailBounced, MailDelivered, Mailer, MailQueued
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 
 
 def msg(n=1):

@@ -12,7 +12,7 @@ from twisted_mailout.deliveries import get_delivery
 from twisted_mailout.mailer import Mailer
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import MessageError
-from twisted_mailout.queue import QueueError, QueueLocked, enqueue, enqueue_many
+from twisted_mailout.queue.store import QueueError, QueueLocked, enqueue, enqueue_many
 
 __all__ = [
     "AddressError",

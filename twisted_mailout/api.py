@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted_mailout.config import Config
 from twisted_mailout.envelope import AddressError, Reply, parse_address, parse_sender
 from twisted_mailout.message import coerce_message, prepare_message
-from twisted_mailout.queue import enqueue
+from twisted_mailout.queue.store import enqueue
 from twisted_mailout.smtp.auth import Credentials
 from twisted_mailout.routing.router import parse_relay
 from twisted_mailout.smtp.protocol import TLS_LEVELS

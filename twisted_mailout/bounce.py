@@ -16,7 +16,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP
 
-from twisted_mailout.queue import QueueEntry, RecipientStatus
+from twisted_mailout.queue.store import QueueEntry, RecipientStatus
 
 __all__ = ["make_dsn"]
 

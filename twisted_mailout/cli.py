@@ -15,7 +15,7 @@ import sys
 
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import MessageError, recipients_from_headers, remove_headers
-from twisted_mailout.queue import Queue, QueueError, validate_envelope
+from twisted_mailout.queue.store import Queue, QueueError, validate_envelope
 
 __all__ = ["main"]
 

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from twisted_mailout.api import DeliveryReport, RecipientResult
 from twisted_mailout.envelope import AddressError, Reply, parse_sender
 from twisted_mailout.message import MessageError, coerce_message, prepare_message
-from twisted_mailout.queue import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
+from twisted_mailout.queue.store import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
 
 __all__ = [
     "ConsoleDelivery",

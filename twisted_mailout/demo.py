@@ -25,7 +25,7 @@ import tempfile
 from twisted.internet import defer, error, task
 
 from twisted_mailout.config import Config
-from twisted_mailout.queue import enqueue
+from twisted_mailout.queue.store import enqueue
 from twisted_mailout.service import DeliveryService
 
 __all__ = ["ZONE_HOSTS", "main", "run"]

@@ -29,7 +29,7 @@ from twisted_mailout.envelope import (
     parse_sender,
 )
 from twisted_mailout.message import split_headers
-from twisted_mailout.queue import CorruptEntry, Queue, QueueEntry, RecipientStatus
+from twisted_mailout.queue.store import CorruptEntry, Queue, QueueEntry, RecipientStatus
 
 __all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "thread_io"]
 

@@ -11,7 +11,7 @@ from twisted.python import filepath
 
 from twisted_mailout.config import Config
 from twisted_mailout.connector import Connector, ConnectorSettings
-from twisted_mailout.queue import Queue
+from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
 from twisted_mailout.scheduler import RetryPolicy, Scheduler, thread_io
 from twisted_mailout.smtp.protocol import load_trust_root

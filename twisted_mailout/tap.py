@@ -168,7 +168,7 @@ def makeService(options):
     Exits with a clear message when another daemon holds the queue's lock or
     the folder cannot be used.
     """
-    from twisted_mailout.queue import QueueError
+    from twisted_mailout.queue.store import QueueError
     from twisted_mailout.service import makeService as _make
 
     try:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from twisted_mailout.deliveries import Delivery, DeliveryError, QueueDelivery, new_message_id
 from twisted_mailout.mailer import MailBounced
-from twisted_mailout.queue import validate_envelope
+from twisted_mailout.queue.store import validate_envelope
 
 __all__ = ["MailDataManager", "in_reactor_thread", "join"]
 
