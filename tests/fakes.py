@@ -6,7 +6,7 @@ from twisted.internet import defer
 from twisted.names import dns
 from twisted.names import error as dnserror
 
-from twisted_mailout.connector import Attempt
+from twisted_mailout.delivery.connector import Attempt
 
 
 def rr(name, payload, ttl=300):

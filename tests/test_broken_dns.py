@@ -35,7 +35,7 @@ from twisted.trial import unittest
 
 import twisted_mailout
 from tests.daemon import Daemon, queue_list, wait_until
-from twisted_mailout import connector as connector_module
+from twisted_mailout.delivery import connector as connector_module
 from twisted_mailout import enqueue
 from twisted_mailout.loopback import start_dns_server
 

@@ -50,7 +50,7 @@ from tests.fakes import ScriptedConnector
 from twisted_mailout import enqueue
 from twisted_mailout.envelope import Reply
 from twisted_mailout.queue.store import Queue, QueueError
-from twisted_mailout.scheduler import RetryPolicy, Scheduler
+from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler
 
 SENDER = "author@origin.test"
 DATE = b"Date: Mon, 23 Nov 2026 10:00:00 +0000"

@@ -32,7 +32,7 @@ from twisted_mailout.mailer import (
     outcome_observer,
 )
 from twisted_mailout.queue.store import Queue
-from twisted_mailout.scheduler import Outcome
+from twisted_mailout.delivery.scheduler import Outcome
 
 
 def parsed(data: bytes):

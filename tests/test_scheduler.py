@@ -17,7 +17,7 @@ from twisted_mailout.envelope import (
     check_transition,
 )
 from twisted_mailout.queue.store import Queue, RecipientStatus
-from twisted_mailout.scheduler import RetryPolicy, Scheduler, outcome_for
+from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, outcome_for
 
 MSG = b"From: a@example.com\r\nSubject: s\r\nMessage-ID: <m1@example.com>\r\n\r\nbody\r\n"
 
@@ -243,7 +243,7 @@ def test_no_delay_warning_by_default(tmp_path):
 def test_group_commit_batches_what_arrives_while_a_batch_runs():
     from twisted.internet import defer
 
-    from twisted_mailout.scheduler import GroupCommit
+    from twisted_mailout.delivery.scheduler import GroupCommit
 
     batches, running = [], []
 

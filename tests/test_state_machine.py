@@ -54,10 +54,10 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
 from twisted_mailout.queue import store as queue_module
-from twisted_mailout.connector import Attempt
+from twisted_mailout.delivery.connector import Attempt
 from twisted_mailout.envelope import FINAL_STATES, InvalidTransition, RecipientState, Reply
 from twisted_mailout.queue.store import CorruptEntry, Queue, RecipientStatus
-from twisted_mailout.scheduler import RetryPolicy, Scheduler, outcome_for
+from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, outcome_for
 
 # --------------------------------------------------------------------------- (a) outcome_for
 

@@ -11,7 +11,7 @@ or, for a transactional mailer, when the current C{transaction} commits
 Outcomes are reported to observers as L{MailEvent}s, one per recipient:
 L{MailQueued} (accepted into the queue), L{MailDelivered}, L{MailDeferred}
 (temporary failure) and L{MailBounced} (permanent failure, or given up). The
-daemon's per-recipient L{twisted_mailout.scheduler.Outcome} converts with
+daemon's per-recipient L{twisted_mailout.delivery.scheduler.Outcome} converts with
 L{event_from_outcome}; a result of L{twisted_mailout.sendmail} with
 L{event_from_result}. Observers never break delivery: their exceptions are
 logged and dropped.
@@ -101,7 +101,7 @@ class MailEvent:
     def log_fields(self) -> dict:
         """The fields of a C{twisted.logger} event, named as the daemon names
         them (namespace C{twisted_mailout.outcome}, see
-        L{twisted_mailout.scheduler.Scheduler._emit}): C{qid}, C{recipient},
+        L{twisted_mailout.delivery.scheduler.Scheduler._emit}): C{qid}, C{recipient},
         C{event} (C{queued}, C{delivered}, C{deferred}, C{bounced}), C{outcome}
         (C{sent}/C{expired} as the daemon says), C{code}, C{dsn}, C{reply}
         (one line), C{relay} (C{"none"} when none), C{delay}, C{attempts},
@@ -166,7 +166,7 @@ def make_event(status: str, **fields) -> MailEvent:
 
 
 def event_from_outcome(outcome, sender: str | None = None) -> MailEvent:
-    """The event for one of the daemon's L{twisted_mailout.scheduler.Outcome}s.
+    """The event for one of the daemon's L{twisted_mailout.delivery.scheduler.Outcome}s.
 
     C{sent} becomes L{MailDelivered}; C{deferred} L{MailDeferred} (with
     C{will_retry}); C{bounced} and C{expired} L{MailBounced}.

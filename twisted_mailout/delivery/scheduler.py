@@ -19,7 +19,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mailout.bounce import make_dsn
+from twisted_mailout.delivery.bounce import make_dsn
 from twisted_mailout.envelope import (
     FINAL_STATES,
     RecipientState,
