@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from twisted_mailout import AddressError, MessageError
-from twisted_mailout.builder import Attachment, build_message, format_address
+from twisted_mailout.apps.builder import Attachment, build_message, format_address
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 

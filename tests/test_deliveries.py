@@ -21,7 +21,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from twisted_mailout import AddressError, MessageError
-from twisted_mailout.deliveries import (
+from twisted_mailout.apps.deliveries import (
     ConsoleDelivery,
     DeliveryError,
     FileDelivery,
@@ -501,7 +501,7 @@ class SMTPAuthURLTests(unittest.TestCase):
         from tls_peers import TlsSmtpServer
         from twisted.logger import formatEvent
 
-        from twisted_mailout.mailer import MailDelivered, Mailer
+        from twisted_mailout.apps.mailer import MailDelivered, Mailer
 
         server = TlsSmtpServer(self.pki.good(self.relay_name), implicit=implicit,
                                server_hostname=self.relay_name,

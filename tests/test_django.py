@@ -39,8 +39,8 @@ from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.test.utils import override_settings  # noqa: E402
 
 from twisted_mailout import AddressError  # noqa: E402
-from twisted_mailout.contrib.django import EmailBackend  # noqa: E402
-from twisted_mailout.deliveries import DeliveryError  # noqa: E402
+from twisted_mailout.apps.django import EmailBackend  # noqa: E402
+from twisted_mailout.apps.deliveries import DeliveryError  # noqa: E402
 from twisted_mailout.queue.store import Queue  # noqa: E402
 from twisted_mailout.testing import capture_mail  # noqa: E402
 

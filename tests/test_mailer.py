@@ -14,10 +14,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from twisted_mailout import AddressError, RecipientResult
-from twisted_mailout.builder import build_message
-from twisted_mailout.deliveries import DeliveryError, MemoryDelivery, SendmailDelivery
+from twisted_mailout.apps.builder import build_message
+from twisted_mailout.apps.deliveries import DeliveryError, MemoryDelivery, SendmailDelivery
 from twisted_mailout.envelope import Reply
-from twisted_mailout.mailer import (
+from twisted_mailout.apps.mailer import (
     MailBounced,
     MailDeferred,
     MailDelivered,

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from twisted_mailout.builder import build_message
-from twisted_mailout.mailer import Mailer
+from twisted_mailout.apps.builder import build_message
+from twisted_mailout.apps.mailer import Mailer
 from twisted_mailout.testing import capture_mail, mail_outbox  # noqa: F401 - the fixture
 
 PNG = b"\x89PNG\r\n\x1a\n\x00"

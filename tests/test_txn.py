@@ -17,9 +17,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from twisted_mailout import AddressError, QueueError
-from twisted_mailout.builder import build_message
-from twisted_mailout.deliveries import MemoryDelivery
-from twisted_mailout.mailer import MailBounced, MailDelivered, Mailer, MailQueued
+from twisted_mailout.apps.builder import build_message
+from twisted_mailout.apps.deliveries import MemoryDelivery
+from twisted_mailout.apps.mailer import MailBounced, MailDelivered, Mailer, MailQueued
 from twisted_mailout.queue.store import Queue
 
 

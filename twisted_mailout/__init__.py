@@ -7,9 +7,9 @@ or to each domain's MX hosts.
 """
 
 from twisted_mailout.api import DeliveryReport, RecipientResult, sendmail
-from twisted_mailout.builder import build_message
-from twisted_mailout.deliveries import get_delivery
-from twisted_mailout.mailer import Mailer
+from twisted_mailout.apps.builder import build_message
+from twisted_mailout.apps.deliveries import get_delivery
+from twisted_mailout.apps.mailer import Mailer
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import MessageError
 from twisted_mailout.queue.store import QueueError, QueueLocked, enqueue, enqueue_many

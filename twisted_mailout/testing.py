@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 
-from twisted_mailout.deliveries import MemoryDelivery, SentMessage, _pop_capture, _push_capture
+from twisted_mailout.apps.deliveries import MemoryDelivery, SentMessage, _pop_capture, _push_capture
 
 __all__ = ["CapturedMessage", "Outbox", "capture_mail", "mail_outbox"]
 

@@ -1,1 +1,1 @@
-"""Integrations with web frameworks (C{twisted_mailout.contrib.django})."""
+"""Integrations with web frameworks (C{twisted_mailout.apps.django})."""

@@ -1,0 +1,521 @@
+"""The application's mailer: a delivery plus defaults, and typed outcome events.
+
+A L{Mailer} holds a delivery (see L{twisted_mailout.apps.deliveries}), a default
+sender and default header fields, and observers. L{Mailer.send} takes a built
+message (an C{email.message.EmailMessage} from L{twisted_mailout.apps.builder}, or
+bytes), takes the envelope from its header fields when not given (Bcc removed
+from the bytes, kept in the envelope) and hands it to the delivery, at once
+or, for a transactional mailer, when the current C{transaction} commits
+(L{twisted_mailout.apps.txn}).
+
+Outcomes are reported to observers as L{MailEvent}s, one per recipient:
+L{MailQueued} (accepted into the queue), L{MailDelivered}, L{MailDeferred}
+(temporary failure) and L{MailBounced} (permanent failure, or given up). The
+daemon's per-recipient L{twisted_mailout.delivery.scheduler.Outcome} converts with
+L{event_from_outcome}; a result of L{twisted_mailout.sendmail} with
+L{event_from_result}. Observers never break delivery: their exceptions are
+logged and dropped.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+from twisted.logger import Logger
+
+from twisted_mailout.apps.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
+from twisted_mailout.envelope import AddressError, Reply
+from twisted_mailout.message import coerce_message, header_values, recipients_from_headers, remove_headers
+
+__all__ = [
+    "EVENT_TYPES",
+    "MailBounced",
+    "MailDeferred",
+    "MailDelivered",
+    "MailEvent",
+    "MailQueued",
+    "Mailer",
+    "Observers",
+    "OUTCOME_NAMESPACE",
+    "event_from_log",
+    "event_from_outcome",
+    "event_from_result",
+    "log_observer",
+    "make_event",
+    "outcome_observer",
+]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class MailEvent:
+    """One recipient's outcome (a base class: see its four subclasses).
+
+    @ivar queue_id: the queue id, or the message id a delivery returned.
+    @ivar recipient: the envelope recipient.
+    @ivar code: the SMTP reply code (RFC 5321 4.2.3), or a locally made one.
+    @ivar text: the reply text (with the RFC 3463 enhanced code when known).
+    @ivar sender: the envelope sender (C{""}: null sender), or L{None} if unknown.
+    @ivar relay: C{"host[ip]:port"} that answered, or L{None}.
+    @ivar local: C{True} when no server gave the reply (DNS, connection,
+        timeout, a local delivery or command).
+    @ivar will_retry: C{True} when the daemon will try this recipient again
+        (a deferred recipient of the queue); C{False} for a direct delivery's
+        deferred result, which nobody retries.
+    @ivar attempts: delivery attempts so far (1 for direct delivery).
+    @ivar delay: seconds since the message arrived, or L{None}.
+    @ivar expired: a bounce because the queue lifetime ran out.
+    @ivar source: who reported it: C{"daemon"}, or the delivery's URL.
+    @cvar status: C{"queued"}, C{"delivered"}, C{"deferred"} or C{"bounced"}.
+    """
+
+    status: ClassVar[str] = ""
+    queue_id: str
+    recipient: str
+    code: int
+    text: str
+    sender: str | None = None
+    relay: str | None = None
+    local: bool = False
+    will_retry: bool = False
+    attempts: int = 1
+    delay: float | None = None
+    expired: bool = False
+    source: str = ""
+
+    @property
+    def reply(self) -> Reply:
+        """The L{Reply} (code, text, local)."""
+        return Reply(self.code, self.text, self.local)
+
+    @property
+    def enhanced_status(self) -> str:
+        """The RFC 3463 status code, e.g. C{"5.1.1"}."""
+        return self.reply.enhanced_status
+
+    def log_fields(self) -> dict:
+        """The fields of a C{twisted.logger} event, named as the daemon names
+        them (namespace C{twisted_mailout.outcome}, see
+        L{twisted_mailout.delivery.scheduler.Scheduler._emit}): C{qid}, C{recipient},
+        C{event} (C{queued}, C{delivered}, C{deferred}, C{bounced}), C{outcome}
+        (C{sent}/C{expired} as the daemon says), C{code}, C{dsn}, C{reply}
+        (one line), C{relay} (C{"none"} when none), C{delay}, C{attempts},
+        C{local}; and C{sender}, C{will_retry}, C{source}."""
+        outcome = {"delivered": "sent"}.get(self.status, self.status)
+        if self.expired:
+            outcome = "expired"
+        return {"qid": self.queue_id, "recipient": self.recipient, "event": self.status,
+                "outcome": outcome, "code": self.code, "dsn": self.enhanced_status,
+                "reply": self.reply.one_line(), "relay": self.relay or "none",
+                "delay": self.delay, "attempts": self.attempts, "local": self.local,
+                "sender": self.sender, "will_retry": self.will_retry, "source": self.source}
+
+
+@dataclass(frozen=True)
+class MailQueued(MailEvent):
+    """Accepted into a mailout queue; the daemon will report what follows."""
+
+    status: ClassVar[str] = "queued"
+
+
+@dataclass(frozen=True)
+class MailDelivered(MailEvent):
+    """Delivered: a server (or a local delivery) accepted it (2xx)."""
+
+    status: ClassVar[str] = "delivered"
+
+
+@dataclass(frozen=True)
+class MailDeferred(MailEvent):
+    """A temporary failure (4xx, or no server reached)."""
+
+    status: ClassVar[str] = "deferred"
+
+
+@dataclass(frozen=True)
+class MailBounced(MailEvent):
+    """A permanent failure (5xx), or given up (C{expired})."""
+
+    status: ClassVar[str] = "bounced"
+
+
+EVENT_TYPES = {c.status: c for c in (MailQueued, MailDelivered, MailDeferred, MailBounced)}
+
+
+def make_event(status: str, **fields) -> MailEvent:
+    """Build the event class for C{status} (C{queued}, C{delivered},
+    C{deferred}, C{bounced}; the daemon's C{sent} and C{expired} too).
+
+    @raise ValueError: an unknown status.
+    """
+    if status == "sent":
+        status = "delivered"
+    elif status == "expired":
+        status, fields["expired"] = "bounced", True
+    try:
+        cls = EVENT_TYPES[status]
+    except KeyError:
+        raise ValueError(f"unknown outcome status {status!r}; one of "
+                         f"{', '.join(EVENT_TYPES)}") from None
+    return cls(**fields)
+
+
+def event_from_outcome(outcome, sender: str | None = None) -> MailEvent:
+    """The event for one of the daemon's L{twisted_mailout.delivery.scheduler.Outcome}s.
+
+    C{sent} becomes L{MailDelivered}; C{deferred} L{MailDeferred} (with
+    C{will_retry}); C{bounced} and C{expired} L{MailBounced}.
+
+    @param outcome: a C{scheduler.Outcome} (C{qid}, C{recipient}, C{status},
+        C{reply}, C{relay}, C{delay}, C{attempts}).
+    @param sender: the envelope sender when the caller knows it.
+    @raise ValueError: an unknown status.
+    """
+    relay = outcome.relay if outcome.relay not in (None, "none") else None
+    return make_event(outcome.status, queue_id=outcome.qid, recipient=outcome.recipient,
+                      code=outcome.reply.code, text=outcome.reply.text, sender=sender,
+                      relay=relay, local=outcome.reply.local,
+                      will_retry=outcome.status == "deferred", attempts=outcome.attempts,
+                      delay=outcome.delay, source="daemon")
+
+
+OUTCOME_NAMESPACE = "twisted_mailout.outcome"
+_OUTCOME_KEYS = frozenset({"qid", "recipient", "event", "outcome", "code", "dsn", "reply"})
+
+
+def event_from_log(event: dict) -> MailEvent | None:
+    """The L{MailEvent} of a daemon's C{twisted.logger} outcome event
+    (namespace C{twisted_mailout.outcome}), or L{None} for any other event.
+
+    @param event: a C{twisted.logger} event dict.
+    """
+    # Recognised by namespace, or by the daemon's fields (a namespace given
+    # as a keyword to Logger.emit is replaced by the logger's own).
+    if event.get("log_namespace") != OUTCOME_NAMESPACE and not event.keys() >= _OUTCOME_KEYS:
+        return None
+    if "qid" not in event or "recipient" not in event:
+        return None
+    code = int(event.get("code", 0))
+    reply = str(event.get("reply", ""))
+    text = reply[len(str(code)):].strip() if reply.startswith(str(code)) else reply
+    relay = event.get("relay")
+    status = event.get("outcome") or event.get("event")
+    return make_event(status, queue_id=event["qid"], recipient=event["recipient"],
+                      code=code, text=text, sender=event.get("sender"),
+                      relay=None if relay in (None, "none") else relay,
+                      local=bool(event.get("local", False)),
+                      will_retry=status == "deferred", attempts=int(event.get("attempts", 1)),
+                      delay=event.get("delay"), source="daemon")
+
+
+def log_observer(observer):
+    """A C{twisted.logger} observer that gives C{observer} a L{MailEvent}
+    for each outcome the daemon logs (and ignores every other event):
+    C{globalLogPublisher.addObserver(log_observer(watch))}. Errors of
+    C{observer} are dropped, as the log system requires."""
+
+    def on_log(event):
+        try:
+            mail_event = event_from_log(event)
+        except (KeyError, ValueError, TypeError):
+            return
+        if mail_event is not None:
+            try:
+                observer(mail_event)
+            except Exception:  # noqa: BLE001, S110 - a log observer must not raise
+                pass
+
+    on_log.__wrapped__ = observer
+    return on_log
+
+
+def event_from_result(queue_id: str, result, sender: str | None = None,
+                      source: str = "") -> MailEvent:
+    """The event for one L{twisted_mailout.api.RecipientResult} of a direct
+    delivery (nothing retries it: C{will_retry} is C{False}).
+
+    @param queue_id: the message id the mailer gave the message.
+    @param result: a C{RecipientResult}.
+    """
+    return make_event(result.status, queue_id=queue_id, recipient=result.recipient,
+                      code=result.code, text=result.text, sender=sender, relay=result.relay,
+                      local=result.local, source=source)
+
+
+class Observers:
+    """A list of callables that receive L{MailEvent}s. An observer that
+    raises is logged (C{twisted.logger}) and skipped; it never breaks delivery
+    nor stops the other observers. Thread-safe."""
+
+    def __init__(self, observers=()):
+        self._lock = threading.Lock()
+        self._list = list(observers)
+
+    def add(self, observer) -> None:
+        """Register C{observer(event)}. @raise TypeError: not callable."""
+        if not callable(observer):
+            raise TypeError(f"an observer must be callable, not {type(observer).__name__}")
+        with self._lock:
+            self._list.append(observer)
+
+    def remove(self, observer) -> None:
+        """Unregister C{observer}. @raise ValueError: it was not registered."""
+        with self._lock:
+            self._list.remove(observer)
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def notify(self, event: MailEvent) -> None:
+        """Give C{event} to every observer; exceptions are logged, not raised."""
+        with self._lock:
+            observers = list(self._list)
+        for obs in observers:
+            try:
+                obs(event)
+            except Exception:  # noqa: BLE001 - observers never break delivery
+                log.failure("mail outcome observer {observer!r} failed on {event!r}",
+                            observer=obs, event=event)
+
+
+def outcome_observer(observer):
+    """Adapt C{observer(MailEvent)} to the daemon's C{observers} argument
+    (L{twisted_mailout.service.DeliveryService}), which gives
+    L{scheduler.Outcome}s: C{DeliveryService(config, observers=[outcome_observer(f)])}.
+    """
+
+    def adapted(outcome):
+        observer(event_from_outcome(outcome))
+
+    adapted.__wrapped__ = observer
+    return adapted
+
+
+def _fold(name: str, value: str) -> bytes:
+    """One header field, folded and encoded (RFC 5322 2.2.3, RFC 2047) by the
+    standard library's SMTP policy, with CRLF."""
+    policy = email.policy.SMTP
+    return policy.header_factory(name, value).fold(policy=policy).encode("ascii")
+
+
+def envelope_from_headers(data: bytes) -> tuple[str | None, list[str]]:
+    """The envelope a message's header fields give: the sender from
+    C{Sender} (RFC 5322 3.6.2) or else the first C{From} address, and the
+    recipients from C{To}, C{Cc} and C{Bcc}.
+
+    @return: C{(sender or None, recipients)}.
+    """
+    sender = None
+    for name in ("sender", "from"):
+        addrs = [a for _, a in email.utils.getaddresses(header_values(data, name)) if a]
+        if addrs:
+            sender = addrs[0]
+            break
+    return sender, recipients_from_headers(data)
+
+
+class Mailer:
+    """A delivery with defaults and observers; what applications send with.
+
+    @param delivery: a L{Delivery}, a URL (C{"queue:///var/spool/mailout"})
+        or a dict (see L{get_delivery}).
+    @param sender: the default sender (C{"Name <addr>"} or an address): the
+        C{From} field of messages that have none, and so their envelope sender.
+    @param headers: default header fields (C{dict} or list of pairs), added
+        to messages that lack them (e.g. C{{"Reply-To": ...}}).
+    @param transactional: send only when the current C{transaction} commits
+        (L{twisted_mailout.apps.txn}); L{send} then returns at once.
+    @param transaction_manager: the C{transaction} manager; the thread-local
+        C{transaction.manager} when L{None}.
+    @param observers: callables receiving each L{MailEvent}.
+    @raise ValueError, TypeError: a bad delivery configuration or default.
+    """
+
+    def __init__(self, delivery, *, sender: str | None = None, headers=None,
+                 transactional: bool = False, transaction_manager=None, observers=()):
+        self.delivery: Delivery = get_delivery(delivery)
+        self.sender = sender
+        if sender is not None:
+            from twisted_mailout.apps.builder import format_address
+
+            self._from_field = format_address(sender)
+        items = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
+        self.headers = []
+        for name, value in items:
+            if not isinstance(name, str) or not name or ":" in name or not name.isascii():
+                raise ValueError(f"bad header field name {name!r}")
+            if any(c in str(value) for c in "\r\n"):
+                raise ValueError(f"header field {name} contains CR or LF")
+            self.headers.append((name, str(value)))
+        self.observers = Observers(observers)
+        self.transactional = transactional or transaction_manager is not None
+        self._transaction_manager = transaction_manager
+
+    def __repr__(self) -> str:
+        return f"<Mailer {self.delivery!r}{' transactional' if self.transactional else ''}>"
+
+    @property
+    def transaction_manager(self):
+        """The C{transaction} manager used when transactional."""
+        if self._transaction_manager is None:
+            import transaction
+
+            return transaction.manager
+        return self._transaction_manager
+
+    def add_observer(self, observer) -> None:
+        """Register C{observer(event: MailEvent)}."""
+        self.observers.add(observer)
+
+    def remove_observer(self, observer) -> None:
+        """Unregister C{observer}."""
+        self.observers.remove(observer)
+
+    def current_delivery(self) -> Delivery:
+        """The delivery L{send} uses now: the test outbox of
+        L{twisted_mailout.testing.capture_mail} while one is active, else
+        this mailer's."""
+        return active_capture() or self.delivery
+
+    def prepare(self, message, sender=None, recipients=None) -> tuple[str, list[str], bytes]:
+        """Apply the defaults and take the envelope from the header fields.
+
+        @param message: C{email.message.Message}, C{bytes} or C{str}.
+        @param sender: the envelope sender; from C{Sender}/C{From} when L{None}.
+        @param recipients: envelope recipients; C{To}, C{Cc}, C{Bcc} when L{None}.
+        @return: C{(sender, recipients, data)}, C{Bcc} removed from C{data}.
+        @raise AddressError: no sender or no recipient can be found.
+        @raise MessageError: an empty message.
+        """
+        data = coerce_message(message)
+        add = []
+        if self.sender is not None and not header_values(data, "From"):
+            add.append(_fold("From", self._from_field))
+        for name, value in self.headers:
+            if not header_values(data, name):
+                add.append(_fold(name, value))
+        if add:
+            data = b"".join(add) + data
+        head_sender, head_rcpts = envelope_from_headers(data)
+        if sender is None:
+            sender = head_sender
+            if sender is None:
+                raise AddressError("no envelope sender: give sender=, a From field, or "
+                                   "a default sender to the Mailer")
+        if recipients is None:
+            recipients = head_rcpts
+            if not recipients:
+                raise AddressError("no recipients: give recipients= or To/Cc/Bcc fields")
+        elif isinstance(recipients, str):
+            recipients = [recipients]
+        data = remove_headers(data, ["Bcc", "Resent-Bcc"])
+        return sender, list(recipients), data
+
+    def send(self, message, *, sender=None, recipients=None):
+        """Send a built message.
+
+        @param message: an C{email.message.EmailMessage} (see
+            L{twisted_mailout.apps.builder.build_message}), C{bytes} or C{str}.
+        @param sender: the envelope sender (RFC 5321 C{MAIL FROM}); by default
+            the C{Sender} or C{From} field (the mailer's default sender fills
+            a missing C{From}).
+        @param recipients: the envelope recipients; by default every address
+            in C{To}, C{Cc} and C{Bcc}. C{Bcc} is always removed from the bytes.
+        @return: the message id (the queue id for a queue) for a synchronous
+            delivery or a transactional mailer; for a direct (asynchronous)
+            delivery a C{Deferred} firing with the L{DeliveryReport}.
+        @raise AddressError, MessageError: bad input; nothing sent.
+        @raise DeliveryError, QueueError: a synchronous delivery failed
+            (the observers heard of it first).
+        @raise RuntimeError: a direct delivery outside the reactor thread
+            (use L{send_blocking}), or a transactional one from a thread while
+            no reactor runs (it could never be sent).
+        """
+        sender, recipients, data = self.prepare(message, sender, recipients)
+        delivery = self.current_delivery()
+        if self.transactional:
+            from twisted_mailout.apps.txn import join
+
+            return join(self, delivery, sender, recipients, data)
+        if delivery.asynchronous:
+            from twisted_mailout.apps.txn import in_reactor_thread
+
+            if not in_reactor_thread():
+                raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
+                                   "called in the reactor thread; use send_blocking()")
+        return self.deliver(delivery, sender, recipients, data)
+
+    def deliver(self, delivery: Delivery, sender, recipients, data: bytes, message_id=None):
+        """Hand a prepared message to C{delivery} now and report the outcome
+        to the observers (used by L{send} and at commit).
+
+        @return: as L{send}.
+        """
+        mid = message_id or new_message_id()
+        source = delivery.url()
+        if delivery.asynchronous:
+            d = delivery.send(sender, recipients, data, message_id=mid)
+
+            def report(rep):
+                for r in rep:
+                    self.observers.notify(event_from_result(mid, r, sender, source))
+                return rep
+
+            return d.addCallback(report)
+        try:
+            mid = delivery.send(sender, recipients, data, message_id=mid)
+        except DeliveryError as e:
+            for r in e.recipients or recipients:
+                self.observers.notify(make_event(
+                    e.status, queue_id=mid, recipient=r, code=e.reply.code, text=e.reply.text,
+                    sender=sender, local=e.reply.local, source=source))
+            raise
+        self.notify_accepted(delivery, mid, sender, recipients)
+        return mid
+
+    def notify_accepted(self, delivery: Delivery, mid: str, sender, recipients) -> None:
+        """Report a message a synchronous delivery took: L{MailQueued} for a
+        queue, L{MailDelivered} for the others."""
+        from twisted_mailout.apps.deliveries import QueueDelivery
+
+        queued = isinstance(delivery, QueueDelivery)
+        for r in recipients:
+            if queued:
+                event = MailQueued(mid, r, 250, f"2.0.0 queued as {mid}", sender, local=True,
+                                   will_retry=True, attempts=0, source=delivery.url())
+            else:
+                event = MailDelivered(mid, r, 250, "2.0.0 delivered", sender, local=True,
+                                      source=delivery.url())
+            self.observers.notify(event)
+
+    def send_blocking(self, message, *, sender=None, recipients=None):
+        """L{send} for threads outside the reactor (Django, WSGI): a direct
+        delivery's report is waited for (see L{SMTPDelivery.send_blocking}).
+
+        @return: the message id, or for a direct delivery the L{DeliveryReport}.
+        """
+        sender, recipients, data = self.prepare(message, sender, recipients)
+        delivery = self.current_delivery()
+        if self.transactional:
+            from twisted_mailout.apps.txn import join
+
+            return join(self, delivery, sender, recipients, data)
+        if not delivery.asynchronous:
+            return self.deliver(delivery, sender, recipients, data)
+        from twisted.internet import threads
+        from twisted.python import threadable
+
+        reactor = getattr(delivery, "reactor", None)
+        if reactor is None:
+            from twisted.internet import reactor
+        if threadable.isInIOThread() or not reactor.running:
+            raise RuntimeError(
+                f"{delivery.url()} needs a running Twisted reactor in another thread; "
+                "without one, use queue:// (the daemon delivers) or sendmail://")
+        return threads.blockingCallFromThread(reactor, self.deliver, delivery, sender,
+                                              recipients, data)
