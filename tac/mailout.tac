@@ -10,8 +10,8 @@ import os
 
 from twisted.application import service
 
-from twisted_mailout.config import Config
-from twisted_mailout.service import makeService
+from twisted_mailout.daemon.config import Config
+from twisted_mailout.daemon.service import makeService
 
 config = Config(
     queue=os.environ.get("MAILOUT_QUEUE", "/var/spool/mailout"),

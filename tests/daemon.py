@@ -89,7 +89,7 @@ class Daemon:
 
 def queue_list(queue: str | Path) -> list[dict]:
     """`mailout queue --queue Q list --json`, parsed."""
-    out = subprocess.run([sys.executable, "-m", "twisted_mailout.cli", "queue", "--queue",
+    out = subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "queue", "--queue",
                           str(queue), "list", "--json"], env=env(), capture_output=True,
                          check=True, timeout=60)
     return json.loads(out.stdout)

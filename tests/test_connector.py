@@ -9,9 +9,9 @@ from peers import AiosmtpdSink
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from twisted_mailout.config import Config
+from twisted_mailout.daemon.config import Config
 from twisted_mailout.loopback import start_dns_server
-from twisted_mailout.service import build_connector
+from twisted_mailout.daemon.service import build_connector
 
 MSG = b"Subject: slot\r\n\r\nbody\r\n"
 

@@ -20,7 +20,7 @@ from twisted_mailout.smtp.auth import (
     plain_response,
     xoauth2_response,
 )
-from twisted_mailout.config import Config, ConfigError
+from twisted_mailout.daemon.config import Config, ConfigError
 from twisted_mailout.routing.router import parse_relay
 from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
 

@@ -1,6 +1,6 @@
 """End-to-end tests of the ``mailout`` command and the ``twistd mailout`` daemon.
 
-Everything here runs real processes (``python -m twisted_mailout.cli``, twistd)
+Everything here runs real processes (``python -m twisted_mailout.daemon.cli``, twistd)
 against real loopback peers (the aiosmtpd sink of ``tests/peers.py``); every
 wait is bounded and every process and sink is stopped at teardown.
 """
@@ -28,7 +28,7 @@ import pytest
 
 from daemon import ROOT, Daemon, env, queue_list, wait_until
 
-CLI = [sys.executable, "-m", "twisted_mailout.cli"]
+CLI = [sys.executable, "-m", "twisted_mailout.daemon.cli"]
 
 # twistd's entry point, for the venv test (whose venv has no bin/twistd).
 TWISTD_CODE = ("import sys; from twisted.scripts.twistd import run; "
@@ -275,7 +275,7 @@ def test_sendmail_write_error_exits_73_and_leaves_nothing(tmp_path):
     q = tmp_path / "q"
     code = ("import resource, runpy, sys; "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            "sys.argv[0] = 'mailout'; runpy.run_module('twisted_mailout.cli', run_name='__main__')")
+            "sys.argv[0] = 'mailout'; runpy.run_module('twisted_mailout.daemon.cli', run_name='__main__')")
     big = b"Subject: big\n\n" + (b"x" * 70 + b"\n") * 2000
     r = subprocess.run([sys.executable, "-c", code, "sendmail", "--queue", str(q), "-f", SENDER,
                         "rcpt@example.org"], input=big, env=env(), capture_output=True,
@@ -498,7 +498,7 @@ def test_zope_and_repoze_queue_files_are_drained(tmp_path, aiosmtpd_sink, daemon
 
 
 def _long_options() -> set[str]:
-    from twisted_mailout import tap
+    from twisted_mailout.daemon import tap
 
     names = {p[0] for p in tap.Options.optParameters}
     names |= {n[len("opt_"):].replace("_", "-") for n in dir(tap.Options) if n.startswith("opt_")}

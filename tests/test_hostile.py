@@ -786,7 +786,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
     q = tmp_path / "q"
     rcpt = "rcpt@dest.test"
     body = b"Subject: drop after dot\nMessage-ID: <dropdot@origin.test>\n\n.dot\nbody\n"
-    r = subprocess.run([sys.executable, "-m", "twisted_mailout.cli", "sendmail", "--queue",
+    r = subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "sendmail", "--queue",
                         str(q), "-f", SENDER, rcpt], input=body, env=env(),
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -231,8 +231,8 @@ class DaemonObserverTests(unittest.TestCase):
         import transaction
         from twisted.internet import reactor
 
-        from twisted_mailout.config import Config
-        from twisted_mailout.service import DeliveryService
+        from twisted_mailout.daemon.config import Config
+        from twisted_mailout.daemon.service import DeliveryService
 
         sink = AiosmtpdSink("127.0.0.1", rcpt_reply=lambda r: "550 5.1.1 no such user"
                             if r.startswith("nobody@") else None).start()

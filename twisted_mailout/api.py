@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
-from twisted_mailout.config import Config
+from twisted_mailout.daemon.config import Config
 from twisted_mailout.envelope import AddressError, Reply, parse_address, parse_sender
 from twisted_mailout.message import coerce_message, prepare_message
 from twisted_mailout.queue.store import enqueue
@@ -168,7 +168,7 @@ def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    from twisted_mailout.service import build_connector
+    from twisted_mailout.daemon.service import build_connector
 
     key = (id(reactor), relay, tuple(resolvers), mx_port, helo, tls, cafile, tls_policy,
            tuple(tls_match or ()), _credentials_key(credentials), timeout, connections,

@@ -285,7 +285,7 @@ class Observers:
 
 def outcome_observer(observer):
     """Adapt C{observer(MailEvent)} to the daemon's C{observers} argument
-    (L{twisted_mailout.service.DeliveryService}), which gives
+    (L{twisted_mailout.daemon.service.DeliveryService}), which gives
     L{scheduler.Outcome}s: C{DeliveryService(config, observers=[outcome_observer(f)])}.
     """
 

@@ -24,9 +24,9 @@ import tempfile
 
 from twisted.internet import defer, error, task
 
-from twisted_mailout.config import Config
+from twisted_mailout.daemon.config import Config
 from twisted_mailout.queue.store import enqueue
-from twisted_mailout.service import DeliveryService
+from twisted_mailout.daemon.service import DeliveryService
 
 __all__ = ["ZONE_HOSTS", "main", "run"]
 

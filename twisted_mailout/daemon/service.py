@@ -9,7 +9,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python import filepath
 
-from twisted_mailout.config import Config
+from twisted_mailout.daemon.config import Config
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay

@@ -125,7 +125,7 @@ def _row(entry, where, name) -> dict:
 
 def cmd_demo(args) -> int:
     """C{mailout demo}: the whole job on loopback (see L{demo.run})."""
-    from twisted_mailout import demo
+    from twisted_mailout.daemon import demo
 
     return demo.main(args)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from twisted_mailout.config import Config, ConfigError
+from twisted_mailout.daemon.config import Config, ConfigError
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
@@ -169,7 +169,7 @@ def makeService(options):
     the folder cannot be used.
     """
     from twisted_mailout.queue.store import QueueError
-    from twisted_mailout.service import makeService as _make
+    from twisted_mailout.daemon.service import makeService as _make
 
     try:
         return _make(options["config"])
