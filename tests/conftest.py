@@ -36,8 +36,8 @@ def require_smtp_sink() -> None:
 def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., int]]:
     """Factory fixture: ``make_dns_server(zone, interface="127.0.0.1") -> port``.
 
-    Each call runs ``python -m twisted_mailout.loopback dns`` in a subprocess
-    serving ``zone`` (a dict, see twisted_mailout.loopback) on UDP and TCP, waits
+    Each call runs ``python -m twisted_mailout.testing.loopback dns`` in a subprocess
+    serving ``zone`` (a dict, see twisted_mailout.testing.loopback) on UDP and TCP, waits
     at most 10 s for its port file and returns the port (int).  All servers are
     stopped (SIGTERM, then SIGKILL after 10 s) at teardown.
     """

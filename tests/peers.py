@@ -4,7 +4,7 @@ Everything here listens on loopback addresses only and every wait is bounded.
 
 * :func:`free_port` -- a currently unused port number on a loopback address;
 * :func:`wait_for` -- bounded polling of a predicate;
-* :class:`DnsServerProcess` -- ``python -m twisted_mailout.loopback dns`` in a subprocess;
+* :class:`DnsServerProcess` -- ``python -m twisted_mailout.testing.loopback dns`` in a subprocess;
 * :class:`AiosmtpdSink` -- an aiosmtpd SMTP receiver in its own thread;
 * :class:`SmtpSink` -- Postfix's ``smtp-sink`` in a subprocess, dumping each message to a file.
 
@@ -99,9 +99,9 @@ def _stop_process(proc: subprocess.Popen, timeout: float = _STOP_TIMEOUT) -> int
 
 
 class DnsServerProcess:
-    """``python -m twisted_mailout.loopback dns`` running in a child process.
+    """``python -m twisted_mailout.testing.loopback dns`` running in a child process.
 
-    :param zone: zone description dict (see :mod:`twisted_mailout.loopback`).
+    :param zone: zone description dict (see :mod:`twisted_mailout.testing.loopback`).
     :param interface: loopback address to bind (``"127.0.0.1"`` or ``"::1"``).
     :param workdir: directory for the zone, port and log files (default: a new
         temporary directory, removed by :meth:`stop`).
@@ -162,7 +162,7 @@ class DnsServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "twisted_mailout.loopback",
+            "twisted_mailout.testing.loopback",
             "dns",
             "--zone",
             str(zone_path),

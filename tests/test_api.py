@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.loopback import start_dns_server, start_smtp_receiver
+from twisted_mailout.testing.loopback import start_dns_server, start_smtp_receiver
 
 MSG = (b"Message-ID: <api@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: api\r\n\r\n.dot line\r\nbody\r\n")

@@ -21,7 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.loopback import start_dns_server
+from twisted_mailout.testing.loopback import start_dns_server
 
 RELAY = "smtp.relay.test"
 USER = "mailout-user@relay.test"

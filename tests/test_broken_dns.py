@@ -1,7 +1,7 @@
 """Lose nothing, double nothing (issue item 6): broken DNS.
 
 Every case runs against the real loopback DNS server of
-``twisted_mailout.loopback`` (twisted.names over UDP and TCP): in process for
+``twisted_mailout.testing.loopback`` (twisted.names over UDP and TCP): in process for
 ``twisted_mailout.sendmail(..., resolver="127.0.0.1:PORT", timeout=...)``,
 and as a subprocess (the ``dns_server`` fixture) for the daemon runs.
 
@@ -37,7 +37,7 @@ import twisted_mailout
 from tests.daemon import Daemon, queue_list, wait_until
 from twisted_mailout.delivery import connector as connector_module
 from twisted_mailout import enqueue
-from twisted_mailout.loopback import start_dns_server
+from twisted_mailout.testing.loopback import start_dns_server
 
 MSG = (b"Message-ID: <dns@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: broken dns\r\n\r\nbody\r\n")

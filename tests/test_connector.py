@@ -10,7 +10,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from twisted_mailout.daemon.config import Config
-from twisted_mailout.loopback import start_dns_server
+from twisted_mailout.testing.loopback import start_dns_server
 from twisted_mailout.daemon.service import build_connector
 
 MSG = b"Subject: slot\r\n\r\nbody\r\n"

@@ -475,7 +475,7 @@ class SMTPAuthURLTests(unittest.TestCase):
         from twisted.internet import reactor
         from twisted.logger import globalLogPublisher
 
-        from twisted_mailout.loopback import start_dns_server
+        from twisted_mailout.testing.loopback import start_dns_server
 
         self.tmp = tempfile.mkdtemp(prefix="deliveries-auth-")
         self.addCleanup(shutil.rmtree, self.tmp, True)

@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from twisted_mailout.loopback import Zone, start_dns_server
+from twisted_mailout.testing.loopback import Zone, start_dns_server
 from twisted_mailout.tls.mtasts import (
     MAX_AGE_LIMIT,
     MTASTS,

@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.loopback import start_dns_server
+from twisted_mailout.testing.loopback import start_dns_server
 from twisted_mailout.tls.mtasts import MTASTS
 from twisted_mailout.routing.router import make_resolver
 from twisted_mailout.smtp.protocol import load_trust_root

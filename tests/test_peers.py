@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.names import client, dns, error
 from twisted.trial import unittest
 
-from twisted_mailout import loopback
+from twisted_mailout.testing import loopback
 
 ZONE = {
     "ttl": 60,
@@ -226,7 +226,7 @@ class InProcessIPv6DNSServerTests(_DNSClientTests, unittest.TestCase):
 
 
 class SubprocessDNSServerTests(_DNSClientTests, unittest.TestCase):
-    """The server run as ``python -m twisted_mailout.loopback dns`` (peers.DnsServerProcess)."""
+    """The server run as ``python -m twisted_mailout.testing.loopback dns`` (peers.DnsServerProcess)."""
 
     def setUp(self):
         self.server = DnsServerProcess(ZONE)

@@ -28,7 +28,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.loopback import start_dns_server
+from twisted_mailout.testing.loopback import start_dns_server
 
 MARK = b"tls-matrix-body-7f3a91"  # appears in the message text only
 MSG = (b"Message-ID: <tls-matrix@origin.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"

@@ -72,7 +72,7 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
     @param timeout: seconds before giving up.
     @return: 0 when every outcome was the expected one, else 1.
     """
-    from twisted_mailout.loopback import start_dns_server, start_smtp_receiver
+    from twisted_mailout.testing.loopback import start_dns_server, start_smtp_receiver
 
     udp, tcp, dns_port = start_dns_server(_zone(), reactor)
     ports = [udp, tcp]

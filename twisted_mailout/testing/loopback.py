@@ -12,7 +12,7 @@ addresses (``127.0.0.0/8`` or ``::1``):
 It can also be run as a program so that the DNS server lives in its own
 process::
 
-    python -m twisted_mailout.loopback dns --zone ZONE.json --port-file FILE \\
+    python -m twisted_mailout.testing.loopback dns --zone ZONE.json --port-file FILE \\
         [--interface 127.0.0.1] [--port 0] [--max-lifetime SECONDS]
 
 The program writes the bound port number to ``FILE`` (atomically) once both the
@@ -694,7 +694,7 @@ def _write_port_file(path: str, port: int) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m twisted_mailout.loopback",
+        prog="python -m twisted_mailout.testing.loopback",
         description="Run a loopback peer in its own process.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
