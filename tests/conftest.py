@@ -1,27 +1,38 @@
 """Shared pytest fixtures: loopback DNS server process, aiosmtpd and smtp-sink receivers.
 
-The helpers themselves live in ``tests/peers.py`` (importable as ``peers`` from
-any test module, since this file puts ``tests/`` on ``sys.path``).
+The helpers themselves live in ``tests/support/`` (``from tests.support.peers import ...``).
+
+The tree is arranged by layer: ``tests/unit/<layer>/`` runs in memory (no processes, no
+real peers) and is the fast lane, ``pytest -m "not slow"``; everything under
+``tests/integration/`` (real peers on loopback: aiosmtpd, Postfix, Unbound, HTTPS) and
+``tests/system/`` (the daemon, the CLI, crashes, the wheel) is marked ``slow`` here.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from peers import (  # noqa: E402
+from tests.support.peers import (
     IN_CI,
     SMTP_SINK,
     AiosmtpdSink,
     DnsServerProcess,
     SmtpSink,
 )
+
+
+_SLOW_DIRS = ("integration", "system")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under C{tests/integration/} and C{tests/system/} as C{slow}."""
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts and any(d in parts[parts.index("tests"):] for d in _SLOW_DIRS):
+            item.add_marker(pytest.mark.slow)
 
 
 def require_smtp_sink() -> None:

@@ -1,0 +1,269 @@
+"""The scheduler and the recipient state machine, driven by a Clock and a
+scripted connector: outcomes, retries with backoff, lifetime, bounces."""
+
+import email
+import os
+import random
+import time
+
+import pytest
+from twisted.internet import task
+
+from tests.support.fakes import ScriptedConnector
+from twisted_mailout.envelope import (
+    InvalidTransition,
+    RecipientState,
+    Reply,
+    check_transition,
+)
+from twisted_mailout.queue.store import Queue, RecipientStatus
+from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, outcome_for
+
+MSG = b"From: a@example.com\r\nSubject: s\r\nMessage-ID: <m1@example.com>\r\n\r\nbody\r\n"
+
+OK = Reply(250, "2.0.0 Ok: queued")
+NOUSER = Reply(550, "5.1.1 no such user")
+LATER = Reply(451, "4.3.0 try later")
+
+
+def script_by_local_part(dest, rcpt):
+    local = rcpt.split("@")[0]
+    return {"ok": OK, "nouser": NOUSER, "later": LATER}.get(local, OK)
+
+
+class Harness:
+    def __init__(self, tmp_path, script=script_by_local_part, **kw):
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.queue = Queue(str(tmp_path / "q"))
+        self.connector = ScriptedConnector(script)
+        self.outcomes = []
+        kw.setdefault("retry", RetryPolicy(base=300, max=4000, lifetime=86400,
+                                           bounce_lifetime=3600, jitter=0))
+        self.sched = Scheduler(self.queue, self.connector, self.clock, observers=[
+            self.outcomes.append], reporting_mta="mx.mailout.test", rng=random.Random(0), **kw)
+
+    def start(self):
+        self.sched.start()
+
+    def entries(self):
+        return {e.qid: e for e in self.queue.entries()}
+
+    def status(self):
+        return [(o.recipient, o.status) for o in self.outcomes]
+
+
+def test_mixed_outcomes_per_recipient(tmp_path):
+    h = Harness(tmp_path)
+    qid = h.queue.enqueue("sender@origin.test", ["ok@a.test", "nouser@a.test", "later@b.test"],
+                          MSG)
+    h.start()
+    assert sorted(h.status()) == sorted([("ok@a.test", "sent"), ("nouser@a.test", "bounced"),
+                                         ("later@b.test", "deferred"),
+                                         ("sender@origin.test", "sent")])  # the bounce
+    # one transaction per destination, all of its recipients in it
+    assert sorted((c[0], tuple(c[2])) for c in h.connector.calls[:2]) == [
+        ("a.test", ("ok@a.test", "nouser@a.test")), ("b.test", ("later@b.test",))]
+    assert h.connector.calls[0][3].endswith(MSG)  # the body as enqueued
+    entry = h.entries()[qid]
+    states = {r.address: r.state for r in entry.recipients}
+    assert states == {"ok@a.test": RecipientState.DELIVERED,
+                      "nouser@a.test": RecipientState.BOUNCED,
+                      "later@b.test": RecipientState.DEFERRED}
+    deferred = [r for r in entry.recipients if r.address == "later@b.test"][0]
+    assert deferred.next_attempt == pytest.approx(h.clock.seconds() + 300)
+    assert deferred.reply == LATER
+    # The bounce for nouser@ was queued to the sender, with a null sender.
+    bounces = [c for c in h.connector.calls if c[1] == ""]
+    assert [(c[0], c[2]) for c in bounces] == [("origin.test", ["sender@origin.test"])]
+
+
+def test_bounce_is_an_rfc3464_report(tmp_path):
+    h = Harness(tmp_path)
+    h.queue.enqueue("sender@origin.test", ["nouser@a.test", "ok@a.test"], MSG)
+    h.start()
+    dsn_call = [c for c in h.connector.calls if c[1] == ""][0]
+    assert dsn_call[0] == "origin.test" and dsn_call[2] == ["sender@origin.test"]
+    msg = email.message_from_bytes(dsn_call[3])
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    blocks = parts[1].get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; mx.mailout.test"
+    assert "Arrival-Date" in blocks[0]
+    assert len(blocks) == 2  # per-message + the one failed recipient only
+    assert blocks[1]["Final-Recipient"] == "rfc822; nouser@a.test"
+    assert blocks[1]["Action"] == "failed"
+    assert blocks[1]["Status"] == "5.1.1"
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert blocks[1]["Remote-MTA"] == "dns; mx.a.test"
+    assert "Message-ID: <m1@example.com>" in parts[2].get_payload()
+
+
+def test_deferred_recipient_retried_with_backoff_then_delivered(tmp_path):
+    replies = iter([LATER, LATER, LATER, OK])
+    h = Harness(tmp_path, script=lambda d, r: next(replies))
+    qid = h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    times = [h.clock.seconds()]
+    for wait in (300, 600, 1200):
+        h.clock.advance(wait - 1)
+        assert len(h.connector.calls) == len(times), "retried too early"
+        h.clock.advance(1)
+        times.append(h.clock.seconds())
+        assert len(h.connector.calls) == len(times)
+    assert h.status()[-1] == ("x@b.test", "sent")
+    assert qid not in h.entries()  # finished messages leave the queue
+    assert os.listdir(os.path.join(h.queue.path, "messages")) == []
+
+
+def test_backoff_is_capped_and_jittered():
+    p = RetryPolicy(base=300, max=4000, jitter=0.1)
+    rng = random.Random(3)
+    delays = [p.delay(n, rng) for n in range(1, 12)]
+    assert all(d <= 4000 for d in delays)
+    assert delays[0] <= 300 and delays[0] >= 270
+    assert delays[-1] >= 3600
+
+
+def test_deferred_past_lifetime_bounces(tmp_path):
+    h = Harness(tmp_path, script=lambda d, r: LATER)
+    h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    for _ in range(200):
+        if any(st == "expired" for _, st in h.status()):
+            break
+        h.clock.advance(4000)
+    assert ("x@b.test", "expired") in h.status()
+    # the bounce report went to the sender, and the message left the queue
+    assert [c[2] for c in h.connector.calls if c[1] == ""] == [["s@origin.test"]]
+
+
+def test_no_bounce_for_a_bounce(tmp_path):
+    h = Harness(tmp_path, script=lambda d, r: NOUSER)
+    h.queue.enqueue("", ["x@b.test"], MSG)  # null sender: a bounce itself
+    h.start()
+    assert h.status() == [("x@b.test", "bounced")]
+    assert len(h.connector.calls) == 1  # nothing sent back
+    assert h.entries() == {}
+
+
+def test_recovery_after_restart_reschedules_deferred_mail(tmp_path):
+    h = Harness(tmp_path, script=lambda d, r: LATER)
+    qid = h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    # a new scheduler on the same folder (a restart) knows the next attempt
+    h2 = Harness(tmp_path, script=lambda d, r: OK)
+    h2.clock.advance(h.clock.seconds() - h2.clock.seconds())
+    h2.start()
+    assert h2.connector.calls == []
+    h2.clock.advance(300)
+    assert h2.status() == [("x@b.test", "sent")]
+    assert qid not in h2.entries()
+
+
+def test_relay_mode_sends_all_domains_in_one_transaction(tmp_path):
+    h = Harness(tmp_path, relay=True)
+    h.queue.enqueue("s@origin.test", ["ok@a.test", "ok@b.test"], MSG)
+    h.start()
+    assert [(c[0], c[2]) for c in h.connector.calls] == [("relay", ["ok@a.test", "ok@b.test"])]
+
+
+def test_observer_errors_never_break_delivery(tmp_path):
+    h = Harness(tmp_path)
+    h.sched.observers.insert(0, lambda o: 1 / 0)
+    h.queue.enqueue("s@origin.test", ["ok@a.test"], MSG)
+    h.start()
+    assert h.status() == [("ok@a.test", "sent")]
+    assert h.entries() == {}
+
+
+def test_state_machine_transitions():
+    finals = (RecipientState.DELIVERED, RecipientState.BOUNCED)
+    for old in RecipientState:
+        for new in RecipientState:
+            allowed = old not in finals and new is not RecipientState.PENDING
+            if allowed:
+                check_transition(old, new)
+            else:
+                with pytest.raises(InvalidTransition):
+                    check_transition(old, new)
+
+
+def test_outcome_for_maps_reply_classes():
+    p = RetryPolicy(base=10, max=100, lifetime=1000, jitter=0)
+    for reply, status, state in [(OK, "sent", RecipientState.DELIVERED),
+                                 (NOUSER, "bounced", RecipientState.BOUNCED),
+                                 (LATER, "deferred", RecipientState.DEFERRED),
+                                 (Reply(421, "x", local=True), "deferred",
+                                  RecipientState.DEFERRED)]:
+        rs = RecipientStatus("x@b.test")
+        assert outcome_for(rs, reply, 100.0, 0.0, p, False) == status
+        assert rs.state is state and rs.attempts == 1
+    rs = RecipientStatus("x@b.test")
+    assert outcome_for(rs, LATER, 1000.0, 0.0, p, False) == "expired"
+    assert rs.state is RecipientState.BOUNCED
+    with pytest.raises(InvalidTransition):
+        outcome_for(rs, OK, 1001.0, 0.0, p, False)
+
+
+def test_delay_warning_sent_once_then_the_final_outcome(tmp_path):
+    replies = iter([LATER, LATER, LATER, OK])
+    h = Harness(tmp_path, script=lambda d, r: next(replies) if d == "b.test" else OK,
+                delay_warning=500)
+    h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    assert [c for c in h.connector.calls if c[1] == ""] == []  # too early for a warning
+    h.clock.advance(300)  # second attempt, 300 s after arrival: still no warning
+    assert [c for c in h.connector.calls if c[1] == ""] == []
+    h.clock.advance(600)  # third attempt, 900 s: one warning
+    warnings = [c for c in h.connector.calls if c[1] == ""]
+    assert [(c[0], c[2]) for c in warnings] == [("origin.test", ["s@origin.test"])]
+    report = email.message_from_bytes(warnings[0][3])
+    blocks = report.get_payload()[1].get_payload()
+    assert blocks[1]["Action"] == "delayed"
+    assert blocks[1]["Status"] == "4.3.0"
+    assert "Delayed Mail" in report["Subject"]
+    h.clock.advance(1200)  # delivered: no second warning, no bounce
+    assert h.status()[-1] == ("x@b.test", "sent")
+    assert len([c for c in h.connector.calls if c[1] == ""]) == 1
+
+
+def test_no_delay_warning_by_default(tmp_path):
+    h = Harness(tmp_path, script=lambda d, r: LATER)
+    h.queue.enqueue("s@origin.test", ["x@b.test"], MSG)
+    h.start()
+    for _ in range(20):
+        h.clock.advance(4000)
+    assert [c for c in h.connector.calls if c[1] == ""] == []
+
+
+def test_group_commit_batches_what_arrives_while_a_batch_runs():
+    from twisted.internet import defer
+
+    from twisted_mailout.delivery.scheduler import GroupCommit
+
+    batches, running = [], []
+
+    def io(f, items):
+        d = defer.Deferred()
+        running.append((d, f, items))
+        return d
+
+    gc = GroupCommit(io, lambda items: batches.append(list(items)))
+    first = gc.submit("a")  # runs at once, alone
+    later = [gc.submit(x) for x in "bcd"]  # wait for "a" to finish: one batch
+    assert [items for _, _, items in running] == [["a"]]
+    d, f, items = running.pop(0)
+    f(items)
+    d.callback(None)
+    assert first.called and not any(x.called for x in later)
+    assert [items for _, _, items in running] == [["b", "c", "d"]]
+    d, f, items = running.pop(0)
+    d.errback(OSError(28, "No space left on device"))
+    for x in later:  # an error fails every item of its batch
+        assert isinstance(x.result.value, OSError)
+        x.addErrback(lambda _: None)
+    assert batches == [["a"]]
