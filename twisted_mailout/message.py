@@ -10,13 +10,17 @@ from __future__ import annotations
 import email.utils
 import re
 import socket
-from email.errors import HeaderParseError
+from collections.abc import Iterable
+from email.errors import HeaderParseError, InvalidHeaderDefect
 from email.header import decode_header, make_header
+from email.headerregistry import Address, HeaderRegistry
 
 __all__ = [
     "MessageError",
     "coerce_message",
+    "header_addresses",
     "header_values",
+    "parse_address_list",
     "prepare_message",
     "recipients_from_headers",
     "remove_headers",
@@ -174,16 +178,101 @@ def prepare_message(data: bytes, sender_domain: str | None = None) -> bytes:
     return b"".join(add) + data
 
 
-def recipients_from_headers(data: bytes) -> list[str]:
-    """Recipients for C{sendmail -t}: the addresses in To, Cc and Bcc.
+# Characters refused anywhere in an address field (RFC 5322 3.4 allows none of
+# them; after unfolding only WSP may remain): C0 controls but TAB, DEL, C1
+# controls, and the Unicode line and paragraph separators (str.splitlines
+# breaks lines at them and at \x1c-\x1e and \x85).
+_ADDRESS_FIELD_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL"}
+_registry = HeaderRegistry()
 
-    @return: addresses in order of appearance, duplicates removed.
+
+def parse_address_list(value: str, field: str = "To") -> list[str]:
+    """The addresses (addr-spec only) of one address-list field value, parsed
+    strictly (RFC 5322 3.4, 3.6.2, 3.6.3).
+
+    The value is refused, rather than guessed at, when it holds a control
+    character (CR, LF, NUL, DEL, ...), when the standard library's RFC 5322
+    parser (C{email.headerregistry}) finds it invalid, or when that parser and
+    C{email.utils.getaddresses} disagree on how many addresses it holds: each
+    of these is a way to smuggle an extra recipient past a reader (a bare CR
+    read as a line end by an SMTP server, C{a@x.org<b@y.org>}, an unbalanced
+    quote or bracket). Comments, display names (RFC 2047 encoded words
+    included), groups and obsolete syntax such as a route are accepted.
+
+    @param value: the field value, unfolded, with no RFC 2047 decoding done:
+        an encoded word is never an address (RFC 2047 section 5).
+    @param field: the field name, for the error message (e.g. C{"To"}).
+    @return: the addr-specs (C{str}) in order, possibly empty (e.g. for
+        C{"undisclosed-recipients:;"}); they are not validated as RFC 5321
+        mailboxes here (L{twisted_mailout.envelope.parse_address} does that).
+    @raise MessageError: for a refused value; the message names the field.
     """
-    values = []
-    for name in ("to", "cc", "bcc"):
-        values.extend(header_values(data, name))
-    seen = []
-    for _, addr in email.utils.getaddresses(values):
-        if addr and addr not in seen:
-            seen.append(addr)
+    bad = _ADDRESS_FIELD_CONTROL.search(value)
+    if bad:
+        char = bad.group()
+        what = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+        raise MessageError(
+            f"the {field} header field contains a control character ({what}) in "
+            f"{value!r}: refused, an address field may not hold one (RFC 5322 3.4)"
+        )
+    try:
+        # Parsed as a To field whatever its name: the same grammar (address-list).
+        parsed = _registry("To", value)
+    except Exception as e:  # noqa: BLE001 - a parser failure is a value we cannot read
+        raise MessageError(f"the {field} header field {value!r} cannot be parsed: {e}") from None
+    invalid = [str(d) for d in parsed.defects if isinstance(d, InvalidHeaderDefect)]
+    addresses: tuple[Address, ...] = parsed.addresses  # type: ignore[attr-defined]
+    if invalid:
+        raise MessageError(
+            f"the {field} header field {value!r} is not a valid address list "
+            f"(RFC 5322 3.4): {invalid[0]}"
+        )
+    found = [a.addr_spec for a in addresses]
+    legacy = [a for _, a in email.utils.getaddresses([value]) if a]
+    if len(found) != len(legacy) or any(a in ("", "<>") for a in found):
+        raise MessageError(
+            f"the {field} header field {value!r} is ambiguous: it may be read as "
+            f"{found} or as {legacy}"
+        )
+    return found
+
+
+def _raw_values(data: bytes, name: str) -> list[str]:
+    """All values of field C{name} (case-insensitive), unfolded, with no
+    RFC 2047 decoding."""
+    lines, _ = split_headers(data)
+    return [value for fname, value, _, _ in _fields(lines) if fname == name.lower()]
+
+
+def header_addresses(data: bytes, names: Iterable[str]) -> list[str]:
+    """The addresses in the header fields C{names} of a message, read with
+    L{parse_address_list}.
+
+    @param data: the message bytes.
+    @param names: field names (C{str}) such as C{("To", "Cc", "Bcc")}, looked
+        up case-insensitively, and named as given in errors.
+    @return: the addr-specs (C{str}) in order of appearance, duplicates removed.
+    @raise MessageError: when any of those fields holds a control character or
+        is not a valid, unambiguous address list.
+    """
+    seen: list[str] = []
+    for name in names:
+        for value in _raw_values(data, name):
+            for addr in parse_address_list(value, name):
+                if addr not in seen:
+                    seen.append(addr)
     return seen
+
+
+def recipients_from_headers(data: bytes) -> list[str]:
+    """Recipients for C{sendmail -t}: the addresses in To, Cc and Bcc
+    (RFC 5322 3.6.3).
+
+    @param data: the message bytes.
+    @return: addresses (C{str}) in order of appearance, duplicates removed.
+    @raise MessageError: a To, Cc or Bcc field holds a control character (a
+        bare CR could add an SMTP command) or is not a valid, unambiguous
+        address list; see L{parse_address_list}. Nothing is then to be queued.
+    """
+    return header_addresses(data, ("To", "Cc", "Bcc"))
