@@ -1,13 +1,13 @@
-"""Loopback network peers for the ``mailout demo`` command and for tests.
+"""Loopback network peers for the C{mailout demo} command and for tests.
 
 This module provides two in-process servers that only ever listen on loopback
-addresses (``127.0.0.0/8`` or ``::1``):
+addresses (C{127.0.0.0/8} or C{::1}):
 
-* a DNS server built on :mod:`twisted.names` that serves an in-memory zone
-  described by a plain, JSON-serialisable ``dict`` (see :class:`Zone`), started
-  with :func:`start_dns_server`;
-* an SMTP receiver built on the server side of :mod:`twisted.mail.smtp` that
-  records every message it accepts, started with :func:`start_smtp_receiver`.
+* a DNS server built on L{twisted.names} that serves an in-memory zone
+  described by a plain, JSON-serialisable C{dict} (see L{Zone}), started
+  with L{start_dns_server};
+* an SMTP receiver built on the server side of L{twisted.mail.smtp} that
+  records every message it accepts, started with L{start_smtp_receiver}.
 
 It can also be run as a program so that the DNS server lives in its own
 process::
@@ -15,9 +15,9 @@ process::
     python -m twisted_mailout.testing.loopback dns --zone ZONE.json --port-file FILE \\
         [--interface 127.0.0.1] [--port 0] [--max-lifetime SECONDS]
 
-The program writes the bound port number to ``FILE`` (atomically) once both the
+The program writes the bound port number to C{FILE} (atomically) once both the
 UDP and the TCP socket are listening, and runs until it receives SIGTERM or
-SIGINT (or until ``--max-lifetime`` seconds have passed, if given).
+SIGINT (or until C{--max-lifetime} seconds have passed, if given).
 
 Zone description
 ----------------
@@ -38,32 +38,32 @@ Zone description
       }
     }
 
-Supported record types: ``A`` and ``AAAA`` (list of address strings), ``MX``
-(list of ``[preference, exchange]`` pairs; exchange ``"."`` is the null MX of
-RFC 7505), ``CNAME`` (one target name), ``TXT`` (list of strings, or list of
-lists of strings for multi-string records), ``NS`` and ``PTR`` (list of names).
+Supported record types: C{A} and C{AAAA} (list of address strings), C{MX}
+(list of C{[preference, exchange]} pairs; exchange C{"."} is the null MX of
+RFC 7505), C{CNAME} (one target name), C{TXT} (list of strings, or list of
+lists of strings for multi-string records), C{NS} and C{PTR} (list of names).
 A single value may be given instead of a one-element list.
 
 Answers:
 
-* a listed name with records of the asked type: ``NOERROR`` with those records;
-* a listed name without records of the asked type: ``NOERROR`` and an empty
+* a listed name with records of the asked type: C{NOERROR} with those records;
+* a listed name without records of the asked type: C{NOERROR} and an empty
   answer section (NODATA); the same holds for an unlisted name that is the
   parent of a listed name (an "empty non-terminal");
-* a ``CNAME`` name: the CNAME record, followed (like a recursive resolver would)
+* a C{CNAME} name: the CNAME record, followed (like a recursive resolver would)
   by the target's records of the asked type when the target is in the zone
   (chains are followed up to 8 links; a query of type CNAME returns only the
   CNAME record);
-* ``"SERVFAIL": true``: ``SERVFAIL`` (rcode 2) for every query of that name;
-* ``"TIMEOUT": true``: the query is silently dropped, never answered;
-* an unlisted name under one of the ``authoritative_for`` suffixes:
-  ``NXDOMAIN`` (rcode 3);
-* any other unlisted name: ``REFUSED`` (rcode 5).  When ``authoritative_for``
+* C{"SERVFAIL": true}: C{SERVFAIL} (rcode 2) for every query of that name;
+* C{"TIMEOUT": true}: the query is silently dropped, never answered;
+* an unlisted name under one of the C{authoritative_for} suffixes:
+  C{NXDOMAIN} (rcode 3);
+* any other unlisted name: C{REFUSED} (rcode 5).  When C{authoritative_for}
   is absent the server is authoritative for every name, so every unlisted name
-  is ``NXDOMAIN``.
+  is C{NXDOMAIN}.
 
 Names compare case-insensitively and a trailing dot is ignored.  Record TTLs
-are the zone ``ttl`` unless the name has its own ``ttl``.
+are the zone C{ttl} unless the name has its own C{ttl}.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ __all__ = [
     "start_smtp_receiver",
 ]
 
-#: Default record TTL in seconds when the zone has no ``"ttl"`` key.
+#: Default record TTL in seconds when the zone has no C{"ttl"} key.
 DEFAULT_TTL = 60
 
 _MAX_CNAME_CHAIN = 8
@@ -117,7 +117,7 @@ _FLAG_KEYS = ("SERVFAIL", "TIMEOUT", "ttl")
 
 
 def _require_loopback(interface: str) -> None:
-    """Raise ValueError unless ``interface`` is a loopback IP address literal."""
+    """Raise ValueError unless C{interface} is a loopback IP address literal."""
     try:
         address = ipaddress.ip_address(interface)
     except ValueError:
@@ -129,7 +129,7 @@ def _require_loopback(interface: str) -> None:
 
 
 def _normalise_name(name: str | bytes) -> str:
-    """Return ``name`` as a lower-case text domain name without a trailing dot."""
+    """Return C{name} as a lower-case text domain name without a trailing dot."""
     if isinstance(name, bytes):
         name = name.decode("ascii", errors="replace")
     if not isinstance(name, str):
@@ -138,7 +138,7 @@ def _normalise_name(name: str | bytes) -> str:
 
 
 def _wire_name(name: str) -> bytes:
-    """Encode a normalised text name for twisted.names (root is ``b""``, not ``b"."``)."""
+    """Encode a normalised text name for twisted.names (root is C{b""}, not C{b"."})."""
     return _normalise_name(name).encode("ascii")
 
 
@@ -157,7 +157,7 @@ class ZoneNameError(error.DNSNameError):
 
 
 class ZoneServerFailure(error.DNSServerError):
-    """The zone marks the queried name ``"SERVFAIL": true`` (SERVFAIL)."""
+    """The zone marks the queried name C{"SERVFAIL": true} (SERVFAIL)."""
 
 
 class ZoneRefusedError(error.DNSQueryRefusedError):
@@ -165,7 +165,7 @@ class ZoneRefusedError(error.DNSQueryRefusedError):
 
 
 class ZoneTimeoutError(error.DNSQueryTimeoutError):
-    """The zone marks the queried name ``"TIMEOUT": true``: a server never answers it."""
+    """The zone marks the queried name C{"TIMEOUT": true}: a server never answers it."""
 
 
 @dataclass
@@ -180,10 +180,10 @@ class _Entry:
 class Zone:
     """An in-memory DNS zone built from a JSON-serialisable description.
 
-    :param description: the zone ``dict`` described in this module's docstring.
-    :raises TypeError: if the description, its ``records`` or a name's records
+    @param description: the zone C{dict} described in this module's docstring.
+    @raise TypeError: if the description, its C{records} or a name's records
         are not mappings.
-    :raises ValueError: if the description is malformed (unknown key or record
+    @raise ValueError: if the description is malformed (unknown key or record
         type, bad address, bad TTL, CNAME mixed with other records, ...).
     """
 
@@ -263,14 +263,14 @@ class Zone:
         return out
 
     def is_authoritative(self, name: str | bytes) -> bool:
-        """Return whether ``name`` (str or bytes) is under an ``authoritative_for`` suffix."""
+        """Return whether C{name} (str or bytes) is under an C{authoritative_for} suffix."""
         key = _normalise_name(name)
         return any(
             suffix in ("", key) or key.endswith("." + suffix) for suffix in self.authoritative_for
         )
 
     def is_timeout(self, name: str | bytes) -> bool:
-        """Return whether queries for ``name`` (str or bytes) must never be answered."""
+        """Return whether queries for C{name} (str or bytes) must never be answered."""
         entry = self._entries.get(_normalise_name(name))
         return entry is not None and entry.timeout
 
@@ -285,15 +285,15 @@ class Zone:
     ) -> tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]:
         """Answer one query from the zone, as a recursive resolver in front of it would.
 
-        :param name: the queried name (str or bytes); its spelling is kept in answers.
-        :param qtype: the query type code, e.g. ``twisted.names.dns.MX``;
-            ``dns.ALL_RECORDS`` returns every record of the name.
-        :return: ``(answers, authority, additional)`` lists of ``dns.RRHeader``;
-            ``([], [], [])`` means NODATA.  Authority and additional are always empty.
-        :raises ZoneTimeoutError: the name is marked ``TIMEOUT``.
-        :raises ZoneServerFailure: the name is marked ``SERVFAIL``.
-        :raises ZoneNameError: the name does not exist and the zone is authoritative for it.
-        :raises ZoneRefusedError: the name does not exist and is outside the zone's authority.
+        @param name: the queried name (str or bytes); its spelling is kept in answers.
+        @param qtype: the query type code, e.g. C{twisted.names.dns.MX};
+            C{dns.ALL_RECORDS} returns every record of the name.
+        @return: C{(answers, authority, additional)} lists of C{dns.RRHeader};
+            C{([], [], [])} means NODATA.  Authority and additional are always empty.
+        @raise ZoneTimeoutError: the name is marked C{TIMEOUT}.
+        @raise ZoneServerFailure: the name is marked C{SERVFAIL}.
+        @raise ZoneNameError: the name does not exist and the zone is authoritative for it.
+        @raise ZoneRefusedError: the name does not exist and is outside the zone's authority.
         """
         owner = name.decode("ascii", errors="replace") if isinstance(name, bytes) else name
         owner = owner.rstrip(".")
@@ -345,16 +345,16 @@ class Zone:
 
 
 class ZoneResolver(common.ResolverBase):
-    """A twisted.names ``IResolver`` answering from a :class:`Zone`.
+    """A twisted.names C{IResolver} answering from a L{Zone}.
 
-    Usable both as the authority of :class:`LoopbackDNSServerFactory` and directly,
-    in process, as a resolver.  Lookups fire with ``(answers, authority,
-    additional)`` or fail with :class:`ZoneNameError`, :class:`ZoneServerFailure`,
-    :class:`ZoneRefusedError` or :class:`ZoneTimeoutError` (the latter fails at once:
+    Usable both as the authority of L{LoopbackDNSServerFactory} and directly,
+    in process, as a resolver.  Lookups fire with C{(answers, authority,
+    additional)} or fail with L{ZoneNameError}, L{ZoneServerFailure},
+    L{ZoneRefusedError} or L{ZoneTimeoutError} (the latter fails at once:
     used in process, it does not wait for the caller's timeout).
 
-    :param zone: a :class:`Zone` or a zone description ``dict``.
-    :raises TypeError, ValueError: if the description is malformed (see :class:`Zone`).
+    @param zone: a L{Zone} or a zone description C{dict}.
+    :raises TypeError, ValueError: if the description is malformed (see L{Zone}).
     """
 
     def __init__(self, zone: Zone | Mapping[str, Any]) -> None:
@@ -367,25 +367,25 @@ class ZoneResolver(common.ResolverBase):
         return defer.maybeDeferred(self.zone.resolve, name, type)
 
     def lookupAllRecords(self, name, timeout=None):
-        """Look up every record of ``name``; see :meth:`Zone.resolve`."""
+        """Look up every record of C{name}; see L{Zone.resolve}."""
         return self._lookup(name, dns.IN, dns.ALL_RECORDS, timeout)
 
 
 class LoopbackDNSServerFactory(server.DNSServerFactory):
-    """A ``DNSServerFactory`` serving a :class:`ZoneResolver`, usable for UDP and TCP.
+    """A C{DNSServerFactory} serving a L{ZoneResolver}, usable for UDP and TCP.
 
-    Differences from the stock factory: names marked ``TIMEOUT`` are never
-    answered; ``SERVFAIL`` and ``REFUSED`` are sent without logging an error (the
-    stock factory maps any ``DomainError``, including ``DNSServerError``, to
+    Differences from the stock factory: names marked C{TIMEOUT} are never
+    answered; C{SERVFAIL} and C{REFUSED} are sent without logging an error (the
+    stock factory maps any C{DomainError}, including C{DNSServerError}, to
     NXDOMAIN and logs every other failure); NXDOMAIN and NODATA answers for
     authoritative names carry the AA bit; nothing is cached; the RA bit is set,
     since CNAMEs are followed.
 
-    :param resolver: the :class:`ZoneResolver` to answer from.
-    :param verbose: twisted.names verbosity (0 silent, 2 logs full messages).
+    @param resolver: the L{ZoneResolver} to answer from.
+    @param verbose: twisted.names verbosity (0 silent, 2 logs full messages).
 
-    Attributes: ``queries`` is a list of ``(name: str, qtype: int)`` received, in
-    order (including dropped ones); ``dropped`` counts queries left unanswered.
+    Attributes: C{queries} is a list of C{(name: str, qtype: int)} received, in
+    order (including dropped ones); C{dropped} counts queries left unanswered.
     """
 
     def __init__(self, resolver: ZoneResolver, verbose: int = 0) -> None:
@@ -396,7 +396,7 @@ class LoopbackDNSServerFactory(server.DNSServerFactory):
         self.dropped = 0
 
     def handleQuery(self, message, protocol, address):
-        """Answer the first query of ``message`` unless its name is marked TIMEOUT."""
+        """Answer the first query of C{message} unless its name is marked TIMEOUT."""
         query = message.queries[0]
         self.queries.append((query.name.name.decode("ascii", errors="replace"), query.type))
         if self.zone_resolver.zone.is_timeout(query.name.name):
@@ -444,20 +444,20 @@ def start_dns_server(
     attempts: int = 5,
     verbose: int = 0,
 ) -> tuple[Any, Any, int]:
-    """Start a DNS server for ``zone`` listening on UDP and TCP on the same port.
+    """Start a DNS server for C{zone} listening on UDP and TCP on the same port.
 
-    :param zone: zone description ``dict`` (see the module docstring) or a :class:`Zone`.
-    :param reactor: the Twisted reactor (``IReactorUDP`` and ``IReactorTCP``).
-    :param interface: loopback IP address literal to bind, e.g. ``"127.0.0.1"`` or ``"::1"``.
-    :param port: port number, or 0 to let the kernel choose (UDP chooses, TCP follows).
-    :param attempts: how many UDP/TCP bind pairs to try when ``port`` is 0 and the
+    @param zone: zone description C{dict} (see the module docstring) or a L{Zone}.
+    @param reactor: the Twisted reactor (C{IReactorUDP} and C{IReactorTCP}).
+    @param interface: loopback IP address literal to bind, e.g. C{"127.0.0.1"} or C{"::1"}.
+    @param port: port number, or 0 to let the kernel choose (UDP chooses, TCP follows).
+    @param attempts: how many UDP/TCP bind pairs to try when C{port} is 0 and the
         TCP bind of the UDP-chosen port fails (someone else holds it).
-    :param verbose: twisted.names logging verbosity.
-    :return: ``(udp_port, tcp_port, port_number)``: the two ``IListeningPort``
-        objects (stop both with ``stopListening()``) and the bound port number.
-        ``tcp_port.factory`` is the :class:`LoopbackDNSServerFactory`.
-    :raises TypeError, ValueError: bad zone description (see :class:`Zone`), or
-        ``interface`` not a loopback IP address literal (ValueError).
+    @param verbose: twisted.names logging verbosity.
+    @return: C{(udp_port, tcp_port, port_number)}: the two C{IListeningPort}
+        objects (stop both with C{stopListening()}) and the bound port number.
+        C{tcp_port.factory} is the L{LoopbackDNSServerFactory}.
+    :raises TypeError, ValueError: bad zone description (see L{Zone}), or
+        C{interface} not a loopback IP address literal (ValueError).
     :raises twisted.internet.error.CannotListenError: the port could not be bound.
     """
     _require_loopback(interface)
@@ -498,7 +498,7 @@ class _Transaction:
 
 @implementer(smtp.IMessage)
 class _RecordingMessage:
-    """One ``IMessage`` per accepted recipient; only the first one records the data."""
+    """One C{IMessage} per accepted recipient; only the first one records the data."""
 
     def __init__(self, receiver: SMTPReceiver, txn: _Transaction, primary: bool) -> None:
         self._receiver = receiver
@@ -527,7 +527,7 @@ class _RecordingMessage:
 
 @implementer(smtp.IMessageDelivery)
 class _Delivery:
-    """Minimal ``IMessageDelivery``: accept every sender, ask the policy about recipients."""
+    """Minimal C{IMessageDelivery}: accept every sender, ask the policy about recipients."""
 
     def __init__(self, receiver: SMTPReceiver, proto: _ReceiverESMTP) -> None:
         self._receiver = receiver
@@ -600,18 +600,18 @@ class _ReceiverFactory(smtp.SMTPFactory):
 
 
 class SMTPReceiver:
-    """Records the messages accepted by a receiver started with :func:`start_smtp_receiver`.
+    """Records the messages accepted by a receiver started with L{start_smtp_receiver}.
 
     Attributes:
 
-    * ``name`` (str): host name used in the greeting and EHLO reply;
-    * ``policy``: ``None`` or ``policy(rcpt_address: str) -> None | (code: int, text: str)``;
+    * C{name} (str): host name used in the greeting and EHLO reply;
+    * C{policy}: C{None} or C{policy(rcpt_address: str) -> None | (code: int, text: str)};
       may be replaced at any time;
-    * ``messages``: list of ``{"mail_from": str, "rcpt_tos": [str], "data": bytes}``,
-      one per completed DATA, in arrival order; ``mail_from`` is ``""`` for the
-      null sender; ``data`` is the unstuffed message with CRLF line endings;
-    * ``refused``: list of ``{"rcpt": str, "code": int, "text": str}`` refused RCPTs;
-    * ``connections``: number of SMTP connections accepted (int).
+    * C{messages}: list of C{{"mail_from": str, "rcpt_tos": [str], "data": bytes}},
+      one per completed DATA, in arrival order; C{mail_from} is C{""} for the
+      null sender; C{data} is the unstuffed message with CRLF line endings;
+    * C{refused}: list of C{{"rcpt": str, "code": int, "text": str}} refused RCPTs;
+    * C{connections}: number of SMTP connections accepted (int).
     """
 
     def __init__(
@@ -634,10 +634,10 @@ class SMTPReceiver:
             waiter.callback(list(self.messages))
 
     def when_messages(self, count: int) -> defer.Deferred:
-        """Return a Deferred firing with ``messages`` once at least ``count`` arrived.
+        """Return a Deferred firing with C{messages} once at least C{count} arrived.
 
         The Deferred has no time limit of its own: add one, e.g.
-        ``d.addTimeout(10, reactor)``.
+        C{d.addTimeout(10, reactor)}.
         """
         if len(self.messages) >= count:
             return defer.succeed(list(self.messages))
@@ -657,21 +657,21 @@ def start_smtp_receiver(
 ) -> tuple[Any, SMTPReceiver]:
     """Start an ESMTP receiver that accepts and records every message.
 
-    :param reactor: the Twisted reactor (``IReactorTCP``).
-    :param interface: loopback IP address literal, e.g. ``"127.0.0.1"`` or ``"::1"``.
-    :param port: TCP port number, 0 to let the kernel choose (read it back with
-        ``listening_port.getHost().port``).
-    :param name: host name (ASCII) announced in the greeting and EHLO reply.
-    :param policy: optional ``policy(rcpt_address: str) -> None | (code, text)``; a
-        tuple refuses that RCPT with ``code`` (int, 4xx or 5xx) and ``text`` (str,
-        e.g. ``"5.1.1 No such user"``).  Exceptions raised by the policy (and codes
+    @param reactor: the Twisted reactor (C{IReactorTCP}).
+    @param interface: loopback IP address literal, e.g. C{"127.0.0.1"} or C{"::1"}.
+    @param port: TCP port number, 0 to let the kernel choose (read it back with
+        C{listening_port.getHost().port}).
+    @param name: host name (ASCII) announced in the greeting and EHLO reply.
+    @param policy: optional C{policy(rcpt_address: str) -> None | (code, text)}; a
+        tuple refuses that RCPT with C{code} (int, 4xx or 5xx) and C{text} (str,
+        e.g. C{"5.1.1 No such user"}).  Exceptions raised by the policy (and codes
         outside 400..599) are logged by Twisted and answered with 451.
-    :param tls_context_factory: optional Twisted TLS context factory (e.g.
-        ``twisted.internet.ssl.CertificateOptions``); when given, STARTTLS is offered.
-    :return: ``(listening_port, receiver)``: an ``IListeningPort`` (stop it with
-        ``stopListening()``) and the :class:`SMTPReceiver` recording messages.
+    @param tls_context_factory: optional Twisted TLS context factory (e.g.
+        C{twisted.internet.ssl.CertificateOptions}); when given, STARTTLS is offered.
+    @return: C{(listening_port, receiver)}: an C{IListeningPort} (stop it with
+        C{stopListening()}) and the L{SMTPReceiver} recording messages.
         8BITMIME and PIPELINING are advertised; MAIL/RCPT parameters are ignored.
-    :raises ValueError: ``interface`` is not a loopback address.
+    @raise ValueError: C{interface} is not a loopback address.
     :raises twisted.internet.error.CannotListenError: the port could not be bound.
     """
     _require_loopback(interface)
@@ -682,7 +682,7 @@ def start_smtp_receiver(
 
 
 def _write_port_file(path: str, port: int) -> None:
-    """Write ``port`` followed by a newline to ``path`` atomically (tmp file + rename)."""
+    """Write C{port} followed by a newline to C{path} atomically (tmp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="ascii") as handle:
@@ -714,12 +714,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """Command-line entry point: ``dns --zone ZONE.json --port-file FILE [...]``.
+    """Command-line entry point: C{dns --zone ZONE.json --port-file FILE [...]}.
 
-    :param argv: arguments without the program name (default ``sys.argv[1:]``).
-    :return: process exit status: 0 after a clean stop (SIGTERM, SIGINT or
-        ``--max-lifetime``), 2 for a bad zone or unusable interface/port.
-    :raises SystemExit: on command-line usage errors (from argparse).
+    @param argv: arguments without the program name (default C{sys.argv[1:]}).
+    @return: process exit status: 0 after a clean stop (SIGTERM, SIGINT or
+        C{--max-lifetime}), 2 for a bad zone or unusable interface/port.
+    @raise SystemExit: on command-line usage errors (from argparse).
     """
     args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from twisted.internet import reactor
