@@ -21,6 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 import twisted_mailout
+from twisted_mailout.smtp.auth import Credentials
 from twisted_mailout.testing.loopback import start_dns_server
 
 RELAY = "smtp.relay.test"
@@ -309,3 +310,43 @@ class SecretReprTests(unittest.SynchronousTestCase):
                                      auth=(USER, PASSWORD))  # no relay: refused
         f = self.failureResultOf(d)
         self.assertNotIn(PASSWORD, str(f.value) + repr(f.value) + f.getTraceback())
+
+
+class TokenCommandTests(unittest.TestCase):
+    """The XOAUTH2 token command runs through the reactor it is given, as a child
+    process, and its failures are AuthErrors naming the command."""
+
+    @defer.inlineCallbacks
+    def test_token_command_output_is_the_token(self):
+        import sys
+
+        creds = Credentials(USER, token_command=[sys.executable, "-c", "print('tok-123')"])
+        token = yield creds.token(reactor)
+        self.assertEqual(token.reveal(), "tok-123")
+
+    @defer.inlineCallbacks
+    def test_failing_token_command_is_an_auth_error(self):
+        import sys
+
+        from twisted_mailout.smtp.auth import AuthError
+
+        creds = Credentials(USER, token_command=[sys.executable, "-c", "raise SystemExit(3)"])
+        with self.assertRaisesRegex(AuthError, "exited with status 3"):
+            yield creds.token(reactor)
+
+    @defer.inlineCallbacks
+    def test_token_file_is_read_in_the_thread_pool(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("file-token\n")
+        seen = []
+        real = threads.deferToThreadPool
+
+        def spy(*args, **kwargs):
+            seen.append(args[2])
+            return real(*args, **kwargs)
+
+        self.patch(threads, "deferToThreadPool", spy)
+        token = yield Credentials(USER, token_file=path).token(reactor)
+        self.assertEqual(token.reveal(), "file-token")
+        self.assertEqual([f.__name__ for f in seen], ["_read_token_file"])

@@ -17,8 +17,10 @@ import base64
 import hashlib
 import hmac
 import os
+from typing import Any
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, threads, utils
+from twisted.internet.interfaces import IReactorThreads
 
 __all__ = [
     "MECHANISMS",
@@ -129,32 +131,34 @@ class Credentials:
                else "token_file" if self.token_file else "token_command")
         return f"<Credentials {self.username!r} ({src}, {'/'.join(self.mechanisms)})>"
 
-    def token(self) -> defer.Deferred:
+    def token(self, reactor: Any) -> defer.Deferred[Secret]:
         """The current XOAUTH2 token, as a Deferred firing with a L{Secret}.
 
-        The file is small and read directly; the command runs as a child
-        process (never blocking the reactor), with a 30-second limit.
+        The token file (at most 64 KiB) is read in the reactor's thread pool
+        when C{reactor} has one (C{IReactorThreads}), directly otherwise (a
+        test clock); the token command runs as a child process through
+        C{reactor} (never blocking it), with a 30-second limit.
 
+        @param reactor: the reactor: C{IReactorTime}, and C{IReactorProcess}
+            for a token command.
+        @return: a Deferred firing with the token as a L{Secret}.
         @raise AuthError: (as the Deferred's failure) the file cannot be
             read, the command fails, or the token is empty.
         """
         if self.token_file is not None:
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    value = f.read().strip()
-            except OSError as e:
-                return defer.fail(AuthError(
-                    f"cannot read the AUTH token file {self.token_file}: {e.strerror}"))
-            if not value:
-                return defer.fail(AuthError(f"the AUTH token file {self.token_file} is empty"))
-            return defer.succeed(Secret(value))
-        return defer.Deferred.fromCoroutine(self._run_token_command())
+            if IReactorThreads.providedBy(reactor):
+                d = threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                              _read_token_file, self.token_file)
+            else:
+                d = defer.maybeDeferred(_read_token_file, self.token_file)
+            return d
+        return defer.Deferred.fromCoroutine(self._run_token_command(reactor))
 
-    async def _run_token_command(self) -> Secret:
-        from twisted.internet import reactor
-
+    async def _run_token_command(self, reactor: Any) -> Secret:
         cmd = self.token_command
-        d = utils.getProcessOutputAndValue(cmd[0], cmd[1:], env=dict(os.environ))
+        assert cmd is not None
+        d = utils.getProcessOutputAndValue(cmd[0], cmd[1:], env=dict(os.environ),
+                                           reactor=reactor)
         timer = reactor.callLater(30, d.cancel)
         try:
             out, _err, code = await d
@@ -172,6 +176,28 @@ class Credentials:
         if not value:
             raise AuthError(f"the AUTH token command {cmd[0]} printed no token")
         return Secret(value)
+
+
+_TOKEN_FILE_LIMIT = 64 * 1024
+
+
+def _read_token_file(path: str) -> Secret:
+    """Read an XOAUTH2 token file (blocking; run in a thread by L{Credentials.token}).
+
+    @raise AuthError: unreadable, larger than 64 KiB, or empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read(_TOKEN_FILE_LIMIT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuthError(f"cannot read the AUTH token file {path}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    if len(value) > _TOKEN_FILE_LIMIT:
+        raise AuthError(f"the AUTH token file {path} is larger than 64 KiB")
+    value = value.strip()
+    if not value:
+        raise AuthError(f"the AUTH token file {path} is empty")
+    return Secret(value)
 
 
 def choose_mechanism(credentials: Credentials, offered: str, encrypted: bool) -> str | None:

@@ -586,7 +586,7 @@ class ESMTPSession(protocol.Protocol):
                 reply = await self._send(answer, t, "AUTH")
         else:  # XOAUTH2
             try:
-                token = await creds.token()
+                token = await creds.token(self.clock)
             except _auth.AuthError as e:
                 await self._quietly_quit()
                 raise SessionError(_local(451, f"4.7.0 {e}"), "AUTH") from None

@@ -192,3 +192,41 @@ def test_secure_names_default_to_the_recipient_domain_and_its_subdomains():
 ])
 def test_certificate_name_matching(cert_names, wanted, ok):
     assert name_matches(cert_names, wanted) is ok
+
+
+def _result(d):
+    """The result of an already-fired Deferred (a failure is raised)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_token_file_is_read_without_the_global_reactor(tmp_path):
+    from twisted.internet.task import Clock
+
+    path = tmp_path / "token"
+    path.write_text("ya29.token\n")
+    creds = Credentials("user@example.com", token_file=str(path))
+    token = _result(creds.token(Clock()))  # a clock has no thread pool: read directly
+    assert token.reveal() == "ya29.token"
+    assert "ya29" not in repr(token)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("x" * (64 * 1024 + 1), "larger than 64 KiB"),
+])
+def test_bad_token_files_are_refused(tmp_path, content, message):
+    from twisted.internet.task import Clock
+
+    path = tmp_path / "token"
+    path.write_text(content)
+    creds = Credentials("user@example.com", token_file=str(path))
+    with pytest.raises(AuthError, match=message):
+        _result(creds.token(Clock()))
+    with pytest.raises(AuthError, match="cannot read"):
+        _result(Credentials("u@example.com", token_file=str(tmp_path / "missing"))
+                .token(Clock()))
