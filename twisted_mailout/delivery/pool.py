@@ -1,0 +1,500 @@
+"""The connection pool: how many connections are open, to whom, and who waits.
+
+L{ConnectionPool} is what Postfix splits between qmgr(8) (concurrency per
+destination, dead-destination memory) and scache(8) (keeping idle sessions
+for reuse). It knows nothing of SMTP: it opens connections through a
+callable it is given, hands them out as L{Lease}s, and is told when a lease
+comes back. Time comes from the clock it is given, so every rule here can be
+tested with C{twisted.internet.task.Clock}.
+
+The rules:
+
+  - At most C{max_connections} connections are open in all, and at most
+    C{max_per_destination} to one destination. A connection counts from the
+    moment its opening starts until it is closed (or, when the pool gives it
+    up on purpose, until it is told to go).
+  - A connection given back in a reusable state goes, in this order: to a
+    caller waiting for the same destination; closed at once when another
+    destination waits for a slot under the global limit; otherwise kept
+    idle for C{idle_timeout} seconds for the next caller.
+  - A caller that finds the global limit reached while its destination has
+    room closes the oldest idle connection of any destination and opens its
+    own.
+  - When opening a connection fails, the destination is remembered as down
+    for C{failure_memory} seconds: callers then fail at once with
+    L{DestinationDown}, and the callers that were waiting for it fail with the
+    same error.
+  - Every L{Deferred} from L{ConnectionPool.acquire} can be cancelled: a
+    waiting caller leaves the queue; a caller whose connection is being
+    opened cancels the opening (if the connection arrives anyway, it goes to
+    the next caller or is kept idle). A cancelled opening is not a failure of
+    the destination.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = [
+    "ConnectionPool",
+    "DestinationDown",
+    "Lease",
+    "Opened",
+    "PoolClosed",
+    "PoolLimits",
+    "PooledSession",
+]
+
+log = Logger()
+
+
+class _DelayedCall(Protocol):
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The part of C{IReactorTime} the pool uses (a reactor or a
+    C{twisted.internet.task.Clock})."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
+                  **kw: object) -> _DelayedCall: ...
+
+
+class PooledSession(Protocol):
+    """What the pool needs of a connection (L{ESMTPSession} provides it).
+
+    @ivar usable: whether the connection can carry another transaction now.
+    @ivar transactions: how many transactions it has carried.
+    @ivar created: when it was opened, in the clock's seconds.
+    @ivar closed: a Deferred firing (with anything) once the connection is
+        gone, for whatever reason. The pool adds a callback that passes the
+        result through unchanged.
+    """
+
+    usable: bool
+    transactions: int
+    created: float
+    closed: defer.Deferred[None]
+
+    def quit(self) -> defer.Deferred[None]:
+        """End the connection politely; the Deferred never fails."""
+
+
+S = TypeVar("S", bound=PooledSession)
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """The pool's limits; times in seconds.
+
+    @ivar max_connections: open connections at most, all destinations.
+    @ivar max_per_destination: open connections at most to one destination.
+    @ivar idle_timeout: seconds an idle connection is kept for reuse.
+    @ivar max_age: seconds after its opening when a connection is no longer
+        reused.
+    @ivar max_messages: transactions per connection at most.
+    @ivar failure_memory: seconds a destination whose opening failed is not
+        tried again (0: never remembered).
+    """
+
+    max_connections: int = 20
+    max_per_destination: int = 4
+    idle_timeout: float = 2.0
+    max_age: float = 300.0
+    max_messages: int = 100
+    failure_memory: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_per_destination < 1:
+            raise ValueError("connection limits must be at least 1")
+
+
+@dataclass(frozen=True)
+class Opened(Generic[S]):
+    """What the pool's opener gives back: the connection and its name.
+
+    @ivar session: the connection, ready for a transaction.
+    @ivar label: how logs and results name it, e.g. C{"mx.example.org[192.0.2.1]:25"}.
+    """
+
+    session: S
+    label: str
+
+
+class DestinationDown(Exception):
+    """Opening a connection to the destination failed recently; it is not
+    tried again before C{until}.
+
+    @ivar key: the destination.
+    @ivar error: the exception the failed opening raised.
+    @ivar until: when the destination will be tried again (clock seconds).
+    """
+
+    def __init__(self, key: str, error: BaseException, until: float):
+        super().__init__(f"{key}: down until {until:g}: {error}")
+        self.key = key
+        self.error = error
+        self.until = until
+
+
+class PoolClosed(Exception):
+    """The pool is closing: no connection is handed out any more."""
+
+
+class Lease(Generic[S]):
+    """One open connection, as the pool keeps it; handed to one caller at a time.
+
+    @ivar key: the destination it belongs to.
+    @ivar session: the connection.
+    @ivar label: its name for logs (see L{Opened}).
+    """
+
+    def __init__(self, key: str, opened: Opened[S]):
+        self.key = key
+        self.session: S = opened.session
+        self.label = opened.label
+        self._counted = True  # holds one slot in the pool's counts
+        self._idle_timer: _DelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.key} {self.label}>"
+
+
+class _Waiter:
+    """One caller of L{ConnectionPool.acquire}."""
+
+    def __init__(self, dest: _Dest):
+        self.dest = dest
+        self.opening: defer.Deferred[Any] | None = None
+        self.d: defer.Deferred[Any] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _d: defer.Deferred[Any]) -> None:
+        if self in self.dest.waiters:
+            self.dest.waiters.remove(self)
+        elif self.opening is not None:
+            self.opening.cancel()
+
+    def give(self, lease: Lease[Any]) -> bool:
+        """Hand over C{lease}; L{False} when the caller is gone (cancelled)."""
+        if self.d.called:
+            return False
+        self.d.callback(lease)
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.d.called:
+            self.d.errback(Failure(exc))
+
+
+class _Dest:
+    """The pool's record of one destination."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.conns = 0  # counted connections: opening, busy or idle
+        self.idle: list[Lease[Any]] = []
+        self.waiters: deque[_Waiter] = deque()
+        self.down: DestinationDown | None = None
+
+
+class ConnectionPool(Generic[S]):
+    """Connections to many destinations under global and per-destination limits.
+
+    @param clock: the C{IReactorTime} for idle timers, connection ages and
+        the dead-destination memory.
+    @param opener: C{callable(key) -> Deferred[Opened]}: opens a connection
+        to the destination C{key} (trying its hosts as it sees fit). It is
+        called when a caller needs a new connection; cancelling its
+        Deferred should stop the attempt.
+    @param limits: L{PoolLimits}.
+    @param remember: exception types of a failed opening that mark the
+        destination down for C{limits.failure_memory} seconds (others,
+        such as programming errors and L{defer.CancelledError}, do not).
+    """
+
+    def __init__(self, clock: Clock,
+                 opener: Callable[[str], defer.Deferred[Opened[S]]],
+                 limits: PoolLimits,
+                 remember: tuple[type[BaseException], ...] = (Exception,)):
+        self.clock = clock
+        self.limits = limits
+        self._opener = opener
+        self._remember = remember
+        self._dests: dict[str, _Dest] = {}
+        self._total = 0
+        self._blocked: deque[_Dest] = deque()  # destinations waiting on the global limit
+        self._closing = False
+
+    # -- what tests and operators may read ------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against C{max_connections} (opening, busy or idle)."""
+        return self._total
+
+    def connections_to(self, key: str) -> int:
+        """Connections counted against the limit of destination C{key}."""
+        dest = self._dests.get(key)
+        return dest.conns if dest is not None else 0
+
+    def idle_to(self, key: str) -> int:
+        """Idle connections kept for destination C{key}."""
+        dest = self._dests.get(key)
+        return len(dest.idle) if dest is not None else 0
+
+    def waiting_for(self, key: str) -> int:
+        """Callers waiting for a connection to C{key}."""
+        dest = self._dests.get(key)
+        return len(dest.waiters) if dest is not None else 0
+
+    # -- acquire ----------------------------------------------------------------
+
+    def acquire(self, key: str) -> defer.Deferred[Lease[S]]:
+        """A connection to destination C{key}: an idle one, a new one, or the
+        next one given back when the limits are reached.
+
+        @param key: the destination.
+        @return: a Deferred firing with a L{Lease}, to be given back with
+            L{release} or L{discard}. It fails with L{DestinationDown} while
+            the destination is remembered as down or when the opening this
+            caller waited for failed (with the opener's own error for an
+            error not in C{remember}), and with L{PoolClosed} once the pool
+            is closing. Cancelling it withdraws the caller (see the module
+            docstring); it then fails with L{defer.CancelledError}.
+        """
+        if self._closing:
+            return defer.fail(PoolClosed("the connection pool is closing"))
+        dest = self._dest(key)
+        if dest.down is not None:
+            if dest.down.until > self.clock.seconds():
+                return defer.fail(dest.down)
+            dest.down = None
+        waiter = _Waiter(dest)
+        d: defer.Deferred[Lease[S]] = waiter.d
+        while dest.idle:
+            lease = dest.idle.pop()  # the most recently used one
+            self._stop_idle_timer(lease)
+            if self._reusable(lease):
+                waiter.give(lease)
+                return d
+            self._quit(lease)
+        limits = self.limits
+        if dest.conns < limits.max_per_destination:
+            if self._total >= limits.max_connections:
+                self._close_one_idle()
+            if self._total < limits.max_connections:
+                self._open(dest, waiter)
+                return d
+            if dest not in self._blocked:
+                self._blocked.append(dest)
+        dest.waiters.append(waiter)
+        return d
+
+    # -- give back -------------------------------------------------------------
+
+    def release(self, lease: Lease[S], reusable: bool) -> None:
+        """Give a connection back after a transaction.
+
+        @param lease: from L{acquire}.
+        @param reusable: whether the connection can carry another transaction
+            (the session's own C{usable} and the pool's age and message
+            limits are checked too). A connection that is not reused is
+            QUIT; its slot stays counted until it is closed.
+        """
+        dest = self._dest(lease.key)
+        if not (reusable and self._reusable(lease)):
+            self._quit(lease)
+            return
+        while dest.waiters:
+            if dest.waiters.popleft().give(lease):
+                return
+        if self._someone_blocked():
+            # Other destinations wait for a slot under the global limit:
+            # give this one up now rather than keep it idle.
+            self._quit(lease)
+            self._uncount(lease)
+            self._slot_freed(None)
+            return
+        lease._idle_timer = self.clock.callLater(self.limits.idle_timeout,
+                                                 self._idle_expired, lease)
+        dest.idle.append(lease)
+
+    def discard(self, lease: Lease[S]) -> None:
+        """Forget a connection its caller has aborted (for example because the
+        delivery was cancelled): its slot is free at once, and the next
+        waiting caller gets a connection.
+
+        @param lease: from L{acquire}; its connection must already be
+            aborted (it is not touched here).
+        """
+        if self._uncount(lease):
+            self._slot_freed(self._dests.get(lease.key))
+
+    def close(self) -> defer.Deferred[None]:
+        """QUIT idle connections and hand out none any more. Busy connections
+        are QUIT when they are given back. Waiting callers fail with
+        L{PoolClosed}.
+
+        @return: a Deferred firing (with L{None}) when the idle ones are closed.
+        """
+        self._closing = True
+        ds: list[defer.Deferred[None]] = []
+        for dest in self._dests.values():
+            idle, dest.idle = dest.idle, []
+            for lease in idle:
+                self._stop_idle_timer(lease)
+                ds.append(self._quit(lease))
+            waiters, dest.waiters = dest.waiters, deque()
+            for w in waiters:
+                w.fail(PoolClosed("the connection pool is closing"))
+        self._blocked.clear()
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- internals -------------------------------------------------------------
+
+    def _dest(self, key: str) -> _Dest:
+        d = self._dests.get(key)
+        if d is None:
+            d = self._dests[key] = _Dest(key)
+        return d
+
+    def _reusable(self, lease: Lease[S]) -> bool:
+        limits, session = self.limits, lease.session
+        return (session.usable and not self._closing
+                and session.transactions < limits.max_messages
+                and self.clock.seconds() - session.created < limits.max_age)
+
+    def _quit(self, lease: Lease[S]) -> defer.Deferred[None]:
+        return lease.session.quit()
+
+    def _uncount(self, lease: Lease[S]) -> bool:
+        """Stop counting C{lease}'s slot; L{False} if it no longer counted."""
+        if not lease._counted:
+            return False
+        lease._counted = False
+        dest = self._dests[lease.key]
+        dest.conns -= 1
+        self._total -= 1
+        return True
+
+    def _stop_idle_timer(self, lease: Lease[S]) -> None:
+        timer, lease._idle_timer = lease._idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close_one_idle(self) -> None:
+        """Close the oldest idle connection, of any destination, and count
+        its slot free at once so the caller can open its own."""
+        oldest: Lease[Any] | None = None
+        for dest in self._dests.values():
+            for lease in dest.idle:
+                if oldest is None or lease.session.created < oldest.session.created:
+                    oldest = lease
+        if oldest is None:
+            return
+        self._dests[oldest.key].idle.remove(oldest)
+        self._stop_idle_timer(oldest)
+        log.debug("closing idle {label} to make room", label=oldest.label)
+        oldest.session.quit()
+        self._uncount(oldest)
+
+    def _someone_blocked(self) -> bool:
+        """Whether a destination waits for a slot under the global limit;
+        forgets destinations whose waiters were served or withdrew."""
+        while self._blocked and not self._blocked[0].waiters:
+            self._blocked.popleft()
+        return any(d.waiters for d in self._blocked)
+
+    def _idle_expired(self, lease: Lease[S]) -> None:
+        lease._idle_timer = None
+        dest = self._dests[lease.key]
+        if lease in dest.idle:
+            dest.idle.remove(lease)
+        self._quit(lease)
+
+    def _closed(self, lease: Lease[S]) -> None:
+        """The connection is gone (for whatever reason)."""
+        dest = self._dests[lease.key]
+        if lease in dest.idle:
+            dest.idle.remove(lease)
+        self._stop_idle_timer(lease)
+        self._uncount(lease)
+        self._slot_freed(dest)
+
+    def _slot_freed(self, dest: _Dest | None) -> None:
+        """A slot is free: start an opening for a waiting caller, the same
+        destination first, then those blocked by the global limit."""
+        limits = self.limits
+        if self._closing:
+            return
+        candidates = ([dest] if dest is not None else []) + list(self._blocked)
+        for cand in candidates:
+            if self._total >= limits.max_connections:
+                return
+            if cand.waiters and cand.conns < limits.max_per_destination:
+                waiter = cand.waiters.popleft()
+                if not cand.waiters and cand in self._blocked:
+                    self._blocked.remove(cand)
+                self._open(cand, waiter)
+                return
+
+    def _open(self, dest: _Dest, waiter: _Waiter) -> None:
+        """Count a slot for C{dest} and open a connection for C{waiter}."""
+        dest.conns += 1
+        self._total += 1
+        try:
+            opening = self._opener(dest.key)
+        except BaseException:  # noqa: BLE001 - becomes the Deferred's failure
+            opening = defer.fail()
+        waiter.opening = opening
+        opening.addCallbacks(self._opened, self._open_failed,
+                             callbackArgs=(dest, waiter), errbackArgs=(dest, waiter))
+
+    def _opened(self, opened: Opened[S], dest: _Dest, waiter: _Waiter) -> None:
+        waiter.opening = None
+        dest.down = None
+        lease: Lease[S] = Lease(dest.key, opened)
+        lease.session.closed.addBoth(self._passthrough_closed, lease)
+        if waiter.give(lease):
+            return
+        # The caller withdrew while the connection was being opened, and the
+        # opening could not be stopped: the next caller gets it, or it idles.
+        self.release(lease, reusable=True)
+
+    def _passthrough_closed(self, result: object, lease: Lease[S]) -> object:
+        self._closed(lease)
+        return result
+
+    def _open_failed(self, failure: Failure, dest: _Dest, waiter: _Waiter) -> None:
+        waiter.opening = None
+        dest.conns -= 1
+        self._total -= 1
+        exc = failure.value
+        if failure.check(defer.CancelledError) or waiter.d.called:
+            # The caller withdrew: not a verdict on the destination.
+            waiter.fail(exc)
+            self._slot_freed(dest)
+            return
+        error: BaseException = exc
+        if isinstance(exc, self._remember):
+            until = self.clock.seconds() + self.limits.failure_memory
+            error = DestinationDown(dest.key, exc, until)
+            if self.limits.failure_memory > 0:
+                dest.down = error
+        waiter.fail(error)
+        # Callers waiting for a destination that cannot be reached fail too.
+        waiters, dest.waiters = dest.waiters, deque()
+        for w in waiters:
+            w.fail(error)
+        self._slot_freed(None)
