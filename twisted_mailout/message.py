@@ -15,9 +15,12 @@ from email.errors import HeaderParseError, InvalidHeaderDefect
 from email.header import decode_header, make_header
 from email.headerregistry import Address, HeaderRegistry
 
+from twisted_mailout.errors import MessageError
+
 __all__ = [
     "MessageError",
     "coerce_message",
+    "control_character",
     "header_addresses",
     "header_values",
     "parse_address_list",
@@ -26,10 +29,6 @@ __all__ = [
     "remove_headers",
     "split_headers",
 ]
-
-
-class MessageError(ValueError):
-    """A message that cannot be queued (empty, not bytes, ...)."""
 
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
@@ -187,6 +186,21 @@ _CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL"}
 _registry = HeaderRegistry()
 
 
+def control_character(text: str) -> str | None:
+    """The first character of C{text} that may not appear in an address or
+    a display name: a C0 control other than TAB (CR, LF, NUL, ...), DEL, a C1
+    control, or U+2028/U+2029.
+
+    @return: its name (C{"CR"}, C{"LF"}, C{"NUL"}, else C{"U+XXXX"}), or
+        L{None} when there is none.
+    """
+    bad = _ADDRESS_FIELD_CONTROL.search(text)
+    if bad is None:
+        return None
+    char = bad.group()
+    return _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+
+
 def parse_address_list(value: str, field: str = "To") -> list[str]:
     """The addresses (addr-spec only) of one address-list field value, parsed
     strictly (RFC 5322 3.4, 3.6.2, 3.6.3).
@@ -208,13 +222,12 @@ def parse_address_list(value: str, field: str = "To") -> list[str]:
         mailboxes here (L{twisted_mailout.envelope.parse_address} does that).
     @raise MessageError: for a refused value; the message names the field.
     """
-    bad = _ADDRESS_FIELD_CONTROL.search(value)
-    if bad:
-        char = bad.group()
-        what = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+    what = control_character(value)
+    if what:
         raise MessageError(
             f"the {field} header field contains a control character ({what}) in "
-            f"{value!r}: refused, an address field may not hold one (RFC 5322 3.4)"
+            f"{value!r}: refused, an address may hold no CR or LF, NUL or other control "
+            f"(RFC 5322 3.4)"
         )
     try:
         # Parsed as a To field whatever its name: the same grammar (address-list).

@@ -239,6 +239,16 @@ BAD_INPUTS = {
                                         "bad address"),
     "one good one bad": (MESSAGE, ["-f", SENDER, "ok@example.org", "bad@@example.org"], 64,
                          "bad address"),
+    # issue 10 item 5: a bare CR in To: read by -t once queued an extra RCPT TO
+    "-t with a bare CR in To": (
+        b"From: s@example.com\r\nTo: <victim@example.org\rRCPT TO:<evil@example.org>>\r\n"
+        b"Subject: x\r\n\r\nbody\r\n", ["-t", "-f", SENDER], 65,
+        "the To header field contains a control character (CR)"),
+    "-t with NUL in Bcc": (b"To: a@example.org\nBcc: b@example.org\x00c@example.org\n\nbody\n",
+                           ["-t", "-f", SENDER], 65, "the Bcc header field"),
+    "-t with glued addresses in Cc": (
+        b"To: a@example.org\nCc: victim@example.org<evil@example.org>\n\nbody\n",
+        ["-t", "-f", SENDER, "arg@example.org"], 65, "the Cc header field"),
 }
 
 

@@ -21,7 +21,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 
 from twisted_mailout.envelope import AddressError, parse_address
-from twisted_mailout.message import MessageError
+from twisted_mailout.message import MessageError, control_character, parse_address_list
 
 __all__ = [
     "Attachment",
@@ -70,24 +70,30 @@ def parse_display_address(value) -> tuple[str, str]:
     """C{(display_name, addr_spec)} of C{"Name <a@b>"}, C{"a@b"},
     a C{(name, addr)} pair or an C{email.headerregistry.Address}.
 
-    @raise AddressError: not exactly one valid address (RFC 5321 4.1.2).
+    @raise AddressError: not exactly one valid address (RFC 5321 4.1.2), a
+        control character (CR, LF, NUL, ...) anywhere, or an address list
+        that could be read as more than one address (RFC 5322 3.4).
     """
     if isinstance(value, Address):
         name, addr = value.display_name, value.addr_spec
     elif isinstance(value, tuple) and len(value) == 2:
         name, addr = value
     elif isinstance(value, str):
-        if any(c in value for c in "\r\n"):
-            raise AddressError(f"address {value!r} contains CR or LF")
+        try:
+            found = parse_address_list(value, "address")  # controls, smuggled addresses
+        except MessageError as e:
+            raise AddressError(str(e).replace("the address header field", "address")) from None
         pairs = email.utils.getaddresses([value])
-        if len(pairs) != 1 or not pairs[0][1]:
+        if len(found) != 1 or len(pairs) != 1 or not pairs[0][1]:
             raise AddressError(f"{value!r} is not one address")
         name, addr = pairs[0]
     else:
         raise AddressError(f"an address must be a str, a (name, address) pair or an "
                            f"email.headerregistry.Address, not {type(value).__name__}")
-    if any(c in (name or "") for c in "\r\n"):
-        raise AddressError(f"display name {name!r} contains CR or LF")
+    for part in (name or "", addr or ""):
+        what = control_character(part) if isinstance(part, str) else None
+        if what:
+            raise AddressError(f"{part!r} in {value!r} contains a control character ({what})")
     try:
         parse_address(addr)
     except AddressError as e:

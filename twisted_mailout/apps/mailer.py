@@ -20,7 +20,6 @@ logged and dropped.
 from __future__ import annotations
 
 import email.policy
-import email.utils
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,7 +28,13 @@ from twisted.logger import Logger
 
 from twisted_mailout.apps.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
 from twisted_mailout.envelope import AddressError, Reply
-from twisted_mailout.message import coerce_message, header_values, recipients_from_headers, remove_headers
+from twisted_mailout.message import (
+    coerce_message,
+    header_addresses,
+    header_values,
+    recipients_from_headers,
+    remove_headers,
+)
 
 __all__ = [
     "EVENT_TYPES",
@@ -309,14 +314,27 @@ def envelope_from_headers(data: bytes) -> tuple[str | None, list[str]]:
     recipients from C{To}, C{Cc} and C{Bcc}.
 
     @return: C{(sender or None, recipients)}.
+    @raise MessageError: one of those fields holds a control character or is
+        not a valid, unambiguous address list
+        (L{twisted_mailout.message.parse_address_list}).
     """
-    sender = None
-    for name in ("sender", "from"):
-        addrs = [a for _, a in email.utils.getaddresses(header_values(data, name)) if a]
+    return sender_from_headers(data), recipients_from_headers(data)
+
+
+def sender_from_headers(data: bytes) -> str | None:
+    """The envelope sender a message's header fields give: the C{Sender}
+    address (RFC 5322 3.6.2), or else the first C{From} address.
+
+    @return: the address, or L{None} when neither field holds one.
+    @raise MessageError: the field read holds a control character or is not
+        a valid, unambiguous address list
+        (L{twisted_mailout.message.parse_address_list}).
+    """
+    for name in ("Sender", "From"):
+        addrs = header_addresses(data, [name])
         if addrs:
-            sender = addrs[0]
-            break
-    return sender, recipients_from_headers(data)
+            return addrs[0]
+    return None
 
 
 class Mailer:
@@ -390,7 +408,9 @@ class Mailer:
         @param recipients: envelope recipients; C{To}, C{Cc}, C{Bcc} when L{None}.
         @return: C{(sender, recipients, data)}, C{Bcc} removed from C{data}.
         @raise AddressError: no sender or no recipient can be found.
-        @raise MessageError: an empty message.
+        @raise MessageError: an empty message, or a header field the envelope
+            is taken from holds a control character or an ambiguous address
+            list (the field is named; nothing is sent).
         """
         data = coerce_message(message)
         add = []
@@ -401,14 +421,13 @@ class Mailer:
                 add.append(_fold(name, value))
         if add:
             data = b"".join(add) + data
-        head_sender, head_rcpts = envelope_from_headers(data)
         if sender is None:
-            sender = head_sender
+            sender = sender_from_headers(data)
             if sender is None:
                 raise AddressError("no envelope sender: give sender=, a From field, or "
                                    "a default sender to the Mailer")
         if recipients is None:
-            recipients = head_rcpts
+            recipients = recipients_from_headers(data)
             if not recipients:
                 raise AddressError("no recipients: give recipients= or To/Cc/Bcc fields")
         elif isinstance(recipients, str):

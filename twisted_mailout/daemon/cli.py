@@ -41,7 +41,12 @@ def cmd_sendmail(args) -> int:
         return EX_DATAERR
     rcpts = list(args.recipients)
     if args.t:
-        rcpts.extend(r for r in recipients_from_headers(data) if r not in rcpts)
+        try:
+            from_headers = recipients_from_headers(data)
+        except MessageError as e:  # e.g. a bare CR in To: (an injected RCPT TO)
+            print(f"mailout sendmail: {e}", file=sys.stderr)
+            return EX_DATAERR
+        rcpts.extend(r for r in from_headers if r not in rcpts)
         data = remove_headers(data, ["Bcc"])
     if not rcpts:
         print("mailout sendmail: no recipients (give them as arguments, or use -t)",
