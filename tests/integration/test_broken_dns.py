@@ -34,7 +34,8 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 import twisted_mailout
-from tests.support.daemon import Daemon, queue_list, wait_until
+from tests.support.daemon import Daemon, queue_list
+from tests.support.wait import wait_for
 from twisted_mailout.delivery import connector as connector_module
 from twisted_mailout import enqueue
 from twisted_mailout.testing.loopback import start_dns_server
@@ -324,14 +325,14 @@ def test_daemon_broken_dns_outcomes_and_log_lines(tmp_path, dns_server):
         try:
             start = time.monotonic()
             d.start()
-            wait_until(lambda: all(f"to=<{r}>" in d.log() for r in rcpts), 60,
+            wait_for(lambda: all(f"to=<{r}>" in d.log() for r in rcpts), 60,
                        what="an outcome line for every recipient")
             elapsed = time.monotonic() - start
             # the bounce for c@nowhere.test reaches the author
-            wait_until(lambda: any(m["mail_from"] == "" for m in sink.messages), 30,
+            wait_for(lambda: any(m["mail_from"] == "" for m in sink.messages), 30,
                        what="the bounce")
             log = d.log()
-            entry = wait_until(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)[0]
+            entry = wait_for(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)[0]
         finally:
             d.stop()
             sink.stop()
@@ -383,7 +384,7 @@ def test_daemon_resolver_down_defers_within_the_dns_timeout(tmp_path):
     try:
         start = time.monotonic()
         d.start()
-        wait_until(lambda: "to=<x@example.test>" in d.log(), 30, what="the outcome line")
+        wait_for(lambda: "to=<x@example.test>" in d.log(), 30, what="the outcome line")
         elapsed = time.monotonic() - start
         log = d.log()
         [entry] = queue_list(q)

@@ -45,7 +45,8 @@ import pytest
 from tests.support.peers import IN_CI, AiosmtpdSink
 from twisted.internet import task
 
-from tests.support.daemon import Daemon, queue_list, wait_until
+from tests.support.daemon import Daemon, queue_list
+from tests.support.wait import wait_for
 from tests.support.fakes import ScriptedConnector
 from twisted_mailout import enqueue
 from twisted_mailout.envelope import Reply
@@ -77,7 +78,7 @@ def outcome_lines(log: str) -> list[str]:
 
 
 def wait_empty(q, timeout=30):
-    wait_until(lambda: queue_list(q) == [], timeout, what="an empty queue")
+    wait_for(lambda: queue_list(q) == [], timeout, what="an empty queue")
 
 
 @pytest.fixture
@@ -317,7 +318,7 @@ def test_fifty_megabyte_message_byte_for_byte_with_bounded_memory(tmp_path, smtp
     q = tmp_path / "q"
     Queue(str(q))
     with Daemon(q, relay(sink)) as d:
-        wait_until(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
+        wait_for(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
         pid = d.proc.pid
         idle_hwm = proc_status(pid, "VmHWM")
         start = time.monotonic()
@@ -407,15 +408,15 @@ def test_disk_full_while_running_never_redelivers_an_accepted_recipient(tmp_path
         qid = staging.enqueue(SENDER, ["ok@dest.test", "later@dest.test"], data)
         with Daemon(q, relay(sink), "--retry-base=1", "--retry-max=1",
                     log=tmp_path / "daemon.log") as d:
-            wait_until(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
+            wait_for(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
             filler = fill(small_disk)
             os.rename(small_disk / "staging" / "new" / qid, q / "new" / qid)
-            wait_until(lambda: d.log().count("No space left on device") >= 3, 30,
+            wait_for(lambda: d.log().count("No space left on device") >= 3, 30,
                        what="three attempts on the full disk")
             during = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
             filler.unlink()
             sink.rcpt_reply = None
-            wait_until(lambda: any("later@dest.test" in m["rcpt_tos"] for m in sink.messages),
+            wait_for(lambda: any("later@dest.test" in m["rcpt_tos"] for m in sink.messages),
                        30, what="later@ delivered once the disk has room")
             wait_empty(q)
         oks = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
@@ -478,7 +479,7 @@ def test_new_broken_while_running_then_repaired_mail_is_picked_up_again(tmp_path
     with Daemon(q, relay(sink)) as d:
         sink.wait_for_messages(1, timeout=30)
         break_new(q, "file")
-        wait_until(lambda: "Not a directory" in d.log(), 10, what="a pickup attempt")
+        wait_for(lambda: "Not a directory" in d.log(), 10, what="a pickup attempt")
         assert "Unhandled error" not in d.log()
         time.sleep(0.5)
         assert d.proc.poll() is None, "the daemon does not crash"
@@ -604,12 +605,12 @@ def test_a_reply_code_out_of_range_defers_and_the_retry_delivers(tmp_path, sink,
     data = head("odd-code") + b"Subject: odd code\r\n\r\nbody\r\n"
     enqueue(str(q), SENDER, ["odd@dest.test"], data)
     with Daemon(q, relay(sink), "--retry-base=1", "--retry-max=1") as d:
-        wait_until(lambda: "to=<odd@dest.test>" in d.log(), 30, what="the first outcome")
+        wait_for(lambda: "to=<odd@dest.test>" in d.log(), 30, what="the first outcome")
         [first] = outcome_lines(d.log())
         assert "status=deferred (421 4.5.0 protocol error" in first, first
         assert f"malformed reply line b'{code} 6.0.0 what is this'" in first, first
         sink.rcpt_reply = None  # the server is fixed: the retry must deliver
-        wait_until(lambda: sink.messages or os.listdir(q / "corrupt"), 20,
+        wait_for(lambda: sink.messages or os.listdir(q / "corrupt"), 20,
                    what="a retry (delivered) or the message moved to corrupt/")
         assert os.listdir(q / "corrupt") == [], d.log()
         [m] = sink.wait_for_messages(1, timeout=10)

@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.daemon import Daemon, env, queue_list, wait_until
+from tests.support.daemon import Daemon, env, queue_list
+from tests.support.wait import wait_for
 from tests.support.faulty_smtp import DEFAULT_EXTENSIONS, FaultySMTPServer
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -762,7 +763,7 @@ class FaultyProcess:
                 raise AssertionError(f"faulty_smtp exited: {self.log.read_text()}")
             return self.port_file.exists() and self.port_file.read_text().strip()
 
-        self.port = int(wait_until(ready, timeout, what="the faulty server's port file"))
+        self.port = int(wait_for(ready, timeout, what="the faulty server's port file"))
         return self
 
     def events(self, kind: str) -> list[dict]:
@@ -808,7 +809,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
                 return rows[0]
             return None
 
-        row = wait_until(deferred_after_drop, 30,
+        row = wait_for(deferred_after_drop, 30,
                          what=f"the recipient deferred after the drop\n{daemon.log()}")
         assert row["queue_id"] == qid
         [rc] = row["recipients"]
@@ -823,7 +824,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
 
         first.stop()
         second = FaultyProcess(tmp_path, "second", {}, port=first.port).start()
-        wait_until(lambda: queue_list(q) == [], 30,
+        wait_for(lambda: queue_list(q) == [], 30,
                    what=f"the retry to deliver and the queue to empty\n{daemon.log()}")
         delivered = [e for e in second.events("message") if e["reply"] == 250]
         assert len(delivered) == 1, second.events("message")

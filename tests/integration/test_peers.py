@@ -15,13 +15,13 @@ from tests.support.peers import (
     DnsServerProcess,
     free_port,
     parse_smtp_sink_dump,
-    wait_for,
     PemContextFactory,
 )
 from twisted.internet import defer, reactor, task, threads
 from twisted.names import client, dns, error
 from twisted.trial import unittest
 
+from tests.support.wait import wait_for
 from twisted_mailout.testing import loopback
 
 ZONE = {
@@ -328,8 +328,8 @@ def test_free_port_and_wait_for():
         sock.bind(("127.0.0.1", port))
     assert wait_for(lambda: 42, timeout=1) == 42
     started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        wait_for(lambda: None, timeout=0.2)
+    with pytest.raises(TimeoutError, match=r"after 0\.2 s waiting for the answer \(last value: None\)"):
+        wait_for(lambda: None, timeout=0.2, what="the answer")
     assert time.monotonic() - started < 2
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,15 +92,3 @@ def queue_list(queue: str | Path) -> list[dict]:
                           str(queue), "list", "--json"], env=env(), capture_output=True,
                          check=True, timeout=60)
     return json.loads(out.stdout)
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `predicate` until truthy (returned) or `timeout` seconds pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -45,7 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.peers import IN_CI, _stop_process, free_port, wait_for
+from tests.support.peers import IN_CI, _stop_process, free_port
+from tests.support.wait import wait_for
 
 UNBOUND = "/usr/sbin/unbound"
 LDNS_KEYGEN = "/usr/bin/ldns-keygen"
@@ -276,7 +277,7 @@ remote-control:
 
             try:
                 wait_for(up, timeout, interval=0.05,
-                         message=f"unbound ({self.label}) not ready on port {port}")
+                         what=f"unbound ({self.label}) to be ready on port {port}")
             except HarnessError as exc:
                 last = exc
                 self.stop()

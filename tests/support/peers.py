@@ -3,7 +3,6 @@
 Everything here listens on loopback addresses only and every wait is bounded.
 
 * :func:`free_port` -- a currently unused port number on a loopback address;
-* :func:`wait_for` -- bounded polling of a predicate;
 * :class:`DnsServerProcess` -- ``python -m twisted_mailout.testing.loopback dns`` in a subprocess;
 * :class:`AiosmtpdSink` -- an aiosmtpd SMTP receiver in its own thread;
 * :class:`SmtpSink` -- Postfix's ``smtp-sink`` in a subprocess, dumping each message to a file.
@@ -25,13 +24,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
+
+from tests.support.wait import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,33 +57,6 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(family, kind) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    message: str | None = None,
-) -> Any:
-    """Call ``predicate()`` until it returns a truthy value or ``timeout`` passes.
-
-    :param predicate: callable with no arguments; exceptions propagate.
-    :param timeout: maximum time to wait, in seconds.
-    :param interval: pause between calls, in seconds.
-    :param message: text for the TimeoutError (default: the predicate's repr).
-    :return: the first truthy value returned by ``predicate``.
-    :raises TimeoutError: if no call returned a truthy value in time (the
-        predicate is always called at least once, and once more at the deadline).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(message or f"{predicate!r} still false after {timeout} s")
-        time.sleep(min(interval, remaining))
 
 
 def _stop_process(proc: subprocess.Popen, timeout: float = _STOP_TIMEOUT) -> int | None:
@@ -193,7 +166,7 @@ class DnsServerProcess:
             return None
 
         try:
-            self.port = wait_for(ready, timeout, message="loopback dns wrote no port file")
+            self.port = wait_for(ready, timeout, what="the loopback DNS server's port file")
         except BaseException:
             self.stop()
             raise
@@ -403,7 +376,7 @@ class AiosmtpdSink:
         return wait_for(
             lambda: len(self.messages) >= count and self.messages,
             timeout,
-            message=f"aiosmtpd sink: fewer than {count} messages after {timeout} s",
+            what=f"{count} messages at the aiosmtpd sink",
         )
 
     def __enter__(self) -> Self:
@@ -637,7 +610,7 @@ class SmtpSink:
                     return True
 
             try:
-                wait_for(ready, timeout, message=f"smtp-sink did not listen on {address}")
+                wait_for(ready, timeout, what=f"smtp-sink to listen on {address}")
             except RuntimeError as exc:
                 last_error = exc
                 if self._requested_port:
@@ -727,9 +700,7 @@ class SmtpSink:
             found = self.messages()
             return found if len(found) >= count else None
 
-        return wait_for(
-            enough, timeout, message=f"smtp-sink: fewer than {count} messages after {timeout} s"
-        )
+        return wait_for(enough, timeout, what=f"{count} messages at smtp-sink")
 
     def clear(self) -> None:
         """Delete the completed dump files."""

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.peers import IN_CI, free_port, wait_for
+from tests.support.peers import IN_CI, free_port
+from tests.support.wait import wait_for
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -863,8 +864,11 @@ master_service_disable =
                 except OSError:
                     return False
 
-            wait_for(greets, timeout, interval=0.2,
-                     message=f"postfix smtpd did not greet on {self.port}:\n{self.log()}")
+            try:
+                wait_for(greets, timeout, interval=0.2,
+                         what=f"postfix smtpd to greet on port {self.port}")
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}\n{self.log()}") from None
         except BaseException:
             self.stop()
             raise
@@ -883,10 +887,9 @@ master_service_disable =
                 pass
             self._started = False
         if pid is not None:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.1)
-            if _alive(pid):
+            try:
+                wait_for(lambda: not _alive(pid), timeout, what=f"postfix master {pid} to exit")
+            except TimeoutError:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:

@@ -15,7 +15,8 @@ from collections import Counter
 
 from tests.support.peers import AiosmtpdSink
 
-from tests.support.daemon import Daemon, queue_list, wait_until
+from tests.support.daemon import Daemon, queue_list
+from tests.support.wait import wait_for
 from twisted_mailout.queue.store import Queue
 
 MAX_CONNECTIONS = 5
@@ -68,7 +69,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                        log=tmp_path / f"run{kills}.log").start()
             if kills >= 12 or not queued_ids(q):
                 try:
-                    wait_until(lambda: not queued_ids(q), 120, what="an empty queue")
+                    wait_for(lambda: not queued_ids(q), 120, what="an empty queue")
                 finally:
                     d.stop()
                 break

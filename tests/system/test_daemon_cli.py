@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import ROOT, Daemon, env, queue_list, wait_until
+from tests.support.daemon import ROOT, Daemon, env, queue_list
+from tests.support.wait import wait_for
 
 CLI = [sys.executable, "-m", "twisted_mailout.daemon.cli"]
 
@@ -107,7 +108,7 @@ def wait_started(d: Daemon, timeout: float = 30) -> None:
                 f"log:\n{d.log()}")
         return "messages recovered" in d.log()
 
-    wait_until(started, timeout, what=f"daemon on {d.queue} to start\n{d.log()}")
+    wait_for(started, timeout, what=f"daemon on {d.queue} to start\n{d.log()}")
 
 
 @pytest.fixture
@@ -323,7 +324,7 @@ def test_queue_list_after_a_run_shows_delivered_and_deferred(tmp_path, sink, dae
                 return rows[0]
         return None
 
-    row = wait_until(deferred_row, 30, what=f"one delivered, one deferred recipient\n{d.log()}")
+    row = wait_for(deferred_row, 30, what=f"one delivered, one deferred recipient\n{d.log()}")
     [got] = sink.wait_for_messages(1, timeout=10)
     assert got["mail_from"] == SENDER and got["rcpt_tos"] == ["ok@example.org"]
     assert [x["rcpt"] for x in sink.refused] == ["later@example.net"]
@@ -385,7 +386,7 @@ def test_second_daemon_on_the_same_queue_refuses_to_start(tmp_path, sink, daemon
     assert r.returncode == 0, r.stderr
     [got] = sink.wait_for_messages(1, timeout=30)
     assert got["rcpt_tos"] == ["rcpt@example.org"]
-    wait_until(lambda: queue_list(q) == [], 30, what="the message to leave the queue")
+    wait_for(lambda: queue_list(q) == [], 30, what="the message to leave the queue")
     assert first.proc.poll() is None
 
 
@@ -423,7 +424,7 @@ def test_sigterm_stops_cleanly_releases_lock_and_restart_delivers(tmp_path, sink
     second = daemons(q, f"--relay=127.0.0.1:{sink.port}", log=tmp_path / "second.log")
     msgs = sink.wait_for_messages(2, timeout=30)
     assert msgs[1]["rcpt_tos"] == ["two@example.org"]
-    wait_until(lambda: queue_list(q) == [], 30, what="the queue to empty")
+    wait_for(lambda: queue_list(q) == [], 30, what="the queue to empty")
     assert_clean_stop(second, second.stop())
 
 
@@ -492,12 +493,12 @@ def test_zope_and_repoze_queue_files_are_drained(tmp_path, aiosmtpd_sink, daemon
     assert repoze["rcpt_tos"] == repoze_to
     assert repoze["data"] == crlf(expected_repoze)
 
-    wait_until(lambda: corrupt_name in files_in(q / "corrupt"), 30,
+    wait_for(lambda: corrupt_name in files_in(q / "corrupt"), 30,
                what=f"{corrupt_name} in corrupt/\n{d.log()}")
     assert (q / "corrupt" / corrupt_name).read_bytes() == b"Subject: no envelope at all\n\nlost\n"
-    wait_until(lambda: queue_list(q) == [] and files_in(q / "new") == [], 30,
+    wait_for(lambda: queue_list(q) == [] and files_in(q / "new") == [], 30,
                what="the queue to empty")
-    wait_until(lambda: corrupt_name in d.log(), 10, what="the log to name the corrupt file")
+    wait_for(lambda: corrupt_name in d.log(), 10, what="the log to name the corrupt file")
     line = next(x for x in d.log().splitlines() if corrupt_name in x)
     assert "corrupt" in line and "envelope" in line, line
     assert len(sink.messages) == 2

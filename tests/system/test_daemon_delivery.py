@@ -11,7 +11,8 @@ import time
 import pytest
 from tests.support.peers import AiosmtpdSink, free_port
 
-from tests.support.daemon import Daemon, queue_list, wait_until
+from tests.support.daemon import Daemon, queue_list
+from tests.support.wait import wait_for
 from twisted_mailout import enqueue
 
 
@@ -85,7 +86,7 @@ def test_thousand_messages_three_domains_first_mx_of_one_down(tmp_path, dns_serv
     try:
         t1 = time.monotonic()
         d.start()
-        wait_until(lambda: len(received(sinks)) >= 1000, 180, what="1000 messages")
+        wait_for(lambda: len(received(sinks)) >= 1000, 180, what="1000 messages")
         elapsed = time.monotonic() - t1
         got = received(sinks)
         assert len(got) == 1000, "no duplicates"
@@ -96,7 +97,7 @@ def test_thousand_messages_three_domains_first_mx_of_one_down(tmp_path, dns_serv
             assert sorted(m["rcpt_tos"]) == sorted(rcpts)
         by_host = {name: len(s.messages) for name, s in sinks.items()}
         assert by_host == {"mx1.one.test": 334, "mx.two.test": 333, "mx.three.test": 333}
-        wait_until(lambda: queue_list(q) == [], 30, what="an empty queue")
+        wait_for(lambda: queue_list(q) == [], 30, what="an empty queue")
         log = d.log()
         assert log.count("status=sent") == 1100
         assert "dead.one.test[127.0.0.9]" in log  # it was tried, and the backup took the mail
@@ -129,7 +130,7 @@ def test_accepted_refused_and_deferred_recipients_and_the_bounce(tmp_path, dns_s
     d = Daemon(q, f"--resolver=127.0.0.1:{dns}", f"--mx-port={port}")
     try:
         d.start()
-        bounce = wait_until(lambda: sinks["mx.origin.test"].messages, 60, what="the bounce")[0]
+        bounce = wait_for(lambda: sinks["mx.origin.test"].messages, 60, what="the bounce")[0]
         delivered = sinks["mx.dest.test"].messages
         assert [m["rcpt_tos"] for m in delivered] == [["ok@dest.test"]]
         assert delivered[0]["data"] == data
@@ -147,7 +148,7 @@ def test_accepted_refused_and_deferred_recipients_and_the_bounce(tmp_path, dns_s
         headers = report.get_payload()[2].get_payload()
         assert message_id(data) in headers
         # the queue keeps the message for the deferred recipient, with its state
-        entries = wait_until(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)
+        entries = wait_for(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)
         states = {r["address"]: r for r in entries[0]["recipients"]}
         assert states["ok@dest.test"]["state"] == "delivered"
         assert states["refused@dest.test"]["state"] == "bounced"
@@ -205,7 +206,7 @@ def test_ipv6_mx_host(tmp_path, dns_server):
         d.start()
         [m] = sink.wait_for_messages(1, timeout=30)
         assert m["data"] == data
-        assert f"relay=mx.six.test[::1]:{sink.port}" in wait_until(
+        assert f"relay=mx.six.test[::1]:{sink.port}" in wait_for(
             lambda: "status=sent" in d.log() and d.log(), 10)
     finally:
         d.stop()
@@ -225,7 +226,7 @@ def test_null_mx_and_nxdomain_bounce_at_once_servfail_defers(tmp_path, dns_serve
     d = Daemon(q, f"--resolver=127.0.0.1:{dns}", f"--mx-port={port}")
     try:
         d.start()
-        [bounce] = wait_until(lambda: sinks["mx.origin.test"].messages, 30, what="the bounce")
+        [bounce] = wait_for(lambda: sinks["mx.origin.test"].messages, 30, what="the bounce")
         blocks = email.message_from_bytes(bounce["data"]).get_payload()[1].get_payload()
         got = {b["Final-Recipient"]: b["Status"] for b in blocks[1:]}
         assert got == {"rfc822; a@nullmx.test": "5.1.10", "rfc822; b@nowhere.test": "5.1.2"}
@@ -249,7 +250,7 @@ def test_sigterm_redelivers_nothing_lost(tmp_path, sig):
     try:
         d = Daemon(q, f"--relay=127.0.0.1:{sink.port}", "--max-connections=2",
                    log=tmp_path / "a.log").start()
-        wait_until(lambda: len(sink.messages) >= 50, 60, interval=0.005)
+        wait_for(lambda: len(sink.messages) >= 50, 60, interval=0.005)
         d.signal(sig)
         # twistd re-raises the signal once shut down, as daemons conventionally do
         assert d.proc.wait(30) in (0, -sig)
@@ -257,7 +258,7 @@ def test_sigterm_redelivers_nothing_lost(tmp_path, sig):
         assert "mailout stopped" in d.log() and "Server Shut Down" in d.log()
         d2 = Daemon(q, f"--relay=127.0.0.1:{sink.port}", log=tmp_path / "b.log").start()
         try:
-            wait_until(lambda: {message_id(m["data"]) for m in sink.messages} >= ids, 60)
+            wait_for(lambda: {message_id(m["data"]) for m in sink.messages} >= ids, 60)
         finally:
             d2.stop()
         got = [message_id(m["data"]) for m in sink.messages]

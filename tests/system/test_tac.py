@@ -6,7 +6,8 @@ import sys
 
 from tests.support.peers import AiosmtpdSink
 
-from tests.support.daemon import ROOT, env, queue_list, wait_until
+from tests.support.daemon import ROOT, env, queue_list
+from tests.support.wait import wait_for
 from twisted_mailout import enqueue
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -44,7 +45,7 @@ def test_mailout_tac_delivers_the_queue(tmp_path):
     try:
         [m] = sink.wait_for_messages(1, timeout=30)
         assert m["rcpt_tos"] == ["bob@example.org"]
-        wait_until(lambda: queue_list(q) == [], 20, what="an empty queue")
+        wait_for(lambda: queue_list(q) == [], 20, what="an empty queue")
     finally:
         p.terminate()
         p.wait(30)
