@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import idna
 
+from twisted_mailout.errors import AddressError
+
 __all__ = [
     "FINAL_STATES",
     "Address",
@@ -25,10 +27,6 @@ __all__ = [
     "parse_address",
     "parse_sender",
 ]
-
-
-class AddressError(ValueError):
-    """An address that is not a valid RFC 5321 mailbox (or null reverse-path)."""
 
 
 # RFC 5321 4.1.2: atext of RFC 5322 3.2.3; RFC 6531 3.3 adds UTF8-non-ascii.

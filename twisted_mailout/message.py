@@ -15,6 +15,8 @@ from email.errors import HeaderParseError, InvalidHeaderDefect
 from email.header import decode_header, make_header
 from email.headerregistry import Address, HeaderRegistry
 
+from twisted_mailout.errors import MessageError
+
 __all__ = [
     "MessageError",
     "coerce_message",
@@ -27,10 +29,6 @@ __all__ = [
     "remove_headers",
     "split_headers",
 ]
-
-
-class MessageError(ValueError):
-    """A message that cannot be queued (empty, not bytes, ...)."""
 
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted_mailout.api import DeliveryReport, RecipientResult
 from twisted_mailout.envelope import AddressError, Reply, parse_sender
+from twisted_mailout.errors import DeliveryError
 from twisted_mailout.message import MessageError, coerce_message, prepare_message
 from twisted_mailout.queue.store import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
 
@@ -65,23 +66,6 @@ __all__ = [
 ]
 
 TLS_CHOICES = ("none", "may", "encrypt", "verify", "secure")
-
-
-class DeliveryError(Exception):
-    """A synchronous delivery could not take the message.
-
-    @ivar status: C{"deferred"} (temporary: trying again later may work) or
-        C{"bounced"} (permanent).
-    @ivar reply: the L{Reply} (an SMTP-style code and text; made locally,
-        e.g. from a sendmail exit status).
-    @ivar recipients: the envelope recipients it concerns.
-    """
-
-    def __init__(self, reply: Reply, recipients=(), status: str | None = None):
-        self.reply = reply
-        self.recipients = list(recipients)
-        self.status = status or ("bounced" if reply.is_permanent else "deferred")
-        super().__init__(f"{self.status}: {reply.one_line()}")
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,11 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
 from twisted_mailout.routing.router import parse_hostport, parse_relay
 from twisted_mailout.smtp.protocol import TLS_LEVELS, Timeouts
 
 __all__ = ["Config", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says which."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
+from twisted_mailout.errors import QueueError, QueueLocked
+
 from twisted_mailout.envelope import (
     FINAL_STATES,
     AddressError,
@@ -58,14 +60,6 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 log = Logger()
-
-
-class QueueError(Exception):
-    """The queue folder cannot be used (missing, not writable, disk full...)."""
-
-
-class QueueLocked(QueueError):
-    """Another daemon already works on this queue folder."""
 
 
 @dataclass(frozen=True, slots=True)
