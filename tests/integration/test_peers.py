@@ -381,6 +381,27 @@ def test_aiosmtpd_sink_greeting_reply_and_close(aiosmtpd_sink):
     assert sink.messages == []
 
 
+def test_aiosmtpd_sink_counts_a_session_until_the_client_is_gone(aiosmtpd_sink):
+    """open_sessions counts a connection from accept until aiosmtpd is done
+    with it; wait_idle returns once a client that left without QUIT is
+    finished with, and its message is then recorded."""
+    sink = aiosmtpd_sink()
+    sink.wait_idle(timeout=10)  # the controller's own start-up probe
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=5) as conn:
+        replies = conn.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        assert sink.open_sessions == 1
+        conn.sendall(b"HELO client.test\r\nMAIL FROM:<s@example.org>\r\n"
+                     b"RCPT TO:<r@example.test>\r\nDATA\r\n")
+        assert [replies.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        conn.sendall(b"Subject: left without QUIT\r\n\r\nbody\r\n.\r\n")
+        assert replies.readline().startswith(b"250")
+        replies.close()
+    [msg] = sink.wait_idle(timeout=10)
+    assert sink.open_sessions == 0
+    assert msg["data"] == b"Subject: left without QUIT\r\n\r\nbody\r\n"
+
+
 def test_aiosmtpd_sink_ipv6():
     try:
         free_port("::1")

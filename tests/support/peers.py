@@ -199,6 +199,15 @@ def _make_aiosmtpd_classes():
             super().__init__(*args, **kwargs)
             self._sink = sink
 
+        def connection_made(self, transport: Any) -> None:
+            # Called once per connection (and again after STARTTLS, with the
+            # same session task): count the session until its task is done.
+            task_before = self._handler_coroutine
+            super().connection_made(transport)
+            task = self._handler_coroutine
+            if task is not None and task is not task_before:
+                self._sink._session_started(task)
+
         async def _handle_client(self) -> None:
             # Override of aiosmtpd's per-connection coroutine (private in 1.4) to
             # replace the 220 greeting.
@@ -301,6 +310,7 @@ class AiosmtpdSink:
         self._lock = threading.Lock()
         self._messages: list[dict[str, Any]] = []
         self._refused: list[dict[str, Any]] = []
+        self._open_sessions = 0
         self._controller: Any = None
 
     @property
@@ -308,6 +318,44 @@ class AiosmtpdSink:
         """A copy of the list of received messages (thread-safe)."""
         with self._lock:
             return list(self._messages)
+
+    @property
+    def open_sessions(self) -> int:
+        """How many SMTP sessions are still being served (int).
+
+        A session counts from the moment the server accepts its connection
+        until aiosmtpd's task for it is finished: after the client closed or
+        reset the connection, every command it had sent has then been handled
+        or dropped, and nothing more from it can reach C{messages}.
+        """
+        with self._lock:
+            return self._open_sessions
+
+    def _session_started(self, task: Any) -> None:
+        """Count C{task} (aiosmtpd's asyncio task for one session) until it is done."""
+        with self._lock:
+            self._open_sessions += 1
+        task.add_done_callback(self._session_ended)
+
+    def _session_ended(self, task: Any) -> None:
+        with self._lock:
+            self._open_sessions -= 1
+
+    def wait_idle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until no session is being served; return C{messages}.
+
+        The positive signal that a client which went away (closed, killed)
+        has nothing left in the server's hands: every byte it had sent has
+        been read and handled, or dropped with its session. A client that
+        keeps a connection open keeps this waiting.
+
+        @param timeout: the longest wait, in seconds.
+        @return: the received messages at that moment (list of dicts).
+        @raise TimeoutError: a session was still open after C{timeout} seconds.
+        """
+        wait_for(lambda: self.open_sessions == 0, timeout,
+                 what=f"every session at the aiosmtpd sink on port {self.port} to end")
+        return self.messages
 
     @property
     def refused(self) -> list[dict[str, Any]]:
