@@ -12,7 +12,7 @@ from twisted_mailout.message import coerce_message, prepare_message
 from twisted_mailout.queue.store import enqueue
 from twisted_mailout.smtp.auth import Credentials
 from twisted_mailout.routing.router import parse_relay
-from twisted_mailout.smtp.protocol import TLS_LEVELS
+from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
 
 __all__ = ["DeliveryReport", "RecipientResult", "close_connections", "enqueue", "sendmail"]
 

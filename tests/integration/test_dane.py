@@ -263,7 +263,7 @@ class ResolverTests(HarnessCase):
     async def test_bogus_is_an_error(self):
         calls = (lambda r: r.tlsa("bogus.example.test"), lambda r: r.mx("bogusmx.example.test"))
         for call in calls:
-            with self.assertRaises(dane.DNSLookupError) as cm:
+            with self.assertRaises(dane.DNSSECLookupError) as cm:
                 await call(self.resolver())
             self.assertEqual(cm.exception.rcode, dns.ESERVER)
             self.assertIn("SERVFAIL", str(cm.exception))
@@ -304,7 +304,7 @@ class ResolverTests(HarnessCase):
         self.addCleanup(silent.close)
         dead = ("127.0.0.1", silent.getsockname()[1])
         start = reactor.seconds()
-        with self.assertRaises(dane.DNSLookupError) as cm:
+        with self.assertRaises(dane.DNSSECLookupError) as cm:
             await dane.DNSSECResolver(reactor, [dead], timeout=0.3).tlsa("mx.example.test")
         self.assertIsNone(cm.exception.rcode)
         self.assertIn("no answer", str(cm.exception))
@@ -316,7 +316,7 @@ class ResolverTests(HarnessCase):
     @inline
     async def test_nothing_leaves_loopback(self):
         # Names outside the test zones: the root stub refuses, Unbound SERVFAILs.
-        with self.assertRaises(dane.DNSLookupError) as cm:
+        with self.assertRaises(dane.DNSSECLookupError) as cm:
             await self.resolver().query("www.example.com", dns.A)
         self.assertEqual(cm.exception.rcode, dns.ESERVER)
 
@@ -366,7 +366,7 @@ class PolicyTests(HarnessCase):
 
     @inline
     async def test_bogus_tlsa_fails_the_host(self):
-        with self.assertRaises(dane.DNSLookupError):
+        with self.assertRaises(dane.DNSSECLookupError):
             await self.policy("bogus.example.test")
 
 

@@ -16,8 +16,8 @@ from twisted.trial import unittest
 import twisted_mailout
 from twisted_mailout.testing.loopback import start_dns_server
 from twisted_mailout.tls.mtasts import MTASTS
-from twisted_mailout.routing.router import make_resolver
-from twisted_mailout.smtp.protocol import load_trust_root
+from twisted_mailout.routing.resolver import make_resolver
+from twisted_mailout.tls.creators import load_trust_root
 
 MSG = b"Subject: sts\r\n\r\nunder MTA-STS\r\n"
 

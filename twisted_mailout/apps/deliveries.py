@@ -40,6 +40,7 @@ from twisted_mailout.envelope import AddressError, Reply, parse_sender
 from twisted_mailout.errors import DeliveryError
 from twisted_mailout.message import MessageError, coerce_message, prepare_message
 from twisted_mailout.queue.store import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
+from twisted_mailout.tls.levels import LEVELS
 
 __all__ = [
     "ConsoleDelivery",
@@ -65,7 +66,8 @@ __all__ = [
     "sysexit_reply",
 ]
 
-TLS_CHOICES = ("none", "may", "encrypt", "verify", "secure")
+#: The TLS levels a delivery accepts: the one list (it used to lack dane, dane-only).
+TLS_CHOICES = LEVELS
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
 from twisted_mailout.routing.router import parse_hostport, parse_relay
-from twisted_mailout.smtp.protocol import TLS_LEVELS, Timeouts
+from twisted_mailout.smtp.protocol import Timeouts
+from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
 
 __all__ = ["Config", "ConfigError"]
 

@@ -14,7 +14,7 @@ from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, thread_io
-from twisted_mailout.smtp.protocol import load_trust_root
+from twisted_mailout.tls.creators import load_trust_root
 
 __all__ = ["DeliveryService", "build_connector", "makeService"]
 

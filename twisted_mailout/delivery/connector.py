@@ -17,8 +17,9 @@ from twisted.logger import Logger
 
 from twisted_mailout.envelope import Reply
 from twisted_mailout.routing.router import NextHop, RouteError
-from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts, opportunistic_tls
-from twisted_mailout.tls.policy import PolicyTable, TLSPolicy, name_checking_tls
+from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts
+from twisted_mailout.tls.creators import name_checking_tls, opportunistic_tls
+from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
 
 __all__ = ["Attempt", "Connector", "ConnectorSettings"]
 
@@ -487,11 +488,11 @@ class Connector:
 
     async def _mx_secure(self, key: str, policy: TLSPolicy) -> bool:
         """Whether the MX RRset of C{key} (or its secure absence) validated."""
-        from twisted_mailout.tls.dane import DNSLookupError
+        from twisted_mailout.tls.dane import DNSSECLookupError
 
         try:
             lookup = await self.settings.dane.mx(key)
-        except DNSLookupError as e:
+        except DNSSECLookupError as e:
             # A bogus MX RRset is an attack or a broken zone: never fall back.
             raise SessionError(Reply(451, f"4.7.5 DNSSEC validation of the MX records of "
                                      f"{key} failed: {e}", local=True), "dane") from None
@@ -509,7 +510,7 @@ class Connector:
             try:
                 dp = await dane.host_policy(self.settings.dane, hop.host, port=hop.port,
                                             mx_secure=True, domain=domain)
-            except dane.DNSLookupError as e:
+            except dane.DNSSECLookupError as e:
                 _tlsrpt(("tlsa", (), ()), domain, hop.host, None, "dnssec-invalid", str(e))
                 raise SessionError(Reply(451, f"4.7.5 DNSSEC lookup for {hop.host} failed: {e}",
                                          local=True), "dane") from None

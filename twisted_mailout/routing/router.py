@@ -18,6 +18,16 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 
 from twisted_mailout.envelope import Reply
+from twisted_mailout.routing.resolver import (
+    TTLCache,
+    follow_cnames,
+    lookup_addresses,
+    make_resolver,
+    negative_ttl,
+    normalise_name,
+    parse_hostport,
+    system_nameservers,
+)
 
 __all__ = [
     "MXRouter",
@@ -27,6 +37,7 @@ __all__ = [
     "make_resolver",
     "parse_hostport",
     "parse_relay",
+    "system_nameservers",
 ]
 
 log = Logger()
@@ -69,31 +80,6 @@ def _perm(code: int, text: str) -> RouteError:
     return RouteError(Reply(code, text, local=True))
 
 
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """Parse C{"HOST"}, C{"HOST:PORT"}, C{"[v6]:PORT"} or a bare IPv6 address.
-
-    @return: C{(host, port)}.
-    @raise ValueError: empty host or a port outside 1..65535.
-    """
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    try:
-        p = int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    if not 0 < p < 65536:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, p
-
-
 def parse_relay(text: str) -> tuple[str, int, bool]:
     """Parse a C{--relay} value: C{HOST[:PORT]} or C{[HOST]:PORT} (STARTTLS,
     port 25 by default), C{smtp://HOST[:PORT]} (port 587 by default, RFC 6409),
@@ -118,90 +104,6 @@ def parse_relay(text: str) -> tuple[str, int, bool]:
     return host, port, scheme == "smtps"
 
 
-def make_resolver(servers: list[str] | None, reactor, timeout=(1, 3, 11),
-                  resolv_conf: str = "/etc/resolv.conf", hosts_file: str = "/etc/hosts"):
-    """A C{twisted.names} resolver.
-
-    @param servers: C{["HOST[:PORT]", ...]} (IPv4 addresses): only these are
-        asked; neither resolv.conf nor the hosts file is read. L{None} or
-        empty: the hosts file, then the IPv4 name servers of resolv.conf, read
-        once now (127.0.0.1 when it names none).
-    @param timeout: per-try timeouts in seconds; the query fails after their sum.
-    @return: an C{IResolver}.
-    @raise ValueError: a malformed server.
-    """
-    from twisted.names import client, hosts, resolve
-
-    if servers:
-        parsed = []
-        for s in servers:
-            host, port = parse_hostport(s, 53)
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                raise ValueError(f"resolver {s!r} must be an IPv4 address") from None
-            parsed.append((host, port))
-        return client.Resolver(servers=parsed, reactor=reactor, timeout=timeout)
-    return resolve.ResolverChain([
-        hosts.Resolver(hosts_file.encode()),
-        client.Resolver(servers=system_nameservers(resolv_conf), reactor=reactor,
-                        timeout=timeout),
-    ])
-
-
-def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
-    """The IPv4 C{nameserver} entries of resolv.conf(5), as C{(host, 53)};
-    C{[("127.0.0.1", 53)]} when there are none or the file is unreadable
-    (the resolver library's own default)."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver":
-                    try:
-                        ipaddress.IPv4Address(parts[1])
-                    except ValueError:
-                        continue
-                    out.append((parts[1], 53))
-    except OSError:
-        pass
-    return out or [("127.0.0.1", 53)]
-
-
-def _name(n) -> str:
-    return str(n).rstrip(".").lower()
-
-
-def _follow(answers, qname: str, rtype: int) -> tuple[list, int | None]:
-    """Records of C{rtype} for C{qname} in C{answers}, following CNAMEs.
-
-    @return: C{(records, min_ttl)}.
-    """
-    names = {qname}
-    ttls = []
-    changed = True
-    while changed:
-        changed = False
-        for rr in answers:
-            if rr.type == dns.CNAME and _name(rr.name) in names:
-                target = _name(rr.payload.name)
-                if target not in names:
-                    names.add(target)
-                    ttls.append(rr.ttl)
-                    changed = True
-    out = [rr for rr in answers if rr.type == rtype and _name(rr.name) in names]
-    ttls.extend(rr.ttl for rr in out)
-    return out, (min(ttls) if ttls else None)
-
-
-def _negative_ttl(authority) -> int:
-    for rr in authority:
-        if rr.type == dns.SOA:
-            return min(rr.ttl, rr.payload.minimum)
-    return 60
-
-
 def _dns_error(f, what: str) -> RouteError:
     """Map a twisted.names failure to a RouteError."""
     if f.check(dnserror.DNSNameError):
@@ -215,37 +117,6 @@ def _dns_error(f, what: str) -> RouteError:
     if f.check(dnserror.DomainError):
         return _temp(f"4.4.3 {what}: DNS error {f.value.__class__.__name__}, will retry")
     return _temp(f"4.4.3 {what}: DNS lookup failed: {f.getErrorMessage()}")
-
-
-class _TTLCache:
-    """C{key -> value} entries that expire by the clock."""
-
-    def __init__(self, clock, max_ttl: float, max_entries: int = 10000):
-        self.clock = clock
-        self.max_ttl = max_ttl
-        self.max_entries = max_entries
-        self._d: dict = {}
-
-    def get(self, key):
-        hit = self._d.get(key)
-        if hit is None:
-            return None
-        expires, value = hit
-        if self.clock.seconds() >= expires:
-            del self._d[key]
-            return None
-        return value
-
-    def put(self, key, value, ttl: float):
-        if ttl <= 0:
-            return
-        if len(self._d) >= self.max_entries:
-            now = self.clock.seconds()
-            for k in [k for k, (e, _) in self._d.items() if e <= now]:
-                del self._d[k]
-            if len(self._d) >= self.max_entries:
-                self._d.pop(next(iter(self._d)))
-        self._d[key] = (self.clock.seconds() + min(ttl, self.max_ttl), value)
 
 
 class MXRouter:
@@ -266,8 +137,8 @@ class MXRouter:
         self.clock = clock
         self.port = port
         self.rng = rng or _random.Random()
-        self._mx_cache = _TTLCache(clock, max_ttl)
-        self._addr_cache = _TTLCache(clock, max_ttl)
+        self._mx_cache = TTLCache(clock, max_ttl)
+        self._addr_cache = TTLCache(clock, max_ttl)
 
     def route(self, domain: str) -> defer.Deferred:
         """The hosts to try for C{domain}, in order.
@@ -294,10 +165,12 @@ class MXRouter:
                 answers, authority, _ = await self.resolver.lookupMailExchange(domain)
             except Exception:  # noqa: BLE001 - every DNS failure maps to a reply
                 raise _dns_error(Failure(), f"MX lookup for {domain}") from None
-            records, ttl = _follow(answers, domain, dns.MX)
-            mx = sorted({(rr.payload.preference, _name(rr.payload.name)) for rr in records})
+            chain = follow_cnames(answers, domain, dns.MX)
+            mx = sorted({(rr.payload.preference, normalise_name(rr.payload.name))
+                         for rr in chain.records})
             cached = mx
-            self._mx_cache.put(domain, mx, ttl if records else _negative_ttl(authority))
+            self._mx_cache.put(domain, mx, chain.ttl if chain.records and chain.ttl is not None
+                               else negative_ttl(authority))
         mx = cached
         if not mx:
             return [NextHop(domain, self.port, None, True)]
@@ -335,27 +208,13 @@ class MXRouter:
         cached = self._addr_cache.get(host)
         if cached is not None:
             return cached
-        results = await defer.DeferredList(
-            [self.resolver.lookupAddress(host), self.resolver.lookupIPV6Address(host)],
-            consumeErrors=True,
-        )
-        addrs: list[str] = []
-        ttls = []
-        failures = []
-        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA), strict=True):
-            if not ok:
-                failures.append(res)
-                continue
-            answers, authority, _ = res
-            records, ttl = _follow(answers, host, rtype)
-            ttls.append(ttl if records else _negative_ttl(authority))
-            addrs.extend(rr.payload.dottedQuad() if rtype == dns.A else
-                         str(ipaddress.IPv6Address(rr.payload.address)) for rr in records)
-        if addrs:
-            self._addr_cache.put(host, addrs, min(t for t in ttls if t is not None))
-            return addrs
-        if failures:
-            err = _dns_error(failures[0], f"address lookup for {host}")
+        answer = await lookup_addresses(self.resolver, host)
+        if answer.addresses:
+            if answer.ttl is not None:
+                self._addr_cache.put(host, answer.addresses, answer.ttl)
+            return answer.addresses
+        if answer.failures:
+            err = _dns_error(answer.failures[0], f"address lookup for {host}")
             if hop.implicit or not err.reply.is_permanent:
                 raise err
             raise _temp(f"4.4.4 MX host {host} does not exist (NXDOMAIN), will retry")

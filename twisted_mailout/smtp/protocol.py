@@ -15,14 +15,16 @@ from collections import deque
 from dataclasses import dataclass
 
 from OpenSSL import SSL
-from twisted.internet import defer, error, interfaces, protocol, ssl
+from twisted.internet import defer, error, interfaces, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mailout.smtp import auth as _auth
 from twisted_mailout.envelope import Reply
-from twisted_mailout.tls.policy import LEVELS, REQUIRED, CertificateError, _is_ip
+from twisted_mailout.tls.creators import opportunistic_tls
+from twisted_mailout.tls.errors import CertificateVerifyError
+from twisted_mailout.tls.levels import LEVELS, REQUIRED
 
 __all__ = [
     "TLS_LEVELS",
@@ -31,11 +33,9 @@ __all__ = [
     "SessionError",
     "Timeouts",
     "TransactionResult",
-    "opportunistic_tls",
-    "verified_tls",
 ]
 
-TLS_LEVELS = LEVELS
+TLS_LEVELS = LEVELS  # the one list, twisted_mailout.tls.levels
 
 MAX_LINE = 4096  # bytes in one reply line (RFC 5321 4.5.3.1.5 says 512; be lenient)
 MAX_REPLY_LINES = 200  # lines in one multi-line reply
@@ -154,75 +154,6 @@ def encode_data(message: bytes) -> bytes:
     """The whole DATA payload for C{message}, terminating dot included."""
     s = DotStuffer()
     return s.feed(message) + s.finish()
-
-
-@implementer(interfaces.IOpenSSLClientConnectionCreator)
-class _UnverifiedTLS:
-    """TLS without certificate checks (levels C{may} and C{encrypt}), TLS 1.2
-    or newer, SNI set to the host name."""
-
-    def __init__(self, hostname: str | None):
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
-        ctx.set_options(SSL.OP_NO_COMPRESSION)
-        self._ctx = ctx
-        self._sni = None
-        if hostname and not _is_ip(hostname):
-            self._sni = hostname.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol):
-        conn = SSL.Connection(self._ctx, None)
-        conn.set_app_data(tlsProtocol)
-        if self._sni:
-            conn.set_tlsext_host_name(self._sni)
-        conn.set_connect_state()
-        return conn
-
-
-def opportunistic_tls(hostname: str | None):
-    """A TLS connection creator that encrypts but checks no certificate.
-
-    @param hostname: sent as SNI when it is a name.
-    @return: an C{IOpenSSLClientConnectionCreator}.
-    """
-    return _UnverifiedTLS(hostname)
-
-
-def load_trust_root(cafile: str | None):
-    """The trust root for C{verify}: the certificates in C{cafile} (PEM,
-    one or more), or the platform's store when L{None}.
-
-    @raise ValueError: C{cafile} holds no certificate.
-    @raise OSError: C{cafile} cannot be read.
-    """
-    if cafile is None:
-        return ssl.platformTrust()
-    with open(cafile, "rb") as f:
-        pem = f.read()
-    certs = []
-    marker = b"-----END CERTIFICATE-----"
-    for part in pem.split(marker):
-        if b"-----BEGIN CERTIFICATE-----" in part:
-            certs.append(ssl.Certificate.loadPEM(part[part.index(b"-----BEGIN"):] + marker + b"\n"))
-    if not certs:
-        raise ValueError(f"{cafile} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certs)
-
-
-def verified_tls(hostname: str, trust_root):
-    """A TLS connection creator that checks the chain against C{trust_root}
-    and the name with service_identity (RFC 6125), TLS 1.2 or newer.
-
-    @param hostname: the MX or relay host name the certificate must match.
-    @param trust_root: from L{load_trust_root}.
-    @return: an C{IOpenSSLClientConnectionCreator}.
-    """
-    return ssl.optionsForClientTLS(
-        hostname,
-        trustRoot=trust_root,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-    )
 
 
 def _local(code: int, text: str) -> Reply:
@@ -441,7 +372,7 @@ class ESMTPSession(protocol.Protocol):
             v = reason.value
             if isinstance(v, SSL.Error):
                 detail, status, what = f"TLS failure: {_ssl_text(v)}", "4.7.5", "tls"
-            elif isinstance(v, CertificateError):
+            elif isinstance(v, CertificateVerifyError):
                 detail, status, what = f"TLS failure: {v}", "4.7.5", "tls"
             elif type(v).__name__ == "VerificationError":  # service_identity
                 detail = f"TLS failure: certificate does not match {self.hostname}: {v}"

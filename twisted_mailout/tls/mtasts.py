@@ -7,13 +7,15 @@ C{https://mta-sts.<domain>/.well-known/mta-sts.txt} (3.2, 3.3) over verified
 HTTPS with treq.  Policies are cached for their C{max_age} in memory and as
 JSON files (one per domain) in a folder, so a restart keeps them (5.1).
 
-Name resolution: C{mta-sts.<domain>} is resolved with A then AAAA queries
-through the same C{twisted.names} resolver (never C{getaddrinfo}), and the
-HTTPS client (a C{twisted.web.client.Agent} with our own endpoint factory)
-connects to those IP addresses with C{TCP4ClientEndpoint} /
-C{TCP6ClientEndpoint}, TLS wrapped around them with
-C{optionsForClientTLS("mta-sts.<domain>", trust_root)}: SNI, the chain and
-the host name (service_identity, RFC 6125) are checked against that name.
+Name resolution: C{mta-sts.<domain>} is resolved with A and AAAA queries
+through the same C{twisted.names} resolver (never C{getaddrinfo};
+L{twisted_mailout.routing.resolver.lookup_addresses}), and the HTTPS client
+(a C{twisted.web.client.Agent} with our own endpoint factory) connects to
+those IP addresses (L{twisted_mailout.routing.resolver.tcp_endpoint}), TLS
+wrapped around them with the one verifying connection creator,
+L{twisted_mailout.tls.creators.name_checking_tls}: SNI, the chain and the
+host name (L{twisted_mailout.tls.names}, RFC 6125) are checked against
+C{mta-sts.<domain>}.
 
 What the connector does with a policy (section 4, 5): in C{enforce} mode
 only MX hosts that L{Policy.matches} are tried, with STARTTLS required and
@@ -24,7 +26,6 @@ without a policy; C{none} is no policy.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import treq
 from twisted.internet import defer, ssl
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.names import dns
@@ -44,8 +45,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from twisted_mailout.routing.resolver import follow_cnames, lookup_addresses, tcp_endpoint
 from twisted_mailout.tls import tlsrpt
-from twisted_mailout.routing.router import _follow  # CNAME chasing, shared with MX routing
+from twisted_mailout.tls.creators import load_trust_root, name_checking_tls
+from twisted_mailout.tls.errors import result_type_for
 
 __all__ = [
     "MAX_AGE_LIMIT",
@@ -386,8 +389,7 @@ class _AddressesEndpoint:
     async def _connect(self, protocolFactory):
         last: BaseException | None = None
         for addr in self._addresses:
-            cls = TCP6ClientEndpoint if ":" in addr else TCP4ClientEndpoint
-            tcp = cls(self._reactor, addr, self._port, timeout=max(1, int(self._timeout)))
+            tcp = tcp_endpoint(self._reactor, addr, self._port, timeout=max(1, int(self._timeout)))
             try:
                 proto = await wrapClientTLS(self._creator, tcp).connect(protocolFactory)
             except defer.CancelledError:
@@ -416,7 +418,7 @@ class MTASTS:
     @param reactor: provides C{IReactorTCP} and C{IReactorTime}; the HTTPS
         client and its timeout run on it.
     @param resolver: a C{twisted.names} C{IResolver} (from
-        L{twisted_mailout.routing.router.make_resolver}); the only resolver asked, for
+        L{twisted_mailout.routing.resolver.make_resolver}); the only resolver asked, for
         the TXT record and for the addresses of C{mta-sts.<domain>}.
     @param cache_dir: folder for the persisted policies (one
         C{<domain>.json} file each, written atomically, mode 0600, removed
@@ -424,7 +426,7 @@ class MTASTS:
         C{<queue>/mta-sts}; L{None} keeps them in memory only.  Files are
         not fsynced: a policy lost in a crash is fetched again.
     @param trust_root: an C{IOpenSSLTrustRoot}, or the path of a PEM CA file
-        (L{twisted_mailout.smtp.protocol.load_trust_root}); L{None} for the
+        (L{twisted_mailout.tls.creators.load_trust_root}); L{None} for the
         platform's store.
     @param https_port: the port of the policy host (443; tests use others).
     @param timeout: limit on one HTTPS fetch (connect, TLS, request, body),
@@ -455,8 +457,6 @@ class MTASTS:
         self.fetch_backoff = fetch_backoff
         self.max_txt_ttl = max_txt_ttl
         if isinstance(trust_root, (str, os.PathLike)):
-            from twisted_mailout.smtp.protocol import load_trust_root
-
             trust_root = load_trust_root(os.fspath(trust_root))
         self.trust_root = trust_root if trust_root is not None else ssl.platformTrust()
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
@@ -611,9 +611,9 @@ class MTASTS:
             return None, "NXDOMAIN", "none"
         except Exception as e:  # noqa: BLE001 - SERVFAIL, timeouts, refusals
             return None, f"lookup failed: {e.__class__.__name__}: {e}", "failed"
-        records, ttl = _follow(answers, qname, dns.TXT)
-        ident, why, invalid = _txt_id([rr.payload.data for rr in records])
-        self._remember_txt(name, ident, ttl if ttl is not None else 60)
+        chain = follow_cnames(answers, qname, dns.TXT)
+        ident, why, invalid = _txt_id([rr.payload.data for rr in chain.records])
+        self._remember_txt(name, ident, chain.ttl if chain.ttl is not None else 60)
         return ident, why, "ok" if ident else "invalid" if invalid else "none"
 
     def _remember_txt(self, name: str, ident: str | None, ttl: float):
@@ -626,32 +626,18 @@ class MTASTS:
     # -- HTTPS -------------------------------------------------------------
 
     async def _addresses(self, host: str) -> list[str]:
-        results = await defer.DeferredList(
-            [self.resolver.lookupAddress(host), self.resolver.lookupIPV6Address(host)],
-            consumeErrors=True)
-        addrs: list[str] = []
-        errors = []
-        for (ok, res), rtype in zip(results, (dns.A, dns.AAAA), strict=True):
-            if not ok:
-                errors.append(res.getErrorMessage() or res.type.__name__)
-                continue
-            records, _ = _follow(res[0], host, rtype)
-            for rr in records:
-                if rtype == dns.A:
-                    addrs.append(rr.payload.dottedQuad())
-                else:
-                    addrs.append(str(ipaddress.IPv6Address(rr.payload.address)))
-        if not addrs:
-            why = "; ".join(errors) if errors else "no A/AAAA record"
+        answer = await lookup_addresses(self.resolver, host)
+        if not answer.addresses:
+            why = answer.describe_failures() or "no A/AAAA record"
             raise FetchError("sts-policy-fetch-error", f"{host}: {why}")
-        return addrs
+        return answer.addresses
 
     async def _fetch(self, name: str, ident: str) -> Policy:
         host = "mta-sts." + name
         addrs = await self._addresses(host)
-        creator = tlsrpt.VerifyRecorder(ssl.optionsForClientTLS(
-            host, trustRoot=self.trust_root,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}))
+        # The chain and the name mta-sts.DOMAIN are checked (RFC 8461 3.3)
+        # by the one verifying creator; a refusal carries its RFC 8460 type.
+        creator = name_checking_tls(host, (host,), self.trust_root)
         connected: list = []
         endpoint = _AddressesEndpoint(self.reactor, addrs, self.https_port, creator,
                                       self.timeout, connected)
@@ -677,7 +663,7 @@ class MTASTS:
             if timed_out:
                 raise FetchError("sts-policy-fetch-error",
                                  f"no policy within {self.timeout:g} s") from None
-            kind = tlsrpt.result_type_for(e, creator.verify_errors())
+            kind = result_type_for(e)
             if kind is not None:
                 raise FetchError("sts-webpki-invalid",
                                  f"{host}: {kind}: {_describe(e)}") from None

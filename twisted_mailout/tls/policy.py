@@ -25,69 +25,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from OpenSSL import SSL
-from twisted.internet import interfaces, ssl
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted_mailout.tls.levels import LEVELS, REQUIRED
 
 __all__ = [
     "LEVELS",
     "REQUIRED",
-    "CertificateError",
-    "CertificateNameError",
     "PolicyFileError",
     "PolicyTable",
     "TLSPolicy",
-    "name_checking_tls",
 ]
-
-LEVELS = ("none", "may", "encrypt", "verify", "secure", "dane", "dane-only")
-#: Levels under which a host without working TLS is not used.
-REQUIRED = frozenset({"encrypt", "verify", "secure", "dane-only"})
 
 
 class PolicyFileError(ValueError):
     """A policy file that cannot be used; the text names the file and line."""
-
-
-class CertificateError(Exception):
-    """A server certificate refused by a verifying level.
-
-    @ivar result_type: the RFC 8460 4.3 result type naming the failure
-        (C{"certificate-expired"}, C{"certificate-not-trusted"},
-        C{"certificate-host-mismatch"}, C{"validation-failure"}).
-    """
-
-    result_type = "validation-failure"
-
-    def __init__(self, text: str, result_type: str | None = None):
-        super().__init__(text)
-        if result_type is not None:
-            self.result_type = result_type
-
-
-class CertificateNameError(CertificateError):
-    """The server's certificate verified but names none of the expected
-    hosts (C{verify}/C{secure}); the text lists what it names and what was
-    expected."""
-
-    result_type = "certificate-host-mismatch"
-
-
-#: OpenSSL X509_V_ERR_* codes worth naming, with their RFC 8460 result type.
-_VERIFY_ERRORS = {
-    9: ("certificate is not yet valid", "certificate-expired"),
-    10: ("certificate has expired", "certificate-expired"),
-    18: ("self-signed certificate", "certificate-not-trusted"),
-    19: ("self-signed certificate in the chain", "certificate-not-trusted"),
-    20: ("unable to get the issuer certificate (unknown CA)", "certificate-not-trusted"),
-    21: ("unable to verify the first certificate (unknown CA)", "certificate-not-trusted"),
-    2: ("unable to get the issuer certificate (unknown CA)", "certificate-not-trusted"),
-    7: ("certificate signature failure", "validation-failure"),
-    23: ("certificate revoked", "certificate-not-trusted"),
-    24: ("invalid CA certificate", "certificate-not-trusted"),
-}
 
 
 @dataclass(frozen=True)
@@ -108,7 +58,7 @@ class TLSPolicy:
     match: tuple[str, ...] = ()
     source: str = "--tls"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"unknown TLS level {self.level!r}; expected one of "
                              f"{', '.join(LEVELS)}")
@@ -241,112 +191,3 @@ def _normalise_destination(dest: str) -> str:
         host, port = d.split(":")
         return f"[{host.rstrip('.')}]:{port}"
     return d.rstrip(".")
-
-
-def _cert_names(cert) -> list[str]:
-    """DNS names a certificate is for: its subjectAltName DNS entries, or its
-    subject CN when it has none (RFC 6125 6.4.4), lower case."""
-    from cryptography import x509
-
-    c = cert.to_cryptography()
-    try:
-        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san.get_values_for_type(x509.DNSName)
-        if names:
-            return [n.lower().rstrip(".") for n in names]
-        return []
-    except x509.ExtensionNotFound:
-        pass
-    return [a.value.lower().rstrip(".") for a in
-            c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-            if isinstance(a.value, str)]
-
-
-def name_matches(cert_names: list[str], wanted: tuple[str, ...]) -> bool:
-    """Whether a certificate naming C{cert_names} fits C{wanted}.
-
-    C{"host.example.com"} is matched by the same name or by a leftmost
-    wildcard C{"*.example.com"} (one label only, RFC 6125 6.4.3);
-    C{".example.com"} (any subdomain) by any name or wildcard under it.
-    """
-    for want in wanted:
-        if want.startswith("."):
-            for n in cert_names:
-                bare = n[2:] if n.startswith("*.") else n
-                if n.endswith(want) or ("." + bare).endswith(want):
-                    return True
-            continue
-        for n in cert_names:
-            if n == want:
-                return True
-            if n.startswith("*.") and "." in want:
-                head, rest = want.split(".", 1)
-                if head and rest == n[2:]:
-                    return True
-    return False
-
-
-@implementer(interfaces.IOpenSSLClientConnectionCreator)
-class _NameCheckingTLS:
-    def __init__(self, sni: str | None, wanted: tuple[str, ...], trust_root):
-        options = ssl.CertificateOptions(trustRoot=trust_root,
-                                         raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-        self._ctx = options.getContext()
-        self._sni = sni.encode("idna") if sni and not _is_ip(sni) else None
-        self._wanted = wanted
-
-    def clientConnectionForTLS(self, tlsProtocol):
-        conn = SSL.Connection(self._ctx, None)
-        conn.set_app_data(tlsProtocol)
-        if self._sni:
-            conn.set_tlsext_host_name(self._sni)
-        wanted = self._wanted
-        proto = [tlsProtocol]
-
-        def verify(conn, cert, err, depth, ok):
-            if not proto:
-                return ok
-            if not ok:
-                p = proto.pop()
-                text, kind = _VERIFY_ERRORS.get(err, (f"certificate verify error {err}",
-                                                      "validation-failure"))
-                p.failVerification(Failure(CertificateError(
-                    f"certificate verify failed: {text} (depth {depth})", kind)))
-                return False
-            if depth != 0:
-                return True
-            p = proto.pop()
-            try:
-                names = _cert_names(cert)
-            except Exception:  # noqa: BLE001 - an unreadable certificate fails
-                names = []
-            if name_matches(names, wanted):
-                return True
-            shown = ", ".join(names[:5]) or "no DNS name"
-            p.failVerification(Failure(CertificateNameError(
-                f"certificate names {shown}; expected {' or '.join(wanted)}")))
-            return False
-
-        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
-        conn.set_connect_state()
-        return conn
-
-
-def _is_ip(host: str) -> bool:
-    """An IP address literal (no SNI is sent for one, RFC 6066 3)."""
-    return isIPAddress(host) or isIPv6Address(host)
-
-
-def name_checking_tls(sni: str | None, wanted: tuple[str, ...], trust_root):
-    """A TLS connection creator for C{verify} and C{secure}: the chain must
-    verify against C{trust_root} (expiry included) and the leaf must name one
-    of C{wanted} (see L{name_matches}); TLS 1.2 or newer.
-
-    @param sni: the name sent as SNI (the MX or relay host name).
-    @param wanted: names from L{TLSPolicy.names_for}.
-    @param trust_root: from L{session.load_trust_root}.
-    @return: an C{IOpenSSLClientConnectionCreator}; a failed check aborts
-        the handshake with L{CertificateNameError} or an C{SSL.Error}
-        (certificate verify failed: expired, self-signed, unknown CA).
-    """
-    return _NameCheckingTLS(sni, wanted, trust_root)

@@ -44,8 +44,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import platformTrust
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -53,8 +54,15 @@ from twisted.logger import (
     PredicateResult,
     jsonFileLogObserver,
 )
-from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from twisted_mailout.tls.creators import client_context
+from twisted_mailout.tls.errors import (
+    CertificateNameError,
+    result_type_for,
+    result_type_for_verify_error,
+)
+from twisted_mailout.tls.names import check_names
 
 __all__ = [
     "FAILURE",
@@ -391,39 +399,10 @@ def report_filename(sender: str, policy_domain: str, start, end, unique_id: str 
     return "!".join(parts) + (".json.gz" if gzipped else ".json")
 
 
-# X509_V_ERR_* codes (OpenSSL x509_vfy.h) -> RFC 8460 4.3.1 result types.
-_VERIFY_RESULT = {
-    10: "certificate-expired",          # CERT_HAS_EXPIRED
-    2: "certificate-not-trusted",       # UNABLE_TO_GET_ISSUER_CERT
-    18: "certificate-not-trusted",      # DEPTH_ZERO_SELF_SIGNED_CERT
-    19: "certificate-not-trusted",      # SELF_SIGNED_CERT_IN_CHAIN
-    20: "certificate-not-trusted",      # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: "certificate-not-trusted",      # UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    24: "certificate-not-trusted",      # INVALID_CA
-    27: "certificate-not-trusted",      # CERT_UNTRUSTED
-    28: "certificate-not-trusted",      # CERT_REJECTED
-    62: "certificate-host-mismatch",    # HOSTNAME_MISMATCH
-    64: "certificate-host-mismatch",    # IP_ADDRESS_MISMATCH
-}
-
-
-def result_type_for_verify_error(errno: int) -> str:
-    """The RFC 8460 result type for an OpenSSL certificate verification
-    error code (C{X509_V_ERR_*}, as passed to a verify callback).
-
-    @param errno: the code (C{int}).
-    @return: C{"certificate-expired"}, C{"certificate-not-trusted"},
-        C{"certificate-host-mismatch"}, or C{"validation-failure"} for any
-        other code (not yet valid, revoked, bad signature, ...).
-    """
-    return _VERIFY_RESULT.get(errno, "validation-failure")
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class VerifyRecorder:
     """Wraps a verifying TLS connection creator (e.g. from
-    C{twisted.internet.ssl.optionsForClientTLS} or
-    L{twisted_mailout.smtp.protocol.verified_tls}) so that, after a handshake
+    C{twisted.internet.ssl.optionsForClientTLS}) so that, after a handshake
     failed, L{verify_errors} can tell why OpenSSL rejected the peer's chain;
     the C{SSL.Error} it raises only says "certificate verify failed".
 
@@ -456,8 +435,6 @@ class VerifyRecorder:
             chain fails verification against the trust store now, else
             C{[]} (it verifies, or no chain was received).
         """
-        from OpenSSL import crypto
-
         for conn in reversed(self._connections):
             chain = conn.get_peer_cert_chain()
             if not chain:
@@ -492,9 +469,9 @@ def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
         whose C{getHandle()} returns it (C{TLSMemoryBIOProtocol}), after the
         handshake completed.
     @param hostname: the name the certificate must match (the MX host
-        name, RFC 6125 DNS-ID; an IP address is matched as an IP-ID).
+        name), checked by L{twisted_mailout.tls.names.check_names}.
     @param trust_root: an C{IOpenSSLTrustRoot} (e.g. from
-        L{twisted_mailout.smtp.protocol.load_trust_root}); L{None} for the
+        L{twisted_mailout.tls.creators.load_trust_root}); L{None} for the
         platform's store.
     @return: L{None} when the chain verifies and the name matches; else
         C{"certificate-expired"}, C{"certificate-not-trusted"},
@@ -502,14 +479,6 @@ def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
         chain errors, or no certificate).
     @raise TypeError: C{connection} is neither.
     """
-    from OpenSSL import crypto
-    from service_identity.cryptography import (
-        verify_certificate_hostname,
-        verify_certificate_ip_address,
-    )
-    from service_identity.exceptions import CertificateError, VerificationError
-    from twisted.internet import ssl
-
     conn = connection
     if not hasattr(conn, "get_peer_cert_chain"):
         handle = getattr(connection, "getHandle", None)
@@ -519,68 +488,16 @@ def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
     chain = conn.get_peer_cert_chain()
     if not chain:
         return "validation-failure"
-    options = ssl.CertificateOptions(trustRoot=trust_root or ssl.platformTrust())
-    store = options.getContext().get_cert_store()
+    # Keep the context referenced while its store is used: pyOpenSSL's
+    # store object does not keep the context alive.
+    context = client_context(trust_root or platformTrust())
+    store = context.get_cert_store()
     try:
         crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
     except crypto.X509StoreContextError as e:
         return result_type_for_verify_error(int(e.errors[0]))
-    leaf = chain[0].to_cryptography()
     try:
-        try:
-            ip = ipaddress.ip_address(hostname)
-        except ValueError:
-            verify_certificate_hostname(leaf, hostname)
-        else:
-            verify_certificate_ip_address(leaf, str(ip))
-    except (VerificationError, CertificateError):
+        check_names(chain[0], (hostname,))
+    except CertificateNameError:
         return "certificate-host-mismatch"
     return None
-
-
-def _leaves(exc: BaseException, depth: int = 0):
-    """The exception and those it wraps (C{reasons} of twisted.web's
-    C{_WrapperException}s, C{Failure}s, C{__cause__}), depth first."""
-    if depth > 8:
-        return
-    yield exc
-    for reason in getattr(exc, "reasons", None) or ():
-        inner = reason.value if isinstance(reason, Failure) else reason
-        if isinstance(inner, BaseException):
-            yield from _leaves(inner, depth + 1)
-    if exc.__cause__ is not None:
-        yield from _leaves(exc.__cause__, depth + 1)
-
-
-def result_type_for(error, verify_errors: Iterable[tuple[int, int]] = ()) -> str | None:
-    """Map a TLS failure to its RFC 8460 result type (4.3.1).
-
-    @param error: a C{Failure} or exception: C{OpenSSL.SSL.Error},
-        service_identity's C{VerificationError}/C{CertificateError} (a name
-        mismatch found by C{optionsForClientTLS}), or a twisted.web wrapper
-        (C{ResponseNeverReceived}, C{ResponseFailed}, ...) holding one.
-    @param verify_errors: C{VerifyRecorder.verify_errors()} of the
-        connection's creator, which tells expired from untrusted; used
-        only when C{error} holds an C{SSL.Error}.
-    @return: C{"certificate-host-mismatch"}, C{"certificate-expired"},
-        C{"certificate-not-trusted"}, C{"validation-failure"} (any other TLS
-        failure), or L{None} when C{error} is not a TLS failure (refused
-        connection, timeout, ...).
-    """
-    from service_identity.exceptions import CertificateError, VerificationError
-
-    exc = error.value if isinstance(error, Failure) else error
-    if not isinstance(exc, BaseException):
-        raise TypeError(f"error must be a Failure or an exception, got {error!r}")
-    verify_errors = list(verify_errors)
-    found = None
-    for leaf in _leaves(exc):
-        if isinstance(leaf, (VerificationError, CertificateError)):
-            return "certificate-host-mismatch"
-        if isinstance(leaf, SSL.Error) and found is None:
-            found = leaf
-    if found is None:
-        return None
-    if verify_errors:
-        return result_type_for_verify_error(verify_errors[0][1])
-    return "validation-failure"

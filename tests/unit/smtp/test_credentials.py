@@ -22,7 +22,7 @@ from twisted_mailout.smtp.auth import (
 )
 from twisted_mailout.daemon.config import Config, ConfigError
 from twisted_mailout.routing.router import parse_relay
-from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy, name_matches
+from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy
 
 PASSWORD = "pa55-w0rd-XYZ"
 
@@ -177,21 +177,6 @@ def test_secure_names_default_to_the_recipient_domain_and_its_subdomains():
     assert p.names_for("example.com", "mx.attacker.test") == ("example.com", ".example.com")
     assert TLSPolicy("verify").names_for("example.com", "MX.Example.com") == ("mx.example.com",)
     assert p.names_for(None, "relay.example.net") == ("relay.example.net",)
-
-
-@pytest.mark.parametrize("cert_names, wanted, ok", [
-    (["mx.example.com"], ("mx.example.com",), True),
-    (["*.example.com"], ("mx.example.com",), True),
-    (["*.example.com"], ("a.mx.example.com",), False),  # one label only (RFC 6125 6.4.3)
-    (["mx.example.com"], ("example.com", ".example.com"), True),
-    (["*.example.com"], ("example.com", ".example.com"), True),
-    (["example.com.evil.test"], ("example.com", ".example.com"), False),
-    (["mx.attacker.test"], ("example.com", ".example.com"), False),
-    (["badexample.com"], (".example.com",), False),
-    ([], ("mx.example.com",), False),
-])
-def test_certificate_name_matching(cert_names, wanted, ok):
-    assert name_matches(cert_names, wanted) is ok
 
 
 def _result(d):

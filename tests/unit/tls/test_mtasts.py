@@ -29,7 +29,7 @@ from twisted_mailout.tls.mtasts import (
     parse_txt,
     policy_url,
 )
-from twisted_mailout.routing.router import make_resolver
+from twisted_mailout.routing.resolver import make_resolver
 
 ENFORCE = ("version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.mx.example.com\n"
            "max_age: 604800\n")

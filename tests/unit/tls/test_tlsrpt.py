@@ -338,7 +338,7 @@ class DiagnoseTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def diagnose(self, cert, name="mx.example.test", root=None):
-        from twisted_mailout.smtp.protocol import opportunistic_tls
+        from twisted_mailout.tls.creators import opportunistic_tls
 
         port = reactor.listenSSL(0, protocol.Factory.forProtocol(_Echo), _ServerTLS(cert),
                                  interface="127.0.0.1")
