@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
 
 from twisted_mailout.envelope import Reply
 from twisted_mailout.routing.resolver import (
@@ -30,6 +31,7 @@ from twisted_mailout.routing.resolver import (
 )
 
 __all__ = [
+    "IRouter",
     "MXRouter",
     "NextHop",
     "RelayRouter",
@@ -119,6 +121,39 @@ def _dns_error(f, what: str) -> RouteError:
     return _temp(f"4.4.3 {what}: DNS lookup failed: {f.getErrorMessage()}")
 
 
+class IRouter(Interface):
+    """Where the mail of a destination goes: its next hops, and their addresses.
+
+    The delivery layer (L{twisted_mailout.delivery.connector.Connector})
+    tries the hops in the order given, and each hop's addresses in order.
+    """
+
+    relay = Attribute("C{bool}: every destination goes to one smarthost; the TLS policy "
+                      "is looked up under C{name}, DANE and MTA-STS do not apply, and "
+                      "AUTH credentials may be sent.")
+    implicit_tls = Attribute("C{bool}: the hops speak TLS from the first byte (smtps://, "
+                             "RFC 8314 3.3) instead of STARTTLS.")
+    name = Attribute("C{str} or L{None}: for a relay, the relay as the operator wrote it "
+                     "(the TLS policy table's key); L{None} otherwise.")
+
+    def route(domain):
+        """The hosts to try for C{domain}, in order.
+
+        @param domain: an A-label domain (or any key, for a relay).
+        @return: a Deferred firing with a non-empty C{list[NextHop]}, or
+            failing with L{RouteError} (5xx permanent, 4xx temporary).
+        """
+
+    def addresses(hop):
+        """The IP addresses to try for C{hop}, in order.
+
+        @param hop: one of the hops L{route} gave.
+        @return: a Deferred firing with a non-empty C{list[str]} of address
+            literals, or failing with L{RouteError}.
+        """
+
+
+@implementer(IRouter)
 class MXRouter:
     """Routes a domain to its MX hosts (RFC 5321 5.1, RFC 7505 null MX).
 
@@ -131,6 +166,7 @@ class MXRouter:
 
     relay = False
     implicit_tls = False
+    name = None
 
     def __init__(self, resolver, clock, port: int = 25, rng=None, max_ttl: float = 3600):
         self.resolver = resolver
@@ -223,6 +259,7 @@ class MXRouter:
         raise _temp(f"4.4.4 MX host {host} has no A/AAAA record, will retry")
 
 
+@implementer(IRouter)
 class RelayRouter:
     """Routes every domain to one smarthost.
 
