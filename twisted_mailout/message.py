@@ -34,20 +34,24 @@ __all__ = [
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 
 
-def coerce_message(message) -> bytes:
+def coerce_message(message: object) -> bytes:
     """Turn what an application hands us into the bytes to queue.
 
-    @param message: C{bytes}; a C{str} (encoded as UTF-8); or an
-        C{email.message.Message} (serialised with C{as_bytes()}).
+    @param message: C{bytes} (or C{bytearray}, C{memoryview}); a C{str}
+        (encoded as UTF-8); or an C{email.message.Message} or anything else
+        with C{as_bytes()}, serialised with it. Any other type is refused
+        here, at run time.
     @return: the message bytes.
     @raise MessageError: for an empty message or an unsupported type.
     """
+    as_bytes = getattr(message, "as_bytes", None)
+    data: bytes
     if isinstance(message, (bytes, bytearray, memoryview)):
         data = bytes(message)
     elif isinstance(message, str):
         data = message.encode("utf-8")
-    elif hasattr(message, "as_bytes"):
-        data = message.as_bytes()
+    elif callable(as_bytes):
+        data = as_bytes()
     else:
         raise MessageError(
             f"message must be bytes, str or email.message.Message, not {type(message).__name__}"
@@ -86,15 +90,16 @@ def split_headers(data: bytes) -> tuple[list[bytes], bytes]:
 
 def _fields(lines: list[bytes]) -> list[tuple[str, str, int, int]]:
     """Group header lines into fields: C{(name_lower, unfolded_value, first, last+1)}."""
-    fields = []
+    fields: list[tuple[str, str, int, int]] = []
     for i, line in enumerate(lines):
         if line[:1] in (b" ", b"\t") and fields:
             name, value, first, _ = fields[-1]
             fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"), first, i + 1)
         else:
-            name, _, value = line.partition(b":")
+            raw_name, _, raw_value = line.partition(b":")
             fields.append(
-                (name.decode("ascii").lower(), value.strip().decode("utf-8", "replace"), i, i + 1)
+                (raw_name.decode("ascii").lower(), raw_value.strip().decode("utf-8", "replace"),
+                 i, i + 1)
             )
     return fields
 
@@ -116,7 +121,7 @@ def header_values(data: bytes, name: str) -> list[str]:
     return out
 
 
-def remove_headers(data: bytes, names) -> bytes:
+def remove_headers(data: bytes, names: Iterable[str]) -> bytes:
     """Remove every field named in C{names} (case-insensitive) from the
     header block, continuation lines included; the body is untouched.
 
@@ -125,7 +130,7 @@ def remove_headers(data: bytes, names) -> bytes:
     """
     wanted = {n.lower() for n in names}
     lines, rest = split_headers(data)
-    drop = set()
+    drop: set[int] = set()
     for fname, _, first, last in _fields(lines):
         if fname in wanted:
             drop.update(range(first, last))
@@ -134,7 +139,7 @@ def remove_headers(data: bytes, names) -> bytes:
     return b"".join(line for i, line in enumerate(lines) if i not in drop) + rest
 
 
-_hostname = None
+_hostname: str | None = None
 
 
 def _default_domain() -> str:
