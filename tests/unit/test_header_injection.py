@@ -192,6 +192,23 @@ def test_enqueue_refuses_an_injected_recipient_and_queues_nothing(tmp_path):
     assert queued_messages(q) == []
 
 
+def test_direct_sendmail_refuses_an_injected_recipient_before_any_connection():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_mailout import sendmail
+
+    reactor = MemoryReactorClock()
+    for sender, rcpts in ((SENDER, ["victim@example.org\rRCPT TO:<evil@example.org>"]),
+                          (SENDER, "victim@example.org\nRCPT TO:<evil@example.org>"),
+                          ("s@example.com\r\nRCPT TO:<evil@example.org>", ["ok@example.org"])):
+        failures: list = []
+        sendmail(sender, rcpts, message("To: ok@example.org"), reactor=reactor,
+                 relay="127.0.0.1:2525").addErrback(failures.append)
+        [failure] = failures
+        assert failure.check(AddressError) and "control character" in str(failure.value)
+    assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
+
+
 # --------------------------------------------------------------------------- sendmail -t
 
 
