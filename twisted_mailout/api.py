@@ -1,274 +1,456 @@
-"""The application-facing API: put mail in the queue, or deliver it now."""
+"""The application-facing API: put mail in the queue, or deliver it now.
+
+L{SMTPClient} is the explicit client, like treq's C{HTTPClient}: it owns its
+reactor, resolver, connection pool (a L{Connector}) and TLS settings, and
+delivers with L{SMTPClient.send} over the same router and ESMTP session as the
+daemon. L{sendmail} is a thin function over shared clients kept in
+L{default_clients} (one per reactor and settings), like C{treq.get} over its
+default pool::
+
+    client = SMTPClient(reactor, relay="smtp://relay.example.net", auth=(user, pw),
+                        tls="verify")
+    report = await client.send("me@example.com", ["you@example.org"], message)
+    for recipient, code, text in report:     # twisted.mail.smtp.sendmail()'s shape
+        ...
+    await client.close()
+
+L{enqueue} (re-exported from the queue layer) needs no reactor at all.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from twisted.internet import defer
+from twisted.python import threadable
 
-from twisted_mailout.daemon.config import Config
-from twisted_mailout.envelope import AddressError, Reply, parse_address, parse_sender
+from twisted_mailout.delivery.build import build_connector
+from twisted_mailout.delivery.connector import Attempt, Connector, ConnectorSettings
+from twisted_mailout.envelope import Address, AddressError, parse_address, parse_sender
 from twisted_mailout.message import coerce_message, prepare_message
+from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
 from twisted_mailout.queue.store import enqueue
+from twisted_mailout.routing.router import make_resolver, parse_relay
 from twisted_mailout.smtp.auth import Credentials
-from twisted_mailout.routing.router import parse_relay
-from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
+from twisted_mailout.smtp.timeouts import Timeouts
+from twisted_mailout.tls.creators import load_trust_root
+from twisted_mailout.tls.levels import LEVELS
+from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
 
-__all__ = ["DeliveryReport", "RecipientResult", "close_connections", "enqueue", "sendmail"]
+__all__ = [
+    "ClientRegistry",
+    "DeliveryReport",
+    "RecipientResult",
+    "SMTPClient",
+    "Status",
+    "blocking_call",
+    "close_connections",
+    "default_clients",
+    "default_reactor",
+    "enqueue",
+    "group_by_destination",
+    "sendmail",
+]
+
+T = TypeVar("T")
+
+#: The destination key of every recipient when mail goes to a relay.
+RELAY_KEY = "relay"
 
 
-@dataclass(frozen=True)
-class RecipientResult:
-    """One recipient's outcome of L{sendmail}.
+def default_reactor(reactor: Any = None) -> Any:
+    """C{reactor}, or the global reactor when it is L{None} (treq's
+    C{default_reactor}). The one fallback of the API edge: the client, the
+    deliveries, the mailer, send-on-commit and the daemon's service use it;
+    nothing below this layer reaches for the global reactor.
 
-    @ivar recipient: the address. @ivar status: C{"delivered"}, C{"bounced"}
-    (5xx: permanent) or C{"deferred"} (4xx or no server reached: try later).
-    @ivar code: the SMTP reply code. @ivar text: the reply text.
-    @ivar relay: C{"host[ip]:port"} that answered, or L{None}.
-    @ivar local: C{True} when no server gave the reply (DNS, connect, timeout).
+    @param reactor: a reactor or L{None}.
+    @return: a reactor.
     """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
 
-    recipient: str
-    status: str
-    code: int
-    text: str
-    relay: str | None
-    local: bool
+        return global_reactor
+    return reactor
 
 
-@dataclass(frozen=True)
-class DeliveryReport:
-    """What L{sendmail} did, per recipient, in the order given.
+def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call C{f} in the reactor thread from another thread and wait for its
+    result (a Deferred's result is waited for): the one C{send_blocking}
+    behind L{SMTPClient.send_blocking}, C{SMTPDelivery.send_blocking} and
+    C{Mailer.send_blocking}.
 
-    @ivar results: C{list[RecipientResult]}.
+    @param reactor: the reactor, running in another thread.
+    @param f: the function; it may return a Deferred.
+    @return: the result.
+    @raise RuntimeError: called in the reactor thread (it would wait for
+        itself), or the reactor is not running.
     """
+    from twisted.internet import threads
 
-    results: list
-
-    def __getitem__(self, recipient: str) -> RecipientResult:
-        for r in self.results:
-            if r.recipient == recipient:
-                return r
-        raise KeyError(recipient)
-
-    def __iter__(self):
-        return iter(self.results)
-
-    @property
-    def all_delivered(self) -> bool:
-        """Every recipient got a 2xx reply."""
-        return all(r.status == "delivered" for r in self.results)
+    if threadable.isInIOThread():
+        raise RuntimeError("a blocking send was called in the reactor thread: use send(), "
+                           "which returns a Deferred")
+    if not reactor.running:
+        raise RuntimeError(
+            "delivering now needs a running Twisted reactor in another thread; from a "
+            "program without one, use queue:// (the daemon delivers) or sendmail://")
+    return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
 
 
-def _status(reply: Reply) -> str:
-    if reply.is_positive:
-        return "delivered"
-    return "bounced" if reply.is_permanent else "deferred"
+def group_by_destination(items: Iterable[T], address_of: Callable[[T], Address],
+                         relay: bool) -> dict[str, list[T]]:
+    """Recipients grouped by destination, in first-seen order: one group per
+    recipient domain (its A-label form, the MX routing key, RFC 5321 5.1), or
+    one group L{RELAY_KEY} when everything goes to a relay.
+
+    @param items: recipients in any form.
+    @param address_of: gives an item's validated L{Address}.
+    @param relay: C{True} when mail goes to a relay.
+    @return: C{{destination key: [items]}}.
+    """
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        key = RELAY_KEY if relay else address_of(item).ascii_domain
+        groups.setdefault(key, []).append(item)
+    return groups
 
 
-def sendmail(sender, recipients, message, *, relay=None, resolver=None, mx_port=25, helo=None,
-             tls="may", cafile=None, reactor=None, timeout=60.0, tls_match=None,
-             tls_policy=None, auth=None, auth_plaintext=False, connections=4,
-             linger=0.0, dnssec_resolver=None, mta_sts=False) -> defer.Deferred:
-    """Deliver a message now, without the queue, through the same router and
-    session code as the daemon.
+class SMTPClient:
+    """Delivers messages now, without the queue, over pooled connections.
 
-    Recipients are grouped by destination (one transaction per domain, or
-    one for the relay); each destination's hosts are tried in MX order.
+    One object owns its reactor, its DNS resolver, its connection pool and its
+    TLS and AUTH settings; calls in flight at the same time share connections
+    and DNS answers, idle connections are kept C{idle_timeout} seconds for the
+    next call, and L{close} ends them. Recipients are grouped by destination
+    (one transaction per domain, or one for the relay); each destination's
+    hosts are tried in MX order. Build it where blocking is fine (at start-up,
+    or in a thread): it reads C{cafile}, C{tls_policy} and, without
+    C{resolver}, resolv.conf and the hosts file.
 
-    @param sender: envelope sender; C{""}/L{None} for the null sender.
-    @param recipients: an iterable of addresses (a C{str} is one recipient).
-    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
-        and Date are added when missing.
+    @param reactor: the reactor (C{IReactorTCP}, C{IReactorTime}); the
+        global one when L{None}.
     @param relay: a smarthost, C{"HOST[:PORT]"} (port 25),
         C{"smtp://HOST[:PORT]"} (port 587) or C{"smtps://HOST[:PORT]"} (port
         465, implicit TLS, RFC 8314); L{None} for MX routing.
     @param resolver: C{"HOST[:PORT]"} of the only DNS server to ask (or a
-        list of them), or L{None} for resolv.conf.
-    @param mx_port: port for MX hosts.
-    @param helo: EHLO name (this host's name by default).
-    @param tls: the TLS level: C{"none"}, C{"may"}, C{"encrypt"},
-        C{"verify"} or C{"secure"} (see L{tlspolicy}); a level that cannot be
-        met defers the recipients (4xx), it never sends in plaintext.
+        list of them), a C{twisted.names} C{IResolver}, or L{None} for
+        resolv.conf.
+    @param mx_port: the TCP port of MX hosts.
+    @param helo: the EHLO name (this host's name by default).
+    @param tls: the TLS level (L{twisted_mailout.tls.levels.LEVELS}: C{none},
+        C{may}, C{encrypt}, C{verify}, C{secure}, C{dane}, C{dane-only}); a
+        level that cannot be met defers the recipients (4xx), it never sends
+        in plaintext.
     @param cafile: CA certificates (PEM) for C{verify}/C{secure}; the
         system store by default.
     @param tls_match: for C{verify}/C{secure}: names the certificate may
         match (C{".example.com"}: any subdomain); by default the host name
         (verify) or the recipient domain and its subdomains (secure).
     @param tls_policy: a policy file of per-destination levels (see
-        L{tlspolicy.PolicyTable}); C{tls} is then the default.
-    @param auth: C{(username, password)} or L{auth.Credentials} for AUTH at
-        the relay (RFC 4954); the password never appears in logs or errors.
-    @param auth_plaintext: allow AUTH without TLS (off: such a relay gets
-        no credentials and the recipients are deferred).
-    @param reactor: the reactor; the global one when L{None}.
+        L{PolicyTable}); C{tls} is then the default.
+    @param auth: C{(username, password)} or a L{Credentials} for AUTH at the
+        relay (RFC 4954); the password never appears in logs or errors.
+    @param auth_plaintext: allow AUTH without TLS (off: such a relay gets no
+        credentials and the recipients are deferred).
     @param timeout: cap in seconds on each network step (connect, each
-        command, DNS); nothing waits longer, so the Deferred always fires.
+        command, DNS); nothing waits longer, so every Deferred fires.
+    @param connections: open connections per destination at most.
+    @param idle_timeout: seconds an idle connection is kept for the next call.
     @param dnssec_resolver: C{"HOST[:PORT]"} (or a list) of validating
         resolvers trusted to set the AD bit: DANE (RFC 7672) then applies to
         MX delivery at the C{may}, C{dane} and C{dane-only} levels.
     @param mta_sts: C{True} to apply recipient domains' MTA-STS policies
-        (RFC 8461) to MX delivery (cached in memory), or an
-        L{mtasts.MTASTS} to use.
-    @param connections: open connections per destination at most.
-    @param linger: seconds idle connections stay open after the last call
-        in flight finishes, for later calls with the same settings. Calls
-        in flight at the same time with the same settings always share
-        connections (and DNS answers); with C{0} everything is closed
-        when none is in flight. See L{close_connections}.
-    @return: a Deferred firing with a L{DeliveryReport}. It fails only for
-        bad arguments (L{AddressError}, L{MessageError}, C{ValueError}); a
-        refused or unreachable recipient is a result, not a failure.
+        (RFC 8461) to MX delivery (cached in memory), or an C{MTASTS} to use.
+    @param connector: a ready L{Connector} to deliver through instead of one
+        built from the arguments above (tests, L{twisted_mailout.testing.memory}).
+    @raise ValueError: a bad TLS level, relay, resolver, timeout or policy file.
+    @raise TypeError: C{auth} of another shape.
+    @raise AuthError: unusable credentials (a C{ConfigError}, a C{ValueError}).
+    @raise OSError: an unreadable C{cafile}.
     """
-    try:
-        snd = parse_sender(sender)
-        if isinstance(recipients, str):
-            recipients = [recipients]
-        addrs = [parse_address(r) for r in recipients]
-        if not addrs:
-            raise AddressError("no recipients")
-        data = prepare_message(coerce_message(message), snd.ascii_domain if snd else None)
-        if tls not in TLS_LEVELS:
-            raise ValueError(f"tls must be one of {TLS_LEVELS}, not {tls!r}")
+
+    def __init__(self, reactor: Any = None, *, relay: str | None = None,
+                 resolver: str | Sequence[str] | Any = None, mx_port: int = 25,
+                 helo: str | None = None, tls: str = "may", cafile: str | None = None,
+                 tls_match: str | Sequence[str] | None = None, tls_policy: str | None = None,
+                 auth: tuple[str, str] | Credentials | None = None,
+                 auth_plaintext: bool = False, timeout: float = 60.0, connections: int = 4,
+                 idle_timeout: float = 2.0, dnssec_resolver: str | Sequence[str] | None = None,
+                 mta_sts: Any = False, connector: Connector | None = None) -> None:
+        self.reactor = default_reactor(reactor)
+        self.relay = relay
+        if connector is not None:
+            self.connector = connector
+            return
+        if tls not in LEVELS:
+            raise ValueError(f"tls must be one of {', '.join(LEVELS)}, not {tls!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        if idle_timeout < 0:
+            raise ValueError("idle_timeout must not be negative")
         if relay is not None:
             parse_relay(relay)
-        credentials = None
-        if isinstance(auth, Credentials):
-            credentials = auth
-        elif auth is not None:
-            try:
-                user, password = auth
-            except (TypeError, ValueError):
-                raise TypeError("auth must be (username, password) or Credentials") from None
-            credentials = Credentials(user, password, allow_plaintext=auth_plaintext)
+        credentials = _credentials(auth, auth_plaintext)
         if credentials is not None and relay is None:
             raise ValueError("auth is for a relay: give relay= too")
-        resolvers = [resolver] if isinstance(resolver, str) else list(resolver or ())
+        default = TLSPolicy(tls, (), "--tls")
+        policy = (PolicyTable.from_file(tls_policy, default) if tls_policy is not None
+                  else PolicyTable(default))
+        if tls_match:
+            names = [tls_match] if isinstance(tls_match, str) else list(tls_match)
+            policy.default = TLSPolicy(tls, tuple(m.lower() for m in names), "tls_match")
+        dns_timeout = min(timeout, 15.0)
+        if resolver is None or isinstance(resolver, (str, list, tuple)):
+            servers = [resolver] if isinstance(resolver, str) else list(resolver or ())
+            resolver = make_resolver(servers, self.reactor,
+                                     (dns_timeout / 7, 2 * dns_timeout / 7, 4 * dns_timeout / 7))
         dnssec = ([dnssec_resolver] if isinstance(dnssec_resolver, str)
                   else list(dnssec_resolver or ()))
-        config = Config(queue="-", relay=relay, resolvers=tuple(resolvers), mx_port=mx_port,
-                        helo=helo, tls=tls, cafile=cafile, command_timeout=timeout,
-                        connect_timeout=min(timeout, 30.0), dns_timeout=min(timeout, 15.0),
-                        connection_idle=max(linger, 1.0),
-                        max_connections=max(10, connections),
-                        max_per_destination=connections, tls_policy=tls_policy,
-                        dnssec_resolvers=tuple(dnssec), mta_sts=mta_sts is True)
-        if linger < 0:
-            raise ValueError("linger must not be negative")
-        from twisted_mailout.tls.policy import TLSPolicy
+        settings = ConnectorSettings(
+            helo=helo or socket.gethostname() or "localhost",
+            tls=tls,
+            policy=policy,
+            credentials=credentials,
+            trust_root=load_trust_root(cafile),
+            timeouts=replace(Timeouts.scaled(timeout), connect=min(timeout, 30.0)),
+            max_connections=max(10, connections),
+            max_per_destination=connections,
+            idle_timeout=idle_timeout,
+        )
+        self.connector = build_connector(
+            self.reactor, resolver, settings, relay=relay, mx_port=mx_port,
+            dnssec_resolvers=dnssec, dns_timeout=dns_timeout, mta_sts=mta_sts,
+            mta_sts_timeout=min(dns_timeout + settings.timeouts.connect, 60.0))
 
-        policy = config.policy_table()
-        if tls_match:
-            if isinstance(tls_match, str):
-                tls_match = [tls_match]
-            policy.default = TLSPolicy(tls, tuple(m.lower() for m in tls_match), "tls_match")
-    except Exception as e:  # noqa: BLE001 - returned as the Deferred's failure
-        return defer.fail(e)
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
+    def __repr__(self) -> str:
+        return f"<SMTPClient {'relay ' + self.relay if self.relay else 'MX routing'}>"
 
-        reactor = _reactor
-    from twisted_mailout.daemon.service import build_connector
+    def send(self, sender: str | None, recipients: str | Iterable[str],
+             message: bytes | str | Any) -> defer.Deferred[DeliveryReport]:
+        """Deliver one message now.
 
-    key = (id(reactor), relay, tuple(resolvers), mx_port, helo, tls, cafile, tls_policy,
-           tuple(tls_match or ()), _credentials_key(credentials), timeout, connections,
-           tuple(dnssec), mta_sts if mta_sts is True or not mta_sts else id(mta_sts))
-    pool = _POOLS.get(key)
-    if pool is None:
+        @param sender: the envelope sender (RFC 5321 C{MAIL FROM});
+            C{""}/C{"<>"}/L{None} for the null sender.
+        @param recipients: the envelope recipients (C{RCPT TO}); a C{str} is
+            one recipient.
+        @param message: C{bytes}, C{str} or C{email.message.Message}; its
+            bytes are sent as given, Message-ID and Date added when missing.
+        @return: a Deferred firing with a L{DeliveryReport}, one
+            L{RecipientResult} per recipient in the order given: delivered
+            (2xx), bounced (5xx) or deferred (4xx, or no server reached; not
+            retried). It fails only for bad arguments (L{AddressError},
+            C{MessageError}); a refused or unreachable recipient is a result,
+            not a failure. Cancelling it ends the transactions in flight.
+        """
         try:
-            connector = build_connector(
-                config, reactor, credentials=credentials, policy=policy,
-                mta_sts=None if isinstance(mta_sts, bool) else mta_sts)
-        except Exception as e:  # noqa: BLE001
+            snd = parse_sender(sender)
+            if isinstance(recipients, str):
+                recipients = [recipients]
+            addrs = [parse_address(r) for r in recipients]
+            if not addrs:
+                raise AddressError("no recipients")
+            data = prepare_message(coerce_message(message), snd.ascii_domain if snd else None)
+        except Exception as e:  # noqa: BLE001 - bad arguments fail the Deferred
             return defer.fail(e)
-        pool = _POOLS[key] = _Pool(key, connector, reactor)
-    pool.enter()
-    return defer.Deferred.fromCoroutine(_send(pool, linger, snd, addrs, data, bool(relay)))
+        return defer.Deferred.fromCoroutine(self._send(snd, addrs, data))
 
+    #: C{twisted.mail.smtp.sendmail}'s name for L{send}.
+    sendmail = send
 
-#: Connectors shared by sendmail() calls with the same settings.
-_POOLS: dict = {}
+    def send_blocking(self, sender: str | None, recipients: str | Iterable[str],
+                      message: bytes | str | Any) -> DeliveryReport:
+        """L{send} from a thread other than the reactor's (the reactor running
+        in another thread), waiting for the report.
 
+        @return: the L{DeliveryReport}.
+        @raise RuntimeError: called in the reactor thread, or the reactor is
+            not running (see L{blocking_call}).
+        """
+        report: DeliveryReport = blocking_call(self.reactor, self.send, sender, recipients,
+                                               message)
+        return report
 
-def _credentials_key(c):
-    if c is None:
-        return None
-    import hashlib
+    def close(self) -> defer.Deferred[None]:
+        """QUIT idle connections and stop reusing any; transactions in flight
+        finish first.
 
-    secret = c.password.reveal() if c.password is not None else repr(
-        (c.token_file, c.token_command))
-    return (c.username, hashlib.sha256(secret.encode()).hexdigest(), c.mechanisms,
-            c.allow_plaintext)
-
-
-class _Pool:
-    """One shared connector and the calls using it."""
-
-    def __init__(self, key, connector, reactor):
-        self.key = key
-        self.connector = connector
-        self.reactor = reactor
-        self.users = 0
-        self.timer = None
-
-    def enter(self):
-        self.users += 1
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def leave(self, linger: float) -> defer.Deferred:
-        self.users -= 1
-        if self.users:
-            return defer.succeed(None)
-        if linger > 0:
-            self.timer = self.reactor.callLater(linger, self.close)
-            return defer.succeed(None)
-        return self.close()
-
-    def close(self) -> defer.Deferred:
-        self.timer = None
-        if _POOLS.get(self.key) is self:
-            del _POOLS[self.key]
+        @return: a Deferred firing with L{None} once idle connections are closed.
+        """
         return self.connector.close()
 
+    async def _send(self, snd: Address | None, addrs: list[Address],
+                    data: bytes) -> DeliveryReport:
+        groups = group_by_destination(addrs, lambda a: a, self.relay is not None)
+        sender = snd.smtp_form() if snd else ""
+        utf8 = bool(snd and snd.needs_smtputf8)
+        eightbit = not data.isascii()
+        keys = list(groups)
+        attempts: list[Attempt] = await defer.gatherResults([
+            self.connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
+                                   lambda: io.BytesIO(data), len(data),
+                                   utf8 or any(a.needs_smtputf8 for a in groups[k]), eightbit)
+            for k in keys], consumeErrors=True)
+        results: dict[int, RecipientResult] = {}
+        for k, attempt in zip(keys, attempts, strict=True):
+            for a in groups[k]:
+                results[id(a)] = RecipientResult.from_reply(
+                    str(a), attempt.replies[a.smtp_form()], relay=attempt.relay)
+        return DeliveryReport([results[id(a)] for a in addrs])
 
-def close_connections() -> defer.Deferred:
-    """Close the connections that L{sendmail} keeps open for C{linger}.
+
+def _credentials(auth: tuple[str, str] | Credentials | None,
+                 plaintext: bool) -> Credentials | None:
+    if auth is None or isinstance(auth, Credentials):
+        return auth
+    try:
+        user, password = auth
+    except (TypeError, ValueError):
+        raise TypeError("auth must be (username, password) or Credentials") from None
+    return Credentials(user, password, allow_plaintext=plaintext)
+
+
+def _key_part(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_key_part(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+class _Shared:
+    def __init__(self, key: tuple, client: SMTPClient, keep: Any) -> None:
+        self.key = key
+        self.client = client
+        self.keep = keep  # the objects whose id() is in the key stay alive
+        self.users = 0
+        self.timer: Any = None
+
+
+class ClientRegistry:
+    """The L{SMTPClient}s that L{sendmail} shares: one per reactor and
+    settings. Calls in flight at the same time with the same settings share
+    one client (its connections and DNS answers); a client stays C{linger}
+    seconds after its last call finishes, then is closed. This is the one
+    module-level pool of the package, L{default_clients}; applications that
+    want to own their pool make an L{SMTPClient} instead.
+    """
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple, _Shared] = {}
+
+    def __len__(self) -> int:
+        """How many clients are kept (in use or lingering)."""
+        return len(self._shared)
+
+    def sendmail(self, sender: str | None, recipients: str | Iterable[str],
+                 message: bytes | str | Any, *, reactor: Any = None, linger: float = 0.0,
+                 **settings: Any) -> defer.Deferred[DeliveryReport]:
+        """L{SMTPClient.send} on the shared client for C{reactor} and
+        C{settings} (the keyword arguments of L{SMTPClient}).
+
+        @param linger: seconds the client (and its idle connections) is kept
+            after the last call in flight finishes; C{0} closes it at once.
+        @return: as L{SMTPClient.send}; bad settings fail the Deferred too.
+        """
+        try:
+            if linger < 0:
+                raise ValueError("linger must not be negative")
+            reactor = default_reactor(reactor)
+            key = (reactor, tuple(sorted((k, _key_part(v)) for k, v in settings.items())))
+            shared = self._shared.get(key)
+            if shared is None:
+                client = SMTPClient(reactor, idle_timeout=max(linger, 1.0), **settings)
+                shared = self._shared[key] = _Shared(key, client, list(settings.values()))
+        except Exception as e:  # noqa: BLE001 - returned as the Deferred's failure
+            return defer.fail(e)
+        self._enter(shared)
+        d = shared.client.send(sender, recipients, message)
+
+        def leave(result: Any) -> Any:
+            return self._leave(shared, linger).addCallback(lambda _: result)
+
+        return d.addBoth(leave)
+
+    def _enter(self, shared: _Shared) -> None:
+        shared.users += 1
+        if shared.timer is not None and shared.timer.active():
+            shared.timer.cancel()
+        shared.timer = None
+
+    def _leave(self, shared: _Shared, linger: float) -> defer.Deferred[None]:
+        shared.users -= 1
+        if shared.users:
+            return defer.succeed(None)
+        if linger > 0:
+            shared.timer = shared.client.reactor.callLater(linger, self._close, shared)
+            return defer.succeed(None)
+        return self._close(shared)
+
+    def _close(self, shared: _Shared) -> defer.Deferred[None]:
+        shared.timer = None
+        if self._shared.get(shared.key) is shared:
+            del self._shared[shared.key]
+        return shared.client.close()
+
+    def close_idle(self) -> defer.Deferred[None]:
+        """Close the clients no call is using (those kept for C{linger}).
+
+        @return: a Deferred firing with L{None} once their connections are closed.
+        """
+        idle = [s for s in self._shared.values() if s.users == 0]
+        for s in idle:
+            if s.timer is not None and s.timer.active():
+                s.timer.cancel()
+        d = defer.DeferredList([self._close(s) for s in idle], consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+
+#: The clients L{sendmail} shares (see L{ClientRegistry}).
+default_clients = ClientRegistry()
+
+
+def sendmail(sender: str | None, recipients: str | Iterable[str], message: bytes | str | Any,
+             *, reactor: Any = None, linger: float = 0.0,
+             **settings: Any) -> defer.Deferred[DeliveryReport]:
+    """Deliver a message now, without the queue, through the same router and
+    session code as the daemon: L{SMTPClient.send} on a client shared by
+    calls with the same reactor and settings (L{default_clients}).
+
+    @param sender: the envelope sender; C{""}/L{None} for the null sender.
+    @param recipients: an iterable of addresses (a C{str} is one recipient).
+    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
+        and Date are added when missing.
+    @param reactor: the reactor; the global one when L{None}.
+    @param linger: seconds idle connections stay open after the last call in
+        flight finishes, for later calls with the same settings. Calls in
+        flight at the same time with the same settings always share
+        connections (and DNS answers); with C{0} everything is closed when
+        none is in flight. See L{close_connections}.
+    @param settings: the keyword arguments of L{SMTPClient}: C{relay},
+        C{resolver}, C{mx_port}, C{helo}, C{tls}, C{cafile}, C{tls_match},
+        C{tls_policy}, C{auth}, C{auth_plaintext}, C{timeout},
+        C{connections}, C{dnssec_resolver}, C{mta_sts}.
+    @return: a Deferred firing with a L{DeliveryReport}. It fails only for
+        bad arguments (L{AddressError}, C{MessageError}, C{ValueError}); a
+        refused or unreachable recipient is a result, not a failure.
+    """
+    return default_clients.sendmail(sender, recipients, message, reactor=reactor,
+                                    linger=linger, **settings)
+
+
+def close_connections() -> defer.Deferred[None]:
+    """Close the connections that L{sendmail} keeps open for C{linger}
+    (L{ClientRegistry.close_idle} of L{default_clients}).
 
     @return: a Deferred firing (with L{None}) once they are closed.
     """
-    pools = [p for p in _POOLS.values() if p.users == 0]
-    for p in pools:
-        if p.timer is not None and p.timer.active():
-            p.timer.cancel()
-    return defer.DeferredList([p.close() for p in pools]).addCallback(lambda _: None)
-
-
-async def _send(pool, linger, snd, addrs, data: bytes, relay: bool) -> DeliveryReport:
-    import io
-
-    connector = pool.connector
-
-    groups: dict[str, list] = {}
-    for a in addrs:
-        groups.setdefault("relay" if relay else a.ascii_domain, []).append(a)
-    sender = snd.smtp_form() if snd else ""
-    utf8 = bool(snd and snd.needs_smtputf8)
-    keys = list(groups)
-    try:
-        attempts = await defer.gatherResults([
-            connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
-                              lambda: io.BytesIO(data), len(data),
-                              utf8 or any(a.needs_smtputf8 for a in groups[k]),
-                              not data.isascii())
-            for k in keys])
-    finally:
-        await pool.leave(linger)
-    results = {}
-    for k, attempt in zip(keys, attempts, strict=True):
-        for a in groups[k]:
-            reply = attempt.replies[a.smtp_form()]
-            results[id(a)] = RecipientResult(str(a), _status(reply), reply.code, reply.text,
-                                             attempt.relay, reply.local)
-    return DeliveryReport([results[id(a)] for a in addrs])
+    return default_clients.close_idle()

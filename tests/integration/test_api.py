@@ -224,9 +224,8 @@ class SharedConnectionTests(unittest.TestCase):
         self.assertEqual(len(sink.messages), 20)
         peers = {tuple(m["peer"]) for m in sink.messages}
         self.assertLessEqual(len(peers), 2)  # 20 messages over at most 2 connections
-        from twisted_mailout.api import _POOLS
-
-        self.assertEqual(_POOLS, {})  # linger=0: nothing kept once none is in flight
+        # linger=0: no client is kept once none is in flight
+        self.assertEqual(len(twisted_mailout.api.default_clients), 0)
 
     @defer.inlineCallbacks
     def test_linger_keeps_the_connection_for_the_next_call(self):
@@ -237,7 +236,6 @@ class SharedConnectionTests(unittest.TestCase):
                 timeout=10, linger=30)
             self.assertTrue(report.all_delivered)
         self.assertEqual(len({tuple(m["peer"]) for m in sink.messages}), 1)
+        self.assertEqual(len(twisted_mailout.api.default_clients), 1)
         yield twisted_mailout.api.close_connections()
-        from twisted_mailout.api import _POOLS
-
-        self.assertEqual(_POOLS, {})
+        self.assertEqual(len(twisted_mailout.api.default_clients), 0)

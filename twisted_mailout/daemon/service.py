@@ -10,9 +10,11 @@ from twisted.logger import Logger
 from twisted.python import filepath
 
 from twisted_mailout.daemon.config import Config
+from twisted_mailout.api import default_reactor
+from twisted_mailout.delivery.build import build_connector as _build_connector
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.queue.store import Queue
-from twisted_mailout.routing.router import MXRouter, RelayRouter, make_resolver, parse_hostport, parse_relay
+from twisted_mailout.routing.router import make_resolver
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, thread_io
 from twisted_mailout.tls.creators import load_trust_root
 
@@ -23,7 +25,8 @@ log = Logger(namespace="twisted_mailout")
 
 def build_connector(config: Config, reactor, resolver=None, credentials=None,
                     policy=None, mta_sts=None) -> Connector:
-    """The router and connector that C{config} describes.
+    """The router and connector that C{config} describes (built by
+    L{twisted_mailout.delivery.build.build_connector}).
 
     @param resolver: an C{IResolver}; made from C{config.resolvers} when
         L{None}.
@@ -36,39 +39,14 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
     """
     if resolver is None:
         resolver = make_resolver(list(config.resolvers), reactor, config.dns_tries)
-    if config.relay:
-        host, port, implicit = parse_relay(config.relay)
-        router = RelayRouter(host, port, resolver, reactor, implicit_tls=implicit,
-                             name=config.relay)
-    else:
-        router = MXRouter(resolver, reactor, port=config.mx_port)
-    if policy is None:
-        policy = config.policy_table()
-    dane_resolver = None
-    if config.dnssec_resolvers:
-        from twisted_mailout.tls.dane import DNSSECResolver
-
-        dane_resolver = DNSSECResolver(
-            reactor, [parse_hostport(r, 53) for r in config.dnssec_resolvers],
-            timeout=config.dns_timeout)
     trust_root = load_trust_root(config.cafile)
-    if mta_sts is None and config.mta_sts and not config.relay:
-        from twisted_mailout.tls.mtasts import MTASTS
-
-        cache = None if config.queue == "-" else os.path.join(config.queue, "mta-sts")
-        mta_sts = MTASTS(reactor, resolver, cache, trust_root=trust_root,
-                         timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
-                         **({"https_port": config.extra["mta_sts_port"]}
-                            if "mta_sts_port" in config.extra else {}))
     settings = ConnectorSettings(
         helo=config.helo_name,
         tls=config.tls,
-        policy=policy,
+        policy=policy if policy is not None else config.policy_table(),
         credentials=credentials if credentials is not None else config.credentials(),
         tls_fallback_memory=config.tls_fallback_memory,
         trust_root=trust_root,
-        dane=dane_resolver,
-        mta_sts=mta_sts,
         timeouts=config.timeouts,
         max_connections=config.max_connections,
         max_per_destination=config.max_per_destination,
@@ -77,7 +55,14 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         max_messages=config.max_messages_per_connection,
         failure_memory=min(config.destination_failure_memory, config.retry_base),
     )
-    return Connector(reactor, router, settings)
+    return _build_connector(
+        reactor, resolver, settings, relay=config.relay, mx_port=config.mx_port,
+        dnssec_resolvers=config.dnssec_resolvers, dns_timeout=config.dns_timeout,
+        mta_sts=mta_sts if mta_sts is not None else config.mta_sts,
+        mta_sts_cache=None if config.queue == "-" else os.path.join(config.queue, "mta-sts"),
+        mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
+        **({"mta_sts_port": config.extra["mta_sts_port"]}
+           if "mta_sts_port" in config.extra else {}))
 
 
 class DeliveryService(service.Service):
@@ -99,10 +84,7 @@ class DeliveryService(service.Service):
     name = "mailout"
 
     def __init__(self, config: Config, reactor=None, resolver=None, observers=()):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-
-            reactor = _r
+        reactor = default_reactor(reactor)
         self.config = config
         self.reactor = reactor
         self.queue = Queue(config.queue)
