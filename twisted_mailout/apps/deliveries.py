@@ -41,7 +41,6 @@ from twisted_mailout.errors import DeliveryError
 from twisted_mailout.message import MessageError, coerce_message, prepare_message
 from twisted_mailout.queue.store import Queue, QueueError, StagedMessage, _new_queue_id, validate_envelope
 from twisted_mailout.tls.levels import LEVELS
-from twisted_mailout.tls.levels import LEVELS
 
 __all__ = [
     "ConsoleDelivery",
