@@ -10,6 +10,7 @@ import functools
 
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import idna
@@ -26,6 +27,7 @@ __all__ = [
     "check_transition",
     "parse_address",
     "parse_sender",
+    "validate_envelope",
 ]
 
 
@@ -286,3 +288,28 @@ def check_transition(old: RecipientState, new: RecipientState) -> None:
     """
     if new not in _ALLOWED[old]:
         raise InvalidTransition(f"recipient cannot go from {old.value} to {new.value}")
+
+
+def validate_envelope(sender: str | None,
+                      recipients: str | Iterable[str]) -> tuple[str, list[str]]:
+    """Validate an envelope as enqueue does (RFC 5321 4.1.2 syntax, no
+    control characters).
+
+    @param sender: a mailbox, or C{""}/C{"<>"}/L{None} for the null sender.
+    @param recipients: an iterable of mailboxes (a C{str} is one recipient).
+    @return: C{(sender, recipients)} normalised: C{""} for the null sender,
+        duplicates removed, order kept.
+    @raise AddressError: bad sender or recipient, or no recipients.
+    """
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    recipients = list(recipients)
+    if not recipients:
+        raise AddressError("no recipients")
+    snd = parse_sender(sender)
+    rcpts: list[str] = []
+    for r in recipients:
+        s = str(parse_address(r))
+        if s not in rcpts:
+            rcpts.append(s)
+    return ("" if snd is None else str(snd)), rcpts

@@ -83,11 +83,7 @@ def cmd_queue_list(args) -> int:
     except QueueError as e:
         print(f"mailout queue: {e}", file=sys.stderr)
         return EX_USAGE
-    rows = []
-    for name, entry in q.incoming_entries():
-        rows.append(_row(entry, "incoming", name))
-    for entry in q.entries():
-        rows.append(_row(entry, "active", None))
+    rows = [_row(x.entry, x.where, x.name) for x in q.list_entries()]
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -5,6 +5,9 @@ A bounce is a C{multipart/report; report-type=delivery-status} message
 C{message/delivery-status} fields, and the original headers
 (C{text/rfc822-headers}). It goes to the envelope sender with the null
 sender, so it can never cause another bounce (RFC 5321 6.1).
+
+L{make_dsn} builds the report (pure); L{enqueue_dsn} reads the original
+headers from the queue store and queues the report there, as ordinary mail.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP
 
-from twisted_mailout.queue.store import QueueEntry, RecipientStatus
+from twisted_mailout.message import split_headers
+from twisted_mailout.queue.interface import IQueueStore
+from twisted_mailout.queue.model import QueueEntry, RecipientStatus
 
-__all__ = ["make_dsn"]
+__all__ = ["enqueue_dsn", "make_dsn"]
 
 
 def _diagnostic(rs: RecipientStatus) -> str | None:
@@ -106,3 +111,26 @@ def make_dsn(entry: QueueEntry, original_headers: bytes, failed: list[RecipientS
         headers.set_payload(body.decode("utf-8", "replace"), "utf-8")
     report.attach(headers)
     return report.as_bytes(policy=SMTP)
+
+
+def enqueue_dsn(store: IQueueStore, entry: QueueEntry, failed: list[RecipientStatus],
+                reporting_mta: str, now: float, action: str = "failed") -> str:
+    """Build the delivery status notification for C{failed} recipients of
+    C{entry} and queue it, with the null sender, to C{entry.sender}.
+
+    Blocks (reads the headers, enqueues durably): run it through C{io}.
+
+    @param store: the queue store holding C{entry}; the report goes into it.
+    @param entry: the queued message the report is about (non-null sender).
+    @param failed: the recipients to report, each with its last reply.
+    @param reporting_mta: this host's name (C{Reporting-MTA}, RFC 3464 2.2.2).
+    @param now: the report's time, seconds since the epoch.
+    @param action: RFC 3464 2.3.3 action: C{"failed"} or C{"delayed"}.
+    @return: the report's queue id, once it is durable in C{store}.
+    @raise ValueError: C{failed} is empty or the sender is null (L{make_dsn}).
+    @raise OSError: the original headers cannot be read.
+    @raise QueueError: the report could not be queued.
+    """
+    head, _ = split_headers(store.read_headers(entry))
+    dsn = make_dsn(entry, b"".join(head), failed, reporting_mta, now, action)
+    return store.enqueue("", [entry.sender], dsn)

@@ -1,25 +1,29 @@
 """The scheduler: which queued message goes next, and what its outcome does.
 
 It keeps only C{(due time, queue id)} pairs in memory (a heap), loads a
-message's state from disk when it is due, hands each destination's
-recipients to the L{Connector}, records every recipient's outcome
-atomically, queues bounces, and removes finished messages. Every blocking
-file operation runs through C{io} (a thread pool in the daemon).
+message's state from the queue store when it is due, hands each
+destination's recipients to the L{Connector}, records every recipient's
+outcome atomically, queues bounces, and removes finished messages.
+
+It reaches the queue only through L{IQueueStore} (no paths, no C{os}); every
+blocking store call runs through C{io} (a thread pool in the daemon), except
+L{IQueueStore.open_body}, which the connector calls when a transaction
+starts. With a store whose leases expire it renews them (a heartbeat) and
+gives them back at stop.
 """
 
 from __future__ import annotations
 
 import heapq
-import os
 import random as _random
 import socket
 from dataclasses import dataclass
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from twisted_mailout.delivery.bounce import make_dsn
+from twisted_mailout.delivery.bounce import enqueue_dsn
+from twisted_mailout.delivery.commit import GroupCommit
 from twisted_mailout.envelope import (
     FINAL_STATES,
     RecipientState,
@@ -28,10 +32,17 @@ from twisted_mailout.envelope import (
     parse_address,
     parse_sender,
 )
-from twisted_mailout.message import split_headers
-from twisted_mailout.queue.store import CorruptEntry, Queue, QueueEntry, RecipientStatus
+from twisted_mailout.queue.interface import IQueueStore
+from twisted_mailout.queue.model import (
+    CorruptEntry,
+    EntryNotFound,
+    LeaseLost,
+    QueueEntry,
+    RecipientStatus,
+)
 
-__all__ = ["Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for", "thread_io"]
+__all__ = ["GroupCommit", "Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for",
+           "thread_io"]
 
 log = Logger(namespace="twisted_mailout")
 outcome_log = Logger(namespace="twisted_mailout.outcome")
@@ -53,50 +64,6 @@ def thread_io(reactor):
 def inline_io(f, *args, **kw):
     """C{io} that runs file work at once (tests, tools)."""
     return defer.maybeDeferred(f, *args, **kw)
-
-
-class GroupCommit:
-    """Runs a blocking batch function over items submitted close together.
-
-    While one batch runs (in C{io}), new items wait; they all go in the next
-    batch. So state writes and removals that finish at about the same time
-    share their folder fsyncs, without delaying a lone item at all.
-
-    @param io: C{callable(f, *args) -> Deferred}.
-    @param func: C{func(list_of_items) -> None}, blocking; it may raise
-        C{OSError}, which fails every item of its batch.
-    """
-
-    def __init__(self, io, func):
-        self.io = io
-        self.func = func
-        self._pending: list = []
-        self._running = False
-
-    def submit(self, item) -> defer.Deferred:
-        """@return: a Deferred firing (with L{None}) once C{item}'s batch is
-        done, or failing with its error."""
-        d = defer.Deferred()
-        self._pending.append((item, d))
-        if not self._running:
-            self._run()
-        return d
-
-    def _run(self):
-        batch, self._pending = self._pending, []
-        self._running = True
-
-        def done(result):
-            self._running = False
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-            if self._pending:
-                self._run()
-
-        self.io(self.func, [item for item, _ in batch]).addBoth(done)
 
 
 @dataclass(frozen=True)
@@ -175,9 +142,10 @@ def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
 
 
 class Scheduler:
-    """Drives delivery of everything in one queue folder.
+    """Drives delivery of everything in one queue store.
 
-    @param queue: the L{Queue} (already locked by the service).
+    @param queue: the L{IQueueStore} (the folder store already locked by the
+        service).
     @param connector: a L{Connector} (or anything with its C{deliver}).
     @param clock: C{IReactorTime}.
     @param io: C{callable(f, *args) -> Deferred} for blocking file work.
@@ -200,7 +168,7 @@ class Scheduler:
     #: 100,000 of them add about 5 MB (benchmarks/run.py --only scale).
     FRESH_LIMIT = 200000
 
-    def __init__(self, queue: Queue, connector, clock, io=inline_io,
+    def __init__(self, queue: IQueueStore, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
                  max_inflight: int = 200, reporting_mta: str | None = None,
                  observers=(), rng=None, delay_warning: float | None = None):
@@ -220,10 +188,11 @@ class Scheduler:
         self._inflight: dict[str, defer.Deferred] = {}
         self._fresh: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
-        self._saver = GroupCommit(io, queue.save_many)
-        self._remover = GroupCommit(io, queue.remove_many)
+        self._saver: GroupCommit[QueueEntry] = GroupCommit(io, queue.save_many)
+        self._remover: GroupCommit[str] = GroupCommit(io, queue.remove_many)
         self._seq = 0
         self._wakeup = None
+        self._heartbeat: task.LoopingCall | None = None
         self._stopping = False
         self._picking = False
         self._pick_again = False
@@ -246,14 +215,28 @@ class Scheduler:
         for qid, when in due:
             self._schedule(qid, now if when is None else when, dispatch=False)
         self._dispatch()
-        log.info("queue {path}: {n} messages recovered", path=self.queue.path, n=len(due))
+        log.info("queue {path}: {n} messages recovered", path=self.queue.location, n=len(due))
+        lease = self.queue.lease_duration
+        if lease is not None and not self._stopping:
+            self._heartbeat = task.LoopingCall(self._renew)
+            self._heartbeat.clock = self.clock
+            self._heartbeat.start(lease / 3.0, now=False)
         await self.pickup()
         return len(due)
+
+    def _renew(self) -> defer.Deferred:
+        """Extend this owner's leases (the heartbeat); a failure is logged and
+        the next beat tries again."""
+        d = self.io(self.queue.renew)
+        d.addErrback(lambda f: log.failure("cannot renew the queue leases of {owner}", f,
+                                           owner=self.queue.owner))
+        return d
 
     def stop(self, timeout: float = 30.0) -> defer.Deferred:
         """Start no new work; wait up to C{timeout} seconds for messages in
         flight, then close connections. Whatever did not finish stays in the
-        queue as it was and is tried again after restart.
+        queue as it was and is tried again after restart (or, with a shared
+        store, by another daemon once the leases are given back).
 
         @return: Deferred firing with L{None}.
         """
@@ -261,6 +244,8 @@ class Scheduler:
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self._wakeup = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         pending = [d for d in self._inflight.values() if d is not None]
         d = defer.DeferredList(pending) if pending else defer.succeed(None)
         if pending:
@@ -269,15 +254,26 @@ class Scheduler:
                 "shutdown: {n} messages still in flight after {t}s; they stay queued",
                 n=len(self._inflight), t=timeout))
 
+        def release(_):
+            # Only what waits: work still in flight may yet finish here; its
+            # leases lapse by themselves if it does not.
+            held = list(self._queued)
+            if self.queue.lease_duration is None or not held:
+                return None
+            return self.io(self.queue.release, held).addErrback(
+                lambda f: log.failure("cannot give back the queue leases", f))
+
         def close(_):
             return self.connector.close()
 
+        d.addBoth(release)
         return d.addBoth(close).addBoth(lambda _: None)
 
     # -- pickup -------------------------------------------------------------
 
     def pickup(self) -> defer.Deferred:
-        """Pick up everything waiting in C{new/} (and C{cur/}) and schedule it.
+        """Pick up everything waiting in the store (new mail; entries whose
+        lease expired, for a shared store) and schedule it.
 
         Concurrent calls are coalesced.
 
@@ -295,7 +291,7 @@ class Scheduler:
             while True:
                 self._pick_again = False
                 try:
-                    entries, problems = await self.io(self.queue.pickup_all, self.PICKUP_BATCH)
+                    entries, problems = await self.io(self.queue.pickup, self.PICKUP_BATCH)
                 except Exception:  # noqa: BLE001 - pickup must survive and run again
                     log.failure("pickup failed; will try again at the next poll")
                     break
@@ -375,32 +371,27 @@ class Scheduler:
         """Work on one message. @return: when it is due next, or L{None}."""
         try:
             return await self._process_inner(qid)
+        except LeaseLost as e:
+            log.warn("{qid}: given up, another daemon holds it now ({err})", qid=qid, err=e)
+            return None
         except Exception:  # noqa: BLE001 - a bug or disk error must not lose the message
             log.failure("{qid}: internal error; will retry", qid=qid)
             return float(self.clock.seconds() + self.retry.base)
 
-    def _load(self, qid):
-        entry = self.queue.load(qid)
-        size = os.path.getsize(self.queue.message_path(qid)) - entry.body_offset
-        return entry, size
-
     async def _process_inner(self, qid: str):
         entry = self._fresh.pop(qid, None)
         try:
-            if entry is None:
-                entry, size = await self.io(self._load, qid)
-            elif entry.size is not None:
-                size = entry.size  # known from pickup: no file work at all
-            else:
-                size = await self.io(os.path.getsize, self.queue.message_path(qid))
-                size -= entry.body_offset
-        except FileNotFoundError:
+            if entry is None or entry.size is None:
+                # (size is known from pickup: then no store work at all)
+                entry = await self.io(self.queue.load, qid)
+        except EntryNotFound:
             log.warn("{qid}: vanished from the queue", qid=qid)
             return None
         except CorruptEntry as e:
             log.error("{qid}: corrupt state, moved to corrupt/: {err}", qid=qid, err=e)
             await self.io(self.queue.quarantine, qid, str(e))
             return None
+        size = entry.size
         now = self.clock.seconds()
         due = entry.due(now)
         try:
@@ -443,15 +434,8 @@ class Scheduler:
             key = "relay" if self.relay else a.ascii_domain
             groups.setdefault(key, {})[a.smtp_form()] = rs
             flags[key] = flags.get(key, utf8) or a.needs_smtputf8
-        path = self.queue.message_path(entry.qid)
-        offset = entry.body_offset
-
         def opener():
-            # Unbuffered: the body is read in 64 KiB chunks anyway, and a raw
-            # file skips the isatty/fstat probes and the buffer of open().
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - the connector closes it
-            f.seek(offset)
-            return f
+            return self.queue.open_body(entry)  # the connector closes it
 
         keys = list(groups)
         if len(keys) == 1:  # the usual case: no DeferredList to build
@@ -508,10 +492,11 @@ class Scheduler:
         deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
         if not deferred:
             return
-        qid = await self.io(self._enqueue_dsn, entry, deferred, "delayed")
+        qid = await self.io(enqueue_dsn, self.queue, entry, deferred, self.reporting_mta,
+                            self.clock.seconds(), "delayed")
         log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
         entry.delay_warned = True
-        await self.io(self.queue.save, entry)
+        await self.io(self.queue.save_many, [entry])
         self.pickup()
 
     @staticmethod
@@ -530,17 +515,11 @@ class Scheduler:
                          qid=entry.qid, rcpt=rs.address,
                          reply=rs.reply.one_line() if rs.reply else "")
         else:
-            qid = await self.io(self._enqueue_dsn, entry, unreported)
+            qid = await self.io(enqueue_dsn, self.queue, entry, unreported, self.reporting_mta,
+                                self.clock.seconds())
             log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
                      dsn_qid=qid)
             self.pickup()
         entry.bounced_reported.extend(rs.address for rs in unreported)
         if not entry.done:
-            await self.io(self.queue.save, entry)
-
-    def _enqueue_dsn(self, entry: QueueEntry, failed: list[RecipientStatus],
-                     action: str = "failed") -> str:
-        head, _ = split_headers(self.queue.read_headers(entry))
-        dsn = make_dsn(entry, b"".join(head), failed, self.reporting_mta, self.clock.seconds(),
-                       action)
-        return self.queue.enqueue("", [entry.sender], dsn)
+            await self.io(self.queue.save_many, [entry])

@@ -1,4 +1,4 @@
-"""The queue folder: durable enqueue, pickup, per-recipient state, recovery.
+"""The queue folder: the filesystem implementation of L{IQueueStore}.
 
 Layout (see docs/queue-format.md)::
 
@@ -9,39 +9,67 @@ Layout (see docs/queue-format.md)::
     DIR/state/QID.json  the state of every recipient, from the first outcome on
     DIR/corrupt/      files that could not be parsed, moved aside
 
-Every function here blocks on the file system; the daemon calls them from a
-thread, never from the reactor thread.
+One daemon works on a folder at a time (L{Queue.lock}), so its leases are
+trivial: they never expire, L{Queue.renew} and L{Queue.release} do nothing.
+Enqueueing needs no lock: any process may write into C{tmp/} and C{new/}.
+
+Every method blocks on the file system; the daemon calls them from a thread,
+never from the reactor thread, except L{Queue.open_body} (see
+L{twisted_mailout.queue.interface}). The data model is in
+L{twisted_mailout.queue.model}, the durable-write primitives in
+L{twisted_mailout.queue.durable}, the zope/repoze formats in
+L{twisted_mailout.queue.foreign}.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from typing import IO, Any, BinaryIO
 
 from twisted.logger import Logger
 
-from twisted_mailout.errors import QueueError, QueueLocked
-
-from twisted_mailout.envelope import (
-    FINAL_STATES,
-    AddressError,
-    RecipientState,
-    Reply,
-    check_transition,
-    parse_address,
-    parse_sender,
+from twisted_mailout.envelope import validate_envelope
+from twisted_mailout.message import MessageError
+from twisted_mailout.queue.durable import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    fsync_file,
+    syncfs,
+    write_durably,
 )
-from twisted_mailout.message import MessageError, coerce_message, header_values, prepare_message, remove_headers
+from twisted_mailout.queue.foreign import foreign_qid, rewrite_foreign
+from twisted_mailout.queue.model import (
+    ENVELOPE_HEADER,
+    CorruptEntry,
+    EntryNotFound,
+    Lease,
+    ListedEntry,
+    Pickup,
+    QueueEntry,
+    QueueError,
+    QueueLocked,
+    RecipientStatus,
+    Recovery,
+    StagedMessage,
+    check_batch,
+    header_block,
+    is_safe_qid,
+    new_queue_id,
+    parse_envelope_line,
+    queued_bytes,
+)
 
 __all__ = [
     "ENVELOPE_HEADER",
     "CorruptEntry",
+    "EntryNotFound",
     "MessageError",
     "Queue",
     "QueueEntry",
@@ -54,294 +82,40 @@ __all__ = [
     "validate_envelope",
 ]
 
-ENVELOPE_HEADER = b"X-Mailout-Envelope: "
-FORMAT_VERSION = 1
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-
 log = Logger()
 
+# Compatibility names for one release (benchmarks and applications used them).
+_new_queue_id = new_queue_id
+_write_durably = write_durably
 
-@dataclass(frozen=True, slots=True)
-class StagedMessage:
-    """A message written to C{tmp/} but not yet visible to the daemon.
-
-    @ivar qid: its queue id. @ivar path: the file in C{tmp/}.
-    @ivar size: bytes written.
-    """
-
-    qid: str
-    path: str
-    size: int
-
-
-_libc_syncfs = None
-
-
-def _syncfs(path: str) -> bool:
-    """C{syncfs(2)} the file system holding C{path}; C{False} when the
-    platform lacks it (the caller then fsyncs file by file)."""
-    global _libc_syncfs
-    if _libc_syncfs is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc_syncfs = libc.syncfs
-        except (OSError, AttributeError):
-            _libc_syncfs = False
-    if _libc_syncfs is False:
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc_syncfs(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-    return True
-
-
-class CorruptEntry(Exception):
-    """A queue file that cannot be parsed."""
-
-
-def _new_queue_id() -> str:
-    """A queue id: 13 hex digits of microseconds since the epoch, then 10
-    random hex digits. Sorts by arrival; unique without coordination."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(5).upper()}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: str, data: bytes, sync: bool = True) -> None:
-    """Create C{path} with C{data}, fsynced (unless C{sync} is false);
-    remove the partial file on error."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    fd = os.open(path, flags, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-
-
-@dataclass(slots=True)
-class RecipientStatus:
-    """One recipient of a queued message and where it stands.
-
-    @ivar address: the recipient as given at enqueue (validated).
-    @ivar state: a L{RecipientState}.
-    @ivar attempts: delivery attempts so far.
-    @ivar next_attempt: when a deferred recipient is tried again (seconds
-        since the epoch), else L{None}.
-    @ivar reply: the last reply, from a server or made locally, or L{None}.
-    @ivar relay: the last host tried, C{"host[ip]:port"}, or L{None}.
-    """
-
-    address: str
-    state: RecipientState = RecipientState.PENDING
-    attempts: int = 0
-    next_attempt: float | None = None
-    reply: Reply | None = None
-    relay: str | None = None
-
-    def to_json(self) -> dict:
-        """JSON-ready dict (see docs/queue-format.md)."""
-        return {
-            "address": self.address,
-            "state": self.state.value,
-            "attempts": self.attempts,
-            "next_attempt": self.next_attempt,
-            "reply": self.reply.to_json() if self.reply else None,
-            "relay": self.relay,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> RecipientStatus:
-        """Inverse of L{to_json}. @raise ValueError, KeyError, TypeError: malformed."""
-        na = d.get("next_attempt")
-        return cls(
-            address=str(d["address"]),
-            state=RecipientState(d["state"]),
-            attempts=int(d.get("attempts", 0)),
-            next_attempt=float(na) if na is not None else None,
-            reply=Reply.from_json(d.get("reply")),
-            relay=d.get("relay"),
-        )
-
-    def move(self, new: RecipientState, reply: Reply | None, next_attempt: float | None = None,
-             relay: str | None = None) -> None:
-        """Change state, checking the transition (L{check_transition}).
-
-        @raise InvalidTransition: for a forbidden change.
-        """
-        check_transition(self.state, new)
-        self.state = new
-        self.reply = reply
-        self.next_attempt = next_attempt if new is RecipientState.DEFERRED else None
-        if relay is not None:
-            self.relay = relay
-
-
-@dataclass(slots=True)
-class QueueEntry:
-    """A message in the queue: its envelope and the state of each recipient.
-
-    @ivar qid: the queue id.
-    @ivar sender: the envelope sender, C{""} for the null sender.
-    @ivar arrival: when it was enqueued (seconds since the epoch).
-    @ivar body_offset: where the message bytes start in the message file.
-    @ivar origin: C{"mailout"}, C{"zope"} or C{"repoze"}.
-    @ivar recipients: one L{RecipientStatus} per envelope recipient.
-    @ivar eightbit: the message has bytes above 127 (sent with
-        C{BODY=8BITMIME}, RFC 6152, where the server offers it).
-    @ivar delay_warned: C{True} once a delay warning (RFC 3464 action
-        C{delayed}) has been queued for this message.
-    @ivar bounced_reported: addresses of bounced recipients already named in
-        a delivery status notification that has been queued (so a restart
-        never reports them twice).
-    """
-
-    qid: str
-    sender: str
-    arrival: float
-    body_offset: int
-    origin: str = "mailout"
-    recipients: list[RecipientStatus] = field(default_factory=list)
-    bounced_reported: list[str] = field(default_factory=list)
-    delay_warned: bool = False
-    eightbit: bool = False
-    #: message bytes after the envelope, when known from pickup (not stored).
-    size: int | None = field(default=None, compare=False)
-
-    @property
-    def done(self) -> bool:
-        """Every recipient is delivered or bounced."""
-        return all(r.state in FINAL_STATES for r in self.recipients)
-
-    def due(self, now: float) -> list[RecipientStatus]:
-        """Recipients to try at time C{now} (pending, or deferred and due)."""
-        out = []
-        for r in self.recipients:
-            if r.state is RecipientState.PENDING or (
-                r.state is RecipientState.DEFERRED and (r.next_attempt or 0) <= now
-            ):
-                out.append(r)
-        return out
-
-    def next_attempt(self) -> float | None:
-        """The earliest time a recipient needs an attempt, or L{None} when
-        none does. Pending recipients count as due at C{arrival}."""
-        times = []
-        for r in self.recipients:
-            if r.state is RecipientState.PENDING:
-                times.append(self.arrival)
-            elif r.state is RecipientState.DEFERRED:
-                times.append(r.next_attempt or 0.0)
-        return min(times) if times else None
-
-    def to_json(self) -> dict:
-        """JSON-ready dict (see docs/queue-format.md)."""
-        return {
-            "v": FORMAT_VERSION,
-            "qid": self.qid,
-            "sender": self.sender,
-            "arrival": self.arrival,
-            "body_offset": self.body_offset,
-            "origin": self.origin,
-            "recipients": [r.to_json() for r in self.recipients],
-            "bounced_reported": self.bounced_reported,
-            "delay_warned": self.delay_warned,
-            "8bit": self.eightbit,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> QueueEntry:
-        """Inverse of L{to_json}.
-
-        @raise CorruptEntry: for anything malformed.
-        """
-        try:
-            if d.get("v") != FORMAT_VERSION:
-                raise ValueError(f"unknown state format version {d.get('v')!r}")
-            entry = cls(
-                qid=str(d["qid"]),
-                sender=str(d["sender"]),
-                arrival=float(d["arrival"]),
-                body_offset=int(d["body_offset"]),
-                origin=str(d.get("origin", "mailout")),
-                recipients=[RecipientStatus.from_json(r) for r in d["recipients"]],
-                bounced_reported=[str(a) for a in d.get("bounced_reported", [])],
-                delay_warned=bool(d.get("delay_warned", False)),
-                eightbit=bool(d.get("8bit", False)),
-            )
-            if not entry.recipients:
-                raise ValueError("no recipients")
-            validate_envelope(entry.sender, [r.address for r in entry.recipients])
-            return entry
-        except CorruptEntry:
-            raise
-        except Exception as e:
-            raise CorruptEntry(f"malformed state: {e!r}") from e
-
-
-def validate_envelope(sender, recipients) -> tuple[str, list[str]]:
-    """Validate an envelope as enqueue does.
-
-    @param sender: a mailbox, or C{""}/C{"<>"}/L{None} for the null sender.
-    @param recipients: an iterable of mailboxes (a C{str} is one recipient).
-    @return: C{(sender, recipients)} normalised: C{""} for the null sender,
-        duplicates removed.
-    @raise AddressError: bad sender or recipient, or no recipients.
-    """
-    if isinstance(recipients, str):
-        recipients = [recipients]
-    recipients = list(recipients)
-    if not recipients:
-        raise AddressError("no recipients")
-    snd = parse_sender(sender)
-    rcpts = []
-    for r in recipients:
-        a = parse_address(r)
-        s = str(a)
-        if s not in rcpts:
-            rcpts.append(s)
-    return ("" if snd is None else str(snd)), rcpts
+#: A staged file older than this (seconds) is removed at recovery: its
+#: writer is gone (send-on-commit's vote to finish is seconds, not hours).
+STALE_STAGED = 36 * 3600
+_FOREVER = Lease("", float("inf"))
 
 
 class Queue:
-    """A queue folder.
+    """A queue folder (implements L{IQueueStore}).
 
     @param path: the folder; created (mode 0700, with its subfolders) when
         C{create} is true and it does not exist.
+    @param create: create missing folders; when false, the folder must
+        already be a queue folder (C{mailout queue list}).
+    @param owner: the owner id of this store object (for the interface; the
+        folder's lock, not leases, keeps daemons apart). Default: the pid.
     @raise QueueError: when the folder is missing (and C{create} is false) or
         cannot be created.
     """
 
     SUBDIRS = ("tmp", "new", "cur", "messages", "state", "corrupt")
+    #: Leases never expire: one daemon holds the folder (L{lock}).
+    lease_duration: float | None = None
 
-    def __init__(self, path: str, create: bool = True):
+    def __init__(self, path: str, create: bool = True, owner: str | None = None) -> None:
         self.path = os.path.abspath(path)
+        self.location = self.path
+        self.owner = owner or f"pid-{os.getpid()}"
+        self._lease = Lease(self.owner, float("inf"))
         self._lock_fd: int | None = None
         self._backlog: list[str] = []  # names listed, not yet picked up (newest first)
         if not create:
@@ -362,7 +136,8 @@ class Queue:
     # -- the lock -------------------------------------------------------
 
     def lock(self) -> None:
-        """Take the daemon's lock on this folder (flock on C{DIR/lock}).
+        """Take the daemon's lock on this folder (flock on C{DIR/lock}) and
+        write this process's pid into it (see L{write_pid}).
 
         @raise QueueLocked: another process holds it.
         @raise QueueError: the lock file cannot be opened.
@@ -380,9 +155,19 @@ class Queue:
                     f"another mailout daemon is already running on {self.path}"
                 ) from None
             raise QueueError(f"cannot lock {self._p('lock')}: {e.strerror}") from e
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        self.write_pid()
+
+    def write_pid(self) -> None:
+        """Write this process's pid into the held lock file. The lock is
+        inherited across twistd's fork when it daemonizes, so the daemon
+        calls this again once it runs in its final process.
+
+        @raise OSError: the write failed. No-op when the lock is not held.
+        """
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def unlock(self) -> None:
         """Release the lock taken by L{lock} (no-op when not held)."""
@@ -392,7 +177,7 @@ class Queue:
 
     # -- enqueue ----------------------------------------------------------
 
-    def enqueue(self, sender: str | None, recipients, message) -> str:
+    def enqueue(self, sender: str | None, recipients: Any, message: object) -> str:
         """Put one message in the queue, durably (see docs/reliability.md).
 
         The file is written to C{tmp/}, fsynced, renamed into C{new/}, and
@@ -411,7 +196,8 @@ class Queue:
         """
         return self.publish([self.stage(sender, recipients, message)])[0]
 
-    def stage(self, sender: str | None, recipients, message, sync: bool = True) -> StagedMessage:
+    def stage(self, sender: str | None, recipients: Any, message: object,
+              sync: bool = True) -> StagedMessage:
         """Write a message into C{tmp/} where the daemon does not see it yet:
         the first phase of a two-phase enqueue (L{publish} or L{discard}
         ends it). Used by send-on-commit (the C{vote} phase) and by
@@ -423,40 +209,29 @@ class Queue:
         @raise AddressError, MessageError: as L{enqueue}; nothing is written.
         @raise QueueError: the file could not be written (nothing is left).
         """
-        sender, rcpts = validate_envelope(sender, recipients)
-        data = coerce_message(message)
-        data = prepare_message(data, parse_sender(sender).ascii_domain if sender else None)
-        qid = _new_queue_id()
-        head = ENVELOPE_HEADER + json.dumps(
-            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": time.time(),
-             **({"8bit": True} if not data.isascii() else {})},
-            separators=(",", ":"),
-        ).encode("ascii") + b"\n"
+        _, _, data = queued_bytes(sender, recipients, message, time.time())
+        qid = new_queue_id()
         tmp = self._p("tmp", qid)
         try:
-            _write_durably(tmp, head + data, sync=sync)
+            write_durably(tmp, data, sync=sync)
         except OSError as e:
             raise QueueError(f"cannot write to queue {self.path}: {e.strerror or e}") from e
-        return StagedMessage(qid, tmp, len(head) + len(data))
+        return StagedMessage(qid, tmp, len(data))
 
-    def sync_staged(self, staged: list[StagedMessage]) -> None:
+    def sync_staged(self, staged: Sequence[StagedMessage]) -> None:
         """Make staged files durable in one step: C{syncfs(2)} on the queue's
         file system when the platform has it, else one fsync per file.
 
         @raise QueueError: the sync failed.
         """
         try:
-            if not _syncfs(self._p("tmp")):
+            if not syncfs(self._p("tmp")):
                 for s in staged:
-                    fd = os.open(s.path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_file(s.path)
         except OSError as e:
             raise QueueError(f"cannot sync queue {self.path}: {e.strerror or e}") from e
 
-    def publish(self, staged: list[StagedMessage]) -> list[str]:
+    def publish(self, staged: Sequence[StagedMessage]) -> list[str]:
         """Make staged (and synced) messages visible to the daemon: rename
         each into C{new/}, then fsync C{new/} once.
 
@@ -470,13 +245,13 @@ class Queue:
             for s in staged:
                 os.rename(s.path, self._p("new", s.qid))
                 done += 1
-            _fsync_dir(self._p("new"))
+            fsync_dir(self._p("new"))
         except OSError as e:
             self.discard(staged[done:])
             raise QueueError(f"cannot write to queue {self.path}: {e.strerror or e}") from e
         return [s.qid for s in staged]
 
-    def discard(self, staged: list[StagedMessage]) -> None:
+    def discard(self, staged: Sequence[StagedMessage]) -> None:
         """Remove staged messages that will not be published (abort)."""
         for s in staged:
             try:
@@ -486,7 +261,7 @@ class Queue:
             except OSError as e:  # left for recovery's tmp/ sweep
                 log.warn("cannot remove staged {path}: {err}", path=s.path, err=e)
 
-    def enqueue_many(self, items) -> list[str]:
+    def enqueue_many(self, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
         """Enqueue a batch durably with one file-system sync and one folder
         fsync for the whole batch, instead of two fsyncs per message.
 
@@ -500,21 +275,10 @@ class Queue:
             message); nothing written.
         @raise QueueError: writing failed; nothing left in the queue.
         """
-        items = list(items)
-        for i, item in enumerate(items):
-            try:
-                sender, recipients, message = item
-            except (TypeError, ValueError):
-                raise TypeError(f"item {i}: expected (sender, recipients, message)") from None
-            try:
-                validate_envelope(sender, recipients)
-                if not coerce_message(message).strip():
-                    raise MessageError("empty message")
-            except (AddressError, MessageError) as e:
-                raise type(e)(f"item {i}: {e}") from None
+        batch = check_batch(items)
         staged: list[StagedMessage] = []
         try:
-            for sender, recipients, message in items:
+            for sender, recipients, message in batch:
                 staged.append(self.stage(sender, recipients, message, sync=False))
             self.sync_staged(staged)
         except BaseException:
@@ -537,26 +301,22 @@ class Queue:
         out.sort(key=lambda s: s.split("/", 1)[1])
         return out
 
-    def pickup(self, name: str) -> QueueEntry | None:
-        """Move one dropped file into the active queue (see L{pickup_all})."""
-        entry = self._pickup_one(name)
-        self._sync_pickup()
-        return entry
-
-    def pickup_all(self, limit: int | None = None) -> tuple[list[QueueEntry], list[str]]:
-        """Pick up everything waiting in C{new/} and C{cur/}, in arrival order.
+    def pickup(self, limit: int | None = None) -> Pickup:
+        """Pick up what waits in C{new/} and C{cur/}, in arrival order.
 
         Our own files are renamed into C{messages/}; zope.sendmail and
         repoze.sendmail files are rewritten (fsynced) without their envelope
         lines. No state file is written: a message without one has every
         recipient pending (its envelope line says who they are). The folders
-        are fsynced once for the whole batch, before this returns.
+        are fsynced once for the whole batch, before this returns. (No lease
+        ever expires here, so nothing is taken over.)
 
         @param limit: pick up at most this many files (L{None}: all).
-        @return: C{(entries, problems)}: the new entries, and one line per
+        @return: a L{Pickup}: the new entries (C{size} set), and one line per
             file moved to C{corrupt/} or that could not be read.
         """
-        entries, problems = [], []
+        entries: list[QueueEntry] = []
+        problems: list[str] = []
         if not self._backlog:
             # One listing serves every batch until it is used up: listing
             # (and sorting) a folder of 100,000 names per batch of 1,000
@@ -565,7 +325,7 @@ class Queue:
             try:
                 self._backlog = self.incoming()
             except OSError as e:
-                return [], [f"cannot list {self.path}/new or cur: {e}"]
+                return Pickup([], [f"cannot list {self.path}/new or cur: {e}"])
             self._backlog.reverse()  # pop() from the end gives the oldest first
         n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
         names = [self._backlog.pop() for _ in range(n)]
@@ -582,15 +342,20 @@ class Queue:
                     problems.append(f"{name}: cannot pick up: {err}")
                     continue
                 if e is not None:
+                    e.lease = self._lease
                     entries.append(e)
         finally:
             if names:
                 self._sync_pickup()
-        return entries, problems
+        return Pickup(entries, problems)
+
+    def pickup_all(self, limit: int | None = None) -> Pickup:
+        """The old name of L{pickup} (kept for one release)."""
+        return self.pickup(limit)
 
     def _sync_pickup(self) -> None:
         for sub in ("messages", "new", "cur"):
-            _fsync_dir(self._p(sub))
+            fsync_dir(self._p(sub))
 
     def _pickup_one(self, name: str) -> QueueEntry | None:
         """@return: the entry, or L{None} when the file had already been
@@ -601,7 +366,7 @@ class Queue:
         with open(src, "rb") as f:
             first = f.read(65536)
             try:
-                entry, rewrite = self._parse_dropped(base, first, f, src)
+                entry, rewrite = self._parse_dropped(base, first, f)
             except CorruptEntry as e:
                 self._move_corrupt(src, base, str(e))
                 raise
@@ -617,207 +382,49 @@ class Queue:
         tmp = self._p("tmp", "." + entry.qid + ".pickup")
         if os.path.exists(tmp):
             os.unlink(tmp)
-        _write_durably(tmp, rewrite)
+        write_durably(tmp, rewrite)
         os.rename(tmp, msg_path)
         os.unlink(src)
         entry.size = len(rewrite) - entry.body_offset
         return entry
 
-    def _parse_dropped(self, base: str, first: bytes, f, src: str):
+    def _parse_dropped(self, base: str, first: bytes,
+                       f: BinaryIO) -> tuple[QueueEntry, bytes | None]:
         """@return: C{(entry, rewritten_bytes_or_None)}. @raise CorruptEntry."""
+        st = os.fstat(f.fileno())
         if first.startswith(ENVELOPE_HEADER):
-            end = first.find(b"\n")
-            if end < 0:
-                raise CorruptEntry("envelope line not terminated")
-            try:
-                env = json.loads(first[len(ENVELOPE_HEADER) : end])
-                sender, rcpts = validate_envelope(env["sender"], env["recipients"])
-                arrival = float(env.get("arrival", time.time()))
-            except (ValueError, KeyError, TypeError, AddressError) as e:
-                raise CorruptEntry(f"bad envelope line: {e}") from e
-            qid = base if _is_safe_qid(base) else _foreign_qid(base)
-            if os.fstat(f.fileno()).st_size <= end + 1:
+            line = parse_envelope_line(first, time.time())
+            if st.st_size <= line.length:
                 raise CorruptEntry("no message after the envelope line")
-            origin = env.get("origin", "mailout")
-            if origin not in ("mailout", "zope", "repoze"):
-                raise CorruptEntry(f"unknown origin {origin!r} in the envelope line")
-            entry = self._entry(qid, sender, rcpts, arrival, end + 1, origin)
-            entry.eightbit = bool(env.get("8bit", False))
-            return entry, None
+            qid = base if is_safe_qid(base) else foreign_qid(base)
+            return QueueEntry.pending(qid, line), None
         # Foreign formats are small; read them whole and rewrite them.
-        data = first + f.read()
-        arrival = os.fstat(f.fileno()).st_mtime
-        if data.startswith(b"X-Zope-From:"):
-            try:
-                line1, line2, rest = data.split(b"\n", 2)
-            except ValueError:
-                raise CorruptEntry("zope.sendmail file without X-Zope-To line") from None
-            if not line2.startswith(b"X-Zope-To:"):
-                raise CorruptEntry("zope.sendmail file without X-Zope-To line")
-            try:
-                sender = line1[len(b"X-Zope-From:") :].strip().decode("utf-8")
-                rcpts_raw = line2[len(b"X-Zope-To:") :].strip().decode("utf-8")
-                sender, rcpts = validate_envelope(
-                    sender, [r.strip() for r in rcpts_raw.split(",") if r.strip()]
-                )
-            except (UnicodeDecodeError, AddressError) as e:
-                raise CorruptEntry(f"bad zope.sendmail envelope: {e}") from e
-            origin, body = "zope", rest
-        else:
-            froms = header_values(data, "X-Actually-From")
-            tos = header_values(data, "X-Actually-To")
-            if not (froms and tos):
-                raise CorruptEntry(
-                    "no envelope: neither X-Mailout-Envelope, X-Zope-From/X-Zope-To "
-                    "nor X-Actually-From/X-Actually-To"
-                )
-            try:
-                sender, rcpts = validate_envelope(
-                    froms[0].strip(), [r.strip() for r in tos[0].split(",") if r.strip()]
-                )
-            except AddressError as e:
-                raise CorruptEntry(f"bad repoze.sendmail envelope: {e}") from e
-            origin = "repoze"
-            body = remove_headers(data, ["X-Actually-From", "X-Actually-To"])
-        if not body.strip():
-            raise CorruptEntry("empty message")
-        qid = _foreign_qid(base)
-        head = ENVELOPE_HEADER + json.dumps(
-            {"v": FORMAT_VERSION, "sender": sender, "recipients": rcpts, "arrival": arrival,
-             "origin": origin, "source": base, **({"8bit": True} if not body.isascii() else {})},
-            separators=(",", ":"),
-        ).encode("ascii") + b"\n"
-        entry = self._entry(qid, sender, rcpts, arrival, len(head), origin)
-        entry.eightbit = not body.isascii()
-        return entry, head + body
-
-    @staticmethod
-    def _entry(qid, sender, rcpts, arrival, offset, origin) -> QueueEntry:
-        return QueueEntry(
-            qid=qid,
-            sender=sender,
-            arrival=arrival,
-            body_offset=offset,
-            origin=origin,
-            recipients=[RecipientStatus(a) for a in rcpts],
-        )
+        return rewrite_foreign(base, first + f.read(), st.st_mtime)
 
     def _move_corrupt(self, src: str, base: str, why: str) -> None:
+        """Move C{src} to C{corrupt/} with a C{.reason} file; a failure is
+        logged (the file then stays where it is, and is tried again)."""
         dst = self._p("corrupt", base)
         if os.path.exists(dst):
             dst = dst + "." + secrets.token_hex(3)
         try:
             os.rename(src, dst)
+        except FileNotFoundError:
+            return  # nothing to move (a message without state file, say)
+        except OSError as e:
+            log.error("cannot move {src} to corrupt/ ({why}): {err}", src=src, why=why,
+                      err=e.strerror or e)
+            return
+        try:
             with open(dst + ".reason", "w") as f:
                 f.write(why + "\n")
-        except OSError:
-            pass
+        except OSError as e:
+            log.error("moved {src} to {dst}, but cannot write its reason ({why}): {err}",
+                      src=src, dst=dst, why=why, err=e.strerror or e)
 
-    # -- state --------------------------------------------------------------
+    # -- leases (trivial: the folder lock keeps other daemons out) --------------
 
-    def save(self, entry: QueueEntry) -> None:
-        """Replace the state file of C{entry} atomically (tmp, fsync, rename,
-        fsync of C{state/}).
-
-        @raise OSError: the write failed; the old state stays in place.
-        """
-        self.save_many([entry])
-
-    def save_many(self, entries: list[QueueEntry]) -> None:
-        """L{save} for several entries, with one fsync of C{state/} for all
-        (group commit): each file is written to a C{.tmp}, fsynced and renamed.
-
-        @raise OSError: a write failed; every entry not yet renamed keeps
-            its old state.
-        """
-        for entry in entries:
-            path = self._p("state", entry.qid + ".json")
-            tmp = path + ".tmp"
-            data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            _write_durably(tmp, data)
-            os.rename(tmp, path)
-        _fsync_dir(self._p("state"))
-
-    def load(self, qid: str) -> QueueEntry:
-        """Read the state of C{qid}; a message that has no state file yet has
-        every recipient pending, as its envelope line says.
-
-        @raise CorruptEntry: unreadable or malformed state or envelope.
-        @raise FileNotFoundError: no such entry.
-        """
-        try:
-            with open(self._p("state", qid + ".json"), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return self._fresh_entry(qid)
-        try:
-            d = json.loads(raw)
-        except ValueError as e:
-            raise CorruptEntry(f"state file of {qid} is not JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise CorruptEntry(f"state file of {qid} is not a JSON object")
-        return QueueEntry.from_json(d)
-
-    def _fresh_entry(self, qid: str) -> QueueEntry:
-        path = self._p("messages", qid)
-        with open(path, "rb") as f:
-            entry, _ = self._parse_dropped(qid, f.read(65536), f, path)
-        entry.qid = qid
-        return entry
-
-    def remove(self, qid: str) -> None:
-        """Remove a finished entry: the message first, then its state, so a
-        crash in between leaves a state without message, which L{recover}
-        deletes (see docs/reliability.md)."""
-        self.remove_many([qid])
-
-    def remove_many(self, qids: list[str]) -> None:
-        """L{remove} for several entries: every message, then every state,
-        then one fsync of each folder (group commit)."""
-        removed = {"messages": 0, "state": 0}
-        for folder, suffix in (("messages", ""), ("state", ".json")):
-            for qid in qids:
-                try:
-                    os.unlink(self._p(folder, qid + suffix))
-                    removed[folder] += 1
-                except FileNotFoundError:
-                    pass  # mail finished at its first attempt never had a state file
-        _fsync_dir(self._p("messages"))
-        if removed["state"]:
-            _fsync_dir(self._p("state"))
-
-    def quarantine(self, qid: str, why: str) -> None:
-        """Move the state and message of C{qid} to C{corrupt/}, with the
-        reason in a C{.reason} file beside them."""
-        self._move_corrupt(self._p("state", qid + ".json"), qid + ".json", why)
-        self._move_corrupt(self._p("messages", qid), qid, why)
-
-    def message_path(self, qid: str) -> str:
-        """The path of the message file of C{qid} (its bytes start at the
-        entry's C{body_offset})."""
-        return self._p("messages", qid)
-
-    def read_message(self, entry: QueueEntry) -> bytes:
-        """The whole message bytes of C{entry} (envelope line excluded). For
-        small messages and bounces; delivery streams from L{message_path}."""
-        with open(self.message_path(entry.qid), "rb") as f:
-            f.seek(entry.body_offset)
-            return f.read()
-
-    def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
-        """The header block of the message of C{entry}, at most C{limit} bytes."""
-        with open(self.message_path(entry.qid), "rb") as f:
-            f.seek(entry.body_offset)
-            data = f.read(limit)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = data.find(sep)
-            if i >= 0:
-                return data[: i + len(sep) // 2]
-        return data
-
-    def recover(self) -> tuple[list[tuple[str, float | None]], list[str]]:
+    def recover(self) -> Recovery:
         """Find every active message at start and repair what a crash left.
 
         Removes leftover C{tmp/} files of enqueue (never acknowledged), state
@@ -827,7 +434,7 @@ class Queue:
         one is pending, due at once, and is not opened here (so a queue of
         100,000 fresh messages starts after one directory listing).
 
-        @return: C{(due, problems)}: C{(qid, when)} per active message, with
+        @return: a L{Recovery}: C{(qid, when)} per active message, with
             C{when} the next attempt time (seconds since the epoch) or L{None}
             for "now"; and one human-readable line per repair made.
         """
@@ -835,7 +442,7 @@ class Queue:
         for name in os.listdir(self._p("tmp")):
             path = self._p("tmp", name)
             try:
-                if name.startswith(".") or time.time() - os.stat(path).st_mtime > 36 * 3600:
+                if name.startswith(".") or time.time() - os.stat(path).st_mtime > STALE_STAGED:
                     os.unlink(path)
                     problems.append(f"removed stale tmp/{name}")
             except OSError:
@@ -860,52 +467,169 @@ class Queue:
                 due.append((qid, None))
                 continue
             try:
-                due.append((qid, self.load(qid).next_attempt()))
+                due.append((qid, self._load_state(qid).next_attempt()))
             except (CorruptEntry, OSError) as e:
                 self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
-        return due, problems
+        return Recovery(due, problems)
 
-    def incoming_entries(self) -> list[tuple[str, QueueEntry]]:
-        """Files waiting in C{new/} and C{cur/}, parsed but left in place
-        (for C{mailout queue list}); unparseable ones are skipped.
+    def renew(self) -> float:
+        """Leases never expire here. @return: C{float("inf")}."""
+        return float("inf")
 
-        @return: C{[(name, entry), ...]}.
+    def release(self, qids: Sequence[str]) -> None:
+        """Nothing to release: the folder's lock is released by L{unlock}."""
+
+    # -- state --------------------------------------------------------------
+
+    def save(self, entry: QueueEntry) -> None:
+        """L{save_many} for one entry."""
+        self.save_many([entry])
+
+    def save_many(self, entries: Sequence[QueueEntry]) -> None:
+        """Replace the state file of each entry atomically (tmp, fsync,
+        rename), with one fsync of C{state/} for all (group commit).
+
+        @raise OSError: a write failed; every entry not yet renamed keeps
+            its old state.
         """
+        for entry in entries:
+            path = self._p("state", entry.qid + ".json")
+            tmp = path + ".tmp"
+            data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            write_durably(tmp, data)
+            os.rename(tmp, path)
+        fsync_dir(self._p("state"))
+
+    def load(self, qid: str) -> QueueEntry:
+        """Read the state of C{qid}; a message that has no state file yet has
+        every recipient pending, as its envelope line says. C{size} is set.
+
+        @raise CorruptEntry: unreadable or malformed state or envelope.
+        @raise EntryNotFound: no such message.
+        @raise OSError: the folder cannot be read.
+        """
+        try:
+            total = os.path.getsize(self._p("messages", qid))
+        except FileNotFoundError:
+            raise EntryNotFound(qid) from None
+        entry = self._load_state(qid)
+        entry.size = total - entry.body_offset
+        entry.lease = self._lease
+        return entry
+
+    def _load_state(self, qid: str) -> QueueEntry:
+        try:
+            with open(self._p("state", qid + ".json"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return self._fresh_entry(qid)
+        try:
+            d = json.loads(raw)
+        except ValueError as e:
+            raise CorruptEntry(f"state file of {qid} is not JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise CorruptEntry(f"state file of {qid} is not a JSON object")
+        return QueueEntry.from_json(d)
+
+    def _fresh_entry(self, qid: str) -> QueueEntry:
+        path = self._p("messages", qid)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise EntryNotFound(qid) from None
+        with f:
+            entry, _ = self._parse_dropped(qid, f.read(65536), f)
+        entry.qid = qid
+        return entry
+
+    def remove(self, qid: str) -> None:
+        """L{remove_many} for one entry."""
+        self.remove_many([qid])
+
+    def remove_many(self, qids: Sequence[str]) -> None:
+        """Remove finished entries: every message first, then every state,
+        then one fsync of each folder (group commit). A crash in between
+        leaves a state without message, which L{recover} deletes (see
+        docs/reliability.md)."""
+        removed = {"messages": 0, "state": 0}
+        for folder, suffix in (("messages", ""), ("state", ".json")):
+            for qid in qids:
+                try:
+                    os.unlink(self._p(folder, qid + suffix))
+                    removed[folder] += 1
+                except FileNotFoundError:
+                    pass  # mail finished at its first attempt never had a state file
+        fsync_dir(self._p("messages"))
+        if removed["state"]:
+            fsync_dir(self._p("state"))
+
+    def quarantine(self, qid: str, why: str) -> None:
+        """Move the state and message of C{qid} to C{corrupt/}, with the
+        reason in a C{.reason} file beside each; failures are logged."""
+        self._move_corrupt(self._p("state", qid + ".json"), qid + ".json", why)
+        self._move_corrupt(self._p("messages", qid), qid, why)
+
+    # -- message bytes ----------------------------------------------------------
+
+    def open_body(self, entry: QueueEntry) -> IO[bytes]:
+        """Open the message bytes of C{entry} for the SMTP session's body
+        producer, positioned after the envelope line. Unbuffered: the body is
+        read in 64 KiB chunks anyway, and a raw file skips the isatty/fstat
+        probes and the buffer of C{open()}. Cheap enough for the reactor
+        thread (one open and one seek).
+
+        @raise OSError: the message file cannot be opened.
+        """
+        f = open(self._p("messages", entry.qid), "rb", buffering=0)  # noqa: SIM115
+        try:
+            f.seek(entry.body_offset)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def read_message(self, entry: QueueEntry) -> bytes:
+        """The whole message bytes of C{entry} (envelope line excluded); for
+        small messages, tests and tools."""
+        with self.open_body(entry) as f:
+            return f.read()
+
+    def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
+        """The header block of the message of C{entry}, at most C{limit} bytes,
+        each line with its line end, the empty line excluded."""
+        with open(self._p("messages", entry.qid), "rb") as f:
+            f.seek(entry.body_offset)
+            return header_block(f.read(limit))
+
+    # -- administration ---------------------------------------------------------
+
+    def list_entries(self) -> list[ListedEntry]:
+        """Every message, read-only: files waiting in C{new/} and C{cur/}
+        (parsed, left in place), then the active queue in queue id order;
+        unreadable ones are skipped. Safe while the daemon runs."""
         out = []
         for name in self.incoming():
-            path = self._p(name)
             try:
-                with open(path, "rb") as f:
-                    entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f, path)
+                with open(self._p(name), "rb") as f:
+                    entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f)
             except (CorruptEntry, OSError):
                 continue
-            out.append((name, entry))
-        return out
-
-    def entries(self) -> list[QueueEntry]:
-        """Every entry in the active queue, read-only (for C{mailout queue list});
-        unreadable ones are skipped."""
-        out = []
+            out.append(ListedEntry(entry, "incoming", name))
         for qid in sorted(os.listdir(self._p("messages"))):
             if not qid.startswith("."):
                 try:
-                    out.append(self.load(qid))
-                except (CorruptEntry, OSError):
-                    pass
+                    entry = self.load(qid)
+                except (CorruptEntry, OSError, EntryNotFound):
+                    continue
+                out.append(ListedEntry(entry, "active", None,
+                                       self.owner if self._lock_fd is not None else None))
         return out
 
 
-def _is_safe_qid(name: str) -> bool:
-    return 0 < len(name) <= 64 and all(c.isalnum() for c in name) and name.isascii()
-
-
-def _foreign_qid(name: str) -> str:
-    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=11)
-    return "F" + digest.hexdigest().upper()
-
-
-def enqueue_many(queue_dir: str, items) -> list[str]:
+def enqueue_many(queue_dir: str, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
     """Put a batch of messages in the queue folder C{queue_dir} with one
     file-system sync for the batch (see L{Queue.enqueue_many}); no reactor.
 
@@ -918,7 +642,7 @@ def enqueue_many(queue_dir: str, items) -> list[str]:
     return Queue(queue_dir).enqueue_many(items)
 
 
-def enqueue(queue_dir: str, sender: str | None, recipients, message) -> str:
+def enqueue(queue_dir: str, sender: str | None, recipients: Any, message: object) -> str:
     """Put a message in the queue folder C{queue_dir}; no reactor needed.
 
     Safe from any thread or process. The message is on disk (fsynced, renamed
@@ -934,4 +658,3 @@ def enqueue(queue_dir: str, sender: str | None, recipients, message) -> str:
     @raise QueueError: the folder cannot be created or written.
     """
     return Queue(queue_dir).enqueue(sender, recipients, message)
-

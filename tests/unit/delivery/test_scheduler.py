@@ -7,9 +7,11 @@ import random
 import time
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.support.fakes import ScriptedConnector
+from twisted_mailout.delivery.connector import Attempt
 from twisted_mailout.envelope import (
     InvalidTransition,
     RecipientState,
@@ -18,6 +20,7 @@ from twisted_mailout.envelope import (
 )
 from twisted_mailout.queue.store import Queue, RecipientStatus
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, outcome_for
+from twisted_mailout.testing.memorystore import MemoryBackend, MemoryStore
 
 MSG = b"From: a@example.com\r\nSubject: s\r\nMessage-ID: <m1@example.com>\r\n\r\nbody\r\n"
 
@@ -47,7 +50,7 @@ class Harness:
         self.sched.start()
 
     def entries(self):
-        return {e.qid: e for e in self.queue.entries()}
+        return {x.entry.qid: x.entry for x in self.queue.list_entries() if x.where == "active"}
 
     def status(self):
         return [(o.recipient, o.status) for o in self.outcomes]
@@ -267,3 +270,160 @@ def test_group_commit_batches_what_arrives_while_a_batch_runs():
         assert isinstance(x.result.value, OSError)
         x.addErrback(lambda _: None)
     assert batches == [["a"]]
+
+
+# -- against the in-memory store (issue 10 item 8) -------------------------------------
+
+
+class HeldConnector:
+    """A connector whose deliveries wait until the test answers them; it
+    records whether anything cancelled them."""
+
+    def __init__(self):
+        self.calls = []  # (dest, recipients, Deferred)
+        self.cancelled = []
+        self.closed = False
+
+    def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False,
+                eightbit=False):
+        with open_source() as f:
+            f.read()
+        d = defer.Deferred(lambda d: self.cancelled.append(dest))
+        self.calls.append((dest, list(recipients), d))
+        return d
+
+    def answer(self, i, reply):
+        dest, rcpts, d = self.calls[i]
+        d.callback(Attempt({r: reply for r in rcpts}, f"mx.{dest}[192.0.2.1]:25"))
+
+    def close(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+class Logged:
+    """Every log event emitted while the test runs."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def texts(self):
+        return [formatEvent(e) for e in self.events]
+
+    def matching(self, word):
+        return [t for t in self.texts() if word in t]
+
+
+@pytest.fixture
+def logged():
+    obs = Logged()
+    globalLogPublisher.addObserver(obs)
+    yield obs
+    globalLogPublisher.removeObserver(obs)
+
+
+def memory_scheduler(connector, clock=None, **kw):
+    clock = clock or task.Clock()
+    if not clock.seconds():
+        clock.advance(1_800_000_000)
+    store = MemoryStore(clock=clock.seconds)
+    sched = Scheduler(store, connector, clock, reporting_mta="mx.mailout.test",
+                      rng=random.Random(0), **kw)
+    return store, sched, clock
+
+
+def active(store):
+    return {x.entry.qid: x.entry for x in store.list_entries() if x.where == "active"}
+
+
+def test_the_scheduler_delivers_from_the_memory_store(logged):
+    later = iter([LATER, OK])
+    store, sched, clock = memory_scheduler(ScriptedConnector(
+        lambda d, r: next(later) if r.startswith("later") else OK))
+    outcomes = []
+    sched.observers.append(outcomes.append)
+    qid = store.enqueue("s@origin.test", ["ok@a.test", "later@b.test"], MSG)
+    sched.start()
+    assert sorted((o.recipient, o.status) for o in outcomes) == [
+        ("later@b.test", "deferred"), ("ok@a.test", "sent")]
+    assert sched.connector.calls[0][3].endswith(MSG)  # the body, streamed from the store
+    [entry] = active(store).values()
+    assert entry.qid == qid and entry.recipients[1].next_attempt == pytest.approx(
+        clock.seconds() + sched.retry.delay(1, random.Random(0)))
+    clock.advance(4000)
+    assert active(store) == {}  # delivered at the retry, and removed
+    assert logged.matching("internal error") == []
+
+
+def test_a_failed_state_write_is_retried_from_memory(logged):
+    store, sched, clock = memory_scheduler(ScriptedConnector(script_by_local_part))
+    outcomes = []
+    sched.observers.append(outcomes.append)
+    store.backend.fail("save_many", OSError(28, "No space left on device"))
+    qid = store.enqueue("s@origin.test", ["later@b.test"], MSG)
+    sched.start()
+    assert logged.matching("cannot record the outcome") != []
+    assert store.backend.states == {}  # not written yet
+    clock.advance(30)
+    assert store.backend.states[qid]["recipients"][0]["state"] == "deferred"
+    assert len(outcomes) == 1  # the delivery was not repeated, only the write
+
+
+def test_two_daemons_sharing_one_store_deliver_each_message_once():
+    """Leases: two schedulers over one backend never both work on a message;
+    when one dies, the other takes its mail over once the lease expires."""
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    backend = MemoryBackend(clock=clock.seconds)
+    conns = [ScriptedConnector(lambda d, r: LATER if r.startswith("later") else OK)
+             for _ in range(2)]
+    scheds = []
+    for i, conn in enumerate(conns):
+        store = MemoryStore(backend, owner=f"daemon{i}", lease_duration=60)
+        scheds.append(Scheduler(store, conn, clock, reporting_mta="mx.mailout.test",
+                                rng=random.Random(i),
+                                retry=RetryPolicy(base=300, max=300, jitter=0)))
+    for s in scheds:
+        s.start()
+    qids = [MemoryStore(backend).enqueue("s@origin.test", [f"r{i}@a.test"], MSG)
+            for i in range(10)]
+    stuck = MemoryStore(backend).enqueue("s@origin.test", ["later@b.test"], MSG)
+    scheds[0].pickup()
+    scheds[1].pickup()  # finds nothing: daemon0 holds all of it
+    delivered = [c[2] for conn in conns for c in conn.calls]
+    assert sorted(r for rcpts in delivered for r in rcpts) == sorted(
+        [f"r{i}@a.test" for i in range(10)] + ["later@b.test"])
+    assert conns[1].calls == []
+    assert backend.leases[stuck].owner == "daemon0"
+    # daemon0 dies (its heartbeat stops); daemon1 takes the deferred message
+    # over once the lease has expired, and tries it when it is due.
+    scheds[0]._heartbeat.stop()
+    scheds[0]._stopping = True
+    clock.advance(61)
+    scheds[1].pickup()
+    assert backend.leases[stuck].owner == "daemon1"
+    clock.advance(300)
+    assert [c[2] for c in conns[1].calls] == [["later@b.test"]]
+    assert set(qids).isdisjoint(backend.messages)
+
+
+def test_a_write_under_a_lost_lease_is_refused_and_dropped(logged):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    backend = MemoryBackend(clock=clock.seconds)
+    conn = HeldConnector()
+    store = MemoryStore(backend, owner="slow", lease_duration=60)
+    sched = Scheduler(store, conn, clock, reporting_mta="mx.mailout.test")
+    qid = store.enqueue("s@origin.test", ["x@a.test"], MSG)
+    sched.start()
+    sched._heartbeat.stop()  # hung: no heartbeat, the transaction still open
+    clock.advance(61)
+    other = MemoryStore(backend, owner="other", lease_duration=60)
+    assert [e.qid for e in other.pickup().entries] == [qid]
+    conn.answer(0, OK)  # the slow daemon's outcome arrives too late
+    assert logged.matching(f"{qid}: given up, another daemon holds it now") != []
+    assert backend.leases[qid].owner == "other"
+    assert qid in backend.messages  # not removed by the daemon that lost it

@@ -89,9 +89,10 @@ def test_unwritable_queue_folder_is_a_clear_error(tmp_path):
 def test_pickup_moves_own_file_and_writes_state(tmp_path):
     q = Queue(str(tmp_path))
     qid = q.enqueue("a@example.com", ["b@example.org", "c@example.org"], MSG)
-    [name] = q.incoming()
-    entry = q.pickup(name)
-    assert entry.qid == qid
+    assert q.incoming() == [f"new/{qid}"]
+    [entry], problems = q.pickup()
+    assert entry.qid == qid and problems == []
+    assert entry.size == len(q.read_message(entry))
     assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
     assert all(r.state is RecipientState.PENDING for r in entry.recipients)
     assert files(q.path, "new") == []
@@ -103,7 +104,7 @@ def test_pickup_moves_own_file_and_writes_state(tmp_path):
 def test_state_changes_survive_reload(tmp_path):
     q = Queue(str(tmp_path))
     q.enqueue("a@example.com", ["b@example.org", "c@example.org"], MSG)
-    entry = q.pickup(q.incoming()[0])
+    [entry], _ = q.pickup()
     entry.recipients[0].attempts = 1
     entry.recipients[0].move(RecipientState.DELIVERED, Reply(250, "2.0.0 ok"))
     entry.recipients[1].attempts = 1
@@ -124,7 +125,7 @@ def test_zope_sendmail_file_is_picked_up_without_envelope_lines(tmp_path):
     data = b"X-Zope-From: a@example.com\nX-Zope-To: b@example.org, c@example.org\n" + body
     with open(os.path.join(q.path, "new", "1700000000.M1P2Q3.host"), "wb") as f:
         f.write(data)
-    entry = q.pickup("new/1700000000.M1P2Q3.host")
+    [entry], _ = q.pickup()
     assert entry.origin == "zope"
     assert entry.sender == "a@example.com"
     assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
@@ -145,7 +146,7 @@ def test_repoze_sendmail_file_is_picked_up_without_envelope_headers(tmp_path):
     q = Queue(str(tmp_path))
     with open(os.path.join(q.path, "new", "1700000001.M1P2Q3.host"), "wb") as f:
         f.write(m.as_bytes())
-    entry = q.pickup("new/1700000001.M1P2Q3.host")
+    [entry], _ = q.pickup()
     assert entry.origin == "repoze"
     assert entry.sender == "a@example.com"
     assert [r.address for r in entry.recipients] == ["b@example.org", "c@example.org"]
@@ -164,14 +165,9 @@ def test_unparseable_file_goes_to_corrupt_and_rest_continue(tmp_path, content):
     with open(os.path.join(q.path, "new", "0bad"), "wb") as f:
         f.write(content)
     good = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    picked, corrupt = [], []
-    for name in q.incoming():
-        try:
-            picked.append(q.pickup(name).qid)
-        except CorruptEntry:
-            corrupt.append(name)
-    assert picked == [good]
-    assert corrupt == ["new/0bad"]
+    entries, problems = q.pickup()
+    assert [e.qid for e in entries] == [good]
+    assert [p.split(":")[0] for p in problems] == ["new/0bad"]
     assert "0bad" in files(q.path, "corrupt")
     assert open(os.path.join(q.path, "corrupt", "0bad"), "rb").read() == content
 
@@ -198,22 +194,22 @@ def test_recovery_repairs_interrupted_steps(tmp_path):
         f.write(b"half")
     # 2. removal died between unlinking the message and its state.
     done = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    q.pickup(q.incoming()[0])
+    q.pickup()
     entry = q.load(done)
     entry.recipients[0].move(RecipientState.DELIVERED, Reply(250, "ok"))
     q.save(entry)
-    os.unlink(q.message_path(done))
+    os.unlink(os.path.join(q.path, "messages", done))
     # 3. a state write died before its rename.
     with open(os.path.join(q.path, "state", "X.json.tmp"), "wb") as f:
         f.write(b"{")
     # 4. a corrupt state file.
     bad = q.enqueue("a@example.com", ["c@example.org"], MSG)
-    q.pickup(q.incoming()[0])
+    q.pickup()
     with open(os.path.join(q.path, "state", bad + ".json"), "wb") as f:
         f.write(b"not json")
     # 5. a picked-up message whose first attempt never finished: no state yet.
     fresh = q.enqueue("a@example.com", ["d@example.org", "e@example.org"], MSG)
-    q.pickup(q.incoming()[0])
+    q.pickup()
     due, problems = q.recover()
     assert due == [(fresh, None)]  # no state: pending, due at once
     assert [r.state for r in q.load(fresh).recipients] == [RecipientState.PENDING] * 2
@@ -227,12 +223,12 @@ def test_recovery_repairs_interrupted_steps(tmp_path):
 def test_a_picked_up_message_is_pending_until_its_first_outcome(tmp_path):
     q = Queue(str(tmp_path))
     qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    entries, problems = q.pickup_all()
+    entries, problems = q.pickup()
     assert [e.qid for e in entries] == [qid] and problems == []
     assert files(q.path, "state") == []  # nothing to write: the envelope line says it all
     again = q.load(qid)
     assert again.recipients[0].state is RecipientState.PENDING
-    assert [e.qid for e in q.entries()] == [qid]
+    assert [(x.entry.qid, x.where) for x in q.list_entries()] == [(qid, "active")]
 
 
 def test_rewritten_pickup_interrupted_before_removing_its_source(tmp_path):
@@ -241,7 +237,7 @@ def test_rewritten_pickup_interrupted_before_removing_its_source(tmp_path):
     for _ in range(2):  # the second copy stands for the source left behind
         with open(os.path.join(q.path, "new", "1.M2P3.host"), "wb") as f:
             f.write(data)
-        entries, _ = q.pickup_all()
+        entries, _ = q.pickup()
     assert files(q.path, "new") == []
     assert len(files(q.path, "messages")) == 1
     assert entries == []  # the repeat found the message already there
@@ -250,7 +246,7 @@ def test_rewritten_pickup_interrupted_before_removing_its_source(tmp_path):
 def test_remove_deletes_message_then_state(tmp_path):
     q = Queue(str(tmp_path))
     qid = q.enqueue("a@example.com", ["b@example.org"], MSG)
-    q.pickup(q.incoming()[0])
+    q.pickup()
     q.remove(qid)
     assert files(q.path, "messages") == [] and files(q.path, "state") == []
 
@@ -264,7 +260,7 @@ def test_enqueue_many_publishes_every_item_in_order_and_the_daemon_picks_them_up
     qids = twisted_mailout.enqueue_many(q, items)
     assert len(set(qids)) == 20 and files(q, "new") == sorted(qids)
     assert files(q, "tmp") == []
-    entries, problems = Queue(q).pickup_all()
+    entries, problems = Queue(q).pickup()
     assert problems == []
     assert sorted(e.recipients[0].address for e in entries) == sorted(
         f"r{i}@example.org" for i in range(20))
@@ -287,7 +283,7 @@ def test_enqueue_many_leaves_nothing_when_the_disk_write_fails(tmp_path, monkeyp
 
     q = str(tmp_path / "q")
     calls = []
-    real = qmod._write_durably
+    real = qmod.write_durably
 
     def failing(path, data, sync=True):
         calls.append(path)
@@ -295,7 +291,7 @@ def test_enqueue_many_leaves_nothing_when_the_disk_write_fails(tmp_path, monkeyp
             raise OSError(28, "No space left on device")
         return real(path, data, sync)
 
-    monkeypatch.setattr(qmod, "_write_durably", failing)
+    monkeypatch.setattr(qmod, "write_durably", failing)
     with pytest.raises(QueueError, match="No space left"):
         twisted_mailout.enqueue_many(q, [("a@example.com", ["b@example.org"], MSG)] * 5)
     assert files(q, "new") == [] and files(q, "tmp") == []
@@ -305,8 +301,35 @@ def test_staged_message_is_invisible_until_published_and_gone_when_discarded(tmp
     queue = Queue(str(tmp_path / "q"))
     kept = queue.stage("a@example.com", ["b@example.org"], MSG)
     dropped = queue.stage("a@example.com", ["c@example.org"], MSG)
-    assert files(queue.path, "new") == [] and queue.pickup_all()[0] == []
+    assert files(queue.path, "new") == [] and queue.pickup()[0] == []
     assert sorted(files(queue.path, "tmp")) == sorted([kept.qid, dropped.qid])
     queue.discard([dropped])
     assert queue.publish([kept]) == [kept.qid]
     assert files(queue.path, "new") == [kept.qid] and files(queue.path, "tmp") == []
+
+
+def test_a_failed_quarantine_is_logged_and_the_file_stays(tmp_path, monkeypatch):
+    """(Review F14: the failure used to be swallowed without a trace.)"""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    q = Queue(str(tmp_path))
+    with open(os.path.join(q.path, "new", "0bad"), "wb") as f:
+        f.write(b"no envelope at all\n")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.sep + "corrupt" + os.sep in dst:
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        monkeypatch.setattr(os, "rename", rename)
+        entries, problems = q.pickup()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert entries == [] and len(problems) == 1
+    [line] = [formatEvent(e) for e in events if e.get("log_level").name == "error"]
+    assert "cannot move" in line and "0bad" in line and "Input/output error" in line
+    assert files(q.path, "new") == ["0bad"] and files(q.path, "corrupt") == []

@@ -296,8 +296,9 @@ class QueueMachine(RuleBasedStateMachine):
                 out[qid] = ("messages", q.load(qid), has_state)
             except CorruptEntry as e:
                 raise AssertionError(f"{qid} unreadable: {e}") from None
-        for name, entry in q.incoming_entries():
-            out[name.split("/", 1)[1]] = ("new", entry, False)
+        for listed in q.list_entries():
+            if listed.where == "incoming":
+                out[listed.name.split("/", 1)[1]] = ("new", listed.entry, False)
         return out
 
     def _kept(self, qid, rcpt) -> list[Rec]:
@@ -489,7 +490,7 @@ test_scheduler_state_machine = QueueMachine.TestCase
     # the one duplicate delivery docs/reliability.md allows
     ("remove_many", 250, [("sent", True), ("sent", False)], 0),
     # bounced and recorded, dies before queueing the DSN: it is queued after the restart
-    ("_enqueue_dsn", 550, [("bounced", False)], 1),
+    ("enqueue_dsn", 550, [("bounced", False)], 1),
     # bounced, DSN queued, dies before the message is removed: one duplicate DSN
     ("remove_many", 550, [("bounced", False)], 2),
 ])
