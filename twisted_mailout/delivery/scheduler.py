@@ -234,11 +234,15 @@ class Scheduler:
 
     def stop(self, timeout: float = 30.0) -> defer.Deferred:
         """Start no new work; wait up to C{timeout} seconds for messages in
-        flight, then close connections. Whatever did not finish stays in the
-        queue as it was and is tried again after restart (or, with a shared
-        store, by another daemon once the leases are given back).
+        flight, then close connections. Work still in flight is not
+        cancelled: it may finish while connections close (and its outcome is
+        then recorded), or it is cut off with the connections, or by the
+        process's exit; what did not finish stays in the queue as last saved
+        and is tried again (after restart, or by another daemon once the
+        leases are given back).
 
-        @return: Deferred firing with L{None}.
+        @param timeout: seconds to wait for work in flight.
+        @return: Deferred firing with L{None}, never failing.
         """
         self._stopping = True
         if self._wakeup is not None and self._wakeup.active():
@@ -247,12 +251,30 @@ class Scheduler:
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         pending = [d for d in self._inflight.values() if d is not None]
-        d = defer.DeferredList(pending) if pending else defer.succeed(None)
-        if pending:
-            d.addTimeout(timeout, self.clock)
-            d.addErrback(lambda f: log.warn(
-                "shutdown: {n} messages still in flight after {t}s; they stay queued",
-                n=len(self._inflight), t=timeout))
+        d: defer.Deferred = defer.Deferred()
+        if not pending:
+            d.callback(None)
+        else:
+            # Wait without cancelling: the work's own Deferreds are only
+            # observed (a timed-out DeferredList would cancel every member,
+            # that is, the deliveries themselves).
+            left = [len(pending)]
+
+            def finished(result, _d=d):
+                left[0] -= 1
+                if left[0] == 0 and not _d.called:
+                    timer.cancel()
+                    _d.callback(None)
+                return result
+
+            def late(_d=d):
+                log.warn("shutdown: {n} messages still in flight after {t}s; they stay queued",
+                         n=len(self._inflight), t=timeout)
+                _d.callback(None)
+
+            timer = self.clock.callLater(timeout, late)
+            for work in pending:
+                work.addBoth(finished)
 
         def release(_):
             # Only what waits: work still in flight may yet finish here; its
@@ -371,6 +393,11 @@ class Scheduler:
         """Work on one message. @return: when it is due next, or L{None}."""
         try:
             return await self._process_inner(qid)
+        except defer.CancelledError:
+            # Cancelled from outside (stop() never cancels): nothing went
+            # wrong; the message stays queued as last saved, tried again later.
+            log.info("{qid}: work cancelled; it stays queued", qid=qid)
+            return float(self.clock.seconds() + self.retry.base)
         except LeaseLost as e:
             log.warn("{qid}: given up, another daemon holds it now ({err})", qid=qid, err=e)
             return None
@@ -446,7 +473,7 @@ class Scheduler:
             results = await defer.gatherResults([
                 self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
                                        entry.eightbit)
-                for k in keys])
+                for k in keys], consumeErrors=True)
         now = self.clock.seconds()
         for key, attempt in zip(keys, results, strict=True):
             for form, rs in groups[key].items():

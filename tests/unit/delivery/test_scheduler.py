@@ -272,7 +272,7 @@ def test_group_commit_batches_what_arrives_while_a_batch_runs():
     assert batches == [["a"]]
 
 
-# -- against the in-memory store (issue 10 item 8) -------------------------------------
+# -- against the in-memory store; stopping and cancelling (issue 10 items 6, 8) --------
 
 
 class HeldConnector:
@@ -356,6 +356,82 @@ def test_the_scheduler_delivers_from_the_memory_store(logged):
     clock.advance(4000)
     assert active(store) == {}  # delivered at the retry, and removed
     assert logged.matching("internal error") == []
+
+
+def test_stop_waits_for_work_in_flight_without_cancelling_it(logged):
+    conn = HeldConnector()
+    store, sched, clock = memory_scheduler(conn)
+    qid = store.enqueue("s@origin.test", ["x@a.test"], MSG)
+    sched.start()
+    assert len(conn.calls) == 1  # in flight
+    stopped = sched.stop(timeout=30)
+    clock.advance(29)
+    assert not stopped.called and conn.cancelled == [] and not conn.closed
+    conn.answer(0, OK)  # the transaction finishes within the timeout
+    assert stopped.called and conn.closed
+    assert conn.cancelled == []
+    assert active(store) == {}  # its outcome was recorded: delivered and removed
+    assert logged.matching("still in flight") == []
+
+
+def test_stop_after_its_timeout_leaves_mail_in_flight_queued_with_one_warning(logged):
+    conn = HeldConnector()
+    store, sched, clock = memory_scheduler(conn)
+    qid = store.enqueue("s@origin.test", ["x@a.test", "y@b.test"], MSG)
+    sched.start()
+    assert len(conn.calls) == 2
+    stopped = sched.stop(timeout=30)
+    clock.advance(30)
+    assert stopped.called and conn.closed
+    assert conn.cancelled == []  # the timeout cancels the wait, never the work
+    [warning] = logged.matching("still in flight")
+    assert "1 messages still in flight after 30s; they stay queued" in warning
+    [entry] = active(store).values()  # queued as it was: nothing recorded
+    assert entry.qid == qid
+    assert [r.state for r in entry.recipients] == [RecipientState.PENDING] * 2
+    assert logged.matching("internal error") == []
+    assert logged.matching("Unhandled") == []
+
+
+def test_cancelled_work_is_not_an_internal_error_and_the_mail_stays_queued(logged):
+    conn = HeldConnector()
+    store, sched, clock = memory_scheduler(conn)
+    qid = store.enqueue("s@origin.test", ["x@a.test"], MSG)
+    sched.start()
+    sched._inflight[qid].cancel()  # as any caller holding the work's Deferred may
+    assert conn.cancelled == ["a.test"]  # the cancellation reached the delivery
+    assert logged.matching("internal error") == []
+    assert logged.matching(f"{qid}: work cancelled; it stays queued") != []
+    assert [r.state for r in active(store)[qid].recipients] == [RecipientState.PENDING]
+    clock.advance(sched.retry.base)  # and it is tried again later
+    assert len(conn.calls) == 2
+    conn.answer(1, OK)
+    assert active(store) == {}
+
+
+def test_a_failing_destination_leaves_no_unhandled_error_behind(logged):
+    """Two destinations whose deliveries both fail (breaking the connector's
+    no-fail contract): one internal error for the message, and the second
+    failure, arriving after the first ended the attempt, is consumed rather
+    than left as an 'Unhandled error in Deferred'."""
+    later = defer.Deferred()
+
+    class Broken:
+        def deliver(self, dest, *args, **kw):
+            return defer.fail(RuntimeError(dest)) if dest == "a.test" else later
+
+        def close(self):
+            return defer.succeed(None)
+
+    store, sched, clock = memory_scheduler(Broken())
+    qid = store.enqueue("s@origin.test", ["x@a.test", "y@b.test"], MSG)
+    sched.start()
+    assert len(logged.matching("internal error; will retry")) == 1
+    later.errback(RuntimeError("b.test"))
+    unhandled = []
+    later.addErrback(unhandled.append)  # what garbage collection would log
+    assert unhandled == []
+    assert qid in active(store)
 
 
 def test_a_failed_state_write_is_retried_from_memory(logged):
