@@ -86,6 +86,17 @@ def aiosmtpd_sink() -> Iterator[Callable[..., AiosmtpdSink]]:
 
 
 @pytest.fixture
+def sink(aiosmtpd_sink: Callable[..., AiosmtpdSink]) -> AiosmtpdSink:
+    """An aiosmtpd sink on 127.0.0.1 accepting everything (started; stopped at teardown).
+
+    A test that needs refusals sets ``sink.rcpt_reply`` or ``sink.data_reply``
+    (see :class:`tests.support.peers.AiosmtpdSink`), so the behaviour is visible
+    in the test itself.
+    """
+    return aiosmtpd_sink()
+
+
+@pytest.fixture
 def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
     """Factory fixture: ``make_smtp_sink(**kwargs) -> SmtpSink`` (already listening).
 

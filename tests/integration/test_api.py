@@ -9,12 +9,13 @@ import socket
 import tempfile
 
 import trustme
-from tests.support.peers import AiosmtpdSink, PemContextFactory
-from twisted.internet import defer, protocol, reactor, threads
+from tests.support.peers import PemContextFactory
+from tests.support.trial import start_dns, start_sink
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.testing.loopback import start_dns_server, start_smtp_receiver
+from twisted_mailout.testing.loopback import start_smtp_receiver
 
 MSG = (b"Message-ID: <api@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: api\r\n\r\n.dot line\r\nbody\r\n")
@@ -23,22 +24,12 @@ MSG = (b"Message-ID: <api@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
 class SendmailTests(unittest.TestCase):
     timeout = 60
 
-    def sink(self, host="127.0.0.1", **kw):
-        s = AiosmtpdSink(host, **kw).start()
-        self.addCleanup(lambda: threads.deferToThread(s.stop))
-        return s
 
-    def dns(self, records):
-        udp, tcp, port = start_dns_server(
-            {"ttl": 300, "records": records, "authoritative_for": ["test"]}, reactor)
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
-        return port, tcp.factory
 
     @defer.inlineCallbacks
     def test_relay_delivers_bytes_unchanged_and_reports_each_recipient(self):
-        sink = self.sink(rcpt_reply=lambda r: "550 5.1.1 no such user"
-                         if r.startswith("nobody@") else None)
+        sink = start_sink(self, rcpt_reply=lambda r: "550 5.1.1 no such user"
+                          if r.startswith("nobody@") else None)
         report = yield twisted_mailout.sendmail(
             "a@origin.test", ["b@dest.test", "nobody@dest.test", "c@other.test"], MSG,
             relay=f"127.0.0.1:{sink.port}", timeout=10)
@@ -55,7 +46,7 @@ class SendmailTests(unittest.TestCase):
     def test_every_size_arrives_byte_for_byte(self):
         # Twisted's client breaks dot-stuffing at its 16 KiB chunk boundaries
         # and sends CRLF as CR CR LF; our session must not.
-        sink = self.sink()
+        sink = start_sink(self)
         sizes = [40, 41, 16383, 16384, 16385, 16386, 65535, 65536, 65537, 131073]
         sent = []
         for n in sizes:
@@ -72,9 +63,9 @@ class SendmailTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mx_routing_asks_only_the_given_resolver(self):
-        sink = self.sink("127.0.0.2")
-        six = self.sink("::1", port=sink.port)
-        port, server = self.dns({
+        sink = start_sink(self, "127.0.0.2")
+        six = start_sink(self, "::1", port=sink.port)
+        port, server = start_dns(self, {
             "dest.test": {"MX": [[10, "mx.dest.test"], [10, "mx2.dest.test"]]},
             "mx.dest.test": {"A": ["127.0.0.2"]},
             "mx2.dest.test": {"A": ["127.0.0.2"]},
@@ -114,7 +105,7 @@ class SendmailTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_dns_failures_are_results_not_errors(self):
-        port, _ = self.dns({"nullmx.test": {"MX": [[0, "."]]},
+        port, _ = start_dns(self, {"nullmx.test": {"MX": [[0, "."]]},
                             "broken.test": {"SERVFAIL": True}})
         report = yield twisted_mailout.sendmail(
             "a@origin.test", ["x@nullmx.test", "y@nowhere.test", "z@broken.test"], MSG,
@@ -191,9 +182,7 @@ class TooManyRecipientsTests(unittest.TestCase):
             counts["n"] = n
             return "452 4.5.3 too many recipients" if n > 2 else None
 
-        sink = AiosmtpdSink("127.0.0.1", rcpt_reply=rcpt_reply,
-                            data_reply=lambda rec: counts.clear()).start()
-        self.addCleanup(lambda: threads.deferToThread(sink.stop))
+        sink = start_sink(self, rcpt_reply=rcpt_reply, data_reply=lambda rec: counts.clear())
         rcpts = [f"r{i}@dest.test" for i in range(5)]
         report = yield twisted_mailout.sendmail("a@origin.test", rcpts, MSG,
                                                 relay=f"127.0.0.1:{sink.port}", timeout=10)
@@ -208,14 +197,10 @@ class SharedConnectionTests(unittest.TestCase):
 
     timeout = 60
 
-    def sink(self):
-        s = AiosmtpdSink("127.0.0.1").start()
-        self.addCleanup(lambda: threads.deferToThread(s.stop))
-        return s
 
     @defer.inlineCallbacks
     def test_calls_in_flight_together_share_a_few_connections(self):
-        sink = self.sink()
+        sink = start_sink(self)
         reports = yield defer.gatherResults([
             twisted_mailout.sendmail("a@origin.test", [f"r{i}@dest.test"], MSG,
                                      relay=f"127.0.0.1:{sink.port}", timeout=10, connections=2)
@@ -229,7 +214,7 @@ class SharedConnectionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_linger_keeps_the_connection_for_the_next_call(self):
-        sink = self.sink()
+        sink = start_sink(self)
         for i in range(3):
             report = yield twisted_mailout.sendmail(
                 "a@origin.test", [f"r{i}@dest.test"], MSG, relay=f"127.0.0.1:{sink.port}",

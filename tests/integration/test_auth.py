@@ -16,13 +16,13 @@ import shutil
 import tempfile
 
 from tests.support.tls_peers import RecordingProxy, TestPKI, TlsSmtpServer
+from tests.support.trial import start_dns
 from twisted.internet import defer, reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 import twisted_mailout
 from twisted_mailout.smtp.auth import Credentials
-from twisted_mailout.testing.loopback import start_dns_server
 
 RELAY = "smtp.relay.test"
 USER = "mailout-user@relay.test"
@@ -57,11 +57,7 @@ class _AuthTestBase(unittest.TestCase):
         self.tmp = tempfile.mkdtemp(prefix="auth-tests-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.pki = TestPKI(self.tmp, rsa=False)
-        udp, tcp, self.dns_port = start_dns_server(
-            {"ttl": 300, "records": {RELAY: {"A": ["127.0.0.1"]}},
-             "authoritative_for": ["test"]}, reactor)
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
+        self.dns_port, _ = start_dns(self, {RELAY: {"A": ["127.0.0.1"]}})
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)

@@ -29,8 +29,9 @@ import socket
 import time
 from collections import Counter
 
-from tests.support.peers import AiosmtpdSink, free_port
-from twisted.internet import defer, reactor, threads
+from tests.support.peers import AiosmtpdSink, free_port, zone
+from tests.support.trial import start_dns, start_sink
+from twisted.internet import defer
 from twisted.trial import unittest
 
 import twisted_mailout
@@ -38,17 +39,12 @@ from tests.support.daemon import Daemon, queue_list
 from tests.support.wait import wait_for
 from twisted_mailout.delivery import connector as connector_module
 from twisted_mailout import enqueue
-from twisted_mailout.testing.loopback import start_dns_server
 
 MSG = (b"Message-ID: <dns@test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: broken dns\r\n\r\nbody\r\n")
 
 #: How many of the 300 MX hosts are "black holes" (the TCP connect times out).
 BLACKHOLES = 2
-
-
-def zone(records: dict) -> dict:
-    return {"ttl": 300, "records": records, "authoritative_for": ["test"]}
 
 
 @contextlib.contextmanager
@@ -113,16 +109,7 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     timeout = 120
 
-    def sink(self, host="127.0.0.1", **kw):
-        s = AiosmtpdSink(host, **kw).start()
-        self.addCleanup(lambda: threads.deferToThread(s.stop))
-        return s
 
-    def dns(self, records):
-        udp, tcp, port = start_dns_server(zone(records), reactor)
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
-        return port, tcp.factory
 
     @defer.inlineCallbacks
     def send(self, rcpt, port, mx_port, timeout=3):
@@ -134,8 +121,8 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_servfail_defers_and_says_servfail(self):
-        sink = self.sink()
-        port, server = self.dns({"broken.test": {"SERVFAIL": True}})
+        sink = start_sink(self)
+        port, server = start_dns(self, {"broken.test": {"SERVFAIL": True}})
         r, elapsed = yield self.send("x@broken.test", port, sink.port)
         self.assertEqual((r.status, r.code, r.local, r.relay), ("deferred", 451, True, None))
         self.assertIn("SERVFAIL", r.text)
@@ -146,8 +133,8 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unanswered_query_defers_within_the_dns_timeout(self):
-        sink = self.sink()
-        port, server = self.dns({"slow.test": {"TIMEOUT": True},
+        sink = start_sink(self)
+        port, server = start_dns(self, {"slow.test": {"TIMEOUT": True},
                                  "slowmx.test": {"MX": [[10, "slow.test"]]}})
         r, elapsed = yield self.send("x@slow.test", port, sink.port, timeout=3)
         self.assertEqual((r.status, r.code, r.local), ("deferred", 451, True))
@@ -165,8 +152,8 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_nxdomain_bounces_with_5_1_2(self):
-        sink = self.sink()
-        port, _ = self.dns({"other.test": {"A": ["127.0.0.1"]}})
+        sink = start_sink(self)
+        port, _ = start_dns(self, {"other.test": {"A": ["127.0.0.1"]}})
         r, elapsed = yield self.send("x@nowhere.test", port, sink.port)
         self.assertEqual((r.status, r.code, r.local), ("bounced", 550, True))
         self.assertTrue(r.text.startswith("5.1.2 "), r.text)
@@ -177,8 +164,8 @@ class SendmailBrokenDNSTests(unittest.TestCase):
     def test_mx_target_that_is_a_cname_is_followed(self):
         # RFC 2181 10.3 says an MX must not point at an alias; real zones do it
         # anyway, and resolvers follow it: so do we.
-        sink = self.sink("127.0.0.2")
-        port, server = self.dns({
+        sink = start_sink(self, "127.0.0.2")
+        port, server = start_dns(self, {
             "alias.test": {"MX": [[10, "mail.alias.test"]]},
             "mail.alias.test": {"CNAME": "real-host.alias.test"},
             "real-host.alias.test": {"A": ["127.0.0.2"]},
@@ -193,8 +180,8 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mx_host_without_address_defers_unless_another_mx_works(self):
-        sink = self.sink("127.0.0.2")
-        port, _ = self.dns({
+        sink = start_sink(self, "127.0.0.2")
+        port, _ = start_dns(self, {
             "noaddr.test": {"MX": [[10, "empty.noaddr.test"]]},
             "empty.noaddr.test": {"TXT": ["no A, no AAAA"]},
             "backup.test": {"MX": [[10, "empty.noaddr.test"], [20, "mx2.backup.test"]]},
@@ -217,9 +204,9 @@ class SendmailBrokenDNSTests(unittest.TestCase):
         last one, after one attempt at every other host; the time is the
         black holes' connect timeouts plus a fraction of a second."""
         port_number = free_port("127.0.0.2")
-        sink = self.sink("127.0.0.2", port=port_number)
+        sink = start_sink(self, "127.0.0.2", port=port_number)
         holes = [f"127.0.20.{i + 1}" for i in range(BLACKHOLES)]
-        port, server = self.dns(many_mx_records("good.many.test", "127.0.0.2", holes))
+        port, server = start_dns(self, many_mx_records("good.many.test", "127.0.0.2", holes))
         with contextlib.ExitStack() as stack:
             for ip in holes:
                 stack.enter_context(blackhole(ip, port_number))
@@ -239,7 +226,7 @@ class SendmailBrokenDNSTests(unittest.TestCase):
     def test_three_hundred_mx_records_all_dead_defers_in_bounded_time(self):
         port_number = free_port("127.0.0.2")
         recs = many_mx_records("good.many.test", "127.0.0.2", [])
-        port, _ = self.dns(recs)  # nothing listens on the "good" host either
+        port, _ = start_dns(self, recs)  # nothing listens on the "good" host either
         r, elapsed = yield self.send("x@many.test", port, port_number, timeout=2)
         self.assertEqual((r.status, r.code, r.local), ("deferred", 421, True))
         self.assertIn("connection refused", r.text)
@@ -252,12 +239,12 @@ class SendmailBrokenDNSTests(unittest.TestCase):
         attempt, not 50 times (50 connect timeouts were it a black hole).
         Found by this test; fixed in Connector._open_any_host (48737c2)."""
         port_number = free_port("127.0.0.2")
-        self.sink("127.0.0.2", port=port_number)
+        start_sink(self, "127.0.0.2", port=port_number)
         recs = {f"alias{i}.shared.test": {"A": ["127.0.30.1"]} for i in range(50)}
         recs["good.shared.test"] = {"A": ["127.0.0.2"]}
         recs["shared.test"] = {"MX": [[10, f"alias{i}.shared.test"] for i in range(50)]
                                + [[20, "good.shared.test"]]}
-        port, _ = self.dns(recs)
+        port, _ = start_dns(self, recs)
         tried = Counter()
         original = connector_module.Connector._tcp_connect
 
@@ -273,7 +260,7 @@ class SendmailBrokenDNSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_resolver_down_defers_within_the_dns_timeout(self):
-        sink = self.sink()
+        sink = start_sink(self)
         down = free_port("127.0.0.1", socket.SOCK_DGRAM)  # nothing listens there
         r, elapsed = yield self.send("x@example.test", down, sink.port, timeout=3)
         self.assertEqual((r.status, r.code, r.local, r.relay), ("deferred", 451, True, None))
@@ -326,11 +313,11 @@ def test_daemon_broken_dns_outcomes_and_log_lines(tmp_path, dns_server):
             start = time.monotonic()
             d.start()
             wait_for(lambda: all(f"to=<{r}>" in d.log() for r in rcpts), 60,
-                       what="an outcome line for every recipient")
+                     what="an outcome line for every recipient")
             elapsed = time.monotonic() - start
             # the bounce for c@nowhere.test reaches the author
             wait_for(lambda: any(m["mail_from"] == "" for m in sink.messages), 30,
-                       what="the bounce")
+                     what="the bounce")
             log = d.log()
             entry = wait_for(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)[0]
         finally:

@@ -9,7 +9,6 @@ skipping them.
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import io
 import os
@@ -25,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
 from tests.support.peers import free_port
-from twisted.internet import defer, endpoints, protocol, reactor
+from tests.support.trial import deferred_test
+from twisted.internet import endpoints, protocol, reactor
 from twisted.names import dns
 from twisted.trial import unittest
 
@@ -210,16 +210,6 @@ def harness(pki: PKI, tmp_path_factory: pytest.TempPathFactory):
     h.stop()
 
 
-def inline(f):
-    """Run an ``async def`` trial test method as a Deferred."""
-
-    @functools.wraps(f)
-    def wrapper(self, *args, **kwargs):
-        return defer.Deferred.fromCoroutine(f(self, *args, **kwargs))
-
-    return wrapper
-
-
 class HarnessCase(unittest.TestCase):
     """A trial TestCase with ``self.h`` (the harness) and ``self.pki``."""
 
@@ -237,14 +227,14 @@ class HarnessCase(unittest.TestCase):
 class ResolverTests(HarnessCase):
     """DNSSECResolver against the validating Unbound."""
 
-    @inline
+    @deferred_test
     async def test_signed_tlsa_secure(self):
         lookup = await self.resolver().tlsa("mx.example.test")
         self.assertTrue(lookup.secure)
         self.assertEqual(lookup.name, "_25._tcp.mx.example.test")
         self.assertEqual(lookup.records, (rec(3, 1, 1, self.pki.ee),))
 
-    @inline
+    @deferred_test
     async def test_insecure_delegation_no_ad(self):
         lookup = await self.resolver().tlsa("mx.insecure.test")
         self.assertFalse(lookup.secure)
@@ -253,13 +243,13 @@ class ResolverTests(HarnessCase):
         self.assertFalse(mx.secure)
         self.assertEqual(mx.records, ((10, "mx.insecure.test"),))
 
-    @inline
+    @deferred_test
     async def test_secure_mx(self):
         mx = await self.resolver().mx("example.test")
         self.assertTrue(mx.secure)
         self.assertEqual(mx.records, ((10, "mx.example.test"),))
 
-    @inline
+    @deferred_test
     async def test_bogus_is_an_error(self):
         calls = (lambda r: r.tlsa("bogus.example.test"), lambda r: r.mx("bogusmx.example.test"))
         for call in calls:
@@ -271,7 +261,7 @@ class ResolverTests(HarnessCase):
         ok = await self.resolver().query("bogus.example.test", dns.A)
         self.assertTrue(ok.secure)
 
-    @inline
+    @deferred_test
     async def test_nodata_and_nxdomain_are_secure_and_empty(self):
         no_tlsa = await self.resolver().tlsa("notlsa.example.test")
         self.assertEqual((no_tlsa.secure, no_tlsa.records, no_tlsa.nxdomain), (True, (), True))
@@ -282,13 +272,13 @@ class ResolverTests(HarnessCase):
         insecure_nx = await self.resolver().query("nothing.insecure.test", dns.A)
         self.assertEqual((insecure_nx.secure, insecure_nx.nxdomain), (False, True))
 
-    @inline
+    @deferred_test
     async def test_cname_followed(self):
         a = await self.resolver().query("alias.example.test", dns.A)
         self.assertEqual((a.secure, a.canonical, a.records), (True, "mx.example.test",
                                                               ("127.0.0.1",)))
 
-    @inline
+    @deferred_test
     async def test_truncated_udp_retried_over_tcp(self):
         # No EDNS0: replies over 512 octets come back truncated over UDP.
         lookup = await self.resolver(udp_size=None).tlsa("big.example.test")
@@ -297,7 +287,7 @@ class ResolverTests(HarnessCase):
                          {rec(3, 0, 0, c) for c in self.pki.chain(self.pki.ta_leaf)})
         self.assertGreater(sum(len(r.data) + 16 for r in lookup.records), 512)
 
-    @inline
+    @deferred_test
     async def test_timeout_then_next_server(self):
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         silent.bind(("127.0.0.1", 0))
@@ -313,7 +303,7 @@ class ResolverTests(HarnessCase):
         lookup = await both.tlsa("mx.example.test")
         self.assertTrue(lookup.secure)
 
-    @inline
+    @deferred_test
     async def test_nothing_leaves_loopback(self):
         # Names outside the test zones: the root stub refuses, Unbound SERVFAILs.
         with self.assertRaises(dane.DNSSECLookupError) as cm:
@@ -333,7 +323,7 @@ class PolicyTests(HarnessCase):
     def policy(self, host, mx_secure=True, domain="example.test"):
         return dane.host_policy(self.resolver(), host, mx_secure=mx_secure, domain=domain)
 
-    @inline
+    @deferred_test
     async def test_usable_records_mean_dane(self):
         p = await self.policy("mx.example.test")
         self.assertEqual(p.mode, "dane")
@@ -341,13 +331,13 @@ class PolicyTests(HarnessCase):
         self.assertEqual(p.names, ("mx.example.test", "example.test"))
         self.assertEqual(p.tls_level, "encrypt")
 
-    @inline
+    @deferred_test
     async def test_only_unusable_records_mean_unauthenticated_tls(self):
         p = await self.policy("unusable.example.test")
         self.assertEqual((p.mode, p.records, p.tls_level), ("encrypt", (), "encrypt"))
         self.assertEqual(len(p.tlsa), 3)
 
-    @inline
+    @deferred_test
     async def test_no_dane_cases(self):
         for host, mx_secure, why in [
             ("notlsa.example.test", True, "no TLSA"),
@@ -358,13 +348,13 @@ class PolicyTests(HarnessCase):
             self.assertEqual((p.mode, p.tls_level), ("none", None), host)
             self.assertIn(why, p.reason)
 
-    @inline
+    @deferred_test
     async def test_cname_host_uses_expanded_name(self):
         p = await self.policy("alias.example.test")
         self.assertEqual((p.mode, p.host), ("dane", "mx.example.test"))
         self.assertEqual(p.names, ("mx.example.test", "alias.example.test", "example.test"))
 
-    @inline
+    @deferred_test
     async def test_bogus_tlsa_fails_the_host(self):
         with self.assertRaises(dane.DNSSECLookupError):
             await self.policy("bogus.example.test")
@@ -632,7 +622,7 @@ class StartTLSTests(HarnessCase):
     def policy(self, host):
         return dane.host_policy(self.resolver(), host, mx_secure=True, domain="example.test")
 
-    @inline
+    @deferred_test
     async def test_dane_ee_from_dns(self):
         p = await self.policy("mx.example.test")
         self.assertEqual(p.mode, "dane")
@@ -645,24 +635,24 @@ class StartTLSTests(HarnessCase):
         await self.deliver("mx.example.test", creator)
         self.assertEqual(creators[0].matched, rec(3, 1, 1, self.pki.ee))
 
-    @inline
+    @deferred_test
     async def test_dane_ee_sha512_full_certificate_from_dns(self):
         p = await dane.host_policy(self.resolver(), "ee512.example.test", mx_secure=True)
         # ee512's records are for the mx certificate, which the server sends by default.
         await self.deliver("ee512.example.test", p.tls_creator)
 
-    @inline
+    @deferred_test
     async def test_dane_ta_from_dns(self):
         p = await self.policy("ta.example.test")
         self.assertEqual(p.records, (rec(2, 0, 1, self.pki.root()),))
         await self.deliver("ta.example.test", p.tls_creator)
 
-    @inline
+    @deferred_test
     async def test_dane_ee_expired_wrong_name_certificate_accepted(self):
         r = rec(3, 1, 1, self.pki.ee_bad)
         await self.deliver("odd.example.test", lambda h: dane.dane_tls(h, [r]))
 
-    @inline
+    @deferred_test
     async def test_mismatch_refused_with_reason(self):
         p = await self.policy("mismatch.example.test")
         self.assertEqual(p.mode, "dane")
@@ -671,26 +661,26 @@ class StartTLSTests(HarnessCase):
         self.assertIn("DANE-EE", e.reply.text)
         self.assertEqual(e.reply.code, 421)
 
-    @inline
+    @deferred_test
     async def test_dane_ta_wrong_name_refused(self):
         r = rec(2, 0, 1, self.pki.root())
         e = await self.refused("ta.example.test",
                                lambda h: dane.dane_tls(h, [r], names=["other.example.test"]))
         self.assertIn("names", e.reply.text)
 
-    @inline
+    @deferred_test
     async def test_dane_ta_other_anchor_refused(self):
         r = rec(2, 0, 1, self.pki.load(self.pki.other_ca.cert_pem.bytes()))
         e = await self.refused("ta.example.test", lambda h: dane.dane_tls(h, [r]))
         self.assertIn("DANE authentication of ta.example.test failed", e.reply.text)
 
-    @inline
+    @deferred_test
     async def test_unusable_records_fall_back_to_unauthenticated_tls(self):
         p = await self.policy("unusable.example.test")
         self.assertEqual(p.mode, "encrypt")
         await self.deliver("unusable.example.test", p.tls_creator, tls=p.tls_level)
 
-    @inline
+    @deferred_test
     async def test_tls12_match_and_mismatch(self):
         good = rec(3, 1, 1, self.pki.ee)
         session = await self.deliver("mx.example.test", lambda h: dane.dane_tls(h, [good]),

@@ -99,13 +99,6 @@ def sentinel(q, sink, timeout=30) -> list[dict]:
     return got
 
 
-@pytest.fixture
-def sink():
-    s = AiosmtpdSink("127.0.0.1").start()
-    yield s
-    s.stop()
-
-
 # --------------------------------------------------------------------------- line ends, NUL
 
 
@@ -413,38 +406,35 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_disk_full_while_running_never_redelivers_an_accepted_recipient(tmp_path, small_disk):
+def test_disk_full_while_running_never_redelivers_an_accepted_recipient(tmp_path, small_disk,
+                                                                        sink):
     """The disk fills while the daemon runs; a message for two recipients
     arrives (renamed into new/: no space needed); the server accepts ok@ and
     defers later@, and the state cannot be written. ok@ must not get the
     message again; later@ gets it once the disk has room and the server
     takes it."""
-    sink = AiosmtpdSink(rcpt_reply=lambda r: "451 4.3.0 later" if r.startswith("later@")
-                        else None).start()
-    try:
-        q = small_disk / "q"
-        Queue(str(q))
-        staging = Queue(str(small_disk / "staging"))  # same file system: rename works
-        data = head("full") + b"Subject: disk full\r\n\r\nbody\r\n"
-        qid = staging.enqueue(SENDER, ["ok@dest.test", "later@dest.test"], data)
-        with Daemon(q, relay(sink), "--retry-base=1", "--retry-max=1",
-                    log=tmp_path / "daemon.log") as d:
-            wait_for(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
-            filler = fill(small_disk)
-            os.rename(small_disk / "staging" / "new" / qid, q / "new" / qid)
-            wait_for(lambda: d.log().count("No space left on device") >= 3, 30,
-                       what="three attempts on the full disk")
-            during = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
-            filler.unlink()
-            sink.rcpt_reply = None
-            wait_for(lambda: any("later@dest.test" in m["rcpt_tos"] for m in sink.messages),
-                       30, what="later@ delivered once the disk has room")
-            wait_empty(q)
-        oks = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
-        print(f"\ndisk full: ok@ received the message {during} times while full, {oks} in all")
-        assert oks == 1, f"ok@ got the message {oks} times ({during} while the disk was full)"
-    finally:
-        sink.stop()
+    sink.rcpt_reply = lambda r: "451 4.3.0 later" if r.startswith("later@") else None
+    q = small_disk / "q"
+    Queue(str(q))
+    staging = Queue(str(small_disk / "staging"))  # same file system: rename works
+    data = head("full") + b"Subject: disk full\r\n\r\nbody\r\n"
+    qid = staging.enqueue(SENDER, ["ok@dest.test", "later@dest.test"], data)
+    with Daemon(q, relay(sink), "--retry-base=1", "--retry-max=1",
+                log=tmp_path / "daemon.log") as d:
+        wait_for(lambda: "messages recovered" in d.log(), 30, what="the daemon to start")
+        filler = fill(small_disk)
+        os.rename(small_disk / "staging" / "new" / qid, q / "new" / qid)
+        wait_for(lambda: d.log().count("No space left on device") >= 3, 30,
+                 what="three attempts on the full disk")
+        during = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
+        filler.unlink()
+        sink.rcpt_reply = None
+        wait_for(lambda: any("later@dest.test" in m["rcpt_tos"] for m in sink.messages),
+                 30, what="later@ delivered once the disk has room")
+        wait_empty(q)
+    oks = sum("ok@dest.test" in m["rcpt_tos"] for m in sink.messages)
+    print(f"\ndisk full: ok@ received the message {during} times while full, {oks} in all")
+    assert oks == 1, f"ok@ got the message {oks} times ({during} while the disk was full)"
 
 
 # --------------------------------------------------------------------------- broken folder
@@ -635,7 +625,7 @@ def test_a_reply_code_out_of_range_defers_and_the_retry_delivers(tmp_path, sink,
         assert f"malformed reply line b'{code} 6.0.0 what is this'" in first, first
         sink.rcpt_reply = None  # the server is fixed: the retry must deliver
         wait_for(lambda: sink.messages or os.listdir(q / "corrupt"), 20,
-                   what="a retry (delivered) or the message moved to corrupt/")
+                 what="a retry (delivered) or the message moved to corrupt/")
         assert os.listdir(q / "corrupt") == [], d.log()
         [m] = sink.wait_for_messages(1, timeout=10)
         wait_empty(q)

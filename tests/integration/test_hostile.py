@@ -20,13 +20,13 @@ What a user relies on:
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.support.daemon import Daemon, env, queue_list
+from tests.support.trial import deferred_test
 from tests.support.wait import wait_for
 from tests.support.faulty_smtp import DEFAULT_EXTENSIONS, FaultySMTPServer
 from twisted.internet import defer, reactor
@@ -47,16 +47,6 @@ BOUND = 5 * TIMEOUT  # no case may take longer than this
 
 NO_PIPELINING = [e for e in DEFAULT_EXTENSIONS if e != "PIPELINING"]
 MODES = {"pipelined": list(DEFAULT_EXTENSIONS), "serial": NO_PIPELINING}
-
-
-def deferred_test(f):
-    """Run an C{async def} test method as a Deferred (trial waits for it)."""
-
-    @functools.wraps(f)
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    return wrapper
 
 
 def script(extensions, **stages):
@@ -810,7 +800,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
             return None
 
         row = wait_for(deferred_after_drop, 30,
-                         what=f"the recipient deferred after the drop\n{daemon.log()}")
+                       what=f"the recipient deferred after the drop\n{daemon.log()}")
         assert row["queue_id"] == qid
         [rc] = row["recipients"]
         assert rc["address"] == rcpt
@@ -825,7 +815,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
         first.stop()
         second = FaultyProcess(tmp_path, "second", {}, port=first.port).start()
         wait_for(lambda: queue_list(q) == [], 30,
-                   what=f"the retry to deliver and the queue to empty\n{daemon.log()}")
+                 what=f"the retry to deliver and the queue to empty\n{daemon.log()}")
         delivered = [e for e in second.events("message") if e["reply"] == 250]
         assert len(delivered) == 1, second.events("message")
         assert delivered[0]["rcpt_tos"] == [rcpt]

@@ -9,12 +9,12 @@ import tempfile
 
 from tests.support.https_peer import PolicyServer, Reply, policy
 from tests.support.tls_peers import TestPKI, TlsSmtpServer
+from tests.support.trial import start_dns
 from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.testing.loopback import start_dns_server
 from twisted_mailout.tls.mtasts import MTASTS
 from twisted_mailout.routing.resolver import make_resolver
 from twisted_mailout.tls.creators import load_trust_root
@@ -46,14 +46,12 @@ class MTASTSDeliveryTests(unittest.TestCase):
 
     def send(self, server, mx_host, mode="enforce", mx_patterns=("mx.sts.test",)):
         self.https.reply = Reply(body=policy(mode, list(mx_patterns)))
-        udp, tcp, port = start_dns_server({"ttl": 300, "authoritative_for": ["test"], "records": {
+        port, _ = start_dns(self, {
             "_mta-sts.sts.test": {"TXT": ["v=STSv1; id=20261123;"]},
             "mta-sts.sts.test": {"A": ["127.0.0.1"]},
             "sts.test": {"MX": [[10, mx_host]]},
             mx_host: {"A": ["127.0.0.1"]},
-        }}, reactor)
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
+        })
         resolver = f"127.0.0.1:{port}"
         sts = MTASTS(reactor, make_resolver([resolver], reactor, timeout=(1, 2)),
                      trust_root=load_trust_root(self.pki.cafile), https_port=self.https.port,

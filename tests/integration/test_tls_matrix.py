@@ -24,11 +24,11 @@ from tests.support.tls_peers import (
     TlsSmtpServer,
     require_postfix,
 )
-from twisted.internet import defer, reactor, threads
+from tests.support.trial import start_dns
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 import twisted_mailout
-from twisted_mailout.testing.loopback import start_dns_server
 
 MARK = b"tls-matrix-body-7f3a91"  # appears in the message text only
 MSG = (b"Message-ID: <tls-matrix@origin.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
@@ -63,12 +63,8 @@ class _TLSTestBase(unittest.TestCase):
 
     def dns(self, records):
         """Serve ``records`` (loopback.Zone format) in this reactor; return the port."""
-        udp, tcp, port = start_dns_server(
-            {"ttl": 300, "records": records, "authoritative_for": ["test"]}, reactor)
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
-        self.dns_port = port
-        return port
+        self.dns_port, _ = start_dns(self, records)
+        return self.dns_port
 
     def serve(self, server: TlsSmtpServer):
         """Start ``server`` and a recording proxy in front of it; both are

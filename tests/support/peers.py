@@ -3,6 +3,7 @@
 Everything here listens on loopback addresses only and every wait is bounded.
 
 * :func:`free_port` -- a currently unused port number on a loopback address;
+* :func:`zone` -- a zone description for the loopback DNS server;
 * :class:`DnsServerProcess` -- ``python -m twisted_mailout.testing.loopback dns`` in a subprocess;
 * :class:`AiosmtpdSink` -- an aiosmtpd SMTP receiver in its own thread;
 * :class:`SmtpSink` -- Postfix's ``smtp-sink`` in a subprocess, dumping each message to a file.
@@ -69,6 +70,22 @@ def _stop_process(proc: subprocess.Popen, timeout: float = _STOP_TIMEOUT) -> int
             proc.kill()
             proc.wait(timeout)
     return proc.returncode
+
+
+def zone(
+    records: dict[str, Any], *, ttl: int = 300, authoritative_for: Iterable[str] = ("test",)
+) -> dict[str, Any]:
+    """A zone description for the loopback DNS server (in process or not).
+
+    @param records: C{{name: {type: [values]}}}, for example
+        C{{"example.test": {"MX": [[10, "mx.example.test"]]}}}; see
+        L{twisted_mailout.testing.loopback} for the record types.
+    @param ttl: the TTL of every answer, in seconds.
+    @param authoritative_for: suffixes answered with NXDOMAIN for unlisted
+        names (anything else is REFUSED).
+    @return: the description dict (C{ttl}, C{records}, C{authoritative_for}).
+    """
+    return {"ttl": ttl, "records": records, "authoritative_for": list(authoritative_for)}
 
 
 class DnsServerProcess:

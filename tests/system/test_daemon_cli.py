@@ -130,13 +130,6 @@ def daemons():
         d.stop()
 
 
-@pytest.fixture
-def sink(aiosmtpd_sink):
-    """An aiosmtpd sink answering 451 for every recipient whose local part is C{later}."""
-    return aiosmtpd_sink(
-        rcpt_reply=lambda a: "451 4.3.0 Try later" if a.startswith("later@") else None)
-
-
 # --------------------------------------------------------------------------- 1. sendmail
 
 MESSAGE = b"From: Sender <sender@example.com>\nSubject: hello\n\nHello,\nworld.\n"
@@ -308,6 +301,7 @@ def _parse_when(s: str) -> datetime.datetime:
 
 
 def test_queue_list_after_a_run_shows_delivered_and_deferred(tmp_path, sink, daemons):
+    sink.rcpt_reply = lambda a: "451 4.3.0 Try later" if a.startswith("later@") else None
     q = tmp_path / "q"
     msg = b"Subject: half now, half later\nMessage-ID: <half@example.com>\n\nbody\n"
     r = sendmail(q, "-f", SENDER, "ok@example.org", "later@example.net", stdin=msg)
@@ -502,10 +496,10 @@ def test_zope_and_repoze_queue_files_are_drained(tmp_path, aiosmtpd_sink, daemon
     assert repoze["data"] == crlf(expected_repoze)
 
     wait_for(lambda: corrupt_name in files_in(q / "corrupt"), 30,
-               what=f"{corrupt_name} in corrupt/\n{d.log()}")
+             what=f"{corrupt_name} in corrupt/\n{d.log()}")
     assert (q / "corrupt" / corrupt_name).read_bytes() == b"Subject: no envelope at all\n\nlost\n"
     wait_for(lambda: queue_list(q) == [] and files_in(q / "new") == [], 30,
-               what="the queue to empty")
+             what="the queue to empty")
     wait_for(lambda: corrupt_name in d.log(), 10, what="the log to name the corrupt file")
     line = next(x for x in d.log().splitlines() if corrupt_name in x)
     assert "corrupt" in line and "envelope" in line, line

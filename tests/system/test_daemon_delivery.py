@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from tests.support.peers import AiosmtpdSink, free_port
+from tests.support.peers import AiosmtpdSink, free_port, zone
 
 from tests.support.daemon import Daemon, queue_list
 from tests.support.wait import wait_for
@@ -46,10 +46,6 @@ def start_sinks(hosts: dict[str, str], port: int, **kw) -> dict[str, AiosmtpdSin
 def stop_sinks(sinks):
     for s in sinks.values():
         s.stop()
-
-
-def zone(records: dict) -> dict:
-    return {"ttl": 300, "records": records, "authoritative_for": ["test"]}
 
 
 def received(sinks) -> list[dict]:
