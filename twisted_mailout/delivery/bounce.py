@@ -78,7 +78,7 @@ def make_dsn(entry: QueueEntry, original_headers: bytes, failed: list[RecipientS
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
 
     status = MIMEBase("message", "delivery-status")
-    blocks = []
+    blocks: list[Message | str] = []
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["X-Mailout-Queue-ID"] = entry.qid

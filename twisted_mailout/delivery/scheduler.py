@@ -418,7 +418,7 @@ class Scheduler:
             log.error("{qid}: corrupt state, moved to corrupt/: {err}", qid=qid, err=e)
             await self.io(self.queue.quarantine, qid, str(e))
             return None
-        size = entry.size
+        size = entry.size if entry.size is not None else 0  # set by load and pickup
         now = self.clock.seconds()
         due = entry.due(now)
         try:

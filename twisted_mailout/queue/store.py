@@ -291,7 +291,7 @@ class Queue:
     def incoming(self) -> list[str]:
         """Names waiting for pickup, as C{"new/NAME"} or C{"cur/NAME"}, oldest
         name first; dot files (another program's work in progress) skipped."""
-        out = []
+        out: list[str] = []
         for sub in ("new", "cur"):
             try:
                 names = os.listdir(self._p(sub))
@@ -324,8 +324,8 @@ class Queue:
             # found by the next listing.
             try:
                 self._backlog = self.incoming()
-            except OSError as e:
-                return Pickup([], [f"cannot list {self.path}/new or cur: {e}"])
+            except OSError as err:
+                return Pickup([], [f"cannot list {self.path}/new or cur: {err}"])
             self._backlog.reverse()  # pop() from the end gives the oldest first
         n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
         names = [self._backlog.pop() for _ in range(n)]
