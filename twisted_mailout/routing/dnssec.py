@@ -22,6 +22,7 @@ import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from twisted.internet import defer, protocol
 from twisted.names import dns
@@ -139,7 +140,7 @@ class Lookup:
 
 
 def _convert(rr: dns.RRHeader) -> object:
-    p = rr.payload
+    p: Any = rr.payload
     if rr.type == TLSA_TYPE:
         return parse_tlsa(p.data)
     if rr.type == dns.MX:
@@ -359,7 +360,7 @@ class DNSSECResolver:
             # EDNS0 OPT pseudo-RR (RFC 6891 6.1.2): CLASS = UDP payload size,
             # TTL = extended RCODE, version 0, flags (DO clear).
             m.additional = [dns.RRHeader(name=b"", type=dns.OPT, cls=self.udp_size, ttl=0,
-                                         payload=dns.UnknownRecord(b""))]
+                                         payload=cast(Any, dns.UnknownRecord(b"")))]
         return msg_id, m.toStr()
 
     async def _exchange(self, server, wire_name: bytes, rrtype: int):
@@ -393,7 +394,8 @@ class DNSSECResolver:
         left = max(deadline - self.reactor.seconds(), 0.1)
         factory = protocol.Factory.forProtocol(lambda: _TCPExchange(payload, check))
         factory.noisy = False
-        tcp = await tcp_endpoint(self.reactor, server[0], server[1], timeout=left).connect(factory)
+        endpoint = tcp_endpoint(self.reactor, server[0], server[1], timeout=left)
+        tcp = await endpoint.connect(cast(Any, factory))
         timer = self.reactor.callLater(
             max(deadline - self.reactor.seconds(), 0.1), tcp.transport.abortConnection)
         try:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from twisted.internet import defer, endpoints, interfaces
+from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPv6Address
 from twisted.names import client, dns, hosts, resolve
 from twisted.python.failure import Failure
@@ -39,6 +39,13 @@ DEFAULT_NEGATIVE_TTL = 60
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class Clock(Protocol):
+    """What the cache needs of C{IReactorTime}."""
+
+    def seconds(self) -> float:
+        """The current time, in seconds."""
 
 
 def normalise_name(name: str | bytes | dns.Name) -> str:
@@ -150,7 +157,7 @@ class TTLCache(Generic[K, V]):
         then the oldest one.
     """
 
-    def __init__(self, clock: interfaces.IReactorTime, max_ttl: float,
+    def __init__(self, clock: Clock, max_ttl: float,
                  max_entries: int = 10000) -> None:
         self.clock = clock
         self.max_ttl = max_ttl
@@ -196,12 +203,12 @@ class CNAMEChain:
         when there was none), normalised.
     """
 
-    records: list[dns.RRHeader]
+    records: list[Any]
     ttl: int | None
     canonical: str
 
 
-def follow_cnames(answers: Iterable[dns.RRHeader], qname: str | bytes | dns.Name,
+def follow_cnames(answers: Iterable[Any], qname: str | bytes | dns.Name,
                   rrtype: int, limit: int = 16) -> CNAMEChain:
     """The records of C{rrtype} for C{qname} in an answer section, following
     the CNAME chain inside it (RFC 1034 3.6.2).
@@ -236,7 +243,7 @@ def follow_cnames(answers: Iterable[dns.RRHeader], qname: str | bytes | dns.Name
     return CNAMEChain(records, min(ttls) if ttls else None, current)
 
 
-def negative_ttl(authority: Iterable[dns.RRHeader]) -> int:
+def negative_ttl(authority: Iterable[Any]) -> int:
     """How long to cache a negative answer (RFC 2308 5): the SOA record's
     TTL capped by its MINIMUM field, or L{DEFAULT_NEGATIVE_TTL} seconds."""
     for rr in authority:
@@ -300,8 +307,8 @@ async def _lookup_addresses(resolver: Any, host: str) -> AddressAnswer:
     return out
 
 
-def tcp_endpoint(reactor: Any, address: str, port: int,
-                 timeout: float = 30) -> interfaces.IStreamClientEndpoint:
+def tcp_endpoint(reactor: Any, address: str, port: int, timeout: float = 30
+                 ) -> endpoints.TCP4ClientEndpoint | endpoints.TCP6ClientEndpoint:
     """The TCP client endpoint for an address literal: C{TCP6ClientEndpoint}
     for IPv6, C{TCP4ClientEndpoint} otherwise (connections go to addresses
     the agent resolved itself, never through C{getaddrinfo}).

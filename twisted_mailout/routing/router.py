@@ -173,8 +173,8 @@ class MXRouter:
         self.clock = clock
         self.port = port
         self.rng = rng or _random.Random()
-        self._mx_cache = TTLCache(clock, max_ttl)
-        self._addr_cache = TTLCache(clock, max_ttl)
+        self._mx_cache: TTLCache[str, list[tuple[int, str]]] = TTLCache(clock, max_ttl)
+        self._addr_cache: TTLCache[str, list[str]] = TTLCache(clock, max_ttl)
 
     def route(self, domain: str) -> defer.Deferred:
         """The hosts to try for C{domain}, in order.
@@ -215,7 +215,7 @@ class MXRouter:
         by_pref: dict[int, list[str]] = {}
         for pref, host in mx:
             by_pref.setdefault(pref, []).append(host)
-        hops = []
+        hops: list[NextHop] = []
         for pref in sorted(by_pref):
             hosts = list(by_pref[pref])
             self.rng.shuffle(hosts)

@@ -46,6 +46,10 @@ __all__ = [
     "opportunistic_tls",
 ]
 
+#: An C{IOpenSSLTrustRoot} (Twisted exports the interface from a private
+#: module only, so it is not named in annotations).
+TrustRoot = Any
+
 #: C{authenticate(connection, chain)}: judge the server's chain (leaf first,
 #: pyOpenSSL C{X509}s) once OpenSSL has looked at it; raise to refuse it.
 Authenticator = Callable[[SSL.Connection, list[crypto.X509]], None]
@@ -60,7 +64,7 @@ def is_ip(host: str) -> bool:
     return isIPAddress(host) or isIPv6Address(host)
 
 
-def load_trust_root(cafile: str | None) -> interfaces.IOpenSSLTrustRoot:
+def load_trust_root(cafile: str | None) -> TrustRoot:
     """The trust root for the verifying levels: the certificates in C{cafile}
     (PEM, one or more), or the platform's store when L{None}.
 
@@ -85,7 +89,7 @@ def load_trust_root(cafile: str | None) -> interfaces.IOpenSSLTrustRoot:
     return ssl.trustRootFromCertificates(certs)
 
 
-def client_context(trust_root: interfaces.IOpenSSLTrustRoot | None = None) -> SSL.Context:
+def client_context(trust_root: TrustRoot | None = None) -> SSL.Context:
     """The one TLS client context builder.
 
     @param trust_root: the CA certificates the chain is verified against
@@ -189,7 +193,7 @@ def opportunistic_tls(hostname: str | None) -> ClientTLS:
 
 
 def name_checking_tls(sni: str | None, wanted: Sequence[str],
-                      trust_root: interfaces.IOpenSSLTrustRoot | None) -> ClientTLS:
+                      trust_root: TrustRoot | None) -> ClientTLS:
     """A connection creator for C{verify}, C{secure} and MTA-STS: the chain
     must verify against C{trust_root} (expiry included) and the server's
     certificate must name one of C{wanted} (L{twisted_mailout.tls.names}).

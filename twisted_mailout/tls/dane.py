@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, load_der_public_key
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
@@ -226,10 +226,14 @@ def _signed_by_key(cert: x509.Certificate, key) -> bool:
     """Whether C{key} (a public key object) made C{cert}'s signature."""
     try:
         params = cert.signature_algorithm_parameters
+        digest = cert.signature_hash_algorithm
         if isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, params,
-                       cert.signature_hash_algorithm)
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or digest is None:
+                return False
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params, digest)
         elif isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(params, ec.ECDSA):
+                return False
             key.verify(cert.signature, cert.tbs_certificate_bytes, params)
         elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
             key.verify(cert.signature, cert.tbs_certificate_bytes)

@@ -140,7 +140,9 @@ def _dns_san(cert: x509.Certificate) -> tuple[list[str], list[ipaddress.IPv4Addr
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):  # absent, or malformed
         return [], []
-    return san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
+    ips = [ip for ip in san.get_values_for_type(x509.IPAddress)
+           if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)]  # not networks
+    return san.get_values_for_type(x509.DNSName), ips
 
 
 def presented_names(cert: x509.Certificate | crypto.X509) -> list[str]:

@@ -42,13 +42,14 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import platformTrust
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     Logger,
     PredicateResult,
@@ -260,7 +261,10 @@ def json_observer(out_file) -> ILogObserver:
     def only_tlsrpt(event):
         return PredicateResult.yes if "tlsrpt" in event else PredicateResult.no
 
-    return FilteringLogObserver(jsonFileLogObserver(out_file), [only_tlsrpt])
+    # (casts: mypy does not see zope.interface declarations)
+    return cast(ILogObserver, FilteringLogObserver(
+        cast(ILogObserver, jsonFileLogObserver(out_file)),
+        [cast(ILogFilterPredicate, only_tlsrpt)]))
 
 
 def _epoch(value, what: str) -> float:
@@ -492,6 +496,8 @@ def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
     # store object does not keep the context alive.
     context = client_context(trust_root or platformTrust())
     store = context.get_cert_store()
+    if store is None:  # a client context always has one
+        return "validation-failure"
     try:
         crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
     except crypto.X509StoreContextError as e:
