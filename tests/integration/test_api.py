@@ -193,7 +193,7 @@ class TooManyRecipientsTests(unittest.TestCase):
 
 
 class SharedConnectionTests(unittest.TestCase):
-    """sendmail() calls made close together share connections (issue 5)."""
+    """sendmail() calls made close together share connections to the same relay."""
 
     timeout = 60
 

@@ -1,4 +1,5 @@
-"""Lose nothing, double nothing (issue item 6): broken DNS.
+"""Broken DNS: each fault defers, bounces or delivers as it should, within the
+DNS timeout, and no message is lost or sent twice.
 
 Every case runs against the real loopback DNS server of
 ``twisted_mailout.testing.loopback`` (twisted.names over UDP and TCP): in process for

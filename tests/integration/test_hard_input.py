@@ -1,4 +1,4 @@
-"""Lose nothing, double nothing (issue item 7): bad input and hard conditions.
+"""Bad input and hard conditions: the daemon loses no message and sends none twice.
 
 End to end: ``enqueue()`` into a queue folder, the real daemon (``twistd -n
 mailout``) delivering to an aiosmtpd sink (which records the DATA bytes as

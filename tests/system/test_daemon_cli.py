@@ -233,7 +233,7 @@ BAD_INPUTS = {
                                         "bad address"),
     "one good one bad": (MESSAGE, ["-f", SENDER, "ok@example.org", "bad@@example.org"], 64,
                          "bad address"),
-    # issue 10 item 5: a bare CR in To: read by -t once queued an extra RCPT TO
+    # recipient injection: a bare CR in To: read by -t once queued an extra RCPT TO
     "-t with a bare CR in To": (
         b"From: s@example.com\r\nTo: <victim@example.org\rRCPT TO:<evil@example.org>>\r\n"
         b"Subject: x\r\n\r\nbody\r\n", ["-t", "-f", SENDER], 65,
