@@ -111,12 +111,27 @@ class DeliveryService(service.Service):
 
     def startService(self):
         super().startService()
+        # twistd builds the service (and takes the lock) before it daemonizes;
+        # the lock, inherited across the fork, now names the process that runs.
+        try:
+            self.queue.write_pid()
+        except OSError as e:
+            log.warn("cannot write the pid into {queue}/lock: {err}", queue=self.queue.path,
+                     err=e.strerror or e)
         log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
                  mode=f"relay {self.config.relay}" if self.config.relay else
                  f"MX routing, port {self.config.mx_port}")
         self.started = self.scheduler.start()
         self.started.addCallback(self._watch)
-        self.started.addErrback(lambda f: log.failure("mailout failed to start", f))
+        self.started.addErrback(self._start_failed)
+
+    def _start_failed(self, failure):
+        """The queue could not be recovered: say so, and stop (release the
+        lock) rather than keep "running" without delivering anything."""
+        log.failure("mailout failed to start; the service stops", failure)
+        if self.running:
+            return self.stopService()
+        return None
 
     def _watch(self, _):
         if not self.running:
