@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import os
 import socket
 import ssl
-import threading
 
 import pytest
 import trustme
@@ -23,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
-from tests.support.peers import free_port
+from tests.support.tls_peers import TlsSmtpServer, sni_server_context
 from tests.support.trial import deferred_test
 from twisted.internet import endpoints, protocol, reactor
 from twisted.names import dns
@@ -516,49 +514,17 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
-class StartTLSServer:
+def arrived(server: TlsSmtpServer) -> list[tuple[str, bool]]:
+    """(MAIL FROM, whether TLS protected it) of each message C{server} received."""
+    return [(m["mail_from"], m["tls"] is not None) for m in server.messages]
+
+
+def start_starttls_server(workdir, chains, default: str,
+                          max_version: ssl.TLSVersion | None = None) -> TlsSmtpServer:
     """aiosmtpd with STARTTLS on 127.0.0.1, choosing its certificate chain by
     the SNI name the client sends (the TLSA base domain)."""
-
-    def __init__(self, workdir, chains: dict[str, tuple[bytes, bytes]], default: str,
-                 max_version: ssl.TLSVersion | None = None):
-        from aiosmtpd.controller import Controller
-
-        self.messages: list[tuple[str, bool]] = []
-        self.lock = threading.Lock()
-        contexts = {}
-        for name, (chain_pem, key_pem) in chains.items():
-            path = os.path.join(workdir, f"{name}.pem")
-            with open(path, "wb") as f:
-                f.write(key_pem + chain_pem)
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(path)
-            if max_version is not None:
-                ctx.maximum_version = max_version
-            contexts[name] = ctx
-        base = contexts[default]
-
-        def pick(sslobj, server_name, _ctx):
-            if server_name in contexts:
-                sslobj.context = contexts[server_name]
-
-        base.sni_callback = pick
-        server = self
-
-        class Handler:
-            async def handle_DATA(self, srv, session, envelope):
-                with server.lock:
-                    server.messages.append((envelope.mail_from, session.ssl is not None))
-                return "250 2.0.0 OK"
-
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=free_port(),
-                                     tls_context=base, server_hostname="dane.sink.test",
-                                     ready_timeout=10.0)
-        self.controller.start()
-        self.port = self.controller.port
-
-    def stop(self):
-        self.controller.stop()
+    context = sni_server_context(chains, default, workdir, max_version=max_version)
+    return TlsSmtpServer(tls_context=context, server_hostname="dane.sink.test").start()
 
 
 @pytest.fixture(scope="module")
@@ -571,9 +537,9 @@ def starttls_server(pki: PKI, tmp_path_factory):
         "ta.example.test": (_pem_chain(pki.chain(pki.ta_leaf)),
                             pki.ta_leaf.private_key_pem.bytes()),
     }
-    server = StartTLSServer(str(tmp_path_factory.mktemp("tls")), chains, "mx.example.test")
-    tls12 = StartTLSServer(str(tmp_path_factory.mktemp("tls12")), chains, "mx.example.test",
-                           max_version=ssl.TLSVersion.TLSv1_2)
+    server = start_starttls_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
+    tls12 = start_starttls_server(tmp_path_factory.mktemp("tls12"), chains, "mx.example.test",
+                                  max_version=ssl.TLSVersion.TLSv1_2)
     server.tls12 = tls12
     yield server
     server.stop()
@@ -588,7 +554,7 @@ class StartTLSTests(HarnessCase):
         type(self).server = starttls_server
 
     async def deliver(self, hostname: str, creator, tls: str = "encrypt",
-                      server: StartTLSServer | None = None) -> ESMTPSession:
+                      server: TlsSmtpServer | None = None) -> ESMTPSession:
         server = server or self.server
         session = ESMTPSession("client.test", reactor, tls=tls, tls_creator=creator,
                                hostname=hostname, timeouts=Timeouts.scaled(10))
@@ -606,8 +572,7 @@ class StartTLSTests(HarnessCase):
         self.assertEqual(result.replies["rcpt@example.test"].code, 250)
         self.assertTrue(session.encrypted)
         await session.quit()
-        with server.lock:
-            self.assertIn((sender, True), server.messages)
+        self.assertIn((sender, True), arrived(server))
         return session
 
     async def refused(self, hostname: str, creator, server=None) -> SessionError:

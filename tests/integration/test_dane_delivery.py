@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
-from tests.integration.test_dane import PKI, StartTLSServer, _pem_chain, _pem_key, flipped, rec, zone_line
+from tests.integration.test_dane import (PKI, _pem_chain, _pem_key, arrived, flipped, rec,
+                                         start_starttls_server, zone_line)
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -24,7 +25,7 @@ def world(tmp_path_factory):
     require_tools()
     pki = PKI()
     chains = {"mx.example.test": (_pem_chain([pki.ee]), _pem_key(pki.ee_key))}
-    server = StartTLSServer(str(tmp_path_factory.mktemp("tls")), chains, "mx.example.test")
+    server = start_starttls_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
     port = server.port
     good = rec(3, 1, 1, pki.ee)
     example = Zone("example.test", [
@@ -67,8 +68,7 @@ class DANEDeliveryTests(unittest.TestCase):
             tls=tls, dnssec_resolver=resolver if dnssec else None, timeout=10)
 
     def arrived(self):
-        with self.server.lock:
-            return list(self.server.messages)
+        return arrived(self.server)
 
     @defer.inlineCallbacks
     def test_matching_dane_ee_record_delivers_over_tls_despite_a_self_signed_certificate(self):

@@ -10,7 +10,8 @@ cleanup).
   offered / not offered / answered 454 / accepted then broken, or implicit TLS
   (RFC 8314); optional AUTH (PLAIN, LOGIN built in; CRAM-MD5 and XOAUTH2 added
   here). Each message and each connection records, *server side*, whether TLS
-  protected it;
+  protected it; with :func:`sni_server_context`, the certificate is chosen by
+  the SNI name the client sends (the DANE tests);
 * :class:`RecordingProxy` -- a TCP proxy that records both directions to bytes,
   so a test can prove what crossed the wire in the clear;
 * :class:`PostfixServer` -- a private Postfix instance (own config and queue
@@ -370,6 +371,42 @@ class _TlsHandler:
         return result
 
 
+def sni_server_context(chains: dict[str, tuple[bytes, bytes]], default: str,
+                       workdir: str | os.PathLike[str],
+                       max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A server-side TLS context that presents a certificate chosen by the
+    SNI name the client sends (for DANE, the TLSA base domain).
+
+    @param chains: C{{server_name: (chain_pem, key_pem)}}, PEM bytes; the
+        chain is the server certificate first.
+    @param default: the name in C{chains} whose chain is presented when the
+        client sends no SNI name, or one not in C{chains}.
+    @param workdir: a folder for the key and chain files the C{ssl} module
+        loads them from (the caller removes it).
+    @param max_version: the highest TLS version offered (None: the default).
+    @return: the context of C{default}, with an SNI callback switching to
+        the others.
+    """
+    contexts = {}
+    for name, (chain_pem, key_pem) in chains.items():
+        path = os.path.join(workdir, f"{name}.pem")
+        with open(path, "wb") as f:
+            f.write(key_pem + chain_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(path)
+        if max_version is not None:
+            ctx.maximum_version = max_version
+        contexts[name] = ctx
+
+    def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        if server_name in contexts:
+            sslobj.context = contexts[server_name]
+
+    base = contexts[default]
+    base.sni_callback = pick
+    return base
+
+
 class TlsSmtpServer:
     """An aiosmtpd server on 127.0.0.1 for the TLS and AUTH tests.
 
@@ -390,6 +427,9 @@ class TlsSmtpServer:
     @param auth_failure: the reply to a wrong password (default
         ``535 5.7.8 ...``; e.g. ``"454 4.7.0 Temporary authentication failure"``).
     @param server_hostname: the name in the greeting.
+    @param tls_context: a ready server-side C{ssl.SSLContext} to use instead
+        of C{cert}'s (for example one from L{sni_server_context}, which picks
+        the certificate by the name the client asks for).
 
     ``messages``: dicts with ``mail_from``, ``rcpt_tos``, ``data`` (bytes as
     received), ``tls`` (e.g. ``"TLSv1.3"``, or None when it came in
@@ -402,12 +442,14 @@ class TlsSmtpServer:
                  implicit: bool = False, credentials: dict[str, str] | None = None,
                  auth_require_tls: bool = True, mechanisms: tuple[str, ...] | None = None,
                  auth_failure: str | None = None,
-                 server_hostname: str = "tls-peer.test") -> None:
+                 server_hostname: str = "tls-peer.test",
+                 tls_context: ssl.SSLContext | None = None) -> None:
         if starttls not in STARTTLS_MODES:
             raise ValueError(f"starttls must be one of {STARTTLS_MODES}")
-        if cert is None and (implicit or starttls != "none"):
+        if cert is None and tls_context is None and (implicit or starttls != "none"):
             raise ValueError("a certificate is needed to offer STARTTLS or implicit TLS")
         self.cert = cert
+        self.tls_context = tls_context
         self.starttls = starttls
         self.implicit = implicit
         self.credentials = dict(credentials or {})
@@ -481,12 +523,18 @@ class TlsSmtpServer:
 
     # -- life ---------------------------------------------------------------
 
+    def _server_context(self) -> ssl.SSLContext:
+        if self.tls_context is not None:
+            return self.tls_context
+        assert self.cert is not None
+        return self.cert.server_context()
+
     def start(self, attempts: int = 5) -> TlsSmtpServer:
         """Listen on a free loopback port; return self."""
         controller_cls, _ = _make_tls_classes()
         kwargs: dict[str, Any] = {"server_hostname": self.server_hostname}
-        if self.cert is not None and not self.implicit and self.starttls != "none":
-            kwargs["tls_context"] = self.cert.server_context()
+        if not self.implicit and self.starttls != "none":
+            kwargs["tls_context"] = self._server_context()
             kwargs["require_starttls"] = False
         if self.credentials:
             kwargs["authenticator"] = self._authenticator
@@ -505,7 +553,7 @@ class TlsSmtpServer:
             port = free_port(self.host)
             controller = controller_cls(
                 handler, peer_server=self, hostname=self.host, port=port, ready_timeout=10.0,
-                ssl_context=self.cert.server_context() if self.implicit else None,
+                ssl_context=self._server_context() if self.implicit else None,
                 **kwargs)
             try:
                 controller.start()
