@@ -87,18 +87,19 @@ def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
     @param reactor: the reactor, running in another thread.
     @param f: the function; it may return a Deferred.
     @return: the result.
-    @raise RuntimeError: called in the reactor thread (it would wait for
-        itself), or the reactor is not running.
+    @raise RuntimeError: the reactor is not running, or this is its thread
+        (it would wait for itself).
     """
     from twisted.internet import threads
 
-    if threadable.isInIOThread():
-        raise RuntimeError("a blocking send was called in the reactor thread: use send(), "
-                           "which returns a Deferred")
-    if not reactor.running:
+    in_reactor_thread = threadable.isInIOThread()
+    if in_reactor_thread or not reactor.running:
+        where = "in the reactor thread" if in_reactor_thread else "with no reactor running"
         raise RuntimeError(
-            "delivering now needs a running Twisted reactor in another thread; from a "
-            "program without one, use queue:// (the daemon delivers) or sendmail://")
+            f"a blocking send was called {where}: delivering now needs a running Twisted "
+            "reactor in another thread (in the reactor thread, use send(), which returns a "
+            "Deferred); from a program without one, use queue:// (the daemon delivers) or "
+            "sendmail://")
     return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
 
 

@@ -33,9 +33,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from twisted_mailout.api import DeliveryReport, RecipientResult
+from twisted.internet import defer
+
+from twisted_mailout import api
+from twisted_mailout.api import DeliveryReport, RecipientResult, SMTPClient, default_reactor
 from twisted_mailout.envelope import AddressError, Reply, parse_sender
 from twisted_mailout.errors import DeliveryError
 from twisted_mailout.message import MessageError, coerce_message, prepare_message
@@ -219,15 +223,19 @@ class SMTPDelivery(Delivery):
         and MX routing); resolv.conf when L{None}.
     @param mx_port: the port of MX hosts (tests).
     @param reactor: the reactor; the global one when L{None}.
+    @param client: an L{SMTPClient} to send with instead of the clients
+        L{twisted_mailout.api.sendmail} shares (the other arguments are then
+        ignored); e.g. the client of L{twisted_mailout.testing.memory.StubSMTP}.
     @raise ValueError: a bad TLS level, timeout or port.
     """
 
     scheme = "smtp"
     asynchronous = True
 
-    def __init__(self, relay: str | None = None, *, auth=None, tls: str = "may", cafile=None,
-                 timeout: float = 60.0, helo: str | None = None, resolver: str | None = None,
-                 mx_port: int = 25, reactor=None):
+    def __init__(self, relay: str | None = None, *, auth: tuple[str, str] | None = None,
+                 tls: str = "may", cafile: str | None = None, timeout: float = 60.0,
+                 helo: str | None = None, resolver: str | None = None, mx_port: int = 25,
+                 reactor: Any = None, client: SMTPClient | None = None) -> None:
         if tls not in TLS_CHOICES:
             raise ValueError(f"tls must be one of {', '.join(TLS_CHOICES)}, not {tls!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -237,6 +245,9 @@ class SMTPDelivery(Delivery):
                     and all(isinstance(x, str) for x in auth)):
                 raise ValueError("auth must be (username, password), two str")
             auth = (auth[0], auth[1])
+        self.client = client
+        if client is not None:
+            relay, reactor = client.relay, client.reactor
         self.relay = relay
         self._auth = auth
         self.tls = tls
@@ -261,20 +272,20 @@ class SMTPDelivery(Delivery):
         user = f"{self._auth[0]}:***@" if self._auth else ""
         return f"{self.scheme}://{user}{host}?tls={self.tls}"
 
-    def send(self, sender, recipients, message, *, message_id=None):
-        """Deliver now. @return: a C{Deferred} firing with a L{DeliveryReport};
-        it fails only for bad input (L{AddressError}, L{MessageError},
-        C{ValueError})."""
-        from twisted.internet import defer
+    def send(self, sender, recipients, message, *,
+             message_id: str | None = None) -> defer.Deferred[DeliveryReport]:
+        """Deliver now (always a C{Deferred}, see L{Delivery.send}).
 
-        from twisted_mailout import api
-
+        @return: a C{Deferred} firing with a L{DeliveryReport}; it fails only
+            for bad input (L{AddressError}, L{MessageError}, C{ValueError})."""
         try:
             env = prepare(sender, recipients, message)
         except (AddressError, MessageError) as e:
             return defer.fail(e)
-        kwargs = {"relay": self.relay, "tls": self.tls, "cafile": self.cafile,
-                  "timeout": self.timeout, "reactor": self.reactor}
+        if self.client is not None:
+            return self.client.send(env.sender, env.recipients, env.data)
+        kwargs: dict[str, Any] = {"relay": self.relay, "tls": self.tls, "cafile": self.cafile,
+                                  "timeout": self.timeout, "reactor": self.reactor}
         if self.helo:
             kwargs["helo"] = self.helo
         if self.resolver:
@@ -283,33 +294,20 @@ class SMTPDelivery(Delivery):
             kwargs["mx_port"] = self.mx_port
         if self._auth is not None:
             kwargs["auth"] = self._auth
-        try:
-            return api.sendmail(env.sender, env.recipients, env.data, **kwargs)
-        except TypeError as e:  # an api.sendmail without auth= yet
-            return defer.fail(TypeError(f"twisted_mailout.api.sendmail cannot do what "
-                                        f"{self.url()} asks: {e}"))
+        return api.sendmail(env.sender, env.recipients, env.data, **kwargs)
 
-    def send_blocking(self, sender, recipients, message, *, message_id=None):
+    def send_blocking(self, sender, recipients, message, *,
+                      message_id: str | None = None) -> DeliveryReport:
         """L{send} from a thread other than the reactor's, waiting for the
         report. The reactor must be running in another thread.
 
         @return: the L{DeliveryReport}.
         @raise RuntimeError: called in the reactor thread (it would wait for
-            itself) or the reactor is not running.
+            itself) or the reactor is not running (L{api.blocking_call}).
         """
-        from twisted.internet import threads
-        from twisted.python import threadable
-
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        if threadable.isInIOThread():
-            raise RuntimeError("send_blocking() called in the reactor thread: use send()")
-        if not reactor.running:
-            raise RuntimeError(
-                "smtp:// delivery needs a running Twisted reactor; from a program without "
-                "one, use queue:// (the daemon delivers) or sendmail://")
-        return threads.blockingCallFromThread(reactor, self.send, sender, recipients, message)
+        report: DeliveryReport = api.blocking_call(
+            default_reactor(self.reactor), self.send, sender, recipients, message)
+        return report
 
 
 # -- in memory, files, console, null ------------------------------------------

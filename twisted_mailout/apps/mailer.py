@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from twisted.logger import Logger
 
+from twisted_mailout.api import blocking_call, default_reactor
 from twisted_mailout.apps.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
 from twisted_mailout.envelope import AddressError, Reply
 from twisted_mailout.message import (
@@ -526,15 +527,5 @@ class Mailer:
             return join(self, delivery, sender, recipients, data)
         if not delivery.asynchronous:
             return self.deliver(delivery, sender, recipients, data)
-        from twisted.internet import threads
-        from twisted.python import threadable
-
-        reactor = getattr(delivery, "reactor", None)
-        if reactor is None:
-            from twisted.internet import reactor
-        if threadable.isInIOThread() or not reactor.running:
-            raise RuntimeError(
-                f"{delivery.url()} needs a running Twisted reactor in another thread; "
-                "without one, use queue:// (the daemon delivers) or sendmail://")
-        return threads.blockingCallFromThread(reactor, self.deliver, delivery, sender,
-                                              recipients, data)
+        return blocking_call(default_reactor(getattr(delivery, "reactor", None)), self.deliver,
+                             delivery, sender, recipients, data)

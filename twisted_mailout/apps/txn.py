@@ -27,10 +27,12 @@ L{MailBounced} event (and logged), never raised into the committing code.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_mailout.api import default_reactor
 from twisted_mailout.apps.deliveries import Delivery, DeliveryError, QueueDelivery, new_message_id
 from twisted_mailout.apps.mailer import MailBounced
 from twisted_mailout.queue.store import validate_envelope
@@ -247,11 +249,8 @@ def in_reactor_thread() -> bool:
     return threadable.ioThread is None and threading.current_thread() is threading.main_thread()
 
 
-def _reactor_of(delivery: Delivery):
-    reactor = getattr(delivery, "reactor", None)
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
+def _reactor_of(delivery: Delivery) -> Any:
+    return default_reactor(getattr(delivery, "reactor", None))
 
 
 def join(mailer, delivery: Delivery, sender, recipients, data: bytes) -> str:
