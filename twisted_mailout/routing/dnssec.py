@@ -22,6 +22,7 @@ import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import defer, protocol
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 TLSA_TYPE = 52  # RFC 6698 7.1; twisted.names has no Record_TLSA
+
+#: Checks a reply's bytes: the C{dns.Message} when it answers the query, else L{None}.
+_Check = Callable[[bytes], "dns.Message | None"]
 
 _RCODES = {1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
@@ -157,16 +161,18 @@ def _convert(rr: dns.RRHeader) -> object:
 class _UDPExchange(protocol.DatagramProtocol):
     """Sends one query datagram; C{d} fires with the first matching reply."""
 
-    def __init__(self, server: tuple[str, int], payload: bytes, check):
+    transport: Any  # an IUDPTransport (mypy does not see zope.interface declarations)
+
+    def __init__(self, server: tuple[str, int], payload: bytes, check: _Check) -> None:
         self.server = server
         self.payload = payload
         self.check = check
         self.d: defer.Deferred = defer.Deferred()
 
-    def startProtocol(self):
+    def startProtocol(self) -> None:
         self.transport.write(self.payload, self.server)
 
-    def datagramReceived(self, data, addr):
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
         if self.d.called or (addr[0], addr[1]) != self.server:
             return  # late, or from someone else: ignored
         reply = self.check(data)
@@ -179,17 +185,19 @@ class _TCPExchange(protocol.Protocol):
     fires, once the connection is closed, with the reply (a C{dns.Message})
     or the reason there is none (an exception)."""
 
-    def __init__(self, payload: bytes, check):
+    transport: Any  # an ITCPTransport
+
+    def __init__(self, payload: bytes, check: _Check) -> None:
         self.payload = payload
         self.check = check
         self.buf = b""
         self.result: object = None
         self.lost: defer.Deferred = defer.Deferred()
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self.transport.write(struct.pack("!H", len(self.payload)) + self.payload)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self.result is not None:
             return
         self.buf += data
@@ -203,7 +211,7 @@ class _TCPExchange(protocol.Protocol):
             "malformed or mismatched reply over TCP")
         self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(self.result if self.result is not None else reason.value)
 
 
@@ -239,8 +247,8 @@ class DNSSECResolver:
     @raise ValueError: no server, or one that is not an IP address literal.
     """
 
-    def __init__(self, reactor, servers: Sequence[tuple[str, int]], timeout: float = 5.0,
-                 udp_size: int | None = 1232):
+    def __init__(self, reactor: Any, servers: Sequence[tuple[str, int]], timeout: float = 5.0,
+                 udp_size: int | None = 1232) -> None:
         if not servers:
             raise ValueError("DNSSECResolver needs at least one server")
         for host, port in servers:
@@ -257,7 +265,7 @@ class DNSSECResolver:
 
     # -- public lookups -----------------------------------------------------
 
-    def query(self, name: str, rrtype: int) -> defer.Deferred:
+    def query(self, name: str, rrtype: int) -> defer.Deferred[Lookup]:
         """Look up C{name}/C{rrtype} (class IN).
 
         @param name: an A-label domain name (str; a trailing dot is fine).
@@ -271,7 +279,7 @@ class DNSSECResolver:
         """
         return defer.Deferred.fromCoroutine(self._query(name, rrtype))
 
-    def tlsa(self, host: str, port: int = 25) -> defer.Deferred:
+    def tlsa(self, host: str, port: int = 25) -> defer.Deferred[Lookup]:
         """The TLSA records of C{_PORT._tcp.HOST} (RFC 7672 2.2.3).
 
         @return: as L{query}; C{Lookup.records} holds L{TLSA} objects (all of
@@ -281,7 +289,7 @@ class DNSSECResolver:
         """
         return self.query(tlsa_name(host, port), TLSA_TYPE)
 
-    def mx(self, domain: str) -> defer.Deferred:
+    def mx(self, domain: str) -> defer.Deferred[Lookup]:
         """The MX records of C{domain}, so the router can tell whether the
         MX RRset is secure (RFC 7672 2.2.1).
 
@@ -289,7 +297,7 @@ class DNSSECResolver:
         """
         return self.query(domain, dns.MX)
 
-    def addresses_secure(self, host: str) -> defer.Deferred:
+    def addresses_secure(self, host: str) -> defer.Deferred[tuple[bool, str]]:
         """Whether C{host}'s address records are secure (RFC 7672 2.2.3):
         its A lookup and its AAAA lookup both came back with the AD bit
         (NODATA counts, when its denial is secure).
@@ -300,7 +308,7 @@ class DNSSECResolver:
         """
         return defer.Deferred.fromCoroutine(self._addresses_secure(host))
 
-    async def _addresses_secure(self, host):
+    async def _addresses_secure(self, host: str) -> tuple[bool, str]:
         a = await self.query(host, dns.A)
         aaaa = await self.query(host, dns.AAAA)
         return a.secure and aaaa.secure, a.canonical
@@ -363,10 +371,11 @@ class DNSSECResolver:
                                          payload=cast(Any, dns.UnknownRecord(b"")))]
         return msg_id, m.toStr()
 
-    async def _exchange(self, server, wire_name: bytes, rrtype: int):
+    async def _exchange(self, server: tuple[str, int], wire_name: bytes,
+                        rrtype: int) -> dns.Message:
         msg_id, payload = self._message(wire_name, rrtype)
 
-        def check(data: bytes):
+        def check(data: bytes) -> dns.Message | None:
             reply = dns.Message()
             try:
                 reply.fromStr(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,6 +21,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from twisted_mailout.envelope import Reply
 from twisted_mailout.routing.resolver import (
+    Clock,
     TTLCache,
     follow_cnames,
     lookup_addresses,
@@ -106,7 +108,7 @@ def parse_relay(text: str) -> tuple[str, int, bool]:
     return host, port, scheme == "smtps"
 
 
-def _dns_error(f, what: str) -> RouteError:
+def _dns_error(f: Failure, what: str) -> RouteError:
     """Map a twisted.names failure to a RouteError."""
     if f.check(dnserror.DNSNameError):
         return _perm(550, f"5.1.2 {what}: host or domain name not found (NXDOMAIN)")
@@ -168,7 +170,8 @@ class MXRouter:
     implicit_tls = False
     name = None
 
-    def __init__(self, resolver, clock, port: int = 25, rng=None, max_ttl: float = 3600):
+    def __init__(self, resolver: Any, clock: Clock, port: int = 25,
+                 rng: _random.Random | None = None, max_ttl: float = 3600) -> None:
         self.resolver = resolver
         self.clock = clock
         self.port = port
@@ -272,8 +275,8 @@ class RelayRouter:
 
     relay = True
 
-    def __init__(self, host: str, port: int, resolver, clock, implicit_tls: bool = False,
-                 name: str | None = None):
+    def __init__(self, host: str, port: int, resolver: Any, clock: Clock,
+                 implicit_tls: bool = False, name: str | None = None) -> None:
         self.hop = NextHop(host, port)
         self._mx = MXRouter(resolver, clock, port)
         #: the relay speaks TLS from the first byte (smtps://).
@@ -290,7 +293,7 @@ class RelayRouter:
         without addresses is a temporary failure."""
         d = self._mx.addresses(hop)
 
-        def temp(f):
+        def temp(f: Failure) -> Failure:
             f.trap(RouteError)
             if f.value.reply.is_permanent:
                 raise _temp(f"4.4.4 relay {hop.host}: {f.value.reply.text}")

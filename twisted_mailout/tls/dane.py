@@ -37,6 +37,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -191,7 +192,7 @@ def spki_der(cert_der: bytes) -> bytes:
     return cert_der[pos:end]
 
 
-def _to_crypto(cert) -> x509.Certificate:
+def _to_crypto(cert: x509.Certificate | crypto.X509) -> x509.Certificate:
     if isinstance(cert, x509.Certificate):
         return cert
     to = getattr(cert, "to_cryptography", None)  # OpenSSL.crypto.X509
@@ -222,7 +223,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
-def _signed_by_key(cert: x509.Certificate, key) -> bool:
+def _signed_by_key(cert: x509.Certificate, key: object) -> bool:
     """Whether C{key} (a public key object) made C{cert}'s signature."""
     try:
         params = cert.signature_algorithm_parameters
@@ -309,7 +310,7 @@ def verify_chain(records: Iterable[TLSA], chain: Sequence, names: Sequence[str],
     return _fail("; ".join(parts), leaf)
 
 
-def _fail(text: str, leaf: x509.Certificate):
+def _fail(text: str, leaf: x509.Certificate) -> NoReturn:
     digest = hashlib.sha256(spki_der(leaf.public_bytes(Encoding.DER))).hexdigest()
     raise DANEVerificationError(f"{text} (server key: 3 1 1 {digest})")
 
@@ -498,7 +499,7 @@ class Policy:
 
 
 def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secure: bool,
-                domain: str | None = None) -> defer.Deferred:
+                domain: str | None = None) -> defer.Deferred[Policy]:
     """The DANE policy for one MX host (RFC 7672 2.2).
 
     Steps: no DANE unless C{mx_secure}; no DANE unless the host's A and AAAA
@@ -523,7 +524,8 @@ def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secur
         _host_policy(resolver, host.rstrip(".").lower(), port, mx_secure, domain))
 
 
-async def _host_policy(resolver, host, port, mx_secure, domain) -> Policy:
+async def _host_policy(resolver: DNSSECResolver, host: str, port: int, mx_secure: bool,
+                       domain: str | None) -> Policy:
     if not mx_secure:
         return Policy("none", host, reason="MX RRset not DNSSEC-secure")
     secure, canonical = await resolver.addresses_secure(host)

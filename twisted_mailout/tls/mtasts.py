@@ -32,6 +32,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import treq
 from twisted.internet import defer, ssl
@@ -47,7 +48,7 @@ from zope.interface import implementer
 
 from twisted_mailout.routing.resolver import follow_cnames, lookup_addresses, tcp_endpoint
 from twisted_mailout.tls import tlsrpt
-from twisted_mailout.tls.creators import load_trust_root, name_checking_tls
+from twisted_mailout.tls.creators import ClientTLS, TrustRoot, load_trust_root, name_checking_tls
 from twisted_mailout.tls.errors import result_type_for
 
 __all__ = [
@@ -186,7 +187,7 @@ class Policy:
         RFC 8460 report (4.4)."""
         return [line.rstrip("\r") for line in self.text.split("\n") if line.rstrip("\r")]
 
-    def report_fields(self) -> dict:
+    def report_fields(self) -> dict[str, Any]:
         """The policy part of an RFC 8460 event: C{policy_type},
         C{policy_domain}, C{policy_string}, C{mx_host}; pass them on to
         L{twisted_mailout.tls.tlsrpt.log_failure} or C{log_success} as keywords."""
@@ -272,7 +273,7 @@ def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
                   max_age=int(fields["max_age"]), fetched=float(fetched), text=text)
 
 
-def _txt_record_text(record) -> str | None:
+def _txt_record_text(record: str | bytes | Iterable[str | bytes]) -> str | None:
     parts = [record] if isinstance(record, (bytes, str)) else list(record)
     out = []
     for part in parts:
@@ -374,8 +375,8 @@ class _AddressesEndpoint:
     TLS around it; remembers the protocols it connected so the fetch can
     abort them."""
 
-    def __init__(self, reactor, addresses: Sequence[str], port: int, creator,
-                 timeout: float, connected: list):
+    def __init__(self, reactor: Any, addresses: Sequence[str], port: int, creator: ClientTLS,
+                 timeout: float, connected: list[Any]) -> None:
         self._reactor = reactor
         self._addresses = list(addresses)
         self._port = port
@@ -383,15 +384,17 @@ class _AddressesEndpoint:
         self._timeout = timeout
         self._connected = connected
 
-    def connect(self, protocolFactory):
+    def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self._connect(protocolFactory))
 
-    async def _connect(self, protocolFactory):
+    async def _connect(self, protocolFactory: Any) -> Any:
         last: BaseException | None = None
         for addr in self._addresses:
             tcp = tcp_endpoint(self._reactor, addr, self._port, timeout=max(1, int(self._timeout)))
             try:
-                proto = await wrapClientTLS(self._creator, tcp).connect(protocolFactory)
+                # (casts: mypy does not see zope.interface declarations)
+                endpoint: Any = wrapClientTLS(cast(Any, self._creator), cast(Any, tcp))
+                proto = await endpoint.connect(protocolFactory)
             except defer.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - try the next address
@@ -405,10 +408,10 @@ class _AddressesEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, endpoint):
+    def __init__(self, endpoint: _AddressesEndpoint) -> None:
         self._endpoint = endpoint
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: Any) -> _AddressesEndpoint:
         return self._endpoint
 
 
@@ -442,9 +445,10 @@ class MTASTS:
     @raise ValueError: C{timeout} not positive, C{https_port} out of range.
     """
 
-    def __init__(self, reactor, resolver, cache_dir: str | None = None, trust_root=None,
-                 https_port: int = 443, timeout: float = 10.0, clock=None,
-                 fetch_backoff: float = 300.0, max_txt_ttl: float = 300.0):
+    def __init__(self, reactor: Any, resolver: Any, cache_dir: str | os.PathLike[str] | None = None,
+                 trust_root: TrustRoot | str | os.PathLike[str] | None = None,
+                 https_port: int = 443, timeout: float = 10.0, clock: Any = None,
+                 fetch_backoff: float = 300.0, max_txt_ttl: float = 300.0) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if not 0 < https_port < 65536:
@@ -475,7 +479,7 @@ class MTASTS:
 
     # -- public ------------------------------------------------------------
 
-    def policy_for(self, domain: str) -> defer.Deferred:
+    def policy_for(self, domain: str) -> defer.Deferred[Policy | None]:
         """The policy to apply to mail for C{domain} (RFC 8461 5.1).
 
         Looks up the TXT record (reusing an answer for its TTL, at most
@@ -508,7 +512,7 @@ class MTASTS:
         self._inflight[name] = [d]
         work = defer.Deferred.fromCoroutine(self._policy_for(name))
 
-        def done(result):
+        def done(result: Policy | None | Failure) -> None:
             if isinstance(result, Failure):
                 log.failure("MTA-STS lookup for {domain} failed unexpectedly", result,
                             domain=name)
@@ -534,7 +538,7 @@ class MTASTS:
             return None
         return policy
 
-    def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred:
+    def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred[Policy]:
         """Fetch and parse C{https://mta-sts.<domain>/.well-known/mta-sts.txt}
         (RFC 8461 3.3), without the cache or the TXT record.
 
@@ -590,7 +594,8 @@ class MTASTS:
                  domain=name, id=policy.id, mode=policy.mode, max_age=policy.max_age)
         return policy
 
-    def _report(self, name: str, cached: Policy | None, result_type: str, reason: str):
+    def _report(self, name: str, cached: Policy | None, result_type: str,
+                reason: str) -> None:
         fields = cached.report_fields() if cached else {
             "policy_type": "sts", "policy_domain": name}
         tlsrpt.log_failure(result_type=result_type, failure_reason_code=reason, **fields)
@@ -616,7 +621,7 @@ class MTASTS:
         self._remember_txt(name, ident, chain.ttl if chain.ttl is not None else 60)
         return ident, why, "ok" if ident else "invalid" if invalid else "none"
 
-    def _remember_txt(self, name: str, ident: str | None, ttl: float):
+    def _remember_txt(self, name: str, ident: str | None, ttl: float) -> None:
         ttl = min(ttl, self.max_txt_ttl)
         if ttl > 0:
             if len(self._txt) >= _MAX_ENTRIES:
@@ -649,7 +654,7 @@ class MTASTS:
             self._get(client, policy_url(name, self.https_port), name, ident))
         timed_out = False
 
-        def expire():
+        def expire() -> None:
             nonlocal timed_out
             timed_out = True
             work.cancel()
@@ -676,7 +681,7 @@ class MTASTS:
                 if transport is not None and getattr(proto, "state", "") != "CONNECTION_LOST":
                     transport.abortConnection()
 
-    async def _get(self, client, url: str, name: str, ident: str) -> Policy:
+    async def _get(self, client: Any, url: str, name: str, ident: str) -> Policy:
         response = await client.get(url, allow_redirects=False, unbuffered=True,
                                     headers={"Accept": ["text/plain"]})
         if response.code != 200:
@@ -696,7 +701,7 @@ class MTASTS:
         chunks: list[bytes] = []
         size = 0
 
-        def collect(data: bytes):
+        def collect(data: bytes) -> None:
             nonlocal size
             size += len(data)
             if size > MAX_POLICY_SIZE:
@@ -747,7 +752,7 @@ class MTASTS:
             return None
         return policy
 
-    def _store(self, policy: Policy):
+    def _store(self, policy: Policy) -> None:
         self._policies[policy.domain] = policy
         path = self._path(policy.domain)
         if path is None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from OpenSSL import crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -131,7 +131,7 @@ _DETAIL_FIELDS = ("result_type", "sending_mta_ip", "receiving_mx_hostname",
                   "failure_reason_code")
 
 
-def _str_list(value, what: str) -> list[str]:
+def _str_list(value: Any, what: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (str, bytes)):
@@ -143,7 +143,8 @@ def _str_list(value, what: str) -> list[str]:
     return out
 
 
-def _policy_fields(policy_type: str, policy_domain: str, policy_string, mx_host) -> dict:
+def _policy_fields(policy_type: str, policy_domain: str, policy_string: Any,
+                   mx_host: Any) -> dict[str, Any]:
     if policy_type not in POLICY_TYPES:
         raise ValueError(f"policy_type must be one of {sorted(POLICY_TYPES)}, "
                          f"got {policy_type!r}")
@@ -157,13 +158,13 @@ def _policy_fields(policy_type: str, policy_domain: str, policy_string, mx_host)
     }
 
 
-def _count(count, what: str) -> int:
+def _count(count: Any, what: str) -> int:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"{what} must be a positive int, got {count!r}")
     return count
 
 
-def _opt_ip(value, what: str) -> str | None:
+def _opt_ip(value: Any, what: str) -> str | None:
     if value is None:
         return None
     try:
@@ -172,7 +173,8 @@ def _opt_ip(value, what: str) -> str | None:
         raise ValueError(f"{what} must be an IP address, got {value!r}") from None
 
 
-def log_success(policy_type: str, policy_domain: str, *, policy_string=(), mx_host=(),
+def log_success(policy_type: str, policy_domain: str, *, policy_string: Iterable[str] = (),
+                mx_host: Iterable[str] = (),
                 count: int = 1, logger: Logger | None = None) -> dict[str, Any]:
     """Log C{count} sessions that negotiated TLS as the policy requires.
 
@@ -197,8 +199,8 @@ def log_success(policy_type: str, policy_domain: str, *, policy_string=(), mx_ho
     return fields
 
 
-def log_failure(policy_type: str, policy_domain: str, result_type: str, *, policy_string=(),
-                mx_host=(), sending_mta_ip: str | None = None,
+def log_failure(policy_type: str, policy_domain: str, result_type: str, *,
+                policy_string: Iterable[str] = (), mx_host: Iterable[str] = (), sending_mta_ip: str | None = None,
                 receiving_mx_hostname: str | None = None,
                 receiving_mx_helo: str | None = None, receiving_ip: str | None = None,
                 failure_reason_code: str | None = None,
@@ -249,7 +251,7 @@ def log_failure(policy_type: str, policy_domain: str, result_type: str, *, polic
     return fields
 
 
-def json_observer(out_file) -> ILogObserver:
+def json_observer(out_file: IO[str]) -> ILogObserver:
     """A log observer that writes the TLS-RPT events (and nothing else) to
     C{out_file} as JSON text sequences (C{twisted.logger.jsonFileLogObserver}),
     which C{twisted.logger.eventsFromJSONLogFile} reads back.
@@ -258,7 +260,7 @@ def json_observer(out_file) -> ILogObserver:
     @return: an C{ILogObserver}; add it to C{globalLogPublisher}.
     """
 
-    def only_tlsrpt(event):
+    def only_tlsrpt(event: Mapping[str, Any]) -> PredicateResult:
         return PredicateResult.yes if "tlsrpt" in event else PredicateResult.no
 
     # (casts: mypy does not see zope.interface declarations)
@@ -267,7 +269,7 @@ def json_observer(out_file) -> ILogObserver:
         [cast(ILogFilterPredicate, only_tlsrpt)]))
 
 
-def _epoch(value, what: str) -> float:
+def _epoch(value: Any, what: str) -> float:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
             raise ValueError(f"{what} must be timezone-aware")
@@ -283,7 +285,7 @@ def _rfc3339(seconds: float) -> str:
 
 
 def build_report(events: Iterable[Mapping[str, Any]], organization_name: str,
-                 contact_info: str, report_id: str, start, end,
+                 contact_info: str, report_id: str, start: Any, end: Any,
                  policy_domain: str | None = None) -> dict[str, Any]:
     """Aggregate TLS-RPT events into one RFC 8460 (section 4) report.
 
@@ -376,7 +378,8 @@ def build_report(events: Iterable[Mapping[str, Any]], organization_name: str,
     }
 
 
-def report_filename(sender: str, policy_domain: str, start, end, unique_id: str | None = None,
+def report_filename(sender: str, policy_domain: str, start: Any, end: Any,
+                    unique_id: str | None = None,
                     gzipped: bool = True) -> str:
     """The report file name RFC 8460 5.1 recommends:
     C{sender!policy-domain!begin!end[!unique-id].json[.gz]}.
@@ -417,7 +420,7 @@ class VerifyRecorder:
     connection's own certificate store, with public pyOpenSSL calls only.
     """
 
-    def __init__(self, creator, keep: int = 4):
+    def __init__(self, creator: Any, keep: int = 4) -> None:
         """
         @param creator: an C{IOpenSSLClientConnectionCreator}.
         @param keep: how many recent connections to remember.
@@ -426,7 +429,7 @@ class VerifyRecorder:
         self._keep = keep
         self._connections: list = []
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
         """See C{IOpenSSLClientConnectionCreator}."""
         conn = self._creator.clientConnectionForTLS(tlsProtocol)
         self._connections = [*self._connections[-(self._keep - 1):], conn]
@@ -463,7 +466,7 @@ class VerifyRecorder:
         return result_type_for_verify_error(errors[0][1]) if errors else None
 
 
-def diagnose_peer(connection, hostname: str, trust_root=None) -> str | None:
+def diagnose_peer(connection: Any, hostname: str, trust_root: Any = None) -> str | None:
     """Check, after an I{unverified} handshake (MTA-STS C{testing} mode,
     opportunistic TLS), whether the peer's certificate would have passed
     verification, so that the failure can be reported (RFC 8460 4.3.1)
