@@ -45,4 +45,4 @@ class GlobalLimitTests(unittest.TestCase):
                          [250] * 4)
         self.assertEqual(sorted(m["rcpt_tos"][0] for m in sink.messages),
                          [f"u@{d}" for d in domains])
-        self.assertLessEqual(connector._total, 1)
+        self.assertLessEqual(connector.pool.open_connections, 1)
