@@ -800,7 +800,8 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
             return None
 
         row = wait_for(deferred_after_drop, 30,
-                       what=f"the recipient deferred after the drop\n{daemon.log()}")
+                       what="the recipient deferred after the drop",
+                       detail=daemon.log)
         assert row["queue_id"] == qid
         [rc] = row["recipients"]
         assert rc["address"] == rcpt
@@ -815,7 +816,8 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
         first.stop()
         second = FaultyProcess(tmp_path, "second", {}, port=first.port).start()
         wait_for(lambda: queue_list(q) == [], 30,
-                 what=f"the retry to deliver and the queue to empty\n{daemon.log()}")
+                 what="the retry to deliver and the queue to empty",
+                 detail=daemon.log)
         delivered = [e for e in second.events("message") if e["reply"] == 250]
         assert len(delivered) == 1, second.events("message")
         assert delivered[0]["rcpt_tos"] == [rcpt]

@@ -331,6 +331,8 @@ def test_free_port_and_wait_for():
     with pytest.raises(TimeoutError, match=r"after 0\.2 s waiting for the answer \(last value: None\)"):
         wait_for(lambda: None, timeout=0.2, what="the answer")
     assert time.monotonic() - started < 2
+    with pytest.raises(TimeoutError, match=r"waiting for the log line .*\nthe log at the deadline$"):
+        wait_for(lambda: "", timeout=0.05, what="the log line", detail=lambda: "the log at the deadline")
 
 
 # ----------------------------------------------------------------------- aiosmtpd

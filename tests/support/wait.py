@@ -24,6 +24,7 @@ def wait_for(
     *,
     interval: float = 0.1,
     what: str | None = None,
+    detail: Callable[[], str] | None = None,
 ) -> T:
     """Call C{predicate()} until it returns a truthy value; return that value.
 
@@ -36,6 +37,8 @@ def wait_for(
     @param interval: the longest pause between two calls, in seconds.
     @param what: what is being waited for, for the failure message (for
         example C{"an empty queue"}); default: the predicate's repr.
+    @param detail: called once on timeout; its text ends the failure message
+        (for example C{daemon.log}, the log as it is at the deadline).
     @return: the first truthy value C{predicate()} returned.
     @raise TimeoutError: no call returned a truthy value within C{timeout}
         seconds (the predicate is called at least once, and once more at the
@@ -53,9 +56,10 @@ def wait_for(
             last = repr(value)
             if len(last) > 300:
                 last = last[:300] + "..."
-            raise TimeoutError(
-                f"timed out after {timeout} s waiting for {what or repr(predicate)}"
-                f" (last value: {last})"
-            )
+            message = (f"timed out after {timeout} s waiting for {what or repr(predicate)}"
+                       f" (last value: {last})")
+            if detail is not None:
+                message += "\n" + detail()
+            raise TimeoutError(message)
         time.sleep(min(pause, remaining))
         pause = min(pause * 2, interval)

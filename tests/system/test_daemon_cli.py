@@ -108,7 +108,7 @@ def wait_started(d: Daemon, timeout: float = 30) -> None:
                 f"log:\n{d.log()}")
         return "messages recovered" in d.log()
 
-    wait_for(started, timeout, what=f"daemon on {d.queue} to start\n{d.log()}")
+    wait_for(started, timeout, what=f"daemon on {d.queue} to start", detail=d.log)
 
 
 @pytest.fixture
@@ -318,7 +318,8 @@ def test_queue_list_after_a_run_shows_delivered_and_deferred(tmp_path, sink, dae
                 return rows[0]
         return None
 
-    row = wait_for(deferred_row, 30, what=f"one delivered, one deferred recipient\n{d.log()}")
+    row = wait_for(deferred_row, 30, what="one delivered, one deferred recipient",
+                   detail=d.log)
     [got] = sink.wait_for_messages(1, timeout=10)
     assert got["mail_from"] == SENDER and got["rcpt_tos"] == ["ok@example.org"]
     assert [x["rcpt"] for x in sink.refused] == ["later@example.net"]
@@ -496,7 +497,8 @@ def test_zope_and_repoze_queue_files_are_drained(tmp_path, aiosmtpd_sink, daemon
     assert repoze["data"] == crlf(expected_repoze)
 
     wait_for(lambda: corrupt_name in files_in(q / "corrupt"), 30,
-             what=f"{corrupt_name} in corrupt/\n{d.log()}")
+             what=f"{corrupt_name} in corrupt/",
+             detail=d.log)
     assert (q / "corrupt" / corrupt_name).read_bytes() == b"Subject: no envelope at all\n\nlost\n"
     wait_for(lambda: queue_list(q) == [] and files_in(q / "new") == [], 30,
              what="the queue to empty")
