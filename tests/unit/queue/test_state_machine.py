@@ -58,6 +58,7 @@ from twisted_mailout.delivery.connector import Attempt
 from twisted_mailout.envelope import FINAL_STATES, InvalidTransition, RecipientState, Reply
 from twisted_mailout.queue.store import CorruptEntry, Queue, RecipientStatus
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, outcome_for
+from twisted_mailout.testing.memorystore import MemoryBackend, MemoryStore
 
 # --------------------------------------------------------------------------- (a) outcome_for
 
@@ -94,7 +95,7 @@ def test_outcome_for_properties(policy, arrival, null_sender, seed, steps):
         applied += 1
         assert rs.attempts == applied  # every reply is counted
         if reply.is_positive:
-            assert (status, rs.state, rs.reply) == ("sent", RecipientState.DELIVERED, reply)
+            assert (status, rs.state, rs.reply) == ("delivered", RecipientState.DELIVERED, reply)
             assert rs.next_attempt is None
         elif reply.is_permanent:
             assert (status, rs.state, rs.reply) == ("bounced", RecipientState.BOUNCED, reply)
@@ -126,7 +127,7 @@ POLICY = RetryPolicy(base=60, max=600, lifetime=3000, bounce_lifetime=1500, jitt
 DELAY_WARNING = 1000.0
 MSG = (b"Message-ID: <sm@state.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
        b"Subject: state machine\r\n\r\nbody\r\n.dot\r\n")
-FINAL_STATUS = {"sent", "bounced", "expired"}
+FINAL_STATUS = {"delivered", "bounced", "expired"}
 BOUNCED_STATUS = {"bounced", "expired"}
 SMTP_REPLIES = st.builds(
     Reply,
@@ -240,7 +241,7 @@ class QueueMachine(RuleBasedStateMachine):
         now = self.clock.seconds()
         self.clock = task.Clock()
         self.clock.advance(now)
-        self.queue = Queue(self.dir)
+        self.queue = self._open_store()
         real_enqueue = self.queue.enqueue
 
         def enqueue(sender, recipients, message):
@@ -284,21 +285,41 @@ class QueueMachine(RuleBasedStateMachine):
         replies = self.scripts[rcpt]
         return replies.pop(0) if len(replies) > 1 else replies[0]
 
+    # -- the store: the queue folder here; the in-memory store in a subclass --
+
+    def _open_store(self):
+        """The store of a new incarnation of the daemon."""
+        return Queue(self.dir)
+
+    def _producer(self):
+        """A store object of another process that enqueues (or inspects)."""
+        return Queue(self.dir)
+
+    def _active_qids(self) -> list[str]:
+        return [q for q in os.listdir(os.path.join(self.dir, "messages"))
+                if not q.startswith(".")]
+
+    def _has_state(self, qid: str) -> bool:
+        return os.path.exists(os.path.join(self.dir, "state", qid + ".json"))
+
+    def _quarantined(self) -> list[str]:
+        return os.listdir(os.path.join(self.dir, "corrupt"))
+
+    def _cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def _disk(self) -> dict:
         """qid -> (where, QueueEntry, has_state) for every queued message."""
-        q = Queue(self.dir)
+        q = self._producer()
         out = {}
-        for qid in os.listdir(os.path.join(self.dir, "messages")):
-            if qid.startswith("."):
-                continue
-            has_state = os.path.exists(os.path.join(self.dir, "state", qid + ".json"))
+        for qid in self._active_qids():
             try:
-                out[qid] = ("messages", q.load(qid), has_state)
+                out[qid] = ("messages", q.load(qid), self._has_state(qid))
             except CorruptEntry as e:
                 raise AssertionError(f"{qid} unreadable: {e}") from None
         for listed in q.list_entries():
             if listed.where == "incoming":
-                out[listed.name.split("/", 1)[1]] = ("new", listed.entry, False)
+                out[listed.name.split("/", 1)[-1]] = ("new", listed.entry, False)
         return out
 
     def _kept(self, qid, rcpt) -> list[Rec]:
@@ -352,7 +373,7 @@ class QueueMachine(RuleBasedStateMachine):
         for addr in rcpts + ([sender] if sender else []):
             self.scripts[addr] = data.draw(st.lists(SMTP_REPLIES, min_size=1, max_size=4))
         # another process enqueues: a Queue object of its own
-        qid = Queue(self.dir).enqueue(sender, rcpts, MSG)
+        qid = self._producer().enqueue(sender, rcpts, MSG)
         self.model[qid] = Msg(sender, rcpts)
         if pickup:  # inotify; else the next poll
             self.sched.pickup()
@@ -387,7 +408,7 @@ class QueueMachine(RuleBasedStateMachine):
     def _check(self):
         self._ok = False
         now = self.clock.seconds()
-        assert os.listdir(os.path.join(self.dir, "corrupt")) == []
+        assert self._quarantined() == []
         assert self.errors == []
         disk = self._disk()
         assert set(disk) <= set(self.model), set(disk) - set(self.model)
@@ -427,7 +448,7 @@ class QueueMachine(RuleBasedStateMachine):
                     assert rs.attempts == len(kept), (qid, rcpt, rs, kept)
                     if rs.state in FINAL_STATES:
                         assert len(finals) == 1
-                        word = "sent" if rs.state is RecipientState.DELIVERED else "bounced"
+                        word = "delivered" if rs.state is RecipientState.DELIVERED else "bounced"
                         assert {"expired": "bounced"}.get(finals[0].status,
                                                           finals[0].status) == word
                     else:
@@ -457,7 +478,7 @@ class QueueMachine(RuleBasedStateMachine):
         finally:
             queue_module.time = self._real_time
             globalLogPublisher.removeObserver(self._log_event)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._cleanup()
 
     def _drain(self):
         """Run the clock until everything is final, then check once more."""
@@ -482,13 +503,43 @@ QueueMachine.TestCase.settings = settings(
 test_scheduler_state_machine = QueueMachine.TestCase
 
 
+class MemoryQueueMachine(QueueMachine):
+    """The same machine over the in-memory store (issue 10 item 8): a
+    restart is a new store object, with a new owner, over the same backend."""
+
+    def __init__(self):
+        self.backend = MemoryBackend(clock=lambda: self.clock.seconds())
+        super().__init__()
+
+    def _open_store(self):
+        return MemoryStore(self.backend)
+
+    def _producer(self):
+        return MemoryStore(self.backend)
+
+    def _active_qids(self) -> list[str]:
+        return sorted(set(self.backend.messages) - set(self.backend.incoming))
+
+    def _has_state(self, qid: str) -> bool:
+        return qid in self.backend.states
+
+    def _quarantined(self) -> list[str]:
+        return list(self.backend.quarantined)
+
+
+MemoryQueueMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_scheduler_state_machine_on_the_memory_store = MemoryQueueMachine.TestCase
+
+
 # --------------------------------------------------------------------------- examples
 
 
 @pytest.mark.parametrize("crash_on,reply,statuses,dsns", [
     # final dot accepted, the process dies before removing the finished message:
     # the one duplicate delivery docs/reliability.md allows
-    ("remove_many", 250, [("sent", True), ("sent", False)], 0),
+    ("remove_many", 250, [("delivered", True), ("delivered", False)], 0),
     # bounced and recorded, dies before queueing the DSN: it is queued after the restart
     ("enqueue_dsn", 550, [("bounced", False)], 1),
     # bounced, DSN queued, dies before the message is removed: one duplicate DSN
