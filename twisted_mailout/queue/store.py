@@ -30,7 +30,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from twisted.logger import Logger
 
@@ -45,6 +45,7 @@ from twisted_mailout.queue.durable import (
     write_durably,
 )
 from twisted_mailout.queue.foreign import foreign_qid, rewrite_foreign
+from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import (
     ENVELOPE_HEADER,
     CorruptEntry,
@@ -658,3 +659,7 @@ def enqueue(queue_dir: str, sender: str | None, recipients: Any, message: object
     @raise QueueError: the folder cannot be created or written.
     """
     return Queue(queue_dir).enqueue(sender, recipients, message)
+
+
+if TYPE_CHECKING:  # mypy proves that Queue implements the interface
+    _implements: IQueueStore = Queue(".")

@@ -22,8 +22,9 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import (
     CorruptEntry,
     EntryNotFound,
@@ -336,3 +337,7 @@ class MemoryStore:
         """
         self.backend.messages[qid] = data
         self.backend.incoming.append(qid)
+
+
+if TYPE_CHECKING:  # mypy proves that MemoryStore implements the interface
+    _implements: IQueueStore = MemoryStore()
