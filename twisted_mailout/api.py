@@ -293,11 +293,17 @@ class SMTPClient:
         utf8 = bool(snd and snd.needs_smtputf8)
         eightbit = not data.isascii()
         keys = list(groups)
-        attempts: list[Attempt] = await defer.gatherResults([
-            self.connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
-                                   lambda: io.BytesIO(data), len(data),
-                                   utf8 or any(a.needs_smtputf8 for a in groups[k]), eightbit)
-            for k in keys], consumeErrors=True)
+        try:
+            attempts: list[Attempt] = await defer.gatherResults([
+                self.connector.deliver(k, sender, [a.smtp_form() for a in groups[k]],
+                                       lambda: io.BytesIO(data), len(data),
+                                       utf8 or any(a.needs_smtputf8 for a in groups[k]),
+                                       eightbit)
+                for k in keys], consumeErrors=True)
+        except defer.FirstError as e:
+            # Cancelled (send()'s Deferred then fails with CancelledError, as
+            # Twisted's convention is), or a bug: the first error, unwrapped.
+            e.subFailure.raiseException()
         results: dict[int, RecipientResult] = {}
         for k, attempt in zip(keys, attempts, strict=True):
             for a in groups[k]:

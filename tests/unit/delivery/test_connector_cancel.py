@@ -104,7 +104,9 @@ class LoopbackRouter:
         return defer.succeed(["127.0.0.1"])
 
 
-class CancelTests(unittest.TestCase):
+class PeerTestCase(unittest.TestCase):
+    """Log capture, clean-up and a connector to a scripted peer."""
+
     timeout = 20
 
     def setUp(self) -> None:
@@ -140,6 +142,11 @@ class CancelTests(unittest.TestCase):
         self.assertEqual([e for e in self.events
                           if e.get("log_level") in (LogLevel.error, LogLevel.critical)
                           or "log_failure" in e], [])
+
+
+
+class CancelTests(PeerTestCase):
+    """Cancelling C{Connector.deliver()}."""
 
     @defer.inlineCallbacks
     def test_cancelling_a_transaction_aborts_it_and_frees_the_slot(self) -> Any:
@@ -200,3 +207,32 @@ class CancelTests(unittest.TestCase):
         attempt = yield self.deliver(connector, "v@a.test")
         self.assertEqual(attempt.replies["v@a.test"].code, 250)
         self.check_logs("delivery cancelled before a connection was ready")
+
+
+class SendCancelTests(PeerTestCase):
+    """The same guarantees through the public API: cancelling the Deferred of
+    C{SMTPClient.send()} (what C{twisted_mailout.sendmail()} returns)."""
+
+    def client_for(self, factory: PeerFactory) -> Any:
+        from twisted_mailout.api import SMTPClient
+
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = SMTPClient(reactor, relay=f"127.0.0.1:{port.getHost().port}", tls="none",
+                            connections=1, idle_timeout=60, helo="client.test")
+        self.addCleanup(self.close_all, client.connector, factory)
+        return client
+
+    @defer.inlineCallbacks
+    def test_cancelling_send_aborts_the_transaction_and_frees_the_slot(self) -> Any:
+        factory = PeerFactory({1: "dot"})
+        client = self.client_for(factory)
+        first = client.send("s@origin.test", ["u@a.test", "w@b.test"], MSG)
+        peer = yield factory.stalled
+        first.cancel()
+        yield self.assertFailure(first, defer.CancelledError)
+        yield peer.closed
+        report = yield client.send("s@origin.test", "v@a.test", MSG)
+        self.assertEqual([r.code for r in report], [250])
+        self.assertEqual(factory.messages, [2])
+        self.check_logs("delivery cancelled; connection to")
