@@ -179,6 +179,11 @@ class RecipientResult:
         return self.reply.enhanced_status
 
     @property
+    def qid(self) -> str | None:
+        """L{queue_id} under the name the daemon's log events use."""
+        return self.queue_id
+
+    @property
     def delivered(self) -> bool:
         """The status is L{Status.DELIVERED}."""
         return self.status is Status.DELIVERED
@@ -196,10 +201,11 @@ class RecipientResult:
             line), C{relay} (C{"none"} when none), C{delay} (seconds),
             C{attempts}, C{local}.
         """
+        reply = self.reply
         return {"qid": self.queue_id, "recipient": self.recipient,
                 "outcome": self.status.value, "event": self.status.category.value,
                 "status": self.status.log_word, "code": self.code,
-                "dsn": self.enhanced_status, "reply": self.reply.one_line(),
+                "dsn": reply.enhanced_status, "reply": reply.one_line(),
                 "relay": self.relay or "none", "delay": self.delay,
                 "attempts": self.attempts, "local": self.local}
 

@@ -11,8 +11,9 @@ or, for a transactional mailer, when the current C{transaction} commits
 Outcomes are reported to observers as L{MailEvent}s, one per recipient:
 L{MailQueued} (accepted into the queue), L{MailDelivered}, L{MailDeferred}
 (temporary failure) and L{MailBounced} (permanent failure, or given up). The
-daemon's per-recipient L{twisted_mailout.delivery.scheduler.Outcome} converts with
-L{event_from_outcome}; a result of L{twisted_mailout.sendmail} with
+daemon's per-recipient outcomes and the results of L{twisted_mailout.sendmail} are
+the same L{RecipientResult<twisted_mailout.outcome.RecipientResult>}s (one
+L{Status} vocabulary); they convert with L{event_from_outcome} and
 L{event_from_result}. Observers never break delivery: their exceptions are
 logged and dropped.
 """
@@ -21,14 +22,16 @@ from __future__ import annotations
 
 import email.policy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from twisted.logger import Logger
 
 from twisted_mailout.api import blocking_call, default_reactor
 from twisted_mailout.apps.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
 from twisted_mailout.envelope import AddressError, Reply
+from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
 from twisted_mailout.message import (
     coerce_message,
     header_addresses,
@@ -77,10 +80,13 @@ class MailEvent:
     @ivar delay: seconds since the message arrived, or L{None}.
     @ivar expired: a bounce because the queue lifetime ran out.
     @ivar source: who reported it: C{"daemon"}, or the delivery's URL.
-    @cvar status: C{"queued"}, C{"delivered"}, C{"deferred"} or C{"bounced"}.
+    @cvar status: the event's L{Status}: C{QUEUED}, C{DELIVERED}, C{DEFERRED}
+        or C{BOUNCED} (an expired recipient is a C{BOUNCED} event with
+        C{expired}; L{result} says C{EXPIRED}). It equals its word
+        (C{event.status == "bounced"}).
     """
 
-    status: ClassVar[str] = ""
+    status: ClassVar[Status]
     queue_id: str
     recipient: str
     code: int
@@ -104,101 +110,109 @@ class MailEvent:
         """The RFC 3463 status code, e.g. C{"5.1.1"}."""
         return self.reply.enhanced_status
 
-    def log_fields(self) -> dict:
+    @property
+    def result(self) -> RecipientResult:
+        """The event as the package's one per-recipient result
+        (L{twisted_mailout.outcome.RecipientResult}; status C{EXPIRED} for an
+        expired bounce)."""
+        return RecipientResult(self.recipient, Status.EXPIRED if self.expired else self.status,
+                               self.code, self.text, self.relay, self.local, self.queue_id,
+                               self.attempts, self.delay)
+
+    def log_fields(self) -> dict[str, Any]:
         """The fields of a C{twisted.logger} event, named as the daemon names
-        them (namespace C{twisted_mailout.outcome}, see
-        L{twisted_mailout.delivery.scheduler.Scheduler._emit}): C{qid}, C{recipient},
-        C{event} (C{queued}, C{delivered}, C{deferred}, C{bounced}), C{outcome}
-        (C{sent}/C{expired} as the daemon says), C{code}, C{dsn}, C{reply}
-        (one line), C{relay} (C{"none"} when none), C{delay}, C{attempts},
-        C{local}; and C{sender}, C{will_retry}, C{source}."""
-        outcome = {"delivered": "sent"}.get(self.status, self.status)
-        if self.expired:
-            outcome = "expired"
-        return {"qid": self.queue_id, "recipient": self.recipient, "event": self.status,
-                "outcome": outcome, "code": self.code, "dsn": self.enhanced_status,
-                "reply": self.reply.one_line(), "relay": self.relay or "none",
-                "delay": self.delay, "attempts": self.attempts, "local": self.local,
-                "sender": self.sender, "will_retry": self.will_retry, "source": self.source}
+        them (namespace C{twisted_mailout.outcome}; see
+        L{RecipientResult.log_fields}): C{qid}, C{recipient}, C{outcome} (the
+        L{Status}: C{delivered}, C{deferred}, C{bounced}, C{expired},
+        C{queued}), C{event} (the same with C{expired} as C{bounced}),
+        C{status} (the Postfix word of the daemon's log line: C{sent} ...),
+        C{code}, C{dsn}, C{reply} (one line), C{relay} (C{"none"} when none),
+        C{delay}, C{attempts}, C{local}; and C{sender}, C{will_retry}, C{source}."""
+        return {**self.result.log_fields(), "sender": self.sender,
+                "will_retry": self.will_retry, "source": self.source}
 
 
 @dataclass(frozen=True)
 class MailQueued(MailEvent):
     """Accepted into a mailout queue; the daemon will report what follows."""
 
-    status: ClassVar[str] = "queued"
+    status: ClassVar[Status] = Status.QUEUED
 
 
 @dataclass(frozen=True)
 class MailDelivered(MailEvent):
     """Delivered: a server (or a local delivery) accepted it (2xx)."""
 
-    status: ClassVar[str] = "delivered"
+    status: ClassVar[Status] = Status.DELIVERED
 
 
 @dataclass(frozen=True)
 class MailDeferred(MailEvent):
     """A temporary failure (4xx, or no server reached)."""
 
-    status: ClassVar[str] = "deferred"
+    status: ClassVar[Status] = Status.DEFERRED
 
 
 @dataclass(frozen=True)
 class MailBounced(MailEvent):
     """A permanent failure (5xx), or given up (C{expired})."""
 
-    status: ClassVar[str] = "bounced"
+    status: ClassVar[Status] = Status.BOUNCED
 
 
-EVENT_TYPES = {c.status: c for c in (MailQueued, MailDelivered, MailDeferred, MailBounced)}
+#: The event class of each event status (C{Status.EXPIRED} is a L{MailBounced}).
+EVENT_TYPES: dict[Status, type[MailEvent]] = {
+    c.status: c for c in (MailQueued, MailDelivered, MailDeferred, MailBounced)}
 
 
-def make_event(status: str, **fields) -> MailEvent:
-    """Build the event class for C{status} (C{queued}, C{delivered},
-    C{deferred}, C{bounced}; the daemon's C{sent} and C{expired} too).
+def make_event(status: Status | str, **fields: Any) -> MailEvent:
+    """Build the event class for C{status}: a L{Status} or its word
+    (C{queued}, C{delivered}, C{deferred}, C{bounced}, C{expired}; the
+    daemon's old log word C{sent} too). C{expired} makes an expired
+    L{MailBounced}.
 
     @raise ValueError: an unknown status.
     """
-    if status == "sent":
-        status = "delivered"
-    elif status == "expired":
-        status, fields["expired"] = "bounced", True
-    try:
-        cls = EVENT_TYPES[status]
-    except KeyError:
-        raise ValueError(f"unknown outcome status {status!r}; one of "
-                         f"{', '.join(EVENT_TYPES)}") from None
-    return cls(**fields)
+    st = Status.parse(status)
+    if st is Status.EXPIRED:
+        fields["expired"] = True
+    return EVENT_TYPES[st.category](**fields)
 
 
-def event_from_outcome(outcome, sender: str | None = None) -> MailEvent:
-    """The event for one of the daemon's L{twisted_mailout.delivery.scheduler.Outcome}s.
+def _event(result: RecipientResult, queue_id: str | None, sender: str | None,
+           source: str, will_retry: bool) -> MailEvent:
+    return make_event(result.status, queue_id=queue_id, recipient=result.recipient,
+                      code=result.code, text=result.text, sender=sender,
+                      relay=result.relay if result.relay != "none" else None,
+                      local=result.local, will_retry=will_retry, attempts=result.attempts,
+                      delay=result.delay, source=source)
 
-    C{sent} becomes L{MailDelivered}; C{deferred} L{MailDeferred} (with
+
+def event_from_outcome(outcome: RecipientResult, sender: str | None = None) -> MailEvent:
+    """The event for one of the daemon's outcomes (the L{RecipientResult}s
+    the scheduler gives its observers).
+
+    C{delivered} becomes L{MailDelivered}; C{deferred} L{MailDeferred} (with
     C{will_retry}); C{bounced} and C{expired} L{MailBounced}.
 
-    @param outcome: a C{scheduler.Outcome} (C{qid}, C{recipient}, C{status},
-        C{reply}, C{relay}, C{delay}, C{attempts}).
+    @param outcome: a L{RecipientResult} with its C{queue_id}, C{attempts}
+        and C{delay}.
     @param sender: the envelope sender when the caller knows it.
-    @raise ValueError: an unknown status.
     """
-    relay = outcome.relay if outcome.relay not in (None, "none") else None
-    return make_event(outcome.status, queue_id=outcome.qid, recipient=outcome.recipient,
-                      code=outcome.reply.code, text=outcome.reply.text, sender=sender,
-                      relay=relay, local=outcome.reply.local,
-                      will_retry=outcome.status == "deferred", attempts=outcome.attempts,
-                      delay=outcome.delay, source="daemon")
+    return _event(outcome, outcome.queue_id, sender, "daemon",
+                  outcome.status is Status.DEFERRED)
 
 
 OUTCOME_NAMESPACE = "twisted_mailout.outcome"
 _OUTCOME_KEYS = frozenset({"qid", "recipient", "event", "outcome", "code", "dsn", "reply"})
 
 
-def event_from_log(event: dict) -> MailEvent | None:
+def event_from_log(event: dict[str, Any]) -> MailEvent | None:
     """The L{MailEvent} of a daemon's C{twisted.logger} outcome event
     (namespace C{twisted_mailout.outcome}), or L{None} for any other event.
 
     @param event: a C{twisted.logger} event dict.
+    @raise ValueError: an outcome event with an unknown status.
     """
     # Recognised by namespace, or by the daemon's fields (a namespace given
     # as a keyword to Logger.emit is replaced by the logger's own).
@@ -210,22 +224,23 @@ def event_from_log(event: dict) -> MailEvent | None:
     reply = str(event.get("reply", ""))
     text = reply[len(str(code)):].strip() if reply.startswith(str(code)) else reply
     relay = event.get("relay")
-    status = event.get("outcome") or event.get("event")
+    status = Status.parse(event.get("outcome") or event.get("event"))
     return make_event(status, queue_id=event["qid"], recipient=event["recipient"],
                       code=code, text=text, sender=event.get("sender"),
                       relay=None if relay in (None, "none") else relay,
                       local=bool(event.get("local", False)),
-                      will_retry=status == "deferred", attempts=int(event.get("attempts", 1)),
+                      will_retry=status is Status.DEFERRED,
+                      attempts=int(event.get("attempts", 1)),
                       delay=event.get("delay"), source="daemon")
 
 
-def log_observer(observer):
+def log_observer(observer: Callable[[MailEvent], object]) -> Callable[[dict[str, Any]], None]:
     """A C{twisted.logger} observer that gives C{observer} a L{MailEvent}
     for each outcome the daemon logs (and ignores every other event):
     C{globalLogPublisher.addObserver(log_observer(watch))}. Errors of
     C{observer} are dropped, as the log system requires."""
 
-    def on_log(event):
+    def on_log(event: dict[str, Any]) -> None:
         try:
             mail_event = event_from_log(event)
         except (KeyError, ValueError, TypeError):
@@ -236,21 +251,19 @@ def log_observer(observer):
             except Exception:  # noqa: BLE001, S110 - a log observer must not raise
                 pass
 
-    on_log.__wrapped__ = observer
+    on_log.__wrapped__ = observer  # type: ignore[attr-defined]
     return on_log
 
 
-def event_from_result(queue_id: str, result, sender: str | None = None,
+def event_from_result(queue_id: str, result: RecipientResult, sender: str | None = None,
                       source: str = "") -> MailEvent:
-    """The event for one L{twisted_mailout.api.RecipientResult} of a direct
-    delivery (nothing retries it: C{will_retry} is C{False}).
+    """The event for one L{RecipientResult} of a direct delivery (nothing
+    retries it: C{will_retry} is C{False}).
 
     @param queue_id: the message id the mailer gave the message.
-    @param result: a C{RecipientResult}.
+    @param result: a L{RecipientResult} from a L{DeliveryReport}.
     """
-    return make_event(result.status, queue_id=queue_id, recipient=result.recipient,
-                      code=result.code, text=result.text, sender=sender, relay=result.relay,
-                      local=result.local, source=source)
+    return _event(result, queue_id, sender, source, False)
 
 
 class Observers:
@@ -292,7 +305,7 @@ class Observers:
 def outcome_observer(observer):
     """Adapt C{observer(MailEvent)} to the daemon's C{observers} argument
     (L{twisted_mailout.daemon.service.DeliveryService}), which gives
-    L{scheduler.Outcome}s: C{DeliveryService(config, observers=[outcome_observer(f)])}.
+    L{RecipientResult}s: C{DeliveryService(config, observers=[outcome_observer(f)])}.
     """
 
     def adapted(outcome):

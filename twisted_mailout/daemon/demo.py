@@ -121,7 +121,7 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
     deadline = reactor.seconds() + timeout
     while reactor.seconds() < deadline:
         await task.deferLater(reactor, 0.1, lambda: None)
-        finals = [o for o in outcomes if o.status in ("sent", "bounced", "expired")]
+        finals = [o for o in outcomes if o.status.is_final]
         if len(finals) >= expected_final and svc.scheduler.idle:
             break
     await svc.stopService()
@@ -130,7 +130,8 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
 
     print("\nOutcomes (one line per recipient, as logged):", file=out)
     for o in outcomes:
-        print(f"  {o.qid}: to=<{o.recipient}> relay={o.relay} status={o.status} "
+        print(f"  {o.qid}: to=<{o.recipient}> relay={o.relay or 'none'} "
+              f"status={o.status.log_word} "
               f"({o.reply.one_line()})", file=out)
     print("\nWhat each receiver got:", file=out)
     for host, rec in receivers.items():
@@ -144,10 +145,10 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
             print(f"  {host}: {kind} from=<{m['mail_from']}> to={m['rcpt_tos']} "
                   f"subject={subject!r}", file=out)
     by = {(o.recipient, o.status) for o in outcomes}
-    want = {("bob@alpha.test", "sent"), ("carol@alpha.test", "sent"),
-            ("dave@beta.test", "sent"), ("erin@gamma.test", "sent"),
+    want = {("bob@alpha.test", "delivered"), ("carol@alpha.test", "delivered"),
+            ("dave@beta.test", "delivered"), ("erin@gamma.test", "delivered"),
             ("nobody@gamma.test", "bounced"), ("frank@nowhere.test", "bounced"),
-            ("alice@demo.test", "sent")}
+            ("alice@demo.test", "delivered")}
     missing = want - by
     if missing:
         print(f"\nmailout demo: unexpected outcomes, missing {sorted(missing)}", file=out)

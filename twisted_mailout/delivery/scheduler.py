@@ -32,6 +32,7 @@ from twisted_mailout.envelope import (
     parse_address,
     parse_sender,
 )
+from twisted_mailout.outcome import RecipientResult, Status
 from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import (
     CorruptEntry,
@@ -92,34 +93,20 @@ class RetryPolicy:
         return d * (1.0 - self.jitter * rng.random())
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One recipient's outcome, as logged and given to observers.
-
-    @ivar qid: queue id. @ivar recipient: address. @ivar status:
-    C{"sent"}, C{"deferred"}, C{"bounced"} or C{"expired"}.
-    @ivar reply: the L{Reply}. @ivar relay: C{"host[ip]:port"} or C{"none"}.
-    @ivar delay: seconds since arrival. @ivar attempts: attempts so far.
-    """
-
-    qid: str
-    recipient: str
-    status: str
-    reply: Reply
-    relay: str
-    delay: float
-    attempts: int
+#: The daemon's per-recipient outcome is the package's one result type: a
+#: L{RecipientResult} with C{queue_id}, C{attempts} and C{delay} (C{qid} too).
+Outcome = RecipientResult
 
 
 def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
-                policy: RetryPolicy, null_sender: bool, rng=_random) -> str:
+                policy: RetryPolicy, null_sender: bool, rng=_random) -> Status:
     """Apply one reply to one recipient (the state machine's only writer).
 
     2xx: delivered. 5xx: bounced. Anything else: deferred with the next
     attempt time from C{policy}, or bounced when the queue lifetime is over.
 
-    @return: the status word for logs: C{"sent"}, C{"bounced"},
-        C{"deferred"} or C{"expired"}.
+    @return: the L{Status}: C{DELIVERED}, C{BOUNCED}, C{DEFERRED} or
+        C{EXPIRED} (bounced because the lifetime is over).
     @raise InvalidTransition: the recipient was already final.
     """
     if rs.state in FINAL_STATES:
@@ -127,18 +114,18 @@ def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
     rs.attempts += 1
     if reply.is_positive:
         rs.move(RecipientState.DELIVERED, reply)
-        return "sent"
+        return Status.DELIVERED
     if reply.is_permanent:
         rs.move(RecipientState.BOUNCED, reply)
-        return "bounced"
+        return Status.BOUNCED
     lifetime = policy.bounce_lifetime if null_sender else policy.lifetime
     if now - arrival >= lifetime:
         expired = Reply(reply.code, f"{reply.text} (delivery time expired after "
                         f"{(now - arrival) / 86400:.1f} days)", reply.local)
         rs.move(RecipientState.BOUNCED, expired)
-        return "expired"
+        return Status.EXPIRED
     rs.move(RecipientState.DEFERRED, reply, now + policy.delay(rs.attempts, rng))
-    return "deferred"
+    return Status.DEFERRED
 
 
 class Scheduler:
@@ -154,8 +141,8 @@ class Scheduler:
         destination), C{False} for MX routing by recipient domain.
     @param max_inflight: messages being worked on at once.
     @param reporting_mta: this host's name, for bounces.
-    @param observers: callables receiving each L{Outcome}; their errors are
-        logged, never raised.
+    @param observers: callables receiving each outcome, a L{RecipientResult};
+        their errors are logged, never raised.
     @param delay_warning: seconds after arrival when the sender of mail still
         deferred gets one delay warning (RFC 3464 action C{delayed}), or
         L{None} for none.
@@ -196,7 +183,9 @@ class Scheduler:
         self._stopping = False
         self._picking = False
         self._pick_again = False
-        self.counts = {"sent": 0, "deferred": 0, "bounced": 0, "expired": 0}
+        #: outcomes so far by L{Status} value (C{delivered}, C{deferred}, ...).
+        self.counts = {s.value: 0 for s in (Status.DELIVERED, Status.DEFERRED,
+                                            Status.BOUNCED, Status.EXPIRED)}
 
     # -- lifecycle --------------------------------------------------------
 
@@ -482,30 +471,29 @@ class Scheduler:
                 rs.relay = attempt.relay
                 status = outcome_for(rs, reply, now, entry.arrival, self.retry,
                                      not entry.sender, self.rng)
-                self._emit(Outcome(entry.qid, rs.address, status, rs.reply,
-                                   attempt.relay or "none", now - entry.arrival, rs.attempts))
+                self._emit(RecipientResult(
+                    rs.address, status, rs.reply.code, rs.reply.text, attempt.relay,
+                    rs.reply.local, entry.qid, rs.attempts, now - entry.arrival))
 
-    def _emit(self, o: Outcome):
+    def _emit(self, o: RecipientResult) -> None:
         """Log one outcome and give it to the observers.
 
         The log event's namespace is C{twisted_mailout.outcome}; its fields
-        are stable: C{qid}, C{recipient}, C{event} (C{"delivered"},
-        C{"deferred"} or C{"bounced"}), C{outcome} (the same, with
-        C{"sent"} and C{"expired"}), C{code}, C{dsn} (enhanced status),
-        C{reply} (one line), C{relay}, C{delay} (seconds), C{attempts},
-        C{local} (no server gave the reply).
+        are stable (L{RecipientResult.log_fields}): C{qid}, C{recipient},
+        C{outcome} (the L{Status}: C{"delivered"}, C{"deferred"},
+        C{"bounced"}, C{"expired"}), C{event} (the same with C{"expired"} as
+        C{"bounced"}), C{status} (the Postfix word of the line: C{"sent"},
+        ...), C{code}, C{dsn} (enhanced status), C{reply} (one line),
+        C{relay}, C{delay} (seconds), C{attempts}, C{local} (no server gave
+        the reply).
         """
-        self.counts[o.status] = self.counts.get(o.status, 0) + 1
-        word = {"expired": "bounced"}.get(o.status, o.status)
-        dsn, reply = o.reply.enhanced_status, o.reply.one_line()
+        self.counts[o.status.value] = self.counts.get(o.status.value, 0) + 1
+        fields = o.log_fields()
         outcome_log.info(
-            "{text}", text=_OUTCOME_LINE.format(o.qid, o.recipient, o.relay, o.delay,
-                                                o.attempts, dsn, word, reply),
-            qid=o.qid, recipient=o.recipient, relay=o.relay, delay=o.delay,
-            attempts=o.attempts, dsn=dsn, status=word,
-            reply=reply, code=o.reply.code, outcome=o.status,
-            event={"sent": "delivered", "expired": "bounced"}.get(o.status, o.status),
-            local=o.reply.local)
+            "{text}", text=_OUTCOME_LINE.format(o.queue_id, o.recipient, fields["relay"],
+                                                o.delay, o.attempts, fields["dsn"],
+                                                fields["status"], fields["reply"]),
+            **fields)
         for obs in self.observers:
             try:
                 obs(o)

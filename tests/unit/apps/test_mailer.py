@@ -1,6 +1,6 @@
 """Mailer: defaults, envelope from the header fields, Bcc, outcome events
 (from synchronous deliveries, from direct SMTP against aiosmtpd, from the
-daemon's scheduler.Outcome)."""
+daemon's per-recipient results)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from twisted_mailout.apps.mailer import (
     outcome_observer,
 )
 from twisted_mailout.queue.store import Queue
-from twisted_mailout.delivery.scheduler import Outcome
+from twisted_mailout.outcome import Status
 
 
 def parsed(data: bytes):
@@ -147,28 +147,31 @@ def test_an_observer_that_raises_never_breaks_delivery_nor_other_observers():
 
 def test_events_from_the_daemons_outcomes():
     cases = [
-        ("sent", Reply(250, "2.0.0 Ok: queued as X"), MailDelivered, False, False),
+        ("delivered", Reply(250, "2.0.0 Ok: queued as X"), MailDelivered, False, False),
         ("deferred", Reply(451, "4.3.0 busy"), MailDeferred, True, False),
         ("bounced", Reply(550, "5.1.1 no such user"), MailBounced, False, False),
         ("expired", Reply(451, "4.3.0 busy (delivery time expired after 5.0 days)"),
          MailBounced, False, True),
     ]
     for status, reply, cls, retry, expired in cases:
-        o = Outcome("QID1", "b@dest.test", status, reply, "mx.dest.test[192.0.2.7]:25",
-                    0.5, 3)
+        o = RecipientResult.from_reply("b@dest.test", reply, status,
+                                       relay="mx.dest.test[192.0.2.7]:25", queue_id="QID1",
+                                       attempts=3, delay=0.5)
         e = event_from_outcome(o, sender="a@origin.test")
         assert type(e) is cls
         assert (e.queue_id, e.recipient, e.code, e.text, e.relay, e.attempts, e.delay) == (
             "QID1", "b@dest.test", reply.code, reply.text, "mx.dest.test[192.0.2.7]:25", 3, 0.5)
         assert (e.will_retry, e.expired, e.source) == (retry, expired, "daemon")
-    o = Outcome("Q", "b@dest.test", "deferred", Reply(421, "no route", True), "none", 0, 1)
+        assert e.result.status == status  # the event reads back as the same result
+    o = RecipientResult.from_reply("b@dest.test", Reply(421, "no route", True), queue_id="Q")
     assert event_from_outcome(o).relay is None and event_from_outcome(o).local
 
 
 def test_outcome_observer_adapts_for_the_delivery_service():
     got = []
     adapted = outcome_observer(got.append)
-    adapted(Outcome("Q", "b@dest.test", "sent", Reply(250, "ok"), "h[1.2.3.4]:25", 0, 1))
+    adapted(RecipientResult("b@dest.test", Status.DELIVERED, 250, "ok", "h[1.2.3.4]:25",
+                            queue_id="Q"))
     assert isinstance(got[0], MailDelivered)
 
 
@@ -177,7 +180,7 @@ def test_log_fields_are_stable_and_named_as_the_daemon_names_them():
                    text="5.1.1 unknown", sender="a@origin.test")
     assert e.log_fields() == {
         "qid": "Q", "recipient": "b@dest.test", "event": "bounced", "outcome": "bounced",
-        "code": 550, "dsn": "5.1.1", "reply": "550 5.1.1 unknown", "relay": "none",
+        "status": "bounced", "code": 550, "dsn": "5.1.1", "reply": "550 5.1.1 unknown", "relay": "none",
         "delay": None, "attempts": 1, "local": False, "sender": "a@origin.test",
         "will_retry": False, "source": ""}
     # a log event made from these fields reads back as the same event

@@ -61,9 +61,9 @@ def test_mixed_outcomes_per_recipient(tmp_path):
     qid = h.queue.enqueue("sender@origin.test", ["ok@a.test", "nouser@a.test", "later@b.test"],
                           MSG)
     h.start()
-    assert sorted(h.status()) == sorted([("ok@a.test", "sent"), ("nouser@a.test", "bounced"),
+    assert sorted(h.status()) == sorted([("ok@a.test", "delivered"), ("nouser@a.test", "bounced"),
                                          ("later@b.test", "deferred"),
-                                         ("sender@origin.test", "sent")])  # the bounce
+                                         ("sender@origin.test", "delivered")])  # the bounce
     # one transaction per destination, all of its recipients in it
     assert sorted((c[0], tuple(c[2])) for c in h.connector.calls[:2]) == [
         ("a.test", ("ok@a.test", "nouser@a.test")), ("b.test", ("later@b.test",))]
@@ -117,7 +117,7 @@ def test_deferred_recipient_retried_with_backoff_then_delivered(tmp_path):
         h.clock.advance(1)
         times.append(h.clock.seconds())
         assert len(h.connector.calls) == len(times)
-    assert h.status()[-1] == ("x@b.test", "sent")
+    assert h.status()[-1] == ("x@b.test", "delivered")
     assert qid not in h.entries()  # finished messages leave the queue
     assert os.listdir(os.path.join(h.queue.path, "messages")) == []
 
@@ -163,7 +163,7 @@ def test_recovery_after_restart_reschedules_deferred_mail(tmp_path):
     h2.start()
     assert h2.connector.calls == []
     h2.clock.advance(300)
-    assert h2.status() == [("x@b.test", "sent")]
+    assert h2.status() == [("x@b.test", "delivered")]
     assert qid not in h2.entries()
 
 
@@ -179,7 +179,7 @@ def test_observer_errors_never_break_delivery(tmp_path):
     h.sched.observers.insert(0, lambda o: 1 / 0)
     h.queue.enqueue("s@origin.test", ["ok@a.test"], MSG)
     h.start()
-    assert h.status() == [("ok@a.test", "sent")]
+    assert h.status() == [("ok@a.test", "delivered")]
     assert h.entries() == {}
 
 
@@ -197,7 +197,7 @@ def test_state_machine_transitions():
 
 def test_outcome_for_maps_reply_classes():
     p = RetryPolicy(base=10, max=100, lifetime=1000, jitter=0)
-    for reply, status, state in [(OK, "sent", RecipientState.DELIVERED),
+    for reply, status, state in [(OK, "delivered", RecipientState.DELIVERED),
                                  (NOUSER, "bounced", RecipientState.BOUNCED),
                                  (LATER, "deferred", RecipientState.DEFERRED),
                                  (Reply(421, "x", local=True), "deferred",
@@ -230,7 +230,7 @@ def test_delay_warning_sent_once_then_the_final_outcome(tmp_path):
     assert blocks[1]["Status"] == "4.3.0"
     assert "Delayed Mail" in report["Subject"]
     h.clock.advance(1200)  # delivered: no second warning, no bounce
-    assert h.status()[-1] == ("x@b.test", "sent")
+    assert h.status()[-1] == ("x@b.test", "delivered")
     assert len([c for c in h.connector.calls if c[1] == ""]) == 1
 
 
@@ -348,7 +348,7 @@ def test_the_scheduler_delivers_from_the_memory_store(logged):
     qid = store.enqueue("s@origin.test", ["ok@a.test", "later@b.test"], MSG)
     sched.start()
     assert sorted((o.recipient, o.status) for o in outcomes) == [
-        ("later@b.test", "deferred"), ("ok@a.test", "sent")]
+        ("later@b.test", "deferred"), ("ok@a.test", "delivered")]
     assert sched.connector.calls[0][3].endswith(MSG)  # the body, streamed from the store
     [entry] = active(store).values()
     assert entry.qid == qid and entry.recipients[1].next_attempt == pytest.approx(
