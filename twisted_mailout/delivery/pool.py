@@ -280,15 +280,14 @@ class ConnectionPool(Generic[S]):
             if dest.down.until > self.clock.seconds():
                 return defer.fail(dest.down)
             dest.down = None
-        waiter = _Waiter(dest)
-        d: defer.Deferred[Lease[S]] = waiter.d
         while dest.idle:
             lease = dest.idle.pop()  # the most recently used one
             self._stop_idle_timer(lease)
             if self._reusable(lease):
-                waiter.give(lease)
-                return d
+                return defer.succeed(lease)
             self._quit(lease)
+        waiter = _Waiter(dest)
+        d: defer.Deferred[Lease[S]] = waiter.d
         limits = self.limits
         if dest.conns < limits.max_per_destination:
             if self._total >= limits.max_connections:

@@ -62,7 +62,18 @@ class Peer(LineReceiver):
         elif verb == b"QUIT":
             self.sendLine(b"221 bye")
             self.transport.loseConnection()
-        else:  # MAIL, RCPT, RSET
+        elif verb == b"MAIL":
+            self.rcpts = 0
+            self.sendLine(b"250 ok")
+        elif verb == b"RCPT":
+            self.rcpts += 1
+            limit = self.factory.rcpt_limit
+            if limit is not None and self.rcpts > limit:
+                self.sendLine(b"452 4.5.3 too many recipients")
+            else:
+                self.factory.recipients.append((self.number, line[8:].decode()))
+                self.sendLine(b"250 ok")
+        else:  # RSET
             self.sendLine(b"250 ok")
 
     def answer_dot(self) -> None:
@@ -84,6 +95,9 @@ class PeerFactory(protocol.ServerFactory):
         self.stalled: defer.Deferred[Peer] = defer.Deferred()
         self.connections: list[Peer] = []
         self.messages: list[int] = []  # connection numbers that delivered
+        #: RCPT replies past this many in one transaction are 452 (None: no limit)
+        self.rcpt_limit: int | None = None
+        self.recipients: list[tuple[int, str]] = []  # (connection number, "<rcpt>")
 
 
 @implementer(IRouter)
