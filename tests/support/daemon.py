@@ -87,8 +87,15 @@ class Daemon:
 
 
 def queue_list(queue: str | Path) -> list[dict]:
-    """`mailout queue --queue Q list --json`, parsed."""
+    """`mailout queue --queue Q list --json`, parsed.
+
+    @raise AssertionError: the command failed; the message holds its exit
+        status and standard error.
+    """
     out = subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "queue", "--queue",
                           str(queue), "list", "--json"], env=env(), capture_output=True,
-                         check=True, timeout=60)
+                         timeout=60)
+    if out.returncode != 0:
+        raise AssertionError(f"mailout queue list exited with {out.returncode}:\n"
+                             f"{out.stderr.decode(errors='replace')}")
     return json.loads(out.stdout)

@@ -3,7 +3,16 @@ messages to a real SMTP server (aiosmtpd), restart each time, and account for
 every message. A duplicate is allowed only for a message the server had
 accepted while we had not yet recorded it (it was in flight at the kill): after
 each kill the test counts exactly those (received, yet still queued), and the
-duplicates seen at the end must equal that count."""
+duplicates seen at the end must equal that count.
+
+The run is seeded: MAILOUT_CRASH_SEED (an integer) picks the message sizes and
+the moments of the kills (a delay after each run's first delivery), and
+defaults to a fixed value, so a failure can be rerun (the timing of the
+processes still varies); every failure names the seed.
+
+After each kill the test waits until the server has finished with every
+session of the killed daemon (the sink's open-session count back to zero):
+only then is what the server received final, and the count exact."""
 
 from __future__ import annotations
 
@@ -21,6 +30,9 @@ from twisted_mailout.queue.store import Queue
 
 MAX_CONNECTIONS = 5
 
+#: The seed used unless MAILOUT_CRASH_SEED says otherwise.
+DEFAULT_SEED = 20261203
+
 
 def queued_ids(q) -> set[str]:
     """Queue ids still in the queue (waiting for pickup or active)."""
@@ -33,22 +45,11 @@ def queued_ids(q) -> set[str]:
     return names
 
 
-def settle(sink, quiet: float = 0.5, limit: float = 10.0) -> None:
-    """Wait until the server has received nothing new for `quiet` seconds
-    (at most `limit` seconds): bytes the killed daemon had already sent may
-    still be in the server's hands, more slowly on a loaded machine."""
-    deadline = time.monotonic() + limit
-    count, since = len(sink.messages), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        if len(sink.messages) != count:
-            count, since = len(sink.messages), time.monotonic()
-
-
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
-    seed = int(os.environ.get("MAILOUT_CRASH_SEED", time.time()))
+    seed = int(os.environ.get("MAILOUT_CRASH_SEED", DEFAULT_SEED))
     rng = random.Random(seed)
-    print(f"\nseed {seed} (set MAILOUT_CRASH_SEED to repeat)")
+    rerun = f"seed {seed} (MAILOUT_CRASH_SEED={seed} to rerun)"
+    print(f"\n{rerun}")
     sink = AiosmtpdSink("127.0.0.1").start()
     q = tmp_path / "q"
     queue = Queue(str(q))
@@ -73,10 +74,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                 finally:
                     d.stop()
                 break
-            time.sleep(rng.uniform(0.4, 1.6))
+            # kill while it is delivering: after its first message of this
+            # run reached the server, at a random moment
+            before = len(sink.messages)
+            wait_for(lambda: len(sink.messages) > before or not queued_ids(q), 60,
+                     what=f"run {kills} to deliver something")
+            time.sleep(rng.uniform(0.0, 0.6))
             d.kill()
             kills += 1
-            settle(sink)  # let the server finish reading what was already sent
+            # the killed daemon's sessions end at the server: what it had
+            # sent has been handled (or dropped with its session) by now
+            sink.wait_idle(timeout=60)
             receptions = Counter(email.message_from_bytes(m["data"])["Message-ID"]
                                  for m in sink.messages)
             # accepted by the server (since we last counted it), yet still
@@ -87,15 +95,22 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                 counted[qid] = receptions[msgid_of[qid]]
             in_flight.append(len(again))
             predicted += len(again)
+        sink.wait_idle(timeout=60)
         got = [email.message_from_bytes(m["data"])["Message-ID"] for m in sink.messages]
-        assert set(got) == set(msgid_of.values()), "every acknowledged message arrived"
+        missing = set(msgid_of.values()) - set(got)
+        assert not missing, f"{len(missing)} messages never arrived"
         duplicates = len(got) - len(set(got))
-        assert duplicates == predicted, (duplicates, predicted)
+        assert duplicates == predicted, \
+            f"{duplicates} duplicates, {predicted} predicted (in flight {in_flight})"
         # accepted but not yet recorded: at most the messages being worked on
         # at once (max(50, 10 x connections)), whose removal may wait on fsync
-        assert all(k <= max(50, 10 * MAX_CONNECTIONS) for k in in_flight), in_flight
+        assert all(k <= max(50, 10 * MAX_CONNECTIONS) for k in in_flight), \
+            f"in flight at the kills: {in_flight}"
         assert queue_list(q) == []
         print(f"{n} messages, {kills} SIGKILLs, in flight at each kill {in_flight}, "
               f"duplicates {duplicates} (= messages in flight at the kills)")
+    except BaseException as exc:
+        exc.add_note(rerun)  # every failure says how to rerun it
+        raise
     finally:
         sink.stop()
