@@ -194,3 +194,18 @@ def test_load_trust_root(tmp_path, ca):
         load_trust_root(str(empty))
     with pytest.raises(OSError):
         load_trust_root(str(tmp_path / "missing.pem"))
+
+
+def test_a_refusal_does_not_leak_into_the_next_connection_on_the_shared_context(ca):
+    # Unverified contexts are shared (client_context() without a trust root);
+    # a refusal goes to its own connection's failVerification only.
+    assert client_context() is client_context()
+
+    def refuse(conn, chain):
+        raise SSL.Error([("test", "verify", "no thanks")])
+
+    refused = Handshake(ClientTLS(client_context(), "mx.example.test", authenticate=refuse),
+                        ca.issue_cert("mx.example.test"))
+    assert refused.client.lost is not None
+    after = Handshake(opportunistic_tls("mx.example.test"), ca.issue_cert("mx.example.test"))
+    assert after.server.received == b"hello" and after.client.lost is None
