@@ -21,11 +21,12 @@ import enum
 from typing import Any
 
 from twisted_mailout.envelope import Reply
+from twisted_mailout.errors import MailoutError, ProtocolError
 
 __all__ = ["LocalProtocolError", "RemoteProtocolError", "SessionError", "Stage"]
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(MailoutError):
     """The server broke the SMTP protocol; nothing it says can be trusted
     any more, so the session must end.
 
@@ -67,7 +68,7 @@ class UnexpectedReply(RemoteProtocolError):
         self.verb = verb
 
 
-class LocalProtocolError(ValueError):
+class LocalProtocolError(MailoutError, ValueError):
     """Our side asked for something the protocol does not allow now (a
     command in the wrong state, CR/LF/NUL inside a command line)."""
 
@@ -99,7 +100,7 @@ class Stage(enum.StrEnum):
     MTA_STS = "mta-sts"  #: an MTA-STS (RFC 8461) requirement cannot be met
 
 
-class SessionError(Exception):
+class SessionError(ProtocolError):
     """The session cannot go on (or never started).
 
     @ivar reply: what decides the outcome: a server reply (4xx or 5xx), or a

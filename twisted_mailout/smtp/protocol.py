@@ -1,4 +1,11 @@
-"""One ESMTP client connection: greeting, EHLO, STARTTLS, transactions, QUIT.
+"""One ESMTP client connection: the Twisted driver over the sans-IO core.
+
+The dialogue rules (which command may go now, what each reply code means,
+which recipients a transaction delivered) live in L{twisted_mailout.smtp.state};
+this module gives them a transport, the STARTTLS handshake, one timer per
+awaited reply (RFC 5321 4.5.3.2, armed from
+L{ClientConnection.awaiting<twisted_mailout.smtp.state.ClientConnection.awaiting>}),
+the message body as an C{IPullProducer}, and Deferreds for its callers.
 
 Why our own protocol rather than C{twisted.mail.smtp.ESMTPClient}: its
 callback API delivers one message per connection, its dot-stuffing is wrong
@@ -11,84 +18,92 @@ machine is ours and is proven by tests against aiosmtpd and Postfix.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO, Any
 
 from OpenSSL import SSL
 from twisted.internet import defer, error, interfaces, protocol
+from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_mailout.smtp import auth as _auth
 from twisted_mailout.envelope import Reply
+from twisted_mailout.smtp import auth as _auth
+from twisted_mailout.smtp import sasl
+from twisted_mailout.smtp.dotstuff import DotStuffer, encode_data
+from twisted_mailout.smtp.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    SessionError,
+    Stage,
+    UnexpectedReply,
+)
+from twisted_mailout.smtp.extensions import (
+    mail_parameters,
+    supports_pipelining,
+    supports_smtputf8,
+    supports_starttls,
+)
+from twisted_mailout.smtp.replies import MAX_LINE, MAX_REPLY_LINES
+from twisted_mailout.smtp.state import (
+    Auth,
+    AuthResponse,
+    ClientConnection,
+    Command,
+    Ehlo,
+    Helo,
+    Quit,
+    ReplyEvent,
+    Rset,
+    SendBody,
+    StartTLS,
+    Transaction,
+    TransactionDone,
+    Verb,
+)
+from twisted_mailout.smtp.timeouts import Timeouts
 from twisted_mailout.tls.creators import opportunistic_tls
 from twisted_mailout.tls.errors import CertificateVerifyError
 from twisted_mailout.tls.levels import LEVELS, REQUIRED
 
 __all__ = [
+    "CHUNK",
+    "MAX_LINE",
+    "MAX_REPLY_LINES",
     "TLS_LEVELS",
     "DotStuffer",
     "ESMTPSession",
     "SessionError",
+    "Stage",
     "Timeouts",
     "TransactionResult",
+    "encode_data",
 ]
 
 TLS_LEVELS = LEVELS  # the one list, twisted_mailout.tls.levels
 
-MAX_LINE = 4096  # bytes in one reply line (RFC 5321 4.5.3.1.5 says 512; be lenient)
-MAX_REPLY_LINES = 200  # lines in one multi-line reply
 CHUNK = 65536  # bytes read from the message file at a time
 
+#: The L{Stage} a failure while waiting for a reply to each command is reported under.
+_STAGES: dict[Verb, Stage] = {
+    Verb.GREETING: Stage.GREETING,
+    Verb.EHLO: Stage.EHLO,
+    Verb.HELO: Stage.EHLO,
+    Verb.STARTTLS: Stage.STARTTLS,
+    Verb.AUTH: Stage.AUTH,
+    Verb.AUTH_CANCEL: Stage.AUTH,
+    Verb.MAIL: Stage.MAIL,
+    Verb.RCPT: Stage.RCPT,
+    Verb.DATA: Stage.DATA,
+    Verb.END_OF_DATA: Stage.END_OF_DATA,
+    Verb.RSET: Stage.RSET,
+    Verb.QUIT: Stage.QUIT,
+}
 
-@dataclass(frozen=True)
-class Timeouts:
-    """Per-command timeouts in seconds (RFC 5321 4.5.3.2 minimums by default).
-
-    @ivar connect: TCP connect.
-    @ivar greeting: initial 220 message (4.5.3.2.1: 5 minutes).
-    @ivar helo: EHLO/HELO, STARTTLS, RSET, QUIT.
-    @ivar mail: MAIL command (4.5.3.2.2: 5 minutes).
-    @ivar rcpt: each RCPT command (4.5.3.2.3: 5 minutes).
-    @ivar data: DATA initiation (4.5.3.2.4: 2 minutes).
-    @ivar data_block: each block of message data written (4.5.3.2.5: 3 minutes).
-    @ivar data_done: reply to the final dot (4.5.3.2.6: 10 minutes).
-    """
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    helo: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data: float = 120.0
-    data_block: float = 180.0
-    data_done: float = 600.0
-
-    @classmethod
-    def scaled(cls, limit: float) -> Timeouts:
-        """Every timeout capped at C{limit} seconds (for tests and impatient
-        programmatic callers)."""
-        d = cls()
-        return cls(**{k: min(getattr(d, k), limit) for k in d.__dataclass_fields__})
-
-
-class SessionError(Exception):
-    """The session cannot go on (or never started).
-
-    @ivar reply: what decides the outcome: a server reply, or a local one
-        (code 4xx for network trouble, timeouts, TLS failures).
-    @ivar stage: C{"connect"}, C{"greeting"}, C{"ehlo"}, C{"starttls"},
-        C{"tls"} (handshake or certificate failure), C{"AUTH"}, ...
-    @ivar tls_failure: for C{"tls"}: the RFC 8460 result type when known.
-    """
-
-    tls_failure: str | None = None
-
-    def __init__(self, reply: Reply, stage: str):
-        super().__init__(f"{stage}: {reply.one_line()}")
-        self.reply = reply
-        self.stage = stage
+#: EHLO refusals after which HELO is tried (RFC 5321 4.1.4, 3.2).
+_TRY_HELO = frozenset({500, 501, 502, 504, 550})
 
 
 @dataclass
@@ -105,59 +120,20 @@ class TransactionResult:
     session_usable: bool
 
 
-class DotStuffer:
-    """Incremental SMTP data encoder (RFC 5321 4.5.2 and 2.3.8).
-
-    Every line end (CRLF, bare LF or bare CR) becomes CRLF and every line
-    starting with "." gets one more "." -- whatever the chunking of the
-    input, so no byte sequence in a message can end DATA early (the
-    SMTP-smuggling class of bugs, CVE-2023-51764).
-    """
-
-    def __init__(self):
-        self._cr = False  # the previous chunk ended with CR
-        self._bol = True  # the output is at the beginning of a line
-        self._any = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Encode one chunk; returns the bytes to send (maybe empty)."""
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._cr = True
-        if not data:
-            return b""
-        self._any = True
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._bol and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
-        self._bol = data.endswith(b"\n")
-        return data.replace(b"\n", b"\r\n")
-
-    def finish(self) -> bytes:
-        """The end of the data: a CRLF if the message did not end with a
-        line end, then the terminating C{.CRLF}."""
-        out = b""
-        if self._cr:
-            out = b"\r\n"
-            self._cr = False
-            self._bol = True
-        elif self._any and not self._bol:
-            out = b"\r\n"
-        return out + b".\r\n"
-
-
-def encode_data(message: bytes) -> bytes:
-    """The whole DATA payload for C{message}, terminating dot included."""
-    s = DotStuffer()
-    return s.feed(message) + s.finish()
-
-
 def _local(code: int, text: str) -> Reply:
     return Reply(code, text, local=True)
+
+
+class _Pending:
+    """The transaction under way: its Deferred, command and message file."""
+
+    __slots__ = ("command", "d", "source")
+
+    def __init__(self, d: defer.Deferred[TransactionResult], command: Transaction,
+                 source: IO[bytes]):
+        self.d = d
+        self.command = command
+        self.source = source
 
 
 class ESMTPSession(protocol.Protocol):
@@ -179,20 +155,37 @@ class ESMTPSession(protocol.Protocol):
     @param pipelining: use PIPELINING (RFC 2920) when the server offers it.
     @param implicit_tls: the transport is TLS from the first byte (RFC 8314
         submissions port 465): no STARTTLS, the session counts as encrypted.
-    @param credentials: L{auth.Credentials} for AUTH (RFC 4954) after EHLO,
-        or L{None}. Credentials are only sent under TLS unless they allow
-        plaintext; a server that offers no AUTH gets the mail without it.
+    @param credentials: L{auth.Credentials<twisted_mailout.smtp.auth.Credentials>}
+        for AUTH (RFC 4954) after EHLO, or L{None}. Credentials are only sent
+        under TLS unless they allow plaintext; a server that offers no AUTH
+        gets the mail without it.
 
     A TLS failure (handshake, certificate) fails C{ready} with a
-    L{SessionError} whose C{stage} is C{"tls"}.
+    L{SessionError} whose C{stage} is L{Stage.TLS}. A server that breaks the
+    protocol (a malformed reply, a reply out of step, a code that does not
+    belong to the command, see L{EXPECTED<twisted_mailout.smtp.state.EXPECTED>})
+    ends the session: the connection is aborted and the recipients get a
+    local 421 (deferred).
+
+    @ivar ready: a Deferred firing with the session, or failing with L{SessionError}.
+    @ivar closed: a Deferred firing with L{None} once the connection is gone.
+    @ivar usable: the session can carry another transaction (C{bool}).
+    @ivar encrypted: the connection is under TLS (C{bool}).
+    @ivar authenticated: AUTH succeeded (C{bool}).
+    @ivar transactions: the number of transactions started (C{int}).
+    @ivar created: when the session was made (C{clock.seconds()}).
+    @ivar greeting: the server's greeting L{Reply}, once received.
+    @ivar relay_label: a label for logs, the host name by default.
+    @ivar peer: C{"host:port"} of the peer, once connected.
     """
 
     log = Logger()
 
-    def __init__(self, helo: str, clock, tls: str = "may", tls_creator=None,
+    def __init__(self, helo: str, clock: Any, tls: str = "may",
+                 tls_creator: Callable[[str | None], Any] | None = None,
                  hostname: str | None = None, timeouts: Timeouts | None = None,
                  pipelining: bool = True, implicit_tls: bool = False,
-                 credentials=None):
+                 credentials: _auth.Credentials | None = None):
         if tls not in TLS_LEVELS:
             raise ValueError(f"unknown TLS level {tls!r}; expected one of {TLS_LEVELS}")
         self.implicit_tls = implicit_tls
@@ -205,279 +198,265 @@ class ESMTPSession(protocol.Protocol):
         self.hostname = hostname
         self.timeouts = timeouts or Timeouts()
         self.pipelining = pipelining
-        self.ready = defer.Deferred()
-        self.closed = defer.Deferred()
+        self.ready: defer.Deferred[ESMTPSession] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
         self.relay_label = hostname or "?"
-        self.extensions: dict[str, str] = {}
         self.encrypted = False
         self.usable = False
         self.transactions = 0
         self.created = clock.seconds()
         self.greeting: Reply | None = None
-        self._buffer = b""
-        self._rx_total = 0  # bytes received so far
-        self._consumed = 0  # offset of _buffer's first byte in the stream
-        self._reply_start = 0  # offset of the current reply's first line
-        self._lines: list[bytes] = []
-        self._reply_bytes = 0
-        self._waiting: deque = deque()
-        self._timer = None
+        self.peer = "?"
+        self._conn = ClientConnection()
+        self._waiter: defer.Deferred[Reply] | None = None  # the one awaited reply
+        self._tx: _Pending | None = None
+        self._timer: DelayedCall | None = None
         self._closed = False
         self._lost_reason: Failure | None = None
-        self._needs_rset = False
-        self._producer = None
+        self._producer: _BodyProducer | None = None
         self._tls_pending = implicit_tls  # a handshake is under way
-        self.peer = "?"
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The server's EHLO keywords, C{{KEYWORD: parameters}} (emptied by
+        STARTTLS and HELO)."""
+        return self._conn.extensions
+
+    @property
+    def _transport(self) -> Any:
+        # ITransport as zope declares it (mypy cannot check its methods).
+        return self.transport
+
+    @property
+    def _who(self) -> str:
+        return self.hostname or self.peer
 
     # -- wire level ---------------------------------------------------------
 
-    def connectionMade(self):
-        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+    def connectionMade(self) -> None:
+        transport = self.transport
+        nodelay = getattr(transport, "setTcpNoDelay", None)
         if nodelay is not None:  # TCP: no Nagle delay for our small commands
             nodelay(True)
-        p = self.transport.getPeer()
+        p = self._transport.getPeer()
         self.peer = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
-        d = self._expect(self.timeouts.greeting, "greeting")
-        defer.Deferred.fromCoroutine(self._start(d)).addErrback(self._start_failed)
-
-    def dataReceived(self, data: bytes):
-        self._rx_total += len(data)
-        self._buffer += data
-        while True:
-            i = self._buffer.find(b"\n")
-            if i < 0:
-                if len(self._buffer) > MAX_LINE + 1:  # + 1: its CR may come before the LF
-                    self._protocol_error(f"reply line longer than {MAX_LINE} bytes")
-                return
-            line, self._buffer = self._buffer[:i], self._buffer[i + 1 :]
-            if not self._lines:
-                self._reply_start = self._consumed
-            self._consumed += i + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > MAX_LINE:
-                self._protocol_error(f"reply line longer than {MAX_LINE} bytes")
-                return
-            if not self._line_received(line):
-                return
-
-    def _line_received(self, line: bytes) -> bool:
-        if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
-                or (len(line) > 3 and line[3:4] not in b" -")):
-            self._protocol_error(f"malformed reply line {line[:80]!r}")
-            return False
-        if self._lines and line[:3] != self._lines[0][:3]:
-            self._protocol_error("reply code changed inside a multi-line reply")
-            return False
-        self._lines.append(line)
-        if len(self._lines) > MAX_REPLY_LINES:
-            self._protocol_error(f"multi-line reply longer than {MAX_REPLY_LINES} lines")
-            return False
-        if line[3:4] == b"-":
-            return True
-        code = int(line[:3])
-        text = "\n".join(ln[4:].decode("utf-8", "replace") for ln in self._lines)
-        self._lines = []
-        self._reply(Reply(code, text))
-        return not self._closed
-
-    def _reply(self, reply: Reply):
-        self._tls_pending = False  # a reply after the handshake: it is done
-        if not self._waiting:
-            self.log.debug("unsolicited reply from {peer}: {reply}", peer=self.peer,
-                           reply=reply.one_line())
-            if reply.code == 421:
-                self.usable = False
-            return
-        if reply.code == 421:
-            self.usable = False  # the server is closing the channel
-        if self._reply_start < self._waiting[0][3]:
-            # It began before we sent the command it would answer: an extra
-            # reply put the dialogue out of step; nothing after it is trusted.
-            self._protocol_error(f"reply {reply.one_line()[:80]!r} arrived before the "
-                                 f"{self._waiting[0][2]} command it would answer")
-            return
-        d, _, _, _ = self._waiting.popleft()
         self._arm()
-        d.callback(reply)
+        d = defer.Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
 
-    def _expect(self, timeout: float, what: str) -> defer.Deferred:
-        d = defer.Deferred()
-        if self._closed:
-            d.errback(self._lost_failure(what))
-            return d
-        self._waiting.append((d, timeout, what, self._rx_total))
-        if len(self._waiting) == 1:
-            self._arm()
-        return d
-
-    def _expect_group(self, steps: list[tuple[float, str]]) -> _ReplyGroup:
-        """Expect one reply per C{(timeout, what)} step, in order, as for a
-        pipelined group (RFC 2920): each is timed like a single command, but
-        the caller is woken once, when the last has arrived (or the session
-        failed), instead of once per reply."""
-        group = _ReplyGroup()
-        last = len(steps) - 1
-        for i, (timeout, what) in enumerate(steps):
-            self._expect_slot(_GroupSlot(group, i == last), timeout, what)
-        return group
-
-    def _expect_slot(self, slot, timeout: float, what: str):
-        if self._closed:
-            slot.errback(Failure(self._lost_failure(what)))
-            return
-        self._waiting.append((slot, timeout, what, self._rx_total))
-        if len(self._waiting) == 1:
+    def dataReceived(self, data: bytes) -> None:
+        conn = self._conn
+        conn.receive_data(data)
+        while not self._closed:
+            try:
+                events = conn.next_events()
+            except RemoteProtocolError as e:
+                # The events before the fault are already in the state
+                # machine's books (a refused recipient stays refused).
+                self._protocol_error(e)
+                return
+            if not events:
+                return
+            self._handle(events)
             self._arm()
 
-    def _arm(self):
-        """(Re)start the timeout of the reply now awaited; moving a live
-        timer is cheaper than cancelling it and making a new one."""
+    def _handle(self, events: list[Any]) -> None:
+        for ev in events:
+            kind = type(ev)
+            if kind is ReplyEvent:
+                self._tls_pending = False  # a reply after the handshake: it is done
+                reply = ev.reply
+                if reply.code == 421:
+                    self.usable = False  # the server is closing the channel
+                verb = ev.verb
+                if verb is None:
+                    self.log.debug("unsolicited reply from {peer}: {reply}", peer=self.peer,
+                                   reply=reply.one_line())
+                elif verb is Verb.RSET and self._tx is not None:
+                    self._rset_done(ev)
+                elif self._waiter is not None:
+                    d, self._waiter = self._waiter, None
+                    d.callback(reply)
+            elif kind is SendBody:
+                self._send_body()
+            elif kind is TransactionDone:
+                self._finish(ev.replies, ev.usable)
+        tx = self._tx
+        if tx is not None and not tx.command.pipelined and not self._closed:
+            command = self._conn.next_command()
+            if command is not None:
+                self._write(self._conn.send(command))
+
+    def _write(self, data: bytes) -> None:
+        self._transport.write(data)
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        """(Re)start the timeout of the reply now awaited (the first in
+        L{ClientConnection.awaiting}); none while the body is being sent
+        (the producer has its own) or when no reply is owed."""
+        awaited = self._conn.awaiting()
         timer = self._timer
-        if self._waiting and self._producer is None:
-            _, timeout, what, _ = self._waiting[0]
+        if awaited and self._producer is None and not self._closed:
+            timeout = self.timeouts.get(awaited[0][1])
             if timer is not None and timer.active():
-                timer.args = (what, timeout)
                 timer.reset(timeout)
             else:
-                self._timer = self.clock.callLater(timeout, self._timed_out, what, timeout)
+                self._timer = self.clock.callLater(timeout, self._timed_out)
             return
         if timer is not None and timer.active():
             timer.cancel()
         self._timer = None
 
-    def _timed_out(self, what: str, timeout: float):
+    def _timed_out(self) -> None:
         self._timer = None
-        self._fail_all(SessionError(
-            _local(421, f"4.4.2 timeout after {timeout:g}s waiting for the {what} reply "
-                   f"from {self.hostname or self.peer}"), what))
-        self._abort()
+        awaited = self._conn.awaiting()
+        if not awaited:
+            return
+        verb, key = awaited[0]
+        self._abort()  # first: whoever is told may not send anything more
+        self._fail(SessionError(
+            _local(421, f"4.4.2 timeout after {self.timeouts.get(key):g}s waiting for the "
+                   f"{verb.value} reply from {self._who}"), _STAGES[verb]))
 
-    def _protocol_error(self, why: str):
-        self._fail_all(SessionError(_local(421, f"4.5.0 protocol error from "
-                                           f"{self.hostname or self.peer}: {why}"), "reply"))
-        self._abort()
+    def _protocol_error(self, e: RemoteProtocolError) -> None:
+        stage = Stage.PROTOCOL
+        if isinstance(e, UnexpectedReply) and isinstance(e.verb, Verb):
+            stage = _STAGES[e.verb]
+        self._abort()  # first: whoever is told may not send anything more
+        self._fail(SessionError(_local(421, f"4.5.0 protocol error from {self._who}: {e.why}"),
+                                stage))
 
-    def _abort(self):
+    def _abort(self) -> None:
         self.usable = False
         self._closed = True
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._transport.abortConnection()
 
-    def _lost_failure(self, what: str) -> SessionError:
+    def _abort_later(self) -> None:
+        self.usable = False
+        if not self._closed and self.transport is not None:
+            self._transport.loseConnection()
+
+    def _lost_failure(self, verb: Verb | None) -> SessionError:
+        what = verb.value if verb is not None else "greeting"
+        stage = _STAGES.get(verb, Stage.GREETING) if verb is not None else Stage.GREETING
         reason = self._lost_reason
         detail = "connection closed"
         status = "4.4.2"
         if reason is not None:
             v = reason.value
             if isinstance(v, SSL.Error):
-                detail, status, what = f"TLS failure: {_ssl_text(v)}", "4.7.5", "tls"
+                detail, status, stage = f"TLS failure: {_ssl_text(v)}", "4.7.5", Stage.TLS
             elif isinstance(v, CertificateVerifyError):
-                detail, status, what = f"TLS failure: {v}", "4.7.5", "tls"
+                detail, status, stage = f"TLS failure: {v}", "4.7.5", Stage.TLS
             elif type(v).__name__ == "VerificationError":  # service_identity
                 detail = f"TLS failure: certificate does not match {self.hostname}: {v}"
-                status, what = "4.7.5", "tls"
+                status, stage = "4.7.5", Stage.TLS
             elif self._tls_pending:  # closed (cleanly or not) before the handshake ended
-                detail, status, what = "connection closed during the TLS handshake", "4.7.5", "tls"
+                detail, status, stage = ("connection closed during the TLS handshake", "4.7.5",
+                                         Stage.TLS)
             elif not reason.check(error.ConnectionDone):
                 detail = f"connection lost: {v}"
-        err = SessionError(_local(421, f"{status} {detail} while waiting for the "
-                                  f"{'TLS handshake' if what == 'tls' else what + ' reply'} "
-                                  f"from {self.hostname or self.peer}"), what)
+        waited = "TLS handshake" if stage is Stage.TLS else what + " reply"
+        err = SessionError(_local(421, f"{status} {detail} while waiting for the {waited} "
+                                  f"from {self._who}"), stage)
         err.tls_failure = getattr(reason.value, "result_type", None) if reason else None
         return err
 
-    def _fail_all(self, exc: Exception):
-        waiting, self._waiting = self._waiting, deque()
+    def _fail(self, exc: SessionError) -> None:
+        """Fail whatever waits: the awaited reply of the session start or
+        QUIT, and the transaction (undecided recipients get C{exc.reply})."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for d, _, _, _ in waiting:
+        d, self._waiter = self._waiter, None
+        if d is not None:
             d.errback(Failure(exc))
+        if self._tx is not None:
+            replies = self._conn.transaction_replies(exc.reply)
+            for r in self._tx.command.recipients:  # also before MAIL went out (RSET)
+                replies.setdefault(r, exc.reply)
+            self.usable = False
+            self._abort_later()
+            self._finish(replies, False)
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.usable = False
         self._lost_reason = reason
+        awaited = self._conn.awaiting()
+        self._conn.connection_closed()
         if self._producer is not None:
             self._producer.stop()
-        waiting = list(self._waiting)
-        self._waiting = deque()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for d, _, what, _ in waiting:
-            d.errback(Failure(self._lost_failure(what)))
+        self._fail(self._lost_failure(awaited[0][0] if awaited else None))
         if not self.ready.called:
-            self.ready.errback(Failure(self._lost_failure("greeting")))
+            self.ready.errback(Failure(self._lost_failure(Verb.GREETING)))
         self.closed.callback(None)
 
-    def _send(self, line: str | bytes, timeout: float, what: str) -> defer.Deferred:
-        if isinstance(line, str):
-            line = line.encode("utf-8")
-        if b"\r" in line or b"\n" in line or b"\0" in line:
-            raise ValueError("CR, LF or NUL in an SMTP command")
-        d = self._expect(timeout, what)
-        if not self._closed:
-            self.transport.write(line + b"\r\n")
+    def _command(self, command: Command, verb: Verb) -> defer.Deferred[Reply]:
+        """Send C{command}; a Deferred for its reply (failing with
+        L{SessionError} when the session fails first)."""
+        if self._closed:
+            return defer.fail(self._lost_failure(verb))
+        data = self._conn.send(command)
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self._waiter = d
+        self._write(data)
         return d
 
     # -- session start ------------------------------------------------------
 
-    def _start_failed(self, f: Failure):
+    def _start_failed(self, f: Failure) -> None:
         if not self.ready.called:
             self._abort()
             self.ready.errback(f)
 
-    async def _start(self, greeting_d):
-        greeting = await greeting_d
+    async def _start(self) -> None:
+        waiter: defer.Deferred[Reply] = defer.Deferred()
+        self._waiter = waiter
+        greeting = await waiter
         self.greeting = greeting
         self.encrypted = self.implicit_tls
-        if greeting.code != 220:
+        if greeting.code != 220:  # a refusal (anything else is a protocol error)
             await self._quietly_quit()
-            raise SessionError(greeting, "greeting")
+            raise SessionError(greeting, Stage.GREETING)
         await self._ehlo()
-        required = self.tls in REQUIRED
-        if self.implicit_tls:
-            pass
-        elif "STARTTLS" in self.extensions and self.tls != "none":
-            reply = await self._send("STARTTLS", self.timeouts.helo, "STARTTLS")
-            if reply.code == 220:
-                if self._buffer or self._lines:
-                    # Bytes sent after the 220 but before the handshake could
-                    # only be an injection attempt (CVE-2011-0411): discard.
-                    self.log.warn("discarding {n} bytes {peer} sent before the TLS handshake",
-                               n=len(self._buffer), peer=self.peer)
-                    self._consumed += len(self._buffer)
-                    self._buffer = b""
-                    self._lines = []
-                self._tls_pending = True
-                self.transport.startTLS(self.tls_creator(self.hostname))
-                self.encrypted = True
-                self.extensions = {}
-                await self._ehlo()
+        if not self.implicit_tls:
+            required = self.tls in REQUIRED
+            if supports_starttls(self.extensions) and self.tls != "none":
+                before = self._conn.discarded
+                reply = await self._command(StartTLS(), Verb.STARTTLS)
+                if reply.code == 220:
+                    if self._conn.discarded > before:
+                        self.log.warn("discarding {n} bytes {peer} sent before the TLS "
+                                      "handshake", n=self._conn.discarded - before,
+                                      peer=self.peer)
+                    self._tls_pending = True
+                    self._transport.startTLS(self.tls_creator(self.hostname))
+                    self.encrypted = True
+                    await self._ehlo()
+                elif required:
+                    await self._quietly_quit()
+                    raise SessionError(
+                        _local(reply.code, f"4.7.5 TLS is required ({self.tls}) but STARTTLS "
+                               f"was refused: {reply.one_line()}"), Stage.STARTTLS)
             elif required:
                 await self._quietly_quit()
                 raise SessionError(
-                    _local(reply.code if reply.code >= 400 else 454,
-                           f"4.7.5 TLS is required ({self.tls}) but STARTTLS was refused: "
-                           f"{reply.one_line()}"), "starttls")
-        elif required:
-            await self._quietly_quit()
-            raise SessionError(
-                _local(454, f"4.7.4 TLS is required ({self.tls}) but "
-                       f"{self.hostname or self.peer} does not offer STARTTLS"), "starttls")
+                    _local(454, f"4.7.4 TLS is required ({self.tls}) but {self._who} does not "
+                           "offer STARTTLS"), Stage.STARTTLS)
         if self.credentials is not None:
-            await self._authenticate()
+            await self._authenticate(self.credentials)
         self.usable = True
         self.ready.callback(self)
 
-    async def _authenticate(self):
+    async def _authenticate(self, creds: _auth.Credentials) -> None:
         """AUTH (RFC 4954) with the credentials; never sends a secret over
         plaintext unless the credentials allow it. Failures defer (4xx):
         a refused login is the operator's to fix, not the recipients'."""
-        creds = self.credentials
-        who = self.hostname or self.peer
+        who = self._who
         offered = self.extensions.get("AUTH")
         if offered is None:
             self.log.info("{peer} offers no AUTH; sending without authenticating", peer=who)
@@ -486,235 +465,163 @@ class ESMTPSession(protocol.Protocol):
             await self._quietly_quit()
             raise SessionError(_local(454, f"4.7.0 not sending AUTH credentials to {who} over "
                                       "an unencrypted connection (no TLS; allow it "
-                                      "explicitly with --auth-plaintext)"), "AUTH")
+                                      "explicitly with --auth-plaintext)"), Stage.AUTH)
         mech = _auth.choose_mechanism(creds, offered, self.encrypted)
         if mech is None:
             await self._quietly_quit()
             raise SessionError(_local(454, f"4.7.0 no AUTH mechanism in common with {who}: it "
                                       f"offers {offered[:100]!r}, we allow "
-                                      f"{' '.join(creds.mechanisms)}"), "AUTH")
-        t = self.timeouts.helo
-        if mech == "PLAIN":
-            reply = await self._send(f"AUTH PLAIN {_auth.plain_response(creds)}", t, "AUTH")
-            if reply.code == 334:  # a server that wants the response on its own line
-                reply = await self._send(_auth.plain_response(creds), t, "AUTH")
-        elif mech == "LOGIN":
-            reply = await self._send("AUTH LOGIN", t, "AUTH")
-            if reply.code == 334:
-                reply = await self._send(_auth.b64(creds.username.encode()), t, "AUTH")
-                if reply.code == 334:
-                    reply = await self._send(_auth.b64(creds.password.reveal().encode()), t,
-                                             "AUTH")
-        elif mech == "CRAM-MD5":
-            reply = await self._send("AUTH CRAM-MD5", t, "AUTH")
-            if reply.code == 334:
-                try:
-                    answer = _auth.cram_md5_response(creds, reply.text.split("\n")[0])
-                except _auth.AuthError as e:
-                    await self._send("*", t, "AUTH")  # cancel the exchange (RFC 4954 4)
-                    await self._quietly_quit()
-                    raise SessionError(_local(454, f"4.7.0 {e} ({who})"), "AUTH") from None
-                reply = await self._send(answer, t, "AUTH")
-        else:  # XOAUTH2
+                                      f"{' '.join(creds.mechanisms)}"), Stage.AUTH)
+        if mech == "XOAUTH2":
             try:
-                token = await creds.token(self.clock)
+                secret = await creds.token(self.clock)
             except _auth.AuthError as e:
                 await self._quietly_quit()
-                raise SessionError(_local(451, f"4.7.0 {e}"), "AUTH") from None
-            initial = _auth.xoauth2_response(creds.username, token)
-            reply = await self._send(f"AUTH XOAUTH2 {initial}", t, "AUTH")
-            if reply.code == 334:  # an error report in base64; an empty line ends it
-                reply = await self._send("", t, "AUTH")
+                raise SessionError(_local(451, f"4.7.0 {e}"), Stage.AUTH) from None
+        else:
+            assert creds.password is not None
+            secret = creds.password
+        steps = sasl.mechanism_for(mech, creds.username, secret)
+        reply = await self._command(Auth(steps.initial()), Verb.AUTH)
+        while reply.code == 334:
+            try:
+                line = steps.respond(reply.text.split("\n")[0])
+            except sasl.SASLError as e:
+                await self._command(AuthResponse(sasl.CANCEL), Verb.AUTH_CANCEL)
+                await self._quietly_quit()
+                raise SessionError(_local(454, f"4.7.0 {e} ({who})"), Stage.AUTH) from None
+            if line is None:  # still asking: we have nothing more to say
+                reply = await self._command(AuthResponse(sasl.CANCEL), Verb.AUTH_CANCEL)
+                break
+            reply = await self._command(AuthResponse(line), Verb.AUTH)
         if reply.code == 235:
             self.authenticated = True
             return
-        if reply.code == 334:  # still asking: we have nothing more to say
-            reply = await self._send("*", t, "AUTH")
         await self._quietly_quit()
-        if not (reply.is_transient or reply.is_permanent):
-            raise self._unexpected(reply, "AUTH")
         raise SessionError(_local(454 if reply.is_permanent else reply.code,
                                   f"4.7.8 authentication as {creds.username} failed at {who} "
-                                  f"({mech}): {reply.one_line()[:200]}"), "AUTH")
+                                  f"({mech}): {reply.one_line()[:200]}"), Stage.AUTH)
 
-    async def _ehlo(self):
-        reply = await self._send(f"EHLO {self.helo}", self.timeouts.helo, "EHLO")
+    async def _ehlo(self) -> None:
+        reply = await self._command(Ehlo(self.helo), Verb.EHLO)
         if reply.code == 250:
-            self.extensions = {}
-            for ln in reply.text.split("\n")[1:]:
-                kw, _, arg = ln.strip().partition(" ")
-                if kw:
-                    self.extensions[kw.upper()] = arg
             return
-        if reply.code in (500, 501, 502, 504, 550) and not self.encrypted:
-            reply = await self._send(f"HELO {self.helo}", self.timeouts.helo, "HELO")
+        if reply.code in _TRY_HELO and not self.encrypted:
+            reply = await self._command(Helo(self.helo), Verb.HELO)
             if reply.code == 250:
-                self.extensions = {}
                 return
         await self._quietly_quit()
-        raise SessionError(reply, "EHLO")
+        raise SessionError(reply, Stage.EHLO)
 
-    async def _quietly_quit(self):
+    async def _quietly_quit(self) -> None:
         if self._closed:
             return
         try:
-            await self._send("QUIT", min(self.timeouts.helo, 10), "QUIT")
-        except SessionError:
+            await self._command(Quit(), Verb.QUIT)
+        except (SessionError, LocalProtocolError):
             pass  # the session is over either way
         self._abort_later()
 
-    def _abort_later(self):
-        self.usable = False
-        if not self._closed and self.transport is not None:
-            self.transport.loseConnection()
-
     # -- transactions -------------------------------------------------------
 
-    def transaction(self, sender: str, recipients: list[str], source, size: int | None = None,
-                    smtputf8: bool = False, eightbit: bool = False) -> defer.Deferred:
-        """Run one mail transaction: MAIL, RCPT for each recipient, DATA.
+    def transaction(self, sender: str, recipients: list[str], source: IO[bytes],
+                    size: int | None = None, smtputf8: bool = False,
+                    eightbit: bool = False) -> defer.Deferred[TransactionResult]:
+        """Run one mail transaction: MAIL, RCPT for each recipient, DATA
+        (pipelined when the server offers PIPELINING, RFC 2920).
 
         @param sender: the MAIL FROM address, already validated, C{""} for
             the null sender.
         @param recipients: RCPT TO addresses, already validated.
         @param source: a binary file object positioned at the message start;
-            read in chunks until EOF (not closed here).
+            read in chunks of L{CHUNK} bytes until EOF (not closed here).
         @param size: message size in bytes, for the SIZE parameter (RFC 1870).
         @param smtputf8: the envelope needs SMTPUTF8 (RFC 6531).
         @param eightbit: the message has 8-bit bytes: C{BODY=8BITMIME} is
             sent when the server offers it (RFC 6152). To a server that does
             not, the message goes as it is (no MIME conversion).
         @return: a Deferred firing with a L{TransactionResult}; it never
-            fails for server or network trouble (those are replies).
+            fails for server or network trouble (those are replies). It
+            fails with C{ValueError} for CR, LF or NUL in an address.
+            Cancelling it aborts the connection (the Deferred then fails
+            with C{CancelledError}).
         """
-        return defer.Deferred.fromCoroutine(
-            self._transaction(sender, recipients, source, size, smtputf8, eightbit))
+        d: defer.Deferred[TransactionResult] = defer.Deferred(self._cancel)
+        if self._closed:
+            lost = self._lost_failure(Verb.RSET if self._conn.needs_rset else Verb.MAIL).reply
+            d.callback(TransactionResult({r: lost for r in recipients}, False))
+            return d
+        extensions = self.extensions
+        if smtputf8 and not supports_smtputf8(extensions):
+            r = _local(553, "5.6.7 the address needs SMTPUTF8 and "
+                       f"{self._who} does not offer it")
+            d.callback(TransactionResult({rc: r for rc in recipients}, True))
+            return d
+        command = Transaction(sender, tuple(recipients),
+                              mail_parameters(extensions, size, eightbit, smtputf8),
+                              self.pipelining and supports_pipelining(extensions))
+        for text in (sender, *recipients):
+            if "\r" in text or "\n" in text or "\0" in text:
+                return defer.fail(LocalProtocolError("CR, LF or NUL in an SMTP command"))
+        self._tx = _Pending(d, command, source)
+        if self._conn.needs_rset:
+            self._write(self._conn.send(Rset()))
+        else:
+            self._begin()
+        return d
 
-    def _unexpected(self, reply: Reply, what: str) -> SessionError:
-        """A reply that no server may give here (a 2xx where 354 belongs, a
-        3xx to RCPT...): the dialogue is out of step, so nothing the server
-        says can be trusted any more. Never taken as a recipient's outcome."""
-        self._abort()
-        return SessionError(_local(421, f"4.5.0 protocol error from "
-                                   f"{self.hostname or self.peer}: unexpected reply to {what}: "
-                                   f"{reply.one_line()[:200]}"), what)
+    def _begin(self) -> None:
+        tx = self._tx
+        assert tx is not None
+        self.transactions += 1
+        self._write(self._conn.send(tx.command))
 
-    async def _transaction(self, sender, recipients, source, size, smtputf8, eightbit=False):
-        replies: dict[str, Reply] = {}  # final replies, recorded as soon as known
-        accepted: list[str] = []
-        try:
-            if self._needs_rset:
-                reply = await self._send("RSET", self.timeouts.helo, "RSET")
-                if reply.code != 250:
-                    raise SessionError(reply, "RSET")
-                self._needs_rset = False
-            if smtputf8 and "SMTPUTF8" not in self.extensions:
-                r = _local(553, "5.6.7 the address needs SMTPUTF8 and "
-                           f"{self.hostname or self.peer} does not offer it")
-                return TransactionResult({rc: r for rc in recipients}, True)
-            params = ""
-            if size is not None and "SIZE" in self.extensions:
-                params += f" SIZE={size}"
-            if (eightbit or smtputf8) and "8BITMIME" in self.extensions:
-                params += " BODY=8BITMIME"
-            if smtputf8:
-                params += " SMTPUTF8"
-            commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients),
-                        "DATA"]
-            for c in commands:
-                if "\r" in c or "\n" in c or "\0" in c:
-                    raise ValueError("CR, LF or NUL in an SMTP command")
-            self.transactions += 1
-            pipelined = self.pipelining and "PIPELINING" in self.extensions
-            if pipelined:
-                group = self._expect_group(
-                    [(self.timeouts.mail, "MAIL"),
-                     *((self.timeouts.rcpt, "RCPT") for _ in recipients),
-                     (self.timeouts.data, "DATA")])
-                self.transport.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
-                taken = [0]
+    def _rset_done(self, ev: ReplyEvent) -> None:
+        if ev.ok:
+            self._begin()
+            return
+        # Not the recipients' fault: defer them all, and give the session up.
+        self._fail(SessionError(_local(451, f"4.3.0 {self._who} refused RSET: "
+                                       f"{ev.reply.one_line()[:200]}"), Stage.RSET))
 
-                async def next_reply(command, timeout, what):
-                    # Replies that arrived before a failure still count
-                    # (a refused RCPT stays refused); the failure is raised
-                    # where the first missing reply would be.
-                    if taken[0] >= len(group.replies) and group.failure is None:
-                        await group.wait()
-                    if taken[0] < len(group.replies):
-                        taken[0] += 1
-                        return group.replies[taken[0] - 1]
-                    group.failure.raiseException()
-            else:
-                async def next_reply(command, timeout, what):
-                    return await self._send(command, timeout, what)
-            mail_reply = await next_reply(commands[0], self.timeouts.mail, "MAIL")
-            if mail_reply.code != 250:
-                if not (mail_reply.is_transient or mail_reply.is_permanent):
-                    raise self._unexpected(mail_reply, "MAIL")
-                replies.update((r, mail_reply) for r in recipients)
-            if not pipelined and replies:
-                self._needs_rset = True
-                return TransactionResult(replies, self._still_usable())
-            for r, command in zip(recipients, commands[1:-1], strict=True):
-                reply = await next_reply(command, self.timeouts.rcpt, "RCPT")
-                if r in replies:
-                    continue  # MAIL was refused: pipelined RCPT replies mean nothing
-                if reply.is_positive:
-                    accepted.append(r)
-                elif reply.is_transient or reply.is_permanent:
-                    replies[r] = reply
-                else:
-                    raise self._unexpected(reply, "RCPT")
-            if not pipelined and not accepted:
-                self._needs_rset = True
-                return TransactionResult(replies, self._still_usable())
-            data_reply = await next_reply("DATA", self.timeouts.data, "DATA")
-            if not accepted:
-                self._needs_rset = True
-                if data_reply.code == 354:
-                    # A broken pipelining server opened DATA with nothing to
-                    # send: never end it with a dot (an empty message would be
-                    # accepted); drop the connection instead.
-                    self._abort()
-                return TransactionResult(replies, self._still_usable())
-            if data_reply.code != 354:
-                if not (data_reply.is_transient or data_reply.is_permanent):
-                    raise self._unexpected(data_reply, "DATA")
-                self._needs_rset = True
-                replies.update((r, data_reply) for r in accepted)
-                return TransactionResult(replies, self._still_usable())
-            final = await self._send_body(source)
-            if not (final.is_positive or final.is_transient or final.is_permanent):
-                raise self._unexpected(final, "end of DATA")
-            replies.update((r, final) for r in accepted)
-            return TransactionResult(replies, self._still_usable())
-        except SessionError as e:
-            for r in recipients:
-                replies.setdefault(r, e.reply)
-            self.usable = False
-            self._abort_later()
-            return TransactionResult(replies, False)
+    def _finish(self, replies: dict[str, Reply], usable: bool) -> None:
+        tx, self._tx = self._tx, None
+        if tx is None:
+            return
+        tx.d.callback(TransactionResult(replies, usable and self.usable and not self._closed))
 
-    def _still_usable(self) -> bool:
-        return self.usable and not self._closed
-
-    async def _send_empty_data(self):
-        d = self._expect(self.timeouts.data_done, "end of DATA")
-        self.transport.write(b".\r\n")
-        await d
-
-    async def _send_body(self, source) -> Reply:
-        producer = _BodyProducer(self, source)
-        self._producer = producer
-        self._arm()
-        done = producer.start()
-        try:
-            await done
-        finally:
+    def _cancel(self, d: defer.Deferred[TransactionResult]) -> None:
+        """The caller gave up on the transaction: the dialogue cannot be
+        resumed in step, so the connection is aborted; the Deferred then
+        fails with C{CancelledError}."""
+        if self._tx is None or self._tx.d is not d:
+            return
+        self._tx = None
+        self._conn.transaction_replies(_local(421, "4.4.2 cancelled"))
+        self.log.info("transaction with {peer} cancelled: aborting the connection",
+                      peer=self._who)
+        if self._producer is not None:
+            self._producer.cancel()
             self._producer = None
-        return await self._expect(self.timeouts.data_done, "end of DATA")
+        self._abort()
 
-    def quit(self) -> defer.Deferred:
+    def _send_body(self) -> None:
+        tx = self._tx
+        assert tx is not None
+        producer = _BodyProducer(self, tx.source)
+        self._producer = producer
+        self._arm()  # no reply timer while the body is sent: the producer times blocks
+        self._transport.registerProducer(producer, False)
+
+    def _body_sent(self) -> None:
+        self._producer = None
+        self._arm()  # now the reply to the final dot is awaited
+
+    def _body_failed(self, exc: SessionError) -> None:
+        self._producer = None
+        self._fail(exc)
+
+    def quit(self) -> defer.Deferred[None]:
         """Send QUIT and close the connection.
 
         @return: a Deferred firing (with L{None}) once the connection is
@@ -724,12 +631,15 @@ class ESMTPSession(protocol.Protocol):
         self.usable = False
         if self._closed:
             return defer.succeed(None)
-        limit = min(self.timeouts.helo, 10)
-        d = self._send("QUIT", limit, "QUIT")
+        limit = self.timeouts.quit
+        try:
+            d: defer.Deferred[Any] = self._command(Quit(), Verb.QUIT)
+        except LocalProtocolError:  # mid-dialogue: no QUIT can be sent in step
+            d = defer.succeed(None)
 
-        def close(_):
+        def close(_: object) -> None:
             if not self._closed:
-                self.transport.loseConnection()
+                self._transport.loseConnection()
                 timer = self.clock.callLater(limit, self._abort)
                 self.closed.addBoth(lambda _: timer.cancel() if timer.active() else None)
 
@@ -737,52 +647,15 @@ class ESMTPSession(protocol.Protocol):
         return d.addCallback(lambda _: _chain(self.closed))
 
 
-class _ReplyGroup:
-    """The replies of one pipelined group, and how it ended."""
-
-    __slots__ = ("_d", "failure", "replies")
-
-    def __init__(self):
-        self.replies: list[Reply] = []
-        self.failure: Failure | None = None
-        self._d: defer.Deferred | None = None
-
-    def wait(self) -> defer.Deferred:
-        """A Deferred firing when every reply arrived or the group failed."""
-        self._d = defer.Deferred()
-        return self._d
-
-    def _wake(self):
-        d, self._d = self._d, None
-        if d is not None:
-            d.callback(None)
-
-
-class _GroupSlot:
-    """Stands in the session's queue of awaited replies for one command of
-    a L{_ReplyGroup}, with a Deferred's C{callback}/C{errback}."""
-
-    __slots__ = ("group", "last")
-
-    def __init__(self, group: _ReplyGroup, last: bool):
-        self.group = group
-        self.last = last
-
-    def callback(self, reply: Reply):
-        self.group.replies.append(reply)
-        if self.last:
-            self.group._wake()
-
-    def errback(self, failure: Failure):
-        if self.group.failure is None:
-            self.group.failure = failure
-            self.group._wake()
-
-
-def _chain(d: defer.Deferred) -> defer.Deferred:
+def _chain(d: defer.Deferred[None]) -> defer.Deferred[None]:
     """A new Deferred firing (with L{None}) when C{d} fires, leaving C{d} as it is."""
-    out = defer.Deferred()
-    d.addBoth(lambda r: (out.callback(None), r)[1])
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def fire(r: object) -> object:
+        out.callback(None)
+        return r
+
+    d.addBoth(fire)
     return out
 
 
@@ -798,72 +671,87 @@ def _ssl_text(e: SSL.Error) -> str:
 
 @implementer(interfaces.IPullProducer)
 class _BodyProducer:
-    """Streams the message file to the transport, dot-stuffed on the fly."""
+    """Streams the message file to the transport, dot-stuffed on the fly by
+    the state machine (L{ClientConnection.send_body}); each block written
+    must be taken within C{data_block} seconds (RFC 5321 4.5.3.2.5)."""
 
-    def __init__(self, session: ESMTPSession, source):
+    def __init__(self, session: ESMTPSession, source: IO[bytes]):
         self.session = session
         self.source = source
-        self.stuffer = DotStuffer()
-        self.done = defer.Deferred()
-        self._timer = None
+        self._conn = session._conn
+        self._transport: Any = session.transport
+        self._timer: DelayedCall | None = None
+        self._done = False
 
-    def start(self) -> defer.Deferred:
-        self.session.transport.registerProducer(self, False)
-        return self.done
-
-    def _arm(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+    def _arm(self) -> None:
         t = self.session.timeouts.data_block
-        self._timer = self.session.clock.callLater(t, self._timed_out, t)
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(t)
+        else:
+            self._timer = self.session.clock.callLater(t, self._timed_out)
 
-    def _timed_out(self, t):
+    def _timed_out(self) -> None:
         self._timer = None
+        s = self.session
+        t = s.timeouts.data_block
+        s._abort()  # first: whoever is told may not send anything more
         self._finish(SessionError(_local(421, f"4.4.2 timeout after {t:g}s sending message "
-                                         f"data to {self.session.hostname or self.session.peer}"),
-                                  "DATA block"))
-        self.session._abort()
+                                         f"data to {s._who}"), Stage.DATA_BLOCK))
 
-    def resumeProducing(self):
-        if self.done.called:
+    def resumeProducing(self) -> None:
+        if self._done:
             return
         self._arm()
-        chunk = self.source.read(CHUNK)
+        conn = self._conn
+        read = self.source.read
+        write = self._transport.write
+        chunk = read(CHUNK)
         while chunk:
-            out = self.stuffer.feed(chunk)
+            out = conn.send_body(chunk)
             if len(chunk) < CHUNK:  # probably the end: if so, the dot goes in the same write
-                chunk = self.source.read(CHUNK)
+                chunk = read(CHUNK)
                 if not chunk:
-                    self.session.transport.write(out + self.stuffer.finish())
+                    write(out + conn.end_data())
                     self._done_writing()
                     return
-                out += self.stuffer.feed(chunk)
+                out += conn.send_body(chunk)
             if out:
-                self.session.transport.write(out)
+                write(out)
                 return
-            chunk = self.source.read(CHUNK)
-        self.session.transport.write(self.stuffer.finish())
+            chunk = read(CHUNK)
+        write(conn.end_data())
         self._done_writing()
 
-    def _done_writing(self):
-        self.session.transport.unregisterProducer()
-        self._finish(None)
+    def _done_writing(self) -> None:
+        self._transport.unregisterProducer()
+        self._stop_timer()
+        self._done = True
+        self.session._body_sent()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         self.stop()
 
-    def stop(self):
-        self._finish(SessionError(_local(421, "4.4.2 connection lost while sending message data "
-                                         f"to {self.session.hostname or self.session.peer}"),
-                                  "DATA block"))
+    def stop(self) -> None:
+        """The connection went away while sending."""
+        self._finish(SessionError(_local(421, "4.4.2 connection lost while sending message "
+                                         f"data to {self.session._who}"), Stage.DATA_BLOCK))
 
-    def _finish(self, exc):
+    def cancel(self) -> None:
+        """The transaction was cancelled: write nothing more."""
+        self._stop_timer()
+        if not self._done:
+            self._done = True
+            self._transport.unregisterProducer()
+
+    def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.done.called:
+
+    def _finish(self, exc: SessionError) -> None:
+        self._stop_timer()
+        if self._done:
             return
-        if exc is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(Failure(exc))
+        self._done = True
+        self.session._body_failed(exc)

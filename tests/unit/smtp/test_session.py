@@ -368,8 +368,9 @@ class TransactionTests(SessionTestBase):
 
     def test_command_injection_refused(self):
         s, _ = self.start()
-        with self.assertRaises(ValueError):
-            s._send("RCPT TO:<a@b>\r\nRSET", 10, "RCPT")
+        d = s.transaction("f@a.example", ["a@b.example>\r\nRSET"], io.BytesIO(BODY))
+        self.failureResultOf(d, ValueError)
+        self.assertEqual(self.take(), b"")
 
 
 class ConnectionLossTests(SessionTestBase):
