@@ -10,14 +10,14 @@ The pieces, in the order a delivery uses them:
    re-exported here.
 2. L{host_policy} applies RFC 7672 2.2: with a secure MX RRset and secure
    address records for the MX host, it looks up C{_PORT._tcp.HOST} TLSA
-   records and returns a L{Policy}: C{"dane"} (usable records: the server
+   records and returns a L{DANEPolicy}: C{"dane"} (usable records: the server
    must match them), C{"encrypt"} (secure TLSA RRset whose records are all
    unusable: mandatory unauthenticated TLS, RFC 7672 2.2), or C{"none"}
    (DANE does not apply: use the configured TLS level). A TLSA lookup that
    fails (SERVFAIL, which is also how a validating resolver reports a
    I{bogus} answer, or a timeout) raises L{DNSSECLookupError}: that host must
    not be used (RFC 7672 2.1.1).
-3. L{dane_tls} (or C{Policy.tls_creator}) is the STARTTLS connection creator
+3. L{dane_tls} (or C{DANEPolicy.tls_creator}) is the STARTTLS connection creator
    for the SMTP session (with C{tls="encrypt"}, which makes STARTTLS
    mandatory), a L{twisted_mailout.tls.creators.ClientTLS}: the TLS
    handshake succeeds only when the server's chain matches a usable record
@@ -65,6 +65,7 @@ __all__ = [
     "DANE_TA",
     "TLSA",
     "TLSA_TYPE",
+    "DANEPolicy",
     "DANEVerificationError",
     "DNSSECLookupError",
     "DNSSECResolver",
@@ -457,7 +458,7 @@ def dane_tls(hostname: str, records: Sequence[TLSA], names: Sequence[str] = ()) 
 
 
 @dataclass(frozen=True)
-class Policy:
+class DANEPolicy:
     """What DANE says about one MX host (RFC 7672 2.2).
 
     @ivar mode: C{"dane"}: TLS required and the server must match
@@ -498,8 +499,13 @@ class Policy:
         return opportunistic_tls(self.host)
 
 
+#: The old name of L{DANEPolicy}, kept for one release (three classes were
+#: called "Policy": this one, the MTA-STS policy and the TLS level policy).
+Policy = DANEPolicy
+
+
 def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secure: bool,
-                domain: str | None = None) -> defer.Deferred[Policy]:
+                domain: str | None = None) -> defer.Deferred[DANEPolicy]:
     """The DANE policy for one MX host (RFC 7672 2.2).
 
     Steps: no DANE unless C{mx_secure}; no DANE unless the host's A and AAAA
@@ -516,7 +522,7 @@ def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secur
         secure denial of the MX RRset.
     @param domain: the next-hop domain, also accepted as a DANE-TA name
         (3.2.2); L{None} to accept only the host names.
-    @return: a Deferred firing with a L{Policy}, or failing with
+    @return: a Deferred firing with a L{DANEPolicy}, or failing with
         L{DNSSECLookupError} when the address or TLSA lookups fail (SERVFAIL,
         bogus, timeout): the host must not be used now (2.1.1).
     """
@@ -525,24 +531,24 @@ def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secur
 
 
 async def _host_policy(resolver: DNSSECResolver, host: str, port: int, mx_secure: bool,
-                       domain: str | None) -> Policy:
+                       domain: str | None) -> DANEPolicy:
     if not mx_secure:
-        return Policy("none", host, reason="MX RRset not DNSSEC-secure")
+        return DANEPolicy("none", host, reason="MX RRset not DNSSEC-secure")
     secure, canonical = await resolver.addresses_secure(host)
     if not secure:
-        return Policy("none", host, reason=f"address records of {host} not DNSSEC-secure")
+        return DANEPolicy("none", host, reason=f"address records of {host} not DNSSEC-secure")
     bases = [canonical, host] if canonical != host else [host]
     lookup = None
     base = host
     for base in bases:
         lookup = await resolver.tlsa(base, port)
         if not lookup.secure:
-            return Policy("none", base, reason=f"TLSA RRset of {base} not DNSSEC-secure")
+            return DANEPolicy("none", base, reason=f"TLSA RRset of {base} not DNSSEC-secure")
         if lookup.records:
             break
     assert lookup is not None
     if not lookup.records:
-        return Policy("none", base, reason=f"no TLSA records for {tlsa_name(base, port)}")
+        return DANEPolicy("none", base, reason=f"no TLSA records for {tlsa_name(base, port)}")
     good = usable(lookup.records)
     names = [base]
     if host != base:
@@ -550,8 +556,8 @@ async def _host_policy(resolver: DNSSECResolver, host: str, port: int, mx_secure
     if domain:
         names.append(domain.rstrip(".").lower())
     if not good:
-        return Policy("encrypt", base, (), tuple(names),
+        return DANEPolicy("encrypt", base, (), tuple(names),
                       reason=f"{len(lookup.records)} TLSA record(s) for {base}, none usable: "
                       "unauthenticated TLS (RFC 7672 2.2)", tlsa=lookup.records)
-    return Policy("dane", base, tuple(good), tuple(names),
+    return DANEPolicy("dane", base, tuple(good), tuple(names),
                   reason=f"{len(good)} usable TLSA record(s) for {base}", tlsa=lookup.records)

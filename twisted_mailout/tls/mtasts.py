@@ -18,7 +18,7 @@ host name (L{twisted_mailout.tls.names}, RFC 6125) are checked against
 C{mta-sts.<domain>}.
 
 What the connector does with a policy (section 4, 5): in C{enforce} mode
-only MX hosts that L{Policy.matches} are tried, with STARTTLS required and
+only MX hosts that L{STSPolicy.matches} are tried, with STARTTLS required and
 the certificate verified against the MX host name; in C{testing} mode
 failures are logged (L{twisted_mailout.tls.tlsrpt}) and delivery goes on as
 without a policy; C{none} is no policy.
@@ -58,6 +58,7 @@ __all__ = [
     "FetchError",
     "Policy",
     "PolicyError",
+    "STSPolicy",
     "parse_policy",
     "parse_txt",
     "policy_url",
@@ -129,7 +130,7 @@ def _domain(name: str, what: str = "domain") -> str:
 
 
 @dataclass(frozen=True)
-class Policy:
+class STSPolicy:
     """An MTA-STS policy (RFC 8461 3.2) and where and when it was fetched.
 
     @ivar domain: the policy domain (lower case, A-labels).
@@ -195,6 +196,11 @@ class Policy:
                 "policy_string": self.lines(), "mx_host": list(self.mx)}
 
 
+#: The old name of L{STSPolicy}, kept for one release (three classes were
+#: called "Policy": this one, the DANE policy and the TLS level policy).
+Policy = STSPolicy
+
+
 def _mx_pattern(value: str) -> str:
     wild = value.startswith("*.")
     name = value[2:] if wild else value
@@ -205,7 +211,7 @@ def _mx_pattern(value: str) -> str:
 
 
 def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
-                 fetched: float = 0.0) -> Policy:
+                 fetched: float = 0.0) -> STSPolicy:
     """Parse a policy body strictly by the grammar of RFC 8461 3.2.
 
     One C{key: value} per line, lines ending in LF or CRLF (the last may
@@ -215,10 +221,10 @@ def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
     are ignored.  Keys and the fixed values are case-sensitive.
 
     @param text: the body, C{str} or UTF-8 C{bytes}.
-    @param domain: stored in the L{Policy} (the policy domain).
-    @param id: stored in the L{Policy} (the TXT id).
-    @param fetched: stored in the L{Policy}, epoch seconds.
-    @return: a L{Policy}.
+    @param domain: stored in the L{STSPolicy} (the policy domain).
+    @param id: stored in the L{STSPolicy} (the TXT id).
+    @param fetched: stored in the L{STSPolicy}, epoch seconds.
+    @return: a L{STSPolicy}.
     @raise PolicyError: the body breaks the grammar or a rule above.
     @raise TypeError: C{text} is neither C{str} nor C{bytes}.
     """
@@ -269,7 +275,7 @@ def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
     mode = fields["mode"]
     if not mx and mode != "none":
         raise PolicyError(f"policy in mode {mode} lists no mx")
-    return Policy(domain=domain, id=id, mode=mode, mx=tuple(dict.fromkeys(mx)),
+    return STSPolicy(domain=domain, id=id, mode=mode, mx=tuple(dict.fromkeys(mx)),
                   max_age=int(fields["max_age"]), fetched=float(fetched), text=text)
 
 
@@ -472,14 +478,14 @@ class MTASTS:
                         os.unlink(os.path.join(self.cache_dir, entry))
                     except OSError:
                         pass
-        self._policies: dict[str, Policy | None] = {}  # None: no file on disk
+        self._policies: dict[str, STSPolicy | None] = {}  # None: no file on disk
         self._txt: dict[str, tuple[float, str | None]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
         self._inflight: dict[str, list[defer.Deferred]] = {}
 
     # -- public ------------------------------------------------------------
 
-    def policy_for(self, domain: str) -> defer.Deferred[Policy | None]:
+    def policy_for(self, domain: str) -> defer.Deferred[STSPolicy | None]:
         """The policy to apply to mail for C{domain} (RFC 8461 5.1).
 
         Looks up the TXT record (reusing an answer for its TTL, at most
@@ -493,7 +499,7 @@ class MTASTS:
         @param domain: the recipient domain (A-labels or U-labels; a trailing
             dot is ignored).  An address literal (C{[192.0.2.1]}) or a
             malformed name has no policy.
-        @return: a Deferred that never fails, firing with a L{Policy} (check
+        @return: a Deferred that never fails, firing with a L{STSPolicy} (check
             its C{mode}: C{"none"} means no policy applies) or L{None} when
             the domain has no usable policy.
         @raise TypeError: C{domain} is not a C{str}.
@@ -512,7 +518,7 @@ class MTASTS:
         self._inflight[name] = [d]
         work = defer.Deferred.fromCoroutine(self._policy_for(name))
 
-        def done(result: Policy | None | Failure) -> None:
+        def done(result: STSPolicy | None | Failure) -> None:
             if isinstance(result, Failure):
                 log.failure("MTA-STS lookup for {domain} failed unexpectedly", result,
                             domain=name)
@@ -523,7 +529,7 @@ class MTASTS:
         work.addBoth(done)
         return d
 
-    def cached(self, domain: str) -> Policy | None:
+    def cached(self, domain: str) -> STSPolicy | None:
         """The cached, unexpired policy of C{domain} (memory, else its file).
 
         @raise PolicyError: a malformed domain.
@@ -538,7 +544,7 @@ class MTASTS:
             return None
         return policy
 
-    def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred[Policy]:
+    def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred[STSPolicy]:
         """Fetch and parse C{https://mta-sts.<domain>/.well-known/mta-sts.txt}
         (RFC 8461 3.3), without the cache or the TXT record.
 
@@ -548,7 +554,7 @@ class MTASTS:
 
         @param domain: the policy domain.
         @param policy_id: stored as the policy's C{id}.
-        @return: Deferred firing with a L{Policy}, or failing with
+        @return: Deferred firing with a L{STSPolicy}, or failing with
             L{FetchError} (or L{PolicyError} for a malformed domain).
         """
         try:
@@ -559,7 +565,7 @@ class MTASTS:
 
     # -- lookup ------------------------------------------------------------
 
-    async def _policy_for(self, name: str) -> Policy | None:
+    async def _policy_for(self, name: str) -> STSPolicy | None:
         now = self.clock.seconds()
         cached = self.cached(name)
         ident, why, status = await self._lookup_txt(name)
@@ -594,7 +600,7 @@ class MTASTS:
                  domain=name, id=policy.id, mode=policy.mode, max_age=policy.max_age)
         return policy
 
-    def _report(self, name: str, cached: Policy | None, result_type: str,
+    def _report(self, name: str, cached: STSPolicy | None, result_type: str,
                 reason: str) -> None:
         fields = cached.report_fields() if cached else {
             "policy_type": "sts", "policy_domain": name}
@@ -637,7 +643,7 @@ class MTASTS:
             raise FetchError("sts-policy-fetch-error", f"{host}: {why}")
         return answer.addresses
 
-    async def _fetch(self, name: str, ident: str) -> Policy:
+    async def _fetch(self, name: str, ident: str) -> STSPolicy:
         host = "mta-sts." + name
         addrs = await self._addresses(host)
         # The chain and the name mta-sts.DOMAIN are checked (RFC 8461 3.3)
@@ -681,7 +687,7 @@ class MTASTS:
                 if transport is not None and getattr(proto, "state", "") != "CONNECTION_LOST":
                     transport.abortConnection()
 
-    async def _get(self, client: Any, url: str, name: str, ident: str) -> Policy:
+    async def _get(self, client: Any, url: str, name: str, ident: str) -> STSPolicy:
         response = await client.get(url, allow_redirects=False, unbuffered=True,
                                     headers={"Accept": ["text/plain"]})
         if response.code != 200:
@@ -723,7 +729,7 @@ class MTASTS:
             return None
         return os.path.join(self.cache_dir, name + ".json")
 
-    def _load(self, name: str) -> Policy | None:
+    def _load(self, name: str) -> STSPolicy | None:
         path = self._path(name)
         if path is None:
             return None
@@ -752,7 +758,7 @@ class MTASTS:
             return None
         return policy
 
-    def _store(self, policy: Policy) -> None:
+    def _store(self, policy: STSPolicy) -> None:
         self._policies[policy.domain] = policy
         path = self._path(policy.domain)
         if path is None:

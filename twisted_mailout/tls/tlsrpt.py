@@ -182,7 +182,7 @@ def log_success(policy_type: str, policy_domain: str, *, policy_string: Iterable
         4.3).
     @param policy_domain: the recipient domain the policy is for.
     @param policy_string: C{Sequence[str]}; for C{"sts"} the policy's lines
-        (L{twisted_mailout.tls.mtasts.Policy.lines}); empty for C{"no-policy-found"}.
+        (L{twisted_mailout.tls.mtasts.STSPolicy.lines}); empty for C{"no-policy-found"}.
     @param mx_host: C{Sequence[str]}: the policy's MX patterns (C{"sts"}).
     @param count: number of sessions, at least 1.
     @param logger: the C{Logger} to emit with (this module's by default).
