@@ -209,9 +209,17 @@ class Reply:
         return 200 <= self.code < 300
 
     @property
+    def is_intermediate(self) -> bool:
+        """3xx: the command goes on (354 send the data, 334 a SASL challenge);
+        never an outcome."""
+        return 300 <= self.code < 400
+
+    @property
     def is_transient(self) -> bool:
-        """4xx (or anything that is neither 2xx nor 5xx)."""
-        return not (self.is_positive or self.is_permanent)
+        """4xx only: try again later (RFC 5321 4.2.1). A 1xx or 3xx is
+        neither transient nor permanent: where it does not belong it is a
+        protocol error (L{twisted_mailout.smtp.state.EXPECTED})."""
+        return 400 <= self.code < 500
 
     @property
     def is_permanent(self) -> bool:
