@@ -13,7 +13,8 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twisted_mailout.smtp.protocol import CHUNK, DotStuffer, encode_data
+from twisted_mailout.smtp.dotstuff import DotStuffer, encode_data
+from twisted_mailout.smtp.protocol import CHUNK
 
 SETTINGS = settings(
     max_examples=200,
