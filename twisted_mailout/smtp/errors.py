@@ -83,7 +83,9 @@ class Stage(enum.StrEnum):
     CONNECT = "connect"  #: TCP connect (or implicit TLS set-up) failed
     GREETING = "greeting"  #: the 220 greeting (RFC 5321 4.3.1)
     EHLO = "EHLO"  #: EHLO and the HELO fall-back
-    STARTTLS = "starttls"  #: STARTTLS refused or not offered where TLS is required
+    #: STARTTLS not offered where TLS is required, refused, or not answered
+    #: (timeout or connection lost before its reply)
+    STARTTLS = "starttls"
     TLS = "tls"  #: the TLS handshake or the certificate check
     AUTH = "AUTH"  #: SMTP AUTH (RFC 4954)
     RSET = "RSET"
