@@ -156,9 +156,10 @@ def result_type_for(error: BaseException | Failure,
         name mismatch found by C{optionsForClientTLS}), an
         C{OpenSSL.SSL.Error}, or a twisted.web wrapper
         (C{ResponseNeverReceived}, C{ResponseFailed}, ...) holding one.
-    @param verify_errors: C{[(depth, X509_V_ERR code)]}, e.g. from
-        L{twisted_mailout.tls.tlsrpt.VerifyRecorder.verify_errors}; tells
-        expired from untrusted when C{error} is a bare C{SSL.Error}.
+    @param verify_errors: C{[(depth, X509_V_ERR code)]} recorded by the
+        caller; tells expired from untrusted when C{error} is a bare
+        C{SSL.Error} (our own creators raise L{CertificateChainError}, which
+        carries its result type, so they need none).
     @return: one of L{CERTIFICATE_RESULT_TYPES}, or L{None} when C{error} is not a TLS
         failure (refused connection, timeout, ...).
     @raise TypeError: C{error} is neither a C{Failure} nor an exception.

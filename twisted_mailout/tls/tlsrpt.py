@@ -45,7 +45,6 @@ from collections.abc import Iterable, Mapping
 from typing import IO, Any, cast
 
 from OpenSSL import crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import platformTrust
 from twisted.logger import (
     FilteringLogObserver,
@@ -55,7 +54,6 @@ from twisted.logger import (
     PredicateResult,
     jsonFileLogObserver,
 )
-from zope.interface import implementer
 
 from twisted_mailout.tls.creators import client_context
 from twisted_mailout.tls.errors import (
@@ -71,7 +69,6 @@ __all__ = [
     "POLICY_TYPES",
     "RESULT_TYPES",
     "SUCCESS",
-    "VerifyRecorder",
     "build_report",
     "diagnose_peer",
     "json_observer",
@@ -404,66 +401,6 @@ def report_filename(sender: str, policy_domain: str, start: Any, end: Any,
     if unique_id:
         parts.append(unique_id)
     return "!".join(parts) + (".json.gz" if gzipped else ".json")
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class VerifyRecorder:
-    """Wraps a verifying TLS connection creator (e.g. from
-    C{twisted.internet.ssl.optionsForClientTLS}) so that, after a handshake
-    failed, L{verify_errors} can tell why OpenSSL rejected the peer's chain;
-    the C{SSL.Error} it raises only says "certificate verify failed".
-
-    Verification itself is untouched: the wrapped creator's connections are
-    returned as they are (Twisted checks the host name in its own
-    per-connection verify callback, which must not be replaced).  The
-    diagnosis afterwards re-verifies the chain the peer sent against the
-    connection's own certificate store, with public pyOpenSSL calls only.
-    """
-
-    def __init__(self, creator: Any, keep: int = 4) -> None:
-        """
-        @param creator: an C{IOpenSSLClientConnectionCreator}.
-        @param keep: how many recent connections to remember.
-        """
-        self._creator = creator
-        self._keep = keep
-        self._connections: list = []
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        """See C{IOpenSSLClientConnectionCreator}."""
-        conn = self._creator.clientConnectionForTLS(tlsProtocol)
-        self._connections = [*self._connections[-(self._keep - 1):], conn]
-        return conn
-
-    def verify_errors(self) -> list[tuple[int, int]]:
-        """Why the chain of the most recent connection does not verify.
-
-        @return: C{[(depth, X509_V_ERR code)]} (one entry) when the peer's
-            chain fails verification against the trust store now, else
-            C{[]} (it verifies, or no chain was received).
-        """
-        for conn in reversed(self._connections):
-            chain = conn.get_peer_cert_chain()
-            if not chain:
-                continue
-            store = conn.get_context().get_cert_store()
-            if store is None:
-                return []
-            try:
-                crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
-            except crypto.X509StoreContextError as e:
-                errno, depth = e.errors[0], e.errors[1]
-                return [(int(depth), int(errno))]
-            except Exception:  # noqa: BLE001 - a diagnosis must not raise
-                return []
-            return []
-        return []
-
-    @property
-    def result_type(self) -> str | None:
-        """The result type of L{verify_errors}, or L{None} when it is empty."""
-        errors = self.verify_errors()
-        return result_type_for_verify_error(errors[0][1]) if errors else None
 
 
 def diagnose_peer(connection: Any, hostname: str, trust_root: Any = None) -> str | None:
