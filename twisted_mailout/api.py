@@ -23,13 +23,14 @@ import io
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python import threadable
 
 from twisted_mailout.delivery.build import build_connector
 from twisted_mailout.delivery.connector import Attempt, Connector, ConnectorSettings
+from twisted_mailout.delivery.destinations import RELAY_KEY, group_by_destination
 from twisted_mailout.envelope import Address, AddressError, parse_address, parse_sender
 from twisted_mailout.message import coerce_message, prepare_message
 from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
@@ -42,6 +43,7 @@ from twisted_mailout.tls.levels import LEVELS
 from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
 
 __all__ = [
+    "RELAY_KEY",
     "ClientRegistry",
     "DeliveryReport",
     "RecipientResult",
@@ -55,12 +57,6 @@ __all__ = [
     "group_by_destination",
     "sendmail",
 ]
-
-T = TypeVar("T")
-
-#: The destination key of every recipient when mail goes to a relay.
-RELAY_KEY = "relay"
-
 
 def default_reactor(reactor: Any = None) -> Any:
     """C{reactor}, or the global reactor when it is L{None} (treq's
@@ -101,24 +97,6 @@ def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
             "Deferred); from a program without one, use queue:// (the daemon delivers) or "
             "sendmail://")
     return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
-
-
-def group_by_destination(items: Iterable[T], address_of: Callable[[T], Address],
-                         relay: bool) -> dict[str, list[T]]:
-    """Recipients grouped by destination, in first-seen order: one group per
-    recipient domain (its A-label form, the MX routing key, RFC 5321 5.1), or
-    one group L{RELAY_KEY} when everything goes to a relay.
-
-    @param items: recipients in any form.
-    @param address_of: gives an item's validated L{Address}.
-    @param relay: C{True} when mail goes to a relay.
-    @return: C{{destination key: [items]}}.
-    """
-    groups: dict[str, list[T]] = {}
-    for item in items:
-        key = RELAY_KEY if relay else address_of(item).ascii_domain
-        groups.setdefault(key, []).append(item)
-    return groups
 
 
 class SMTPClient:

@@ -38,7 +38,6 @@ from twisted.logger import Logger
 
 from twisted_mailout.apps.builder import parse_display_address
 from twisted_mailout.apps.deliveries import DeliveryError, DeliveryReport, prepare
-from twisted_mailout.envelope import Reply
 from twisted_mailout.apps.mailer import Mailer
 
 __all__ = ["EmailBackend", "message_bytes"]
@@ -133,11 +132,9 @@ class EmailBackend(BaseEmailBackend):
 
     def _send(self, data: bytes, sender, rcpts) -> None:
         result = self.mailer.send_blocking(data, sender=sender, recipients=rcpts)
-        if isinstance(result, DeliveryReport) and not any(
-                r.status == "delivered" for r in result):
+        if isinstance(result, DeliveryReport) and not result.accepted:
             first = result.results[0]
-            raise DeliveryError(Reply(first.code, first.text, first.local),
-                                [r.recipient for r in result], first.status)
+            raise DeliveryError(first.reply, [r.recipient for r in result], first.status)
 
     def _after_commit(self, env) -> None:
         """Deliver a message whose transaction committed; a failure is for

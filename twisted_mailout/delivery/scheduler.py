@@ -24,7 +24,9 @@ from twisted.logger import Logger
 
 from twisted_mailout.delivery.bounce import enqueue_dsn
 from twisted_mailout.delivery.commit import GroupCommit
+from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.envelope import (
+    Address,
     FINAL_STATES,
     RecipientState,
     Reply,
@@ -96,6 +98,10 @@ class RetryPolicy:
 #: The daemon's per-recipient outcome is the package's one result type: a
 #: L{RecipientResult} with C{queue_id}, C{attempts} and C{delay} (C{qid} too).
 Outcome = RecipientResult
+
+
+def _first(pair: tuple[Address, RecipientStatus]) -> Address:
+    return pair[0]
 
 
 def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
@@ -442,14 +448,14 @@ class Scheduler:
     async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int):
         sender_addr = parse_sender(entry.sender)
         sender = sender_addr.smtp_form() if sender_addr else ""
-        groups: dict[str, dict[str, RecipientStatus]] = {}
         utf8 = bool(sender_addr and sender_addr.needs_smtputf8)
-        flags: dict[str, bool] = {}
-        for rs in due:
-            a = parse_address(rs.address)
-            key = "relay" if self.relay else a.ascii_domain
-            groups.setdefault(key, {})[a.smtp_form()] = rs
-            flags[key] = flags.get(key, utf8) or a.needs_smtputf8
+        by_dest = group_by_destination([(parse_address(rs.address), rs) for rs in due],
+                                       _first, self.relay)
+        groups: dict[str, dict[str, RecipientStatus]] = {
+            k: {a.smtp_form(): rs for a, rs in pairs} for k, pairs in by_dest.items()}
+        flags = {k: utf8 or any(a.needs_smtputf8 for a, _ in pairs)
+                 for k, pairs in by_dest.items()}
+
         def opener():
             return self.queue.open_body(entry)  # the connector closes it
 
