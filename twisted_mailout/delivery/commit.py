@@ -18,6 +18,10 @@ __all__ = ["GroupCommit", "RunBlocking"]
 
 T = TypeVar("T")
 
+
+def _qid_of(item: Any) -> str:
+    return item if isinstance(item, str) else str(getattr(item, "qid", ""))
+
 #: C{io(f, *args) -> Deferred}: runs the blocking C{f(*args)} (in a thread in
 #: the daemon) and fires with its result or fails with its error.
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
@@ -31,13 +35,19 @@ class GroupCommit(Generic[T]):
     by themselves.
 
     @param io: runs the blocking C{func} off the reactor thread (L{RunBlocking}).
-    @param func: C{func(items) -> None}, blocking; it may raise (C{OSError},
-        L{LeaseLost}...), which fails every item of its batch.
+    @param func: C{func(items) -> None}, blocking; an error it raises fails
+        every item of its batch (C{OSError}: nothing durable may be assumed),
+        except an error with a C{qids} attribute (L{LeaseLost}), which fails
+        only the items it names: the store wrote the others.
+    @param key: the queue id of an item, to match C{qids}; by default the item
+        itself when it is a C{str}, else its C{qid} attribute (entries).
     """
 
-    def __init__(self, io: RunBlocking, func: Callable[[Sequence[T]], object]) -> None:
+    def __init__(self, io: RunBlocking, func: Callable[[Sequence[T]], object],
+                 key: Callable[[T], str] | None = None) -> None:
         self.io = io
         self.func = func
+        self.key = key or _qid_of
         self._pending: list[tuple[T, defer.Deferred[None]]] = []
         self._running = False
 
@@ -59,11 +69,13 @@ class GroupCommit(Generic[T]):
 
         def done(result: object) -> None:
             self._running = False
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
+            named = getattr(result.value, "qids", None) if isinstance(result, Failure) else None
+            for item, d in batch:
+                if not isinstance(result, Failure) or (
+                        named is not None and self.key(item) not in named):
                     d.callback(None)
+                else:
+                    d.errback(result)
             if self._pending:
                 self._run()
 

@@ -36,7 +36,9 @@ and L{IQueueStore.renew} extends every lease of the owner at once (a
 heartbeat; the scheduler calls it every third of the duration). An entry
 whose lease expired (its daemon died or hung) is handed out again by the
 next L{IQueueStore.pickup} of any owner, with its last saved state. Writes
-under a lost lease raise L{LeaseLost} and change nothing.
+under a lost lease raise L{LeaseLost} naming those entries; a batch write
+still writes every other entry of the batch (one daemon's lost lease must
+not cost the others their group commit).
 
 A store that one daemon holds alone (the folder store, which takes
 C{flock(DIR/lock)}) implements leases trivially: C{lease_duration} is
@@ -199,9 +201,12 @@ class IQueueStore(Protocol):
         """Replace the state of each entry, atomically per entry and durably,
         as one group commit.
 
+        An entry no longer in the queue is not an error (nothing to keep).
+
         @raise OSError: a write failed; entries not yet written keep their
             old state (the caller keeps the outcomes in memory and retries).
-        @raise LeaseLost: an entry is held by another owner now.
+        @raise LeaseLost: some entries are held by another owner now (its
+            C{qids}); every other entry was written.
         """
 
     def remove_many(self, qids: Sequence[str]) -> None:
@@ -209,7 +214,8 @@ class IQueueStore(Protocol):
         commit. Removing a missing entry is not an error.
 
         @raise OSError: the removal failed (retried by the caller).
-        @raise LeaseLost: an entry is held by another owner now.
+        @raise LeaseLost: some entries are held by another owner now (its
+            C{qids}, left in place); every other entry was removed.
         """
 
     def quarantine(self, qid: str, why: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -61,9 +62,19 @@ ORIGINS = ("mailout", "zope", "repoze")
 
 
 class LeaseLost(QueueError):
-    """This store's owner no longer holds the lease on an entry: another
-    daemon took it over after the lease expired. The caller drops the entry
-    from memory and must not deliver it again."""
+    """This store's owner no longer holds the lease on some entries: another
+    daemon took them over after their leases expired. The caller drops those
+    entries from memory and must not deliver them again.
+
+    @ivar qids: the queue ids concerned (C{frozenset[str]}); a batch write
+        that raises this has written every other entry of the batch.
+    """
+
+    def __init__(self, qids: Iterable[str], detail: str = "") -> None:
+        self.qids = frozenset(qids)
+        names = ", ".join(sorted(self.qids))
+        super().__init__(f"held by another owner now: {names}" + (f" ({detail})" if detail
+                                                                  else ""))
 
 
 class EntryNotFound(QueueError, LookupError):

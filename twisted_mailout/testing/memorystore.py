@@ -125,10 +125,14 @@ class MemoryStore:
         lease = self.backend.leases.get(qid)
         return lease is None or lease.owner == self.owner or lease.expires <= self._now()
 
-    def _check_lease(self, qid: str) -> None:
-        lease = self.backend.leases.get(qid)
-        if lease is not None and lease.owner != self.owner:
-            raise LeaseLost(f"{qid} is held by {lease.owner} now")
+    def _lost(self, qids: Iterable[str]) -> set[str]:
+        """The queue ids among C{qids} whose lease another owner holds."""
+        out = set()
+        for qid in qids:
+            lease = self.backend.leases.get(qid)
+            if lease is not None and lease.owner != self.owner:
+                out.add(qid)
+        return out
 
     def _entry(self, qid: str) -> QueueEntry:
         data = self.backend.messages.get(qid)
@@ -269,21 +273,24 @@ class MemoryStore:
     def save_many(self, entries: Sequence[QueueEntry]) -> None:
         """See L{IQueueStore.save_many}."""
         self.backend._check_fault("save_many")
+        lost = self._lost(e.qid for e in entries)
         for entry in entries:
-            self._check_lease(entry.qid)
-            if entry.qid not in self.backend.messages:
-                raise EntryNotFound(entry.qid)
-            self.backend.states[entry.qid] = json.loads(json.dumps(entry.to_json()))
+            if entry.qid not in lost and entry.qid in self.backend.messages:
+                self.backend.states[entry.qid] = json.loads(json.dumps(entry.to_json()))
+        if lost:
+            raise LeaseLost(lost, f"not saved by {self.owner}")
 
     def remove_many(self, qids: Sequence[str]) -> None:
         """See L{IQueueStore.remove_many}."""
         self.backend._check_fault("remove_many")
+        lost = self._lost(qids)
         for qid in qids:
-            self._check_lease(qid)
-        for qid in qids:
-            self.backend.messages.pop(qid, None)
-            self.backend.states.pop(qid, None)
-            self.backend.leases.pop(qid, None)
+            if qid not in lost:
+                self.backend.messages.pop(qid, None)
+                self.backend.states.pop(qid, None)
+                self.backend.leases.pop(qid, None)
+        if lost:
+            raise LeaseLost(lost, f"not removed by {self.owner}")
 
     def quarantine(self, qid: str, why: str) -> None:
         """See L{IQueueStore.quarantine}."""

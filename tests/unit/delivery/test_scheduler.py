@@ -272,6 +272,37 @@ def test_group_commit_batches_what_arrives_while_a_batch_runs():
     assert batches == [["a"]]
 
 
+def test_group_commit_fails_only_the_items_a_lost_lease_names():
+    """A store that lost some leases wrote the rest of the batch: only the
+    items the error names fail (an OSError still fails the whole batch)."""
+    from twisted_mailout.delivery.commit import GroupCommit
+    from twisted_mailout.queue import LeaseLost
+
+    held = []
+
+    def io(f, items):
+        d = defer.Deferred()
+        held.append((d, f, items))
+        return d
+
+    def save(items):
+        raise LeaseLost({"B"})
+
+    gc = GroupCommit(io, save)
+    first = gc.submit("A")
+    later = {q: gc.submit(q) for q in "BC"}
+    d, _, _ = held.pop(0)
+    d.callback(None)  # A's batch done; B and C now go together
+    assert first.called
+    d, f, items = held.pop(0)
+    assert items == ["B", "C"]
+    defer.maybeDeferred(f, items).chainDeferred(d)
+    failures = []
+    later["B"].addErrback(failures.append)
+    assert [type(x.value) for x in failures] == [LeaseLost]
+    assert later["C"].called and later["C"].result is None
+
+
 # -- against the in-memory store; stopping and cancelling (issue 10 items 6, 8) --------
 
 

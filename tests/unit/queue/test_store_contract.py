@@ -229,3 +229,25 @@ def test_renewing_keeps_the_lease_and_releasing_gives_it_back(shared):
     assert two.pickup() == ([], [])  # renewed at 50: still held at 100
     one.release([qid])
     assert [e.qid for e in two.pickup().entries] == [qid]
+
+
+def test_a_batch_write_refuses_only_the_entries_whose_lease_was_lost(shared):
+    clock, (one, two) = shared
+    lost = one.enqueue("a@example.com", ["b@example.org"], MSG)
+    [old], _ = one.pickup()
+    clock.advance(61)
+    [taken], _ = two.pickup()  # d1 takes `lost` over
+    kept = one.enqueue("a@example.com", ["c@example.org"], MSG)
+    [mine], _ = one.pickup()
+    for entry in (old, mine):
+        entry.recipients[0].attempts = 1
+        entry.recipients[0].move(RecipientState.DEFERRED, Reply(451, "4.3.0 later"), T0 + 900)
+    with pytest.raises(LeaseLost) as caught:
+        one.save_many([old, mine])
+    assert caught.value.qids == {lost}
+    assert one.load(kept).recipients[0].attempts == 1  # written all the same
+    assert two.load(lost).recipients[0].attempts == 0  # untouched
+    with pytest.raises(LeaseLost) as caught:
+        one.remove_many([lost, kept])
+    assert caught.value.qids == {lost}
+    assert [x.entry.qid for x in two.list_entries()] == [lost]
