@@ -296,10 +296,10 @@ class ESMTPSession(protocol.Protocol):
         """(Re)start the timeout of the reply now awaited (the first in
         L{ClientConnection.awaiting}); none while the body is being sent
         (the producer has its own) or when no reply is owed."""
-        awaited = self._conn.awaiting()
+        key = self._conn.timeout_key()
         timer = self._timer
-        if awaited and self._producer is None and not self._closed:
-            timeout = self.timeouts.get(awaited[0][1])
+        if key is not None and self._producer is None and not self._closed:
+            timeout = self.timeouts.get(key)
             if timer is not None and timer.active():
                 timer.reset(timeout)
             else:

@@ -86,6 +86,10 @@ class Verb(enum.Enum):
     RSET = "RSET"
     QUIT = "QUIT"
 
+    # Members are singletons: hash them as objects (C speed; Enum's own
+    # __hash__ is Python code, and the tables below are read per reply).
+    __hash__ = object.__hash__
+
 
 class State(enum.Enum):
     """The client's state."""
@@ -105,6 +109,8 @@ class State(enum.Enum):
     QUIT_SENT = "QUIT sent"
     CLOSED = "closed"  #: the connection is gone
     ERROR = "error"  #: the server broke the protocol; nothing more
+
+    __hash__ = object.__hash__
 
 
 _2XX = frozenset(range(200, 300))
@@ -526,6 +532,12 @@ class ClientConnection:
         L{Timeouts<twisted_mailout.smtp.timeouts.Timeouts>} field name, see
         L{TIMEOUT_KEYS})."""
         return tuple((v, TIMEOUT_KEYS[v]) for v, _ in self._owed)
+
+    def timeout_key(self) -> str | None:
+        """The timeout key of the first reply owed (see L{awaiting}), or
+        L{None} when none is owed."""
+        owed = self._owed
+        return TIMEOUT_KEYS[owed[0][0]] if owed else None
 
     def transaction_replies(self, default: Reply) -> dict[str, Reply]:
         """End the open transaction early (a timeout, a lost connection, a
