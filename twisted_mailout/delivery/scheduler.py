@@ -159,7 +159,7 @@ class Scheduler:
     #: entries picked up and kept in memory until their first attempt (so
     #: they need not be read again); beyond it they are loaded from disk.
     #: 100,000 of them add about 5 MB (benchmarks/run.py --only scale).
-    FRESH_LIMIT = 200000
+    PRELOAD_LIMIT = 200000
 
     def __init__(self, queue: IQueueStore, connector, clock, io=inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
@@ -179,7 +179,7 @@ class Scheduler:
         self._heap: list = []
         self._queued: set[str] = set()
         self._inflight: dict[str, defer.Deferred] = {}
-        self._fresh: dict[str, QueueEntry] = {}
+        self._preloaded: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
         self._saver: GroupCommit[QueueEntry] = GroupCommit(io, queue.save_many)
         self._remover: GroupCommit[str] = GroupCommit(io, queue.remove_many)
@@ -321,8 +321,8 @@ class Scheduler:
                     log.info("{text}", text=_PICKUP_LINE.format(
                         e.qid, e.sender, len(e.recipients), e.origin),
                         qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
-                    if len(self._fresh) < self.FRESH_LIMIT:
-                        self._fresh[e.qid] = e
+                    if len(self._preloaded) < self.PRELOAD_LIMIT:
+                        self._preloaded[e.qid] = e
                     self._schedule(e.qid, now, dispatch=False)
                 self._dispatch()
                 total += len(entries)
@@ -401,7 +401,7 @@ class Scheduler:
             return float(self.clock.seconds() + self.retry.base)
 
     async def _process_inner(self, qid: str):
-        entry = self._fresh.pop(qid, None)
+        entry = self._preloaded.pop(qid, None)
         try:
             if entry is None or entry.size is None:
                 # (size is known from pickup: then no store work at all)
@@ -440,7 +440,7 @@ class Scheduler:
             log.error("{qid}: cannot record the outcome ({err}); kept in memory, writing "
                       "again in {retry:g}s", qid=qid, err=e.strerror or e, retry=retry)
             self._unsaved.add(qid)
-            self._fresh[qid] = entry
+            self._preloaded[qid] = entry
             return float(self.clock.seconds() + retry)
         na = entry.next_attempt()
         return None if na is None else float(na)

@@ -131,7 +131,7 @@ class Queue:
             if not os.path.isdir(folder):  # a dangling symlink, or a file through one
                 raise QueueError(f"cannot create queue folder {folder}: not a folder")
 
-    def _p(self, *parts: str) -> str:
+    def _path(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
     # -- the lock -------------------------------------------------------
@@ -144,9 +144,9 @@ class Queue:
         @raise QueueError: the lock file cannot be opened.
         """
         try:
-            fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = os.open(self._path("lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
-            raise QueueError(f"cannot open {self._p('lock')}: {e.strerror}") from e
+            raise QueueError(f"cannot open {self._path('lock')}: {e.strerror}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -155,7 +155,7 @@ class Queue:
                 raise QueueLocked(
                     f"another mailout daemon is already running on {self.path}"
                 ) from None
-            raise QueueError(f"cannot lock {self._p('lock')}: {e.strerror}") from e
+            raise QueueError(f"cannot lock {self._path('lock')}: {e.strerror}") from e
         self._lock_fd = fd
         self.write_pid()
 
@@ -212,7 +212,7 @@ class Queue:
         """
         _, _, data = queued_bytes(sender, recipients, message, time.time())
         qid = new_queue_id()
-        tmp = self._p("tmp", qid)
+        tmp = self._path("tmp", qid)
         try:
             write_durably(tmp, data, sync=sync)
         except OSError as e:
@@ -226,7 +226,7 @@ class Queue:
         @raise QueueError: the sync failed.
         """
         try:
-            if not syncfs(self._p("tmp")):
+            if not syncfs(self._path("tmp")):
                 for s in staged:
                     fsync_file(s.path)
         except OSError as e:
@@ -244,9 +244,9 @@ class Queue:
         done = 0
         try:
             for s in staged:
-                os.rename(s.path, self._p("new", s.qid))
+                os.rename(s.path, self._path("new", s.qid))
                 done += 1
-            fsync_dir(self._p("new"))
+            fsync_dir(self._path("new"))
         except OSError as e:
             self.discard(staged[done:])
             raise QueueError(f"cannot write to queue {self.path}: {e.strerror or e}") from e
@@ -295,7 +295,7 @@ class Queue:
         out: list[str] = []
         for sub in ("new", "cur"):
             try:
-                names = os.listdir(self._p(sub))
+                names = os.listdir(self._path(sub))
             except FileNotFoundError:
                 continue
             out.extend(f"{sub}/{n}" for n in names if not n.startswith("."))
@@ -356,13 +356,13 @@ class Queue:
 
     def _sync_pickup(self) -> None:
         for sub in ("messages", "new", "cur"):
-            fsync_dir(self._p(sub))
+            fsync_dir(self._path(sub))
 
     def _pickup_one(self, name: str) -> QueueEntry | None:
         """@return: the entry, or L{None} when the file had already been
         picked up (only the removal of a rewritten source was interrupted).
         @raise CorruptEntry: moved to C{corrupt/}. @raise OSError."""
-        src = self._p(name)
+        src = self._path(name)
         base = name.split("/", 1)[1]
         with open(src, "rb") as f:
             first = f.read(65536)
@@ -372,7 +372,7 @@ class Queue:
                 self._move_corrupt(src, base, str(e))
                 raise
             total = os.fstat(f.fileno()).st_size
-        msg_path = self._p("messages", entry.qid)
+        msg_path = self._path("messages", entry.qid)
         if rewrite is None:
             os.rename(src, msg_path)
             entry.size = total - entry.body_offset
@@ -380,7 +380,7 @@ class Queue:
         if os.path.exists(msg_path):
             os.unlink(src)
             return None
-        tmp = self._p("tmp", "." + entry.qid + ".pickup")
+        tmp = self._path("tmp", "." + entry.qid + ".pickup")
         if os.path.exists(tmp):
             os.unlink(tmp)
         write_durably(tmp, rewrite)
@@ -405,7 +405,7 @@ class Queue:
     def _move_corrupt(self, src: str, base: str, why: str) -> None:
         """Move C{src} to C{corrupt/} with a C{.reason} file; a failure is
         logged (the file then stays where it is, and is tried again)."""
-        dst = self._p("corrupt", base)
+        dst = self._path("corrupt", base)
         if os.path.exists(dst):
             dst = dst + "." + secrets.token_hex(3)
         try:
@@ -440,18 +440,18 @@ class Queue:
             for "now"; and one human-readable line per repair made.
         """
         problems = []
-        for name in os.listdir(self._p("tmp")):
-            path = self._p("tmp", name)
+        for name in os.listdir(self._path("tmp")):
+            path = self._path("tmp", name)
             try:
                 if name.startswith(".") or time.time() - os.stat(path).st_mtime > STALE_STAGED:
                     os.unlink(path)
                     problems.append(f"removed stale tmp/{name}")
             except OSError:
                 pass
-        messages = {n for n in os.listdir(self._p("messages")) if not n.startswith(".")}
+        messages = {n for n in os.listdir(self._path("messages")) if not n.startswith(".")}
         states = set()
-        for name in sorted(os.listdir(self._p("state"))):
-            path = self._p("state", name)
+        for name in sorted(os.listdir(self._path("state"))):
+            path = self._path("state", name)
             if name.endswith(".tmp"):
                 os.unlink(path)
                 problems.append(f"removed unfinished state write state/{name}")
@@ -495,14 +495,14 @@ class Queue:
             its old state.
         """
         for entry in entries:
-            path = self._p("state", entry.qid + ".json")
+            path = self._path("state", entry.qid + ".json")
             tmp = path + ".tmp"
             data = json.dumps(entry.to_json(), separators=(",", ":")).encode("utf-8")
             if os.path.exists(tmp):
                 os.unlink(tmp)
             write_durably(tmp, data)
             os.rename(tmp, path)
-        fsync_dir(self._p("state"))
+        fsync_dir(self._path("state"))
 
     def load(self, qid: str) -> QueueEntry:
         """Read the state of C{qid}; a message that has no state file yet has
@@ -513,7 +513,7 @@ class Queue:
         @raise OSError: the folder cannot be read.
         """
         try:
-            total = os.path.getsize(self._p("messages", qid))
+            total = os.path.getsize(self._path("messages", qid))
         except FileNotFoundError:
             raise EntryNotFound(qid) from None
         entry = self._load_state(qid)
@@ -523,10 +523,10 @@ class Queue:
 
     def _load_state(self, qid: str) -> QueueEntry:
         try:
-            with open(self._p("state", qid + ".json"), "rb") as f:
+            with open(self._path("state", qid + ".json"), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return self._fresh_entry(qid)
+            return self._pending_entry(qid)
         try:
             d = json.loads(raw)
         except ValueError as e:
@@ -535,8 +535,8 @@ class Queue:
             raise CorruptEntry(f"state file of {qid} is not a JSON object")
         return QueueEntry.from_json(d)
 
-    def _fresh_entry(self, qid: str) -> QueueEntry:
-        path = self._p("messages", qid)
+    def _pending_entry(self, qid: str) -> QueueEntry:
+        path = self._path("messages", qid)
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -559,19 +559,19 @@ class Queue:
         for folder, suffix in (("messages", ""), ("state", ".json")):
             for qid in qids:
                 try:
-                    os.unlink(self._p(folder, qid + suffix))
+                    os.unlink(self._path(folder, qid + suffix))
                     removed[folder] += 1
                 except FileNotFoundError:
                     pass  # mail finished at its first attempt never had a state file
-        fsync_dir(self._p("messages"))
+        fsync_dir(self._path("messages"))
         if removed["state"]:
-            fsync_dir(self._p("state"))
+            fsync_dir(self._path("state"))
 
     def quarantine(self, qid: str, why: str) -> None:
         """Move the state and message of C{qid} to C{corrupt/}, with the
         reason in a C{.reason} file beside each; failures are logged."""
-        self._move_corrupt(self._p("state", qid + ".json"), qid + ".json", why)
-        self._move_corrupt(self._p("messages", qid), qid, why)
+        self._move_corrupt(self._path("state", qid + ".json"), qid + ".json", why)
+        self._move_corrupt(self._path("messages", qid), qid, why)
 
     # -- message bytes ----------------------------------------------------------
 
@@ -584,7 +584,7 @@ class Queue:
 
         @raise OSError: the message file cannot be opened.
         """
-        f = open(self._p("messages", entry.qid), "rb", buffering=0)  # noqa: SIM115
+        f = open(self._path("messages", entry.qid), "rb", buffering=0)  # noqa: SIM115
         try:
             f.seek(entry.body_offset)
         except BaseException:
@@ -601,7 +601,7 @@ class Queue:
     def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
         """The header block of the message of C{entry}, at most C{limit} bytes,
         each line with its line end, the empty line excluded."""
-        with open(self._p("messages", entry.qid), "rb") as f:
+        with open(self._path("messages", entry.qid), "rb") as f:
             f.seek(entry.body_offset)
             return header_block(f.read(limit))
 
@@ -614,12 +614,12 @@ class Queue:
         out = []
         for name in self.incoming():
             try:
-                with open(self._p(name), "rb") as f:
+                with open(self._path(name), "rb") as f:
                     entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f)
             except (CorruptEntry, OSError):
                 continue
             out.append(ListedEntry(entry, "incoming", name))
-        for qid in sorted(os.listdir(self._p("messages"))):
+        for qid in sorted(os.listdir(self._path("messages"))):
             if not qid.startswith("."):
                 try:
                     entry = self.load(qid)
