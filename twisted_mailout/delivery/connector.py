@@ -183,6 +183,10 @@ class Connector:
     @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
     @param router: an L{IRouter} (L{MXRouter} or L{RelayRouter}).
     @param settings: L{ConnectorSettings}.
+    @ivar pool: the L{ConnectionPool} of sessions (its counts are public:
+        C{open_connections}, C{connections_to(key)}, C{idle_to(key)},
+        C{waiting_for(key)}).
+    @ivar security: the L{SecurityResolver} deciding each host's TLS level.
     """
 
     def __init__(self, reactor: Any, router: IRouter, settings: ConnectorSettings):
