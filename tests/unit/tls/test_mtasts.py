@@ -16,6 +16,7 @@ from tests.support.https_peer import POLICY_PATH, PolicyServer, Reply, policy
 from tests.support.peers import DnsServerProcess
 from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.logger import globalLogPublisher
+from twisted.python import threadable
 from twisted.trial import unittest
 
 from twisted_mailout.testing.loopback import Zone, start_dns_server
@@ -623,6 +624,30 @@ class PolicyForTests(unittest.TestCase):
         for d in ("ok.test", "t.test", "n.test"):
             self.assertIsNone((yield m.policy_for(d)), d)
         self.assertNotIn("ok.test.json", os.listdir(cache))  # expired: removed
+
+    @defer.inlineCallbacks
+    def test_cache_files_are_read_and_written_off_the_reactor_thread(self):
+        cache = tempfile.mkdtemp(prefix="mtasts-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(cache, ignore_errors=True))
+        ran = []
+
+        def run_blocking(f):
+            def call():
+                ran.append(threadable.isInIOThread())
+                return f()
+            return threads.deferToThread(call)
+
+        m = self.client(zone(ok_test=txt("one")), cache_dir=cache, run_blocking=run_blocking)
+        p = yield m.policy_for("ok.test")
+        self.assertEqual(ran, [False, False])  # the file read (none yet), then written
+        self.assertEqual(os.listdir(cache), ["ok.test.json"])
+        self.assertEqual((yield m.policy_for("ok.test")), p)
+        self.assertEqual(len(ran), 2)  # known now: no more file access
+        # a restart reads the file, in the thread too
+        again = self.client(port=self.dns(zone(ok_test=txt("one"))), cache_dir=cache,
+                            run_blocking=run_blocking)
+        self.assertEqual((yield again.policy_for("ok.test")), p)
+        self.assertEqual(ran, [False, False, False])
 
     @defer.inlineCallbacks
     def test_unwritable_cache_is_logged_not_fatal(self):
