@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import idna
 
-from twisted_mailout.errors import AddressError
+from twisted_mailout.errors import AddressError, MailoutError
 
 __all__ = [
     "FINAL_STATES",
@@ -285,7 +285,7 @@ _ALLOWED = {
 }
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(MailoutError):
     """A recipient state change the state machine does not allow."""
 
 

@@ -44,3 +44,38 @@ def test_delivery_error_says_whether_to_try_again():
                                                 "bounced: 554 5.0.0 refused")
     assert errors.DeliveryError(Reply(451, "4.3.0 later", True)).status == "deferred"
     assert isinstance(e, errors.MailoutError)
+
+
+def test_every_layers_own_errors_sit_under_the_matching_base():
+    from twisted_mailout.delivery.pool import DestinationDown, PoolClosed
+    from twisted_mailout.envelope import InvalidTransition
+    from twisted_mailout.queue.model import CorruptEntry, EntryNotFound, LeaseLost
+    from twisted_mailout.routing.dnssec import DNSSECLookupError
+    from twisted_mailout.routing.router import RouteError
+    from twisted_mailout.smtp.auth import AuthError
+    from twisted_mailout.smtp.errors import LocalProtocolError, RemoteProtocolError, SessionError
+    from twisted_mailout.smtp.sasl import SASLError
+    from twisted_mailout.tls.dane import DANEVerificationError
+    from twisted_mailout.tls.errors import CertificateVerifyError
+    from twisted_mailout.tls.mtasts import FetchError, PolicyError
+    from twisted_mailout.tls.policy import PolicyFileError
+
+    expected = {
+        errors.RoutingError: [RouteError, DNSSECLookupError],
+        errors.ProtocolError: [SessionError, SASLError, DestinationDown, PoolClosed],
+        errors.TLSError: [CertificateVerifyError, DANEVerificationError, FetchError,
+                          PolicyError],
+        errors.ConfigError: [AuthError, PolicyFileError],
+        errors.QueueError: [LeaseLost, EntryNotFound, CorruptEntry],
+        errors.MailoutError: [InvalidTransition, LocalProtocolError, RemoteProtocolError],
+    }
+    for base, classes in expected.items():
+        for cls in classes:
+            assert issubclass(cls, base), (cls, base)
+    # the bases they had stay: what callers catch today still catches them
+    for cls in (AuthError, PolicyFileError, SASLError, PolicyError, LocalProtocolError):
+        assert issubclass(cls, ValueError), cls
+    from OpenSSL import SSL
+
+    assert issubclass(DANEVerificationError, SSL.Error)
+    assert issubclass(EntryNotFound, LookupError)

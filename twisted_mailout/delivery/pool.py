@@ -42,6 +42,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_mailout.errors import ProtocolError
+
 __all__ = [
     "ConnectionPool",
     "DestinationDown",
@@ -132,7 +134,7 @@ class Opened(Generic[S]):
     label: str
 
 
-class DestinationDown(Exception):
+class DestinationDown(ProtocolError):
     """Opening a connection to the destination failed recently; it is not
     tried again before C{until}.
 
@@ -148,7 +150,7 @@ class DestinationDown(Exception):
         self.until = until
 
 
-class PoolClosed(Exception):
+class PoolClosed(ProtocolError):
     """The pool is closing: no connection is handed out any more."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, cast
 from twisted.internet import defer, protocol
 from twisted.names import dns
 
+from twisted_mailout.errors import RoutingError
 from twisted_mailout.routing.resolver import follow_cnames, normalise_name, tcp_endpoint
 
 __all__ = [
@@ -91,7 +92,7 @@ def tlsa_name(host: str, port: int = 25) -> str:
     return f"_{port}._tcp.{host.rstrip('.').lower()}"
 
 
-class DNSSECLookupError(Exception):
+class DNSSECLookupError(RoutingError):
     """A DNSSEC-aware lookup failed: SERVFAIL (the resolver's answer for
     I{bogus} data, RFC 4035 5.5, as well as for unreachable servers),
     REFUSED, FORMERR, a timeout, or a malformed answer. Always temporary

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_mailout.envelope import Reply
+from twisted_mailout.errors import RoutingError
 from twisted_mailout.routing.resolver import (
     Clock,
     TTLCache,
@@ -64,7 +65,7 @@ class NextHop:
     implicit: bool = False
 
 
-class RouteError(Exception):
+class RouteError(RoutingError):
     """No host can be tried for a destination.
 
     @ivar reply: a local reply; 5xx for permanent failures (NXDOMAIN, null MX),

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import defer, threads, utils
 from twisted.internet.interfaces import IReactorThreads
 
+from twisted_mailout.errors import ConfigError
 from twisted_mailout.smtp import sasl
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 MECHANISMS = ("XOAUTH2", "CRAM-MD5", "PLAIN", "LOGIN")
 
 
-class AuthError(ValueError):
+class AuthError(ConfigError):
     """Credentials that cannot be used (bad file, empty secret, unknown
     mechanism). Its text never contains a secret."""
 

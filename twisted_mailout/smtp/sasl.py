@@ -19,6 +19,8 @@ import hashlib
 import hmac
 from typing import Protocol
 
+from twisted_mailout.errors import ProtocolError
+
 __all__ = [
     "CANCEL",
     "CramMD5",
@@ -38,7 +40,7 @@ __all__ = [
 CANCEL = "*"
 
 
-class SASLError(ValueError):
+class SASLError(ProtocolError, ValueError):
     """A challenge we cannot answer (e.g. not base64); the exchange must be
     cancelled. Its text never holds a secret."""
 

@@ -47,6 +47,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_mailout.errors import TLSError
 from twisted_mailout.routing.dnssec import (
     TLSA,
     TLSA_TYPE,
@@ -122,7 +123,7 @@ def usable(records: Iterable[TLSA]) -> list[TLSA]:
 # --------------------------------------------------------------------------- matching
 
 
-class DANEVerificationError(SSL.Error):
+class DANEVerificationError(SSL.Error, TLSError):
     """The server's certificate chain matches none of the usable TLSA records
     (or, for DANE-TA, fails the checks that go with a match: chaining,
     validity, name; RFC 7672 3.1.2).

@@ -35,6 +35,8 @@ from OpenSSL import SSL
 from service_identity.exceptions import CertificateError, VerificationError
 from twisted.python.failure import Failure
 
+from twisted_mailout.errors import TLSError
+
 __all__ = [
     "CERTIFICATE_RESULT_TYPES",
     "VERIFY_ERRORS",
@@ -92,7 +94,7 @@ def result_type_for_verify_error(code: int) -> str:
     return describe_verify_error(code)[1]
 
 
-class CertificateVerifyError(Exception):
+class CertificateVerifyError(TLSError):
     """A server certificate refused by a verifying TLS level (C{verify},
     C{secure}, MTA-STS C{enforce}, the MTA-STS policy fetch).
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted_mailout.errors import ConfigError
 from twisted_mailout.tls.levels import LEVELS, REQUIRED
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class PolicyFileError(ValueError):
+class PolicyFileError(ConfigError):
     """A policy file that cannot be used; the text names the file and line."""
 
 
