@@ -332,7 +332,9 @@ class TokenCommandTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_token_file_is_read_in_the_thread_pool(self):
-        path = self.mktemp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "token")
         with open(path, "w") as f:
             f.write("file-token\n")
         seen = []
