@@ -598,8 +598,10 @@ class ESMTPSession(protocol.Protocol):
             return
         self._tx = None
         self._conn.transaction_replies(_local(421, "4.4.2 cancelled"))
-        self.log.info("transaction with {peer} cancelled: aborting the connection",
-                      peer=self._who)
+        # debug: the delivery layer logs the one line an operator needs
+        # (destination, relay, recipients); see delivery/connector.py.
+        self.log.debug("transaction with {peer} cancelled: aborting the connection",
+                       peer=self._who)
         if self._producer is not None:
             self._producer.cancel()
             self._producer = None

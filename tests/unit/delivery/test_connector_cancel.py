@@ -150,9 +150,13 @@ class PeerTestCase(unittest.TestCase):
                                  lambda: io.BytesIO(MSG), len(MSG))
 
     def check_logs(self, expected_line: str) -> None:
-        """Exactly one line mentions the cancellation; none is an error."""
-        texts = [e.get("log_format", "") for e in self.events]
-        self.assertEqual(sum(expected_line in t for t in texts), 1, texts)
+        """Exactly one line (info or above, from any layer) tells of the
+        cancellation, and it is C{expected_line}; none is an error."""
+        told = [e.get("log_format", "") for e in self.events
+                if "cancel" in e.get("log_format", "").lower()
+                and e.get("log_level", LogLevel.info) >= LogLevel.info]
+        self.assertEqual(len(told), 1, told)
+        self.assertIn(expected_line, told[0])
         self.assertEqual([e for e in self.events
                           if e.get("log_level") in (LogLevel.error, LogLevel.critical)
                           or "log_failure" in e], [])
