@@ -86,6 +86,8 @@ from typing import Any
 from twisted.internet import defer, interfaces, protocol
 from zope.interface import implementer
 
+from twisted_mailout.smtp.replies import encode_reply
+
 __all__ = ["DEFAULT_EXTENSIONS", "FaultySMTPServer", "reply_bytes"]
 
 DEFAULT_EXTENSIONS = ("PIPELINING", "SIZE 10240000", "8BITMIME")
@@ -94,15 +96,9 @@ _ADDR = re.compile(r"^(?:MAIL\s+FROM|RCPT\s+TO)\s*:\s*<([^>]*)>", re.IGNORECASE)
 
 
 def reply_bytes(code: int, text: str | list[str]) -> bytes:
-    """A well-formed (possibly multi-line) SMTP reply."""
-    lines = text if isinstance(text, list) else [text]
-    if not lines:
-        lines = [""]
-    out = []
-    for i, ln in enumerate(lines):
-        sep = " " if i == len(lines) - 1 else "-"
-        out.append(f"{code}{sep}{ln}")
-    return ("\r\n".join(out) + "\r\n").encode("utf-8")
+    """A well-formed (possibly multi-line) SMTP reply (the package's own
+    encoder, L{twisted_mailout.smtp.replies.encode_reply})."""
+    return encode_reply(code, "\n".join(text) if isinstance(text, list) else text)
 
 
 def _code_of(data: bytes) -> int | None:

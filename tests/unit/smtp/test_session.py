@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from twisted_mailout.envelope import Reply
+from twisted_mailout.smtp.replies import encode_reply
 from twisted_mailout.smtp.protocol import (
     CHUNK,
     MAX_LINE,
@@ -60,12 +61,7 @@ class ReadRecorder(io.BytesIO):
 
 
 def ehlo_reply(*extensions: str, name: str = "mx.example") -> bytes:
-    lines = [name, *extensions]
-    out = b""
-    for i, ln in enumerate(lines):
-        sep = b" " if i == len(lines) - 1 else b"-"
-        out += b"250" + sep + ln.encode() + b"\r\n"
-    return out
+    return encode_reply(250, "\n".join([name, *extensions]))
 
 
 class SessionTestBase(unittest.TestCase):
