@@ -30,12 +30,12 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import treq
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -448,14 +448,21 @@ class MTASTS:
         meanwhile; a new id is fetched at once).
     @param max_txt_ttl: cap on how long a TXT answer is reused, in seconds
         (its TTL otherwise; 0 asks DNS on every call).
-    @raise OSError: C{cache_dir} cannot be created.
+    @param run_blocking: C{run_blocking(f) -> Deferred} runs the blocking
+        callable C{f} (reading or writing a cache file) away from the
+        reactor thread; by default in the reactor's thread pool. Only used
+        with a C{cache_dir}.
+    @raise OSError: C{cache_dir} cannot be created (the folder is made, and
+        files left by a crash removed, here: build this at start-up).
     @raise ValueError: C{timeout} not positive, C{https_port} out of range.
     """
 
     def __init__(self, reactor: Any, resolver: Any, cache_dir: str | os.PathLike[str] | None = None,
                  trust_root: TrustRoot | str | os.PathLike[str] | None = None,
                  https_port: int = 443, timeout: float = 10.0, clock: Any = None,
-                 fetch_backoff: float = 300.0, max_txt_ttl: float = 300.0) -> None:
+                 fetch_backoff: float = 300.0, max_txt_ttl: float = 300.0,
+                 run_blocking: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
+                 ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if not 0 < https_port < 65536:
@@ -463,6 +470,7 @@ class MTASTS:
         self.reactor = reactor
         self.resolver = resolver
         self.clock = clock or reactor
+        self._run_blocking = run_blocking or self._in_thread
         self.https_port = https_port
         self.timeout = timeout
         self.fetch_backoff = fetch_backoff
@@ -523,7 +531,7 @@ class MTASTS:
             if isinstance(result, Failure):
                 log.failure("MTA-STS lookup for {domain} failed unexpectedly", result,
                             domain=name)
-                result = self.cached(name)
+                result = self._in_memory(name)
             for w in self._inflight.pop(name, []):
                 w.callback(result)
 
@@ -533,17 +541,45 @@ class MTASTS:
     def cached(self, domain: str) -> STSPolicy | None:
         """The cached, unexpired policy of C{domain} (memory, else its file).
 
+        Reads the file the first time a domain is asked: call it from a
+        thread or at start-up (L{policy_for} reads files in the thread pool).
+
         @raise PolicyError: a malformed domain.
         """
         name = _domain(domain)
         if name not in self._policies:
-            if len(self._policies) >= _MAX_ENTRIES:
-                self._policies.clear()
-            self._policies[name] = self._load(name)
-        policy = self._policies[name]
+            policy, warning = self._load(name, self.clock.seconds())
+            self._remember(name, policy, warning)
+        return self._in_memory(name)
+
+    def _in_memory(self, name: str) -> STSPolicy | None:
+        policy = self._policies.get(name)
         if policy is not None and policy.expired(self.clock.seconds()):
             return None
         return policy
+
+    async def _cached(self, name: str) -> STSPolicy | None:
+        """L{cached}, with the file read by C{run_blocking}."""
+        if name not in self._policies:
+            if self.cache_dir is None:
+                self._remember(name, None, None)
+            else:
+                now = self.clock.seconds()
+                policy, warning = await self._run_blocking(lambda: self._load(name, now))
+                self._remember(name, policy, warning)
+        return self._in_memory(name)
+
+    def _remember(self, name: str, policy: STSPolicy | None, warning: str | None) -> None:
+        if warning:
+            log.warn("{warning}", warning=warning)
+        if name in self._policies:  # stored while the file was being read
+            return
+        if len(self._policies) >= _MAX_ENTRIES:
+            self._policies.clear()
+        self._policies[name] = policy
+
+    def _in_thread(self, f: Callable[[], Any]) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f)
 
     def fetch_policy(self, domain: str, policy_id: str = "") -> defer.Deferred[STSPolicy]:
         """Fetch and parse C{https://mta-sts.<domain>/.well-known/mta-sts.txt}
@@ -568,7 +604,7 @@ class MTASTS:
 
     async def _policy_for(self, name: str) -> STSPolicy | None:
         now = self.clock.seconds()
-        cached = self.cached(name)
+        cached = await self._cached(name)
         ident, why, status = await self._lookup_txt(name)
         if ident is None:
             if status in ("failed", "invalid"):
@@ -596,7 +632,7 @@ class MTASTS:
                      what="using the cached policy" if cached else "no policy")
             return cached
         self._failed.pop(name, None)
-        self._store(policy)
+        await self._store(policy)
         log.info("MTA-STS {domain}: policy id {id}, mode {mode}, max_age {max_age}",
                  domain=name, id=policy.id, mode=policy.mode, max_age=policy.max_age)
         return policy
@@ -730,10 +766,15 @@ class MTASTS:
             return None
         return os.path.join(self.cache_dir, name + ".json")
 
-    def _load(self, name: str) -> STSPolicy | None:
+    def _load(self, name: str, now: float) -> tuple[STSPolicy | None, str | None]:
+        """Read C{name}'s cache file (blocking: runs in a thread).
+
+        @param now: the clock's time, epoch seconds (an expired file is removed).
+        @return: C{(policy or None, warning or None)}.
+        """
         path = self._path(name)
         if path is None:
-            return None
+            return None, None
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -747,25 +788,33 @@ class MTASTS:
                 raise ValueError(f"bad fetched {fetched!r}")
             policy = parse_policy(data["text"], domain=name, id=ident, fetched=fetched)
         except FileNotFoundError:
-            return None
+            return None, None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warn("MTA-STS cache {path} ignored: {error}", path=path, error=str(e))
-            return None
-        if policy.expired(self.clock.seconds()):
+            return None, f"MTA-STS cache {path} ignored: {e}"
+        if policy.expired(now):
             try:
                 os.unlink(path)
             except OSError:
                 pass
-            return None
-        return policy
+            return None, None
+        return policy, None
 
-    def _store(self, policy: STSPolicy) -> None:
+    async def _store(self, policy: STSPolicy) -> None:
         self._policies[policy.domain] = policy
         path = self._path(policy.domain)
         if path is None:
             return
         data = {"format": _CACHE_FORMAT, "domain": policy.domain, "id": policy.id,
                 "fetched": policy.fetched, "text": policy.text}
+        warning = await self._run_blocking(lambda: self._write(path, data))
+        if warning:
+            log.warn("{warning}", warning=warning)
+
+    def _write(self, path: str, data: dict[str, Any]) -> str | None:
+        """Write one cache file atomically (blocking: runs in a thread).
+
+        @return: L{None}, or a warning for the log.
+        """
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.cache_dir)
@@ -774,13 +823,14 @@ class MTASTS:
             os.replace(tmp, path)
             tmp = None
         except OSError as e:
-            log.warn("MTA-STS cache {path} not written: {error}", path=path, error=str(e))
+            return f"MTA-STS cache {path} not written: {e}"
         finally:
             if tmp is not None:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+        return None
 
 
 def _describe(e: BaseException) -> str:
