@@ -563,11 +563,17 @@ class ESMTPSession(protocol.Protocol):
         for text in (sender, *recipients):
             if "\r" in text or "\n" in text or "\0" in text:
                 return defer.fail(LocalProtocolError("CR, LF or NUL in an SMTP command"))
+        if self._tx is not None:
+            return defer.fail(LocalProtocolError("a transaction is already under way"))
         self._tx = _Pending(d, command, source)
-        if self._conn.needs_rset:
-            self._write(self._conn.send(Rset()))
-        else:
-            self._begin()
+        try:
+            if self._conn.needs_rset:
+                self._write(self._conn.send(Rset()))
+            else:
+                self._begin()
+        except LocalProtocolError as e:  # not ready (still starting, or quitting)
+            self._tx = None
+            return defer.fail(e)
         return d
 
     def _begin(self) -> None:
@@ -622,6 +628,11 @@ class ESMTPSession(protocol.Protocol):
     def _body_failed(self, exc: SessionError) -> None:
         self._producer = None
         self._fail(exc)
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A new Deferred firing (with L{None}) once the connection is gone;
+        one per caller, so callers' callbacks never feed each other."""
+        return _chain(self.closed)
 
     def quit(self) -> defer.Deferred[None]:
         """Send QUIT and close the connection.

@@ -154,3 +154,29 @@ class EncodedRepliesTests(SessionTestBase):
         self.feed(encode_reply(250, "2.0.0 queued\nas X"))
         self.assertEqual(self.successResultOf(d).replies["a@b.example"],
                          Reply(250, "2.0.0 queued\nas X"))
+
+
+class MisuseTests(SessionTestBase):
+    def test_transaction_before_ready_or_while_one_runs_fails_cleanly(self):
+        s, t = self.make()
+        d = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(BODY))
+        self.failureResultOf(d, ValueError)  # still waiting for the greeting
+        self.assertEqual(self.take(), b"")
+        self.feed(b"220 hi\r\n")
+        self.take()
+        self.feed(b"250 mx\r\n")
+        self.successResultOf(s.ready)
+        d1 = s.transaction("f@a.example", ["a@b.example"], io.BytesIO(BODY))
+        d2 = s.transaction("f@a.example", ["c@b.example"], io.BytesIO(BODY))
+        self.failureResultOf(d2, ValueError)
+        self.assertEqual(self.take(), b"MAIL FROM:<f@a.example>\r\n")
+        self.feed(b"550 no\r\n")
+        self.assertEqual(set(self.successResultOf(d1).replies), {"a@b.example"})
+
+    def test_when_closed_gives_each_caller_its_own_deferred(self):
+        s, _ = self.start()
+        a, b = s.when_closed(), s.when_closed()
+        a.addCallback(lambda _: "changed")
+        s.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(a), "changed")
+        self.assertIsNone(self.successResultOf(b))
