@@ -37,6 +37,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import NoReturn
 
 from cryptography import x509
@@ -66,6 +67,7 @@ __all__ = [
     "DANE_TA",
     "TLSA",
     "TLSA_TYPE",
+    "DANEMode",
     "DANEPolicy",
     "DANEVerificationError",
     "DNSSECLookupError",
@@ -458,11 +460,23 @@ def dane_tls(hostname: str, records: Sequence[TLSA], names: Sequence[str] = ()) 
 # --------------------------------------------------------------------------- policy
 
 
+class DANEMode(StrEnum):
+    """What DANE says about one MX host (RFC 7672 2.2); compares equal to its
+    string value."""
+
+    #: Usable TLSA records: TLS required and the server must match them.
+    DANE = "dane"
+    #: Secure TLSA records, none usable: TLS required, not authenticated.
+    ENCRYPT = "encrypt"
+    #: DANE does not apply: the configured TLS level stands.
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class DANEPolicy:
     """What DANE says about one MX host (RFC 7672 2.2).
 
-    @ivar mode: C{"dane"}: TLS required and the server must match
+    @ivar mode: a L{DANEMode}: C{"dane"}: TLS required and the server must match
         C{records}; C{"encrypt"}: secure TLSA records exist but none is
         usable: TLS required, no authentication; C{"none"}: DANE does not
         apply (insecure MX or address records, or no TLSA records): use the
@@ -474,18 +488,21 @@ class DANEPolicy:
     @ivar tlsa: every TLSA record found, usable or not (for logs).
     """
 
-    mode: str
+    mode: DANEMode
     host: str
     records: tuple[TLSA, ...] = ()
     names: tuple[str, ...] = ()
     reason: str = ""
     tlsa: tuple[TLSA, ...] = field(default=(), repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", DANEMode(self.mode))  # a str is accepted too
+
     @property
     def tls_level(self) -> str | None:
         """The session TLS level this policy imposes (C{"encrypt"}: STARTTLS
         mandatory), or L{None} for C{"none"} (keep the configured level)."""
-        return None if self.mode == "none" else "encrypt"
+        return None if self.mode is DANEMode.NONE else "encrypt"
 
     def tls_creator(self, hostname: str | None = None) -> ClientTLS:
         """For C{ESMTPSession(tls_creator=...)}: L{dane_tls} for C{"dane"},
@@ -495,7 +512,7 @@ class DANEPolicy:
         @param hostname: ignored (the session passes its host name; the
             policy already knows the TLSA base domain).
         """
-        if self.mode == "dane":
+        if self.mode is DANEMode.DANE:
             return dane_tls(self.host, self.records, self.names)
         return opportunistic_tls(self.host)
 
@@ -534,22 +551,24 @@ def host_policy(resolver: DNSSECResolver, host: str, *, port: int = 25, mx_secur
 async def _host_policy(resolver: DNSSECResolver, host: str, port: int, mx_secure: bool,
                        domain: str | None) -> DANEPolicy:
     if not mx_secure:
-        return DANEPolicy("none", host, reason="MX RRset not DNSSEC-secure")
+        return DANEPolicy(DANEMode.NONE, host, reason="MX RRset not DNSSEC-secure")
     secure, canonical = await resolver.addresses_secure(host)
     if not secure:
-        return DANEPolicy("none", host, reason=f"address records of {host} not DNSSEC-secure")
+        return DANEPolicy(DANEMode.NONE, host,
+                          reason=f"address records of {host} not DNSSEC-secure")
     bases = [canonical, host] if canonical != host else [host]
     lookup = None
     base = host
     for base in bases:
         lookup = await resolver.tlsa(base, port)
         if not lookup.secure:
-            return DANEPolicy("none", base, reason=f"TLSA RRset of {base} not DNSSEC-secure")
+            return DANEPolicy(DANEMode.NONE, base, reason=f"TLSA RRset of {base} not DNSSEC-secure")
         if lookup.records:
             break
     assert lookup is not None
     if not lookup.records:
-        return DANEPolicy("none", base, reason=f"no TLSA records for {tlsa_name(base, port)}")
+        return DANEPolicy(DANEMode.NONE, base,
+                          reason=f"no TLSA records for {tlsa_name(base, port)}")
     good = usable(lookup.records)
     names = [base]
     if host != base:
@@ -557,8 +576,8 @@ async def _host_policy(resolver: DNSSECResolver, host: str, port: int, mx_secure
     if domain:
         names.append(domain.rstrip(".").lower())
     if not good:
-        return DANEPolicy("encrypt", base, (), tuple(names),
+        return DANEPolicy(DANEMode.ENCRYPT, base, (), tuple(names),
                       reason=f"{len(lookup.records)} TLSA record(s) for {base}, none usable: "
                       "unauthenticated TLS (RFC 7672 2.2)", tlsa=lookup.records)
-    return DANEPolicy("dane", base, tuple(good), tuple(names),
+    return DANEPolicy(DANEMode.DANE, base, tuple(good), tuple(names),
                   reason=f"{len(good)} usable TLSA record(s) for {base}", tlsa=lookup.records)
