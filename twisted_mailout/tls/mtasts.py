@@ -32,6 +32,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, cast
 
 import treq
@@ -59,6 +60,7 @@ __all__ = [
     "FetchError",
     "Policy",
     "PolicyError",
+    "STSMode",
     "STSPolicy",
     "parse_policy",
     "parse_txt",
@@ -74,7 +76,20 @@ MAX_POLICY_SIZE = 65536
 #: Where the policy is served (RFC 8461 3.3).
 WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"
 
-_MODES = ("enforce", "testing", "none")
+
+
+class STSMode(StrEnum):
+    """An MTA-STS policy mode (RFC 8461 5); compares equal to its string value."""
+
+    #: Only MX hosts the policy lists, over verified TLS.
+    ENFORCE = "enforce"
+    #: Failures are reported (RFC 8460), delivery goes on as without a policy.
+    TESTING = "testing"
+    #: No policy.
+    NONE = "none"
+
+
+_MODES = tuple(m.value for m in STSMode)
 _CACHE_FORMAT = 1
 # Bound on each in-memory table (policies, TXT answers, failed fetches);
 # when full it is emptied: policies are read again from their files.
@@ -136,7 +151,7 @@ class STSPolicy:
 
     @ivar domain: the policy domain (lower case, A-labels).
     @ivar id: the id of the TXT record it was fetched for (3.1).
-    @ivar mode: C{"enforce"}, C{"testing"} or C{"none"}.
+    @ivar mode: an L{STSMode}: C{"enforce"}, C{"testing"} or C{"none"}.
     @ivar mx: the MX patterns, lower case, in policy order (C{"*.example.com"}
         or C{"mx.example.com"}); may be empty only in mode C{none}.
     @ivar max_age: how long it may be cached, in seconds (0..L{MAX_AGE_LIMIT}).
@@ -146,11 +161,14 @@ class STSPolicy:
 
     domain: str
     id: str
-    mode: str
+    mode: STSMode
     mx: tuple[str, ...]
     max_age: int
     fetched: float
     text: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", STSMode(self.mode))  # a str is accepted too
 
     def matches(self, mx_host: str) -> bool:
         """Whether C{mx_host} is allowed by the policy's C{mx} patterns
@@ -276,7 +294,7 @@ def parse_policy(text: str | bytes, *, domain: str = "", id: str = "",
     mode = fields["mode"]
     if not mx and mode != "none":
         raise PolicyError(f"policy in mode {mode} lists no mx")
-    return STSPolicy(domain=domain, id=id, mode=mode, mx=tuple(dict.fromkeys(mx)),
+    return STSPolicy(domain=domain, id=id, mode=STSMode(mode), mx=tuple(dict.fromkeys(mx)),
                   max_age=int(fields["max_age"]), fetched=float(fetched), text=text)
 
 
@@ -634,7 +652,7 @@ class MTASTS:
         self._failed.pop(name, None)
         await self._store(policy)
         log.info("MTA-STS {domain}: policy id {id}, mode {mode}, max_age {max_age}",
-                 domain=name, id=policy.id, mode=policy.mode, max_age=policy.max_age)
+                 domain=name, id=policy.id, mode=policy.mode.value, max_age=policy.max_age)
         return policy
 
     def _report(self, name: str, cached: STSPolicy | None, result_type: str,
