@@ -242,7 +242,7 @@ def case_enqueue(ctx: Ctx) -> None:
 
 
 def case_mx(ctx: Ctx) -> None:
-    from tests.peers import DnsServerProcess
+    from tests.support.peers import DnsServerProcess
 
     domains = [f"d{i}.test" for i in range(50)]
     records: dict = {}
