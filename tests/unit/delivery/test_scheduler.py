@@ -534,3 +534,27 @@ def test_a_write_under_a_lost_lease_is_refused_and_dropped(logged):
     assert logged.matching(f"{qid}: given up, another daemon holds it now") != []
     assert backend.leases[qid].owner == "other"
     assert qid in backend.messages  # not removed by the daemon that lost it
+
+
+def test_a_stopping_daemon_gives_back_what_waits_and_keeps_what_is_in_flight():
+    """With a shared store, stop() releases the leases of the mail waiting for
+    its next attempt, so another daemon takes it at once; mail still in flight
+    keeps its lease (it may yet be delivered by the stopping daemon)."""
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    backend = MemoryBackend(clock=clock.seconds)
+    conn = HeldConnector()
+    one = MemoryStore(backend, owner="one", lease_duration=60)
+    sched = Scheduler(one, conn, clock, reporting_mta="mx.mailout.test",
+                      retry=RetryPolicy(base=300, max=300, jitter=0))
+    waiting = one.enqueue("s@origin.test", ["w@a.test"], MSG)
+    sched.start()
+    conn.answer(0, LATER)  # deferred: waits in the heap for 300 s
+    flying = one.enqueue("s@origin.test", ["f@b.test"], MSG)
+    sched.pickup()
+    assert len(conn.calls) == 2  # the second is in flight
+    sched.stop(timeout=1)
+    clock.advance(1)
+    two = MemoryStore(backend, owner="two", lease_duration=60)
+    assert [e.qid for e in two.pickup().entries] == [waiting]
+    assert backend.leases[flying].owner == "one"
