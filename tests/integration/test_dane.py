@@ -8,18 +8,14 @@ skipping them.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import io
 import socket
 import ssl
 
 import pytest
-import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
+from tests.support.dane_pki import PKI, flipped, pki, rec, zone_line  # noqa: F401 - pki: fixture
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
 from tests.support.tls_peers import TlsSmtpServer, sni_server_context
 from tests.support.trial import deferred_test
@@ -31,132 +27,8 @@ from twisted_mailout.tls import dane
 from twisted_mailout.tls.dane import TLSA
 from twisted_mailout.smtp.protocol import ESMTPSession, SessionError, Timeouts
 
-UTC = datetime.UTC
-NOW = datetime.datetime.now(UTC)
-
-
-# --------------------------------------------------------------------------- PKI
-
-
-def self_signed(names: list[str], *, cn: str | None = None, days: tuple[int, int] = (-1, 30)):
-    """A self-signed ECDSA certificate, the usual DANE-EE server certificate.
-
-    :param names: DNS subjectAltNames (may be empty).
-    :param days: (not_before, not_after) offsets from now, in days.
-    :return: (cert, key) as cryptography objects.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn or names[0])])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW + datetime.timedelta(days=days[0]))
-        .not_valid_after(NOW + datetime.timedelta(days=days[1]))
-    )
-    if names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-        )
-    return builder.sign(key, hashes.SHA256()), key
-
-
-def issue(name: str, issuer: x509.Certificate | None, issuer_key, *, ca: bool):
-    """A certificate for ``name`` signed by ``issuer_key`` (self-signed when
-    ``issuer`` is None), with basicConstraints cA=``ca``; returns (cert, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer is not None else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - datetime.timedelta(days=1))
-        .not_valid_after(NOW + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(issuer_key if issuer is not None else key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
-
-
-def spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-
-
-def rec(usage: int, selector: int, mtype: int, cert: x509.Certificate) -> TLSA:
-    """The TLSA record of those parameters for ``cert``."""
-    data = der(cert) if selector == 0 else spki(cert)
-    if mtype == 1:
-        data = hashlib.sha256(data).digest()
-    elif mtype == 2:
-        data = hashlib.sha512(data).digest()
-    return TLSA(usage, selector, mtype, data)
-
-
-def flipped(r: TLSA) -> TLSA:
-    """The same record with one bit of its data changed."""
-    data = bytearray(r.data)
-    data[-1] ^= 1
-    return TLSA(r.usage, r.selector, r.mtype, bytes(data))
-
-
-def zone_line(owner: str, r: TLSA) -> str:
-    return f"{owner} IN TLSA {r.usage} {r.selector} {r.mtype} {r.data.hex()}"
-
-
-class PKI:
-    """The certificates of these tests (made once per module)."""
-
-    def __init__(self) -> None:
-        # DANE-EE: self-signed leaves.
-        self.ee, self.ee_key = self_signed(["mx.example.test"])
-        self.ee_bad, self.ee_bad_key = self_signed(
-            ["not-this-host.invalid"], days=(-60, -30)
-        )  # wrong name AND expired
-        # DANE-TA: root -> intermediate -> leaf (trustme).
-        self.ca = trustme.CA()
-        self.inter = self.ca.create_child_ca()
-        self.ta_leaf = self.inter.issue_cert("ta.example.test", "*.wild.example.test")
-        self.ta_wrong_name = self.inter.issue_cert("elsewhere.example.org")
-        self.ta_expired = self.inter.issue_cert(
-            "ta.example.test",
-            not_before=NOW - datetime.timedelta(days=60),
-            not_after=NOW - datetime.timedelta(days=30),
-        )
-        self.other_ca = trustme.CA()
-        self.other_leaf = self.other_ca.issue_cert("ta.example.test")
-
-    @staticmethod
-    def load(pem: bytes) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(pem)
-
-    def root(self) -> x509.Certificate:
-        return self.load(self.ca.cert_pem.bytes())
-
-    def inter_cert(self) -> x509.Certificate:
-        return self.load(self.inter.cert_pem.bytes())
-
-    def chain(self, leaf, with_root: bool = True) -> list[x509.Certificate]:
-        """The chain a server presents for a trustme leaf: leaf, intermediates, root."""
-        certs = [self.load(p.bytes()) for p in leaf.cert_chain_pems]
-        if with_root and leaf is not self.other_leaf:
-            certs.append(self.root())
-        elif with_root:
-            certs.append(self.load(self.other_ca.cert_pem.bytes()))
-        return certs
-
-
-@pytest.fixture(scope="module")
-def pki() -> PKI:
-    return PKI()
+# The certificates and TLSA helpers are in tests/support/dane_pki.py; the
+# matching tests that need no DNS in tests/unit/tls/test_dane.py.
 
 
 # --------------------------------------------------------------------------- DNS
@@ -356,150 +228,6 @@ class PolicyTests(HarnessCase):
     async def test_bogus_tlsa_fails_the_host(self):
         with self.assertRaises(dane.DNSSECLookupError):
             await self.policy("bogus.example.test")
-
-
-# --------------------------------------------------------------------------- matching
-
-
-class UsableTests(unittest.SynchronousTestCase):
-    def test_filters(self):
-        good = [TLSA(3, 1, 1, b"a" * 32), TLSA(2, 0, 2, b"b" * 64), TLSA(3, 0, 0, b"c")]
-        bad = [
-            TLSA(0, 0, 1, b"a" * 32),  # PKIX-TA: not for SMTP (RFC 7672 3.1.3)
-            TLSA(1, 1, 1, b"a" * 32),  # PKIX-EE
-            TLSA(4, 1, 1, b"a" * 32),  # unknown usage
-            TLSA(3, 2, 1, b"a" * 32),  # unknown selector
-            TLSA(3, 1, 3, b"a" * 32),  # unknown matching type
-            TLSA(3, 1, 1, b"a" * 31),  # SHA-256 of the wrong length
-            TLSA(3, 1, 2, b"a" * 32),  # SHA-512 of the wrong length
-            TLSA(3, 1, 0, b""),  # empty
-        ]
-        self.assertEqual(dane.usable(bad + good + bad), good)
-        self.assertEqual(dane.usable(bad), [])
-
-    def test_parse_and_name(self):
-        self.assertEqual(dane.parse_tlsa(bytes([3, 1, 1]) + b"xy"), TLSA(3, 1, 1, b"xy"))
-        with self.assertRaises(ValueError):
-            dane.parse_tlsa(b"\x03\x01\x01")
-        self.assertEqual(dane.tlsa_name("MX.Example.TEST.", 2525), "_2525._tcp.mx.example.test")
-        self.assertEqual(str(TLSA(3, 1, 1, b"\xab")), "3 1 1 ab")
-
-    def test_dane_tls_needs_a_usable_record(self):
-        with self.assertRaises(ValueError):
-            dane.dane_tls("mx.example.test", [TLSA(1, 1, 1, b"a" * 32)])
-
-
-class MatchTests(unittest.SynchronousTestCase):
-    pki = None
-
-    @pytest.fixture(autouse=True)
-    def _inject(self, pki):
-        type(self).pki = pki
-
-    def test_spki_slice_is_the_encoded_key(self):
-        for c in [self.pki.ee, self.pki.root(), *self.pki.chain(self.pki.ta_leaf)]:
-            self.assertEqual(dane.spki_der(der(c)), spki(c))
-
-    def test_dane_ee_every_selector_and_matching_type(self):
-        chain = [self.pki.ee]
-        for selector in (0, 1):
-            for mtype in (0, 1, 2):
-                r = rec(3, selector, mtype, self.pki.ee)
-                self.assertIs(dane.verify_chain([r], chain, ["mx.example.test"]), r)
-                self.assertFalse(dane.matches([flipped(r)], chain, ["mx.example.test"]),
-                                 (selector, mtype))
-                other = rec(3, selector, mtype, self.pki.ee_bad)
-                self.assertFalse(dane.matches([other], chain, ["mx.example.test"]))
-
-    def test_dane_ee_ignores_names_and_dates(self):
-        chain = [self.pki.ee_bad]  # expired, and named not-this-host.invalid
-        for selector in (0, 1):
-            r = rec(3, selector, 1, self.pki.ee_bad)
-            self.assertTrue(dane.matches([r], chain, ["mx.example.test"]))
-
-    def test_dane_ee_matches_the_leaf_only(self):
-        chain = self.pki.chain(self.pki.ta_leaf)
-        self.assertFalse(dane.matches([rec(3, 1, 1, self.pki.root())], chain,
-                                      ["ta.example.test"]))
-        self.assertTrue(dane.matches([rec(3, 1, 1, chain[0])], chain, ["ta.example.test"]))
-
-    def test_dane_ta_root_and_intermediate_every_parameter(self):
-        chain = self.pki.chain(self.pki.ta_leaf)
-        for anchor in (self.pki.root(), self.pki.inter_cert()):
-            for selector in (0, 1):
-                for mtype in (0, 1, 2):
-                    r = rec(2, selector, mtype, anchor)
-                    self.assertIs(dane.verify_chain([r], chain, ["ta.example.test"]), r)
-                    self.assertFalse(dane.matches([flipped(r)], chain, ["ta.example.test"]))
-
-    def test_dane_ta_names(self):
-        chain = self.pki.chain(self.pki.ta_leaf)
-        r = rec(2, 1, 1, self.pki.root())
-        self.assertTrue(dane.matches([r], chain, ["TA.example.test."]))
-        self.assertTrue(dane.matches([r], chain, ["mx.other.test", "ta.example.test"]))
-        self.assertTrue(dane.matches([r], chain, ["mx.wild.example.test"]))  # *.wild
-        self.assertFalse(dane.matches([r], chain, ["a.b.wild.example.test"]))
-        self.assertFalse(dane.matches([r], chain, ["wild.example.test"]))
-        with self.assertRaises(dane.DANEVerificationError) as cm:
-            dane.verify_chain([r], self.pki.chain(self.pki.ta_wrong_name), ["ta.example.test"])
-        self.assertIn("names", str(cm.exception))
-
-    def test_dane_ta_checks_dates_below_the_anchor(self):
-        r = rec(2, 0, 1, self.pki.root())
-        with self.assertRaises(dane.DANEVerificationError) as cm:
-            dane.verify_chain([r], self.pki.chain(self.pki.ta_expired), ["ta.example.test"])
-        self.assertIn("validity", str(cm.exception))
-
-    def test_dane_ta_needs_the_chain_to_link(self):
-        r = rec(2, 0, 1, self.pki.root())
-        # A chain from another CA, with our root appended: no signature links it.
-        chain = [*self.pki.chain(self.pki.other_leaf, with_root=False), self.pki.root()]
-        self.assertFalse(dane.matches([r], chain, ["ta.example.test"]))
-        # The TA is not in the chain and is given as a digest: cannot be used.
-        self.assertFalse(dane.matches(
-            [r], self.pki.chain(self.pki.ta_leaf, with_root=False), ["ta.example.test"]))
-        # A leaf matching a DANE-TA record is not a trust anchor.
-        leaf = self.pki.chain(self.pki.ta_leaf)[0]
-        self.assertFalse(dane.matches([rec(2, 0, 1, leaf)], [leaf], ["ta.example.test"]))
-
-    def test_dane_ta_issuers_below_the_anchor_must_be_cas(self):
-        root, root_key = issue("root.test", None, None, ca=True)
-        not_ca, not_ca_key = issue("server.example.test", root, root_key, ca=False)
-        leaf, _ = issue("ta.example.test", not_ca, not_ca_key, ca=False)
-        r = rec(2, 0, 1, root)
-        with self.assertRaises(dane.DANEVerificationError) as cm:
-            dane.verify_chain([r], [leaf, not_ca, root], ["ta.example.test"])
-        self.assertIn("not a CA", str(cm.exception))
-        inter, inter_key = issue("inter.test", root, root_key, ca=True)
-        leaf, _ = issue("ta.example.test", inter, inter_key, ca=False)
-        self.assertTrue(dane.matches([r], [leaf, inter, root], ["ta.example.test"]))
-
-    def test_dane_ta_bare_public_key(self):
-        # 2 1 0: the full SPKI; the server need not send the anchor's certificate.
-        r = rec(2, 1, 0, self.pki.root())
-        chain = self.pki.chain(self.pki.ta_leaf, with_root=False)
-        self.assertIs(dane.verify_chain([r], chain, ["ta.example.test"]), r)
-        other = rec(2, 1, 0, self.pki.load(self.pki.other_ca.cert_pem.bytes()))
-        self.assertFalse(dane.matches([other], chain, ["ta.example.test"]))
-
-    def test_any_usable_record_may_match_and_pyopenssl_certs(self):
-        from OpenSSL import crypto
-
-        chain = [crypto.X509.from_cryptography(c) for c in self.pki.chain(self.pki.ta_leaf)]
-        records = [flipped(rec(3, 1, 1, self.pki.ee)), TLSA(1, 1, 1, b"x" * 32),
-                   rec(2, 1, 2, self.pki.inter_cert())]
-        self.assertIs(dane.verify_chain(records, chain, ["ta.example.test"]), records[2])
-
-    def test_failure_says_why(self):
-        with self.assertRaises(dane.DANEVerificationError) as cm:
-            dane.verify_chain([flipped(rec(3, 1, 1, self.pki.ee))], [self.pki.ee], ["x"])
-        text = str(cm.exception)
-        self.assertIn("DANE-EE", text)
-        self.assertIn(hashlib.sha256(spki(self.pki.ee)).hexdigest(), text)
-        with self.assertRaises(dane.DANEVerificationError):
-            dane.verify_chain([TLSA(0, 0, 1, b"a" * 32)], [self.pki.ee], ["x"])
-        with self.assertRaises(dane.DANEVerificationError):
-            dane.verify_chain([rec(3, 1, 1, self.pki.ee)], [], ["x"])
 
 
 # --------------------------------------------------------------------------- STARTTLS
