@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
+from typing import cast
 
 from twisted_mailout.envelope import AddressError, parse_address
 from twisted_mailout.message import MessageError, control_character, parse_address_list
@@ -227,13 +228,16 @@ def build_message(*, sender, to=(), subject: str = "", text: str | None = None,
         msg.set_content(text)
         if html is not None:
             msg.add_alternative(html, subtype="html")
-            html_part = msg.get_payload()[-1]
+            # the text/html alternative just added (a multipart's payload is its parts)
+            parts = msg.get_payload()
+            html_part: EmailMessage | None = cast(EmailMessage, parts[-1])  # type: ignore[index]
         else:
             html_part = None
     else:
         msg.set_content(html, subtype="html")
         html_part = msg
     for part in inline_parts:
+        assert html_part is not None  # inline parts need html= (checked above)
         maintype, subtype = part.mime_type()
         html_part.add_related(part.data, maintype=maintype, subtype=subtype,
                               cid=f"<{part.cid}>", filename=part.filename,

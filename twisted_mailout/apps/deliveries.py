@@ -105,7 +105,8 @@ def prepare(sender, recipients, message) -> Envelope:
     @raise MessageError: an empty message or an unsupported type.
     """
     snd, rcpts = validate_envelope(sender, recipients)
-    domain = parse_sender(snd).ascii_domain if snd else None  # A-label for Message-ID
+    addr = parse_sender(snd)
+    domain = addr.ascii_domain if addr is not None else None  # A-label for Message-ID
     data = prepare_message(coerce_message(message), domain)
     return Envelope(snd, rcpts, data)
 

@@ -224,7 +224,7 @@ def event_from_log(event: dict[str, Any]) -> MailEvent | None:
     reply = str(event.get("reply", ""))
     text = reply[len(str(code)):].strip() if reply.startswith(str(code)) else reply
     relay = event.get("relay")
-    status = Status.parse(event.get("outcome") or event.get("event"))
+    status = Status.parse(str(event.get("outcome") or event.get("event") or ""))
     return make_event(status, queue_id=event["qid"], recipient=event["recipient"],
                       code=code, text=text, sender=event.get("sender"),
                       relay=None if relay in (None, "none") else relay,
@@ -518,6 +518,7 @@ class Mailer:
 
         queued = isinstance(delivery, QueueDelivery)
         for r in recipients:
+            event: MailEvent
             if queued:
                 event = MailQueued(mid, r, 250, f"2.0.0 queued as {mid}", sender, local=True,
                                    will_retry=True, attempts=0, source=delivery.url())

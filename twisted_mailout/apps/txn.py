@@ -292,7 +292,7 @@ def join(mailer, delivery: Delivery, sender, recipients, data: bytes) -> str:
         elif not dm.joined:
             txn.join(dm)
     except BaseException:
-        if staged is not None:
+        if staged is not None and isinstance(delivery, QueueDelivery):
             delivery.discard([staged])
         raise
     dm.joined = True

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.routing.dnssec import DNSSECResolver
-from twisted_mailout.routing.router import MXRouter, RelayRouter, parse_hostport, parse_relay
+from twisted_mailout.routing.router import IRouter, MXRouter, RelayRouter, parse_hostport, parse_relay
 from twisted_mailout.tls.mtasts import MTASTS
 
 __all__ = ["build_connector", "build_router"]
 
 
 def build_router(reactor: Any, resolver: Any, relay: str | None = None,
-                 mx_port: int = 25) -> MXRouter | RelayRouter:
+                 mx_port: int = 25) -> IRouter:
     """The router for C{relay}, or MX routing when it is L{None}.
 
     @param reactor: C{IReactorTime}.
@@ -36,8 +36,9 @@ def build_router(reactor: Any, resolver: Any, relay: str | None = None,
     """
     if relay:
         host, port, implicit = parse_relay(relay)
-        return RelayRouter(host, port, resolver, reactor, implicit_tls=implicit, name=relay)
-    return MXRouter(resolver, reactor, port=mx_port)
+        return cast(IRouter, RelayRouter(host, port, resolver, reactor, implicit_tls=implicit,
+                                         name=relay))
+    return cast(IRouter, MXRouter(resolver, reactor, port=mx_port))
 
 
 def build_connector(reactor: Any, resolver: Any, settings: ConnectorSettings, *,

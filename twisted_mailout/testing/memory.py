@@ -31,7 +31,7 @@ session's RFC 5321 timeouts then fire as they would).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -157,7 +157,9 @@ class StubSMTP:
                 if pump.clientIO.disconnected and pump.serverIO.disconnected:
                     self._pumps.remove(pump)
             now = self.reactor.seconds()
-            if not moved and all(c.getTime() > now for c in self.reactor.getDelayedCalls()):
+            due = [c for c in self.reactor.getDelayedCalls()
+                   if cast(Any, c).getTime() <= now]
+            if not moved and not due:
                 return
         raise AssertionError("StubSMTP.flush: the client and server never went quiet")
 
