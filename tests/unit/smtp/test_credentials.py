@@ -21,8 +21,6 @@ from twisted_mailout.smtp.auth import (
     xoauth2_response,
 )
 from twisted_mailout.daemon.config import Config, ConfigError
-from twisted_mailout.routing.router import parse_relay
-from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy
 
 PASSWORD = "pa55-w0rd-XYZ"
 
@@ -112,71 +110,6 @@ def test_config_refuses_auth_without_a_relay_and_keeps_the_password_out_of_error
                  auth_user="u", auth_password_file=str(f))
     assert PASSWORD not in repr(cfg)
     assert cfg.credentials().password.reveal() == PASSWORD
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("relay.example.net", ("relay.example.net", 25, False)),
-    ("relay.example.net:2525", ("relay.example.net", 2525, False)),
-    ("smtp://relay.example.net", ("relay.example.net", 587, False)),
-    ("smtps://relay.example.net", ("relay.example.net", 465, True)),
-    ("SMTPS://[::1]:1465", ("::1", 1465, True)),
-])
-def test_relay_forms(text, expected):
-    assert parse_relay(text) == expected
-
-
-@pytest.mark.parametrize("text", ["http://x", "smtp://u:p@relay", "smtp://relay/path", "smtps://"])
-def test_bad_relay_forms(text):
-    with pytest.raises(ValueError):
-        parse_relay(text)
-
-
-def test_policy_file_lookup_order(tmp_path):
-    f = tmp_path / "policy"
-    f.write_text("""
-# comment
-example.com        secure
-.example.com       verify   # every subdomain
-.sub.example.com   encrypt
-bank.example       secure match=mx.bankhost.net:.bank.example
-[relay.example.net]:587  verify
-legacy.example     none
-""")
-    t = PolicyTable.from_file(str(f), TLSPolicy("may"))
-    assert t.lookup("example.com").level == "secure"
-    assert t.lookup("EXAMPLE.COM.").level == "secure"
-    assert t.lookup("a.example.com").level == "verify"
-    assert t.lookup("x.sub.example.com").level == "encrypt"
-    assert t.lookup("other.example").level == "may"
-    assert t.lookup("relay.example.net:587").level == "verify"
-    assert t.lookup("smtp://relay.example.net:587").level == "verify"
-    bank = t.lookup("bank.example")
-    assert bank.names_for("bank.example", "mx1.attacker.test") == ("mx.bankhost.net",
-                                                                   ".bank.example")
-    assert t.lookup("legacy.example").source.endswith(":8")  # the text starts with a newline
-
-
-@pytest.mark.parametrize("content, message", [
-    ("example.com\n", ":1: expected"),
-    ("example.com strict\n", "unknown TLS level 'strict'"),
-    ("example.com may match=x\n", "match= applies only"),
-    ("example.com verify cipher=high\n", "unknown option"),
-    ("example.com may\nEXAMPLE.com verify\n", ":2: EXAMPLE.com is listed twice"),
-])
-def test_policy_file_mistakes_name_the_line(tmp_path, content, message):
-    f = tmp_path / "policy"
-    f.write_text(content)
-    with pytest.raises(PolicyFileError, match=message):
-        PolicyTable.from_file(str(f))
-    with pytest.raises(ConfigError, match="--tls-policy"):
-        Config(queue=str(tmp_path / "q"), tls_policy=str(f))
-
-
-def test_secure_names_default_to_the_recipient_domain_and_its_subdomains():
-    p = TLSPolicy("secure")
-    assert p.names_for("example.com", "mx.attacker.test") == ("example.com", ".example.com")
-    assert TLSPolicy("verify").names_for("example.com", "MX.Example.com") == ("mx.example.com",)
-    assert p.names_for(None, "relay.example.net") == ("relay.example.net",)
 
 
 def _result(d):
