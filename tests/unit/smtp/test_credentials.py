@@ -1,7 +1,7 @@
-"""AUTH credentials and the TLS policy table: what an operator configures.
+"""AUTH credentials: what an operator configures.
 
-Secrets must never show in a repr, a log line or an error text; a policy
-file with a mistake must be refused at startup naming the line.
+Secrets must never show in a repr, a log line or an error text. (The TLS
+policy table is tested in tests/unit/tls/test_policy.py.)
 """
 
 import base64
