@@ -13,11 +13,10 @@ import socket
 import ssl
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import Encoding
-from tests.support.dane_pki import PKI, flipped, pki, rec, zone_line  # noqa: F401 - pki: fixture
+from tests.support.dane_pki import PKI, flipped, pem_chain, pem_key, rec, zone_line
+from tests.support.dane_pki import pki  # noqa: F401 - a fixture
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
-from tests.support.tls_peers import TlsSmtpServer, sni_server_context
+from tests.support.tls_peers import TlsSmtpServer, arrivals, start_sni_server
 from tests.support.trial import deferred_test
 from twisted.internet import endpoints, protocol, reactor
 from twisted.names import dns
@@ -233,40 +232,18 @@ class PolicyTests(HarnessCase):
 # --------------------------------------------------------------------------- STARTTLS
 
 
-def _pem_chain(certs) -> bytes:
-    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
-
-
-def _pem_key(key) -> bytes:
-    return key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def arrived(server: TlsSmtpServer) -> list[tuple[str, bool]]:
-    """(MAIL FROM, whether TLS protected it) of each message C{server} received."""
-    return [(m["mail_from"], m["tls"] is not None) for m in server.messages]
-
-
-def start_starttls_server(workdir, chains, default: str,
-                          max_version: ssl.TLSVersion | None = None) -> TlsSmtpServer:
-    """aiosmtpd with STARTTLS on 127.0.0.1, choosing its certificate chain by
-    the SNI name the client sends (the TLSA base domain)."""
-    context = sni_server_context(chains, default, workdir, max_version=max_version)
-    return TlsSmtpServer(tls_context=context, server_hostname="dane.sink.test").start()
-
-
 @pytest.fixture(scope="module")
 def starttls_server(pki: PKI, tmp_path_factory):
     chains = {
-        "mx.example.test": (_pem_chain([pki.ee]), _pem_key(pki.ee_key)),
-        "mismatch.example.test": (_pem_chain([pki.ee]), _pem_key(pki.ee_key)),
-        "unusable.example.test": (_pem_chain([pki.ee]), _pem_key(pki.ee_key)),
-        "odd.example.test": (_pem_chain([pki.ee_bad]), _pem_key(pki.ee_bad_key)),
-        "ta.example.test": (_pem_chain(pki.chain(pki.ta_leaf)),
+        "mx.example.test": (pem_chain([pki.ee]), pem_key(pki.ee_key)),
+        "mismatch.example.test": (pem_chain([pki.ee]), pem_key(pki.ee_key)),
+        "unusable.example.test": (pem_chain([pki.ee]), pem_key(pki.ee_key)),
+        "odd.example.test": (pem_chain([pki.ee_bad]), pem_key(pki.ee_bad_key)),
+        "ta.example.test": (pem_chain(pki.chain(pki.ta_leaf)),
                             pki.ta_leaf.private_key_pem.bytes()),
     }
-    server = start_starttls_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
-    tls12 = start_starttls_server(tmp_path_factory.mktemp("tls12"), chains, "mx.example.test",
+    server = start_sni_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
+    tls12 = start_sni_server(tmp_path_factory.mktemp("tls12"), chains, "mx.example.test",
                                   max_version=ssl.TLSVersion.TLSv1_2)
     server.tls12 = tls12
     yield server
@@ -300,7 +277,7 @@ class StartTLSTests(HarnessCase):
         self.assertEqual(result.replies["rcpt@example.test"].code, 250)
         self.assertTrue(session.encrypted)
         await session.quit()
-        self.assertIn((sender, True), arrived(server))
+        self.assertIn((sender, True), arrivals(server))
         return session
 
     async def refused(self, hostname: str, creator, server=None) -> SessionError:

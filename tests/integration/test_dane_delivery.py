@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
-from tests.integration.test_dane import (PKI, _pem_chain, _pem_key, arrived, flipped, rec,
-                                         start_starttls_server, zone_line)
+from tests.support.dane_pki import PKI, flipped, pem_chain, pem_key, rec, zone_line
+from tests.support.tls_peers import arrivals, start_sni_server
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -24,8 +24,8 @@ def world(tmp_path_factory):
     servers do), and signed zones whose TLSA records name its port."""
     require_tools()
     pki = PKI()
-    chains = {"mx.example.test": (_pem_chain([pki.ee]), _pem_key(pki.ee_key))}
-    server = start_starttls_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
+    chains = {"mx.example.test": (pem_chain([pki.ee]), pem_key(pki.ee_key))}
+    server = start_sni_server(tmp_path_factory.mktemp("tls"), chains, "mx.example.test")
     port = server.port
     good = rec(3, 1, 1, pki.ee)
     example = Zone("example.test", [
@@ -68,7 +68,7 @@ class DANEDeliveryTests(unittest.TestCase):
             tls=tls, dnssec_resolver=resolver if dnssec else None, timeout=10)
 
     def arrived(self):
-        return arrived(self.server)
+        return arrivals(self.server)
 
     @defer.inlineCallbacks
     def test_matching_dane_ee_record_delivers_over_tls_despite_a_self_signed_certificate(self):

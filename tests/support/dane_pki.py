@@ -12,14 +12,14 @@ import hashlib
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from twisted_mailout.tls.dane import TLSA
 
-__all__ = ["NOW", "PKI", "der", "flipped", "issue", "pki", "rec", "self_signed", "spki",
-           "zone_line"]
+__all__ = ["NOW", "PKI", "der", "flipped", "issue", "pem_chain", "pem_key", "pki", "rec",
+           "self_signed", "spki", "zone_line"]
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -96,6 +96,17 @@ def flipped(r: TLSA) -> TLSA:
 
 def zone_line(owner: str, r: TLSA) -> str:
     return f"{owner} IN TLSA {r.usage} {r.selector} {r.mtype} {r.data.hex()}"
+
+
+def pem_chain(certs: list[x509.Certificate]) -> bytes:
+    """The certificates C{certs} as concatenated PEM (bytes), in order."""
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def pem_key(key) -> bytes:
+    """The private key C{key} as unencrypted PKCS#8 PEM (bytes)."""
+    return key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 class PKI:

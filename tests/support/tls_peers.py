@@ -585,6 +585,21 @@ class TlsSmtpServer:
         self.stop()
 
 
+def start_sni_server(workdir: str | os.PathLike[str], chains: dict[str, tuple[bytes, bytes]],
+                     default: str, max_version: ssl.TLSVersion | None = None) -> TlsSmtpServer:
+    """A started L{TlsSmtpServer} offering STARTTLS with the certificate
+    chain chosen by the SNI name the client sends (the TLSA base domain, for
+    DANE); see L{sni_server_context} for the arguments. The caller stops it.
+    """
+    context = sni_server_context(chains, default, workdir, max_version=max_version)
+    return TlsSmtpServer(tls_context=context, server_hostname="dane.sink.test").start()
+
+
+def arrivals(server: TlsSmtpServer) -> list[tuple[str, bool]]:
+    """C{(MAIL FROM, whether TLS protected it)} of each message C{server} received."""
+    return [(m["mail_from"], m["tls"] is not None) for m in server.messages]
+
+
 # --------------------------------------------------------------- recording proxy
 
 
