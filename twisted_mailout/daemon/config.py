@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
 from twisted_mailout.routing.router import parse_hostport, parse_relay
@@ -104,7 +104,6 @@ class Config:
     auth_plaintext: bool = False
     mta_sts: bool = False
     dnssec_resolvers: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.queue:

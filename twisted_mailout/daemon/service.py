@@ -60,9 +60,7 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         dnssec_resolvers=config.dnssec_resolvers, dns_timeout=config.dns_timeout,
         mta_sts=mta_sts if mta_sts is not None else config.mta_sts,
         mta_sts_cache=None if config.queue == "-" else os.path.join(config.queue, "mta-sts"),
-        mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
-        **({"mta_sts_port": config.extra["mta_sts_port"]}
-           if "mta_sts_port" in config.extra else {}))
+        mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0))
 
 
 class DeliveryService(service.Service):
