@@ -186,8 +186,8 @@ def test_lines_over_998_characters_strict_and_lenient_servers(tmp_path, sink, sm
     lenient = smtp_sink()
     q2 = tmp_path / "q2"
     enqueue(str(q2), SENDER, ["l5000@dest.test"], long5000)
-    with Daemon(q2, relay(lenient), log=tmp_path / "q2.log"):
-        [m] = lenient.wait_for_messages(1, timeout=30)
+    with Daemon(q2, relay(lenient), log=tmp_path / "q2.log") as d2:
+        [m] = wait_for(lenient.messages, 30, what="the message at smtp-sink", detail=d2.log)
         wait_empty(q2)
     assert m["data"].endswith(long5000)
     assert b"\r\n" + b"x" * 5000 + b"\r\n" in m["data"]
