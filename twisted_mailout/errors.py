@@ -34,6 +34,7 @@ This module imports nothing from the package: it is the lowest layer.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "AddressError",
@@ -105,7 +106,8 @@ class DeliveryError(MailoutError):
         L{Status.BOUNCED<twisted_mailout.outcome.Status.BOUNCED>}.
     """
 
-    def __init__(self, reply, recipients: Iterable[str] = (), status: str | None = None):
+    def __init__(self, reply: Any, recipients: Iterable[str] = (),
+                 status: str | None = None) -> None:
         """
         @param reply: the L{Reply<twisted_mailout.envelope.Reply>}.
         @param recipients: the envelope recipients concerned.

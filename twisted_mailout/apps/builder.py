@@ -15,11 +15,13 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import mimetypes
+import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from typing import cast
+from typing import Any, cast
 
 from twisted_mailout.envelope import AddressError, parse_address
 from twisted_mailout.message import MessageError, control_character, parse_address_list
@@ -31,6 +33,13 @@ __all__ = [
     "parse_display_address",
 ]
 
+
+#: One address as the builder takes it: C{"Name <local@domain>"} or
+#: C{"local@domain"}, a C{(display name, address)} pair, or an
+#: C{email.headerregistry.Address}.
+AddressInput = str | tuple[str, str] | Address
+#: One address or a list of them.
+Addresses = AddressInput | Iterable[AddressInput]
 
 @dataclass(frozen=True)
 class Attachment:
@@ -50,7 +59,8 @@ class Attachment:
     cid: str | None = None
 
     @classmethod
-    def from_path(cls, path, content_type=None, filename=None, cid=None) -> Attachment:
+    def from_path(cls, path: str | os.PathLike[str], content_type: str | None = None,
+                  filename: str | None = None, cid: str | None = None) -> Attachment:
         """Read C{path}. @raise OSError: unreadable."""
         path = os.fspath(path)
         with open(path, "rb") as f:
@@ -67,7 +77,7 @@ class Attachment:
         return maintype.lower(), subtype.lower()
 
 
-def parse_display_address(value) -> tuple[str, str]:
+def parse_display_address(value: AddressInput) -> tuple[str, str]:
     """C{(display_name, addr_spec)} of C{"Name <a@b>"}, C{"a@b"},
     a C{(name, addr)} pair or an C{email.headerregistry.Address}.
 
@@ -102,7 +112,7 @@ def parse_display_address(value) -> tuple[str, str]:
     return name or "", addr
 
 
-def _address(value, smtputf8: bool) -> Address:
+def _address(value: AddressInput, smtputf8: bool) -> Address:
     name, addr = parse_display_address(value)
     a = parse_address(addr)
     if not smtputf8 and not a.local.isascii():
@@ -115,7 +125,7 @@ def _address(value, smtputf8: bool) -> Address:
     return Address(display_name=name, username=local, domain=domain)
 
 
-def format_address(value, smtputf8: bool = False) -> str:
+def format_address(value: AddressInput, smtputf8: bool = False) -> str:
     """An address field value: C{"Name <local@a-label.domain>"}, the domain in
     its A-label (IDNA) form unless C{smtputf8}.
 
@@ -124,18 +134,19 @@ def format_address(value, smtputf8: bool = False) -> str:
     return str(_address(value, smtputf8))
 
 
-def _addresses(values, smtputf8: bool) -> tuple[Address, ...]:
+def _addresses(values: AddressInput | Iterable[AddressInput] | None,
+               smtputf8: bool) -> tuple[Address, ...]:
     if values is None:
         return ()
     if isinstance(values, (str, Address)) or (
             isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], str)
             and "@" in values[1] and not isinstance(values[0], (Address, tuple))
             and "@" not in (values[0] or "")):
-        values = [values]
+        values = [cast(AddressInput, values)]
     return tuple(_address(v, smtputf8) for v in values)
 
 
-def _as_attachment(item, inline: bool) -> Attachment:
+def _as_attachment(item: Any, inline: bool) -> Attachment:
     if isinstance(item, Attachment):
         return item
     if isinstance(item, (str, os.PathLike)):
@@ -154,9 +165,12 @@ def _as_attachment(item, inline: bool) -> Attachment:
                        f"tuple, not {item!r:.60}")
 
 
-def build_message(*, sender, to=(), subject: str = "", text: str | None = None,
-                  html: str | None = None, cc=(), bcc=(), reply_to=None, attachments=(),
-                  inline=(), headers=None, message_id: str | bool = True, date=True,
+def build_message(*, sender: AddressInput, to: Addresses = (), subject: str = "",
+                  text: str | None = None, html: str | None = None, cc: Addresses = (),
+                  bcc: Addresses = (), reply_to: Addresses | None = None,
+                  attachments: Iterable[Any] = (), inline: Iterable[Any] = (),
+                  headers: dict[str, str] | Iterable[tuple[str, str]] | None = None,
+                  message_id: str | bool = True, date: bool | datetime.datetime = True,
                   smtputf8: bool = False) -> EmailMessage:
     """Build a message.
 

@@ -27,13 +27,15 @@ L{get_delivery} turns a URL, a dict or a delivery into a delivery.
 
 from __future__ import annotations
 
+import email.message
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.internet import defer
@@ -70,6 +72,12 @@ __all__ = [
     "sysexit_reply",
 ]
 
+#: What C{send} takes as the envelope recipients: one address, or an iterable of them.
+Recipients = str | Iterable[str]
+#: What C{send} takes as the message: its bytes, text (encoded as UTF-8) or an
+#: C{email.message.Message} (serialised with C{as_bytes()}).
+MessageInput = bytes | str | email.message.Message
+
 #: The TLS levels a delivery accepts: the one list (it used to lack dane, dane-only).
 TLS_CHOICES = LEVELS
 
@@ -93,7 +101,7 @@ def new_message_id() -> str:
     return _new_queue_id()
 
 
-def prepare(sender, recipients, message) -> Envelope:
+def prepare(sender: str | None, recipients: Recipients, message: MessageInput) -> Envelope:
     """Validate an envelope and coerce a message as L{twisted_mailout.enqueue}
     does, without writing anything.
 
@@ -121,7 +129,8 @@ class Delivery:
     scheme = ""
     asynchronous = False
 
-    def send(self, sender, recipients, message, *, message_id: str | None = None):
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
         """Deliver one message.
 
         @param sender: envelope sender; C{""}/C{"<>"}/L{None} for the null sender.
@@ -171,7 +180,8 @@ class QueueDelivery(Delivery):
     def url(self) -> str:
         return f"queue://{self.path}"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Enqueue (written, fsynced, renamed into C{new/}, folder fsynced).
 
         @return: the queue id. @raise QueueError: not written (nothing left).
@@ -181,7 +191,7 @@ class QueueDelivery(Delivery):
         return self.queue.enqueue(env.sender, env.recipients, env.data)
 
     # The two phases used by send-on-commit (twisted_mailout.apps.txn).
-    def stage(self, sender, recipients, message) -> StagedMessage:
+    def stage(self, sender: str | None, recipients: Recipients, message: MessageInput) -> StagedMessage:
         """Write into C{tmp/}, not yet synced nor visible (see L{Queue.stage})."""
         env = prepare(sender, recipients, message)
         return self.queue.stage(env.sender, env.recipients, env.data, sync=False)
@@ -273,7 +283,7 @@ class SMTPDelivery(Delivery):
         user = f"{self._auth[0]}:***@" if self._auth else ""
         return f"{self.scheme}://{user}{host}?tls={self.tls}"
 
-    def send(self, sender, recipients, message, *,
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
              message_id: str | None = None) -> defer.Deferred[DeliveryReport]:
         """Deliver now (always a C{Deferred}, see L{Delivery.send}).
 
@@ -297,7 +307,7 @@ class SMTPDelivery(Delivery):
             kwargs["auth"] = self._auth
         return api.sendmail(env.sender, env.recipients, env.data, **kwargs)
 
-    def send_blocking(self, sender, recipients, message, *,
+    def send_blocking(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
                       message_id: str | None = None) -> DeliveryReport:
         """L{send} from a thread other than the reactor's, waiting for the
         report. The reactor must be running in another thread.
@@ -326,14 +336,13 @@ class SentMessage:
     sender: str
     recipients: list
     data: bytes
-    _parsed: object = field(default=None, repr=False, compare=False)
+    _parsed: Any = field(default=None, repr=False, compare=False)
 
     @property
-    def message(self):
+    def message(self) -> email.message.EmailMessage:
         """The message parsed with C{email.policy.default}
         (an C{email.message.EmailMessage})."""
         if self._parsed is None:
-            import email
             import email.policy
 
             self._parsed = email.message_from_bytes(self.data, policy=email.policy.default)
@@ -346,11 +355,12 @@ class MemoryDelivery(Delivery):
 
     scheme = "memory"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.outbox: list[SentMessage] = []
         self._lock = threading.Lock()
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Append to C{outbox}. @return: the message id. @raise AddressError, MessageError."""
         env = prepare(sender, recipients, message)
         mid = message_id or new_message_id()
@@ -392,7 +402,8 @@ class FileDelivery(Delivery):
     def url(self) -> str:
         return f"file://{self.path}"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Write C{ID.eml}. @return: the message id.
         @raise DeliveryError: not written (deferred, 451). @raise AddressError, MessageError."""
         env = prepare(sender, recipients, message)
@@ -433,14 +444,15 @@ class ConsoleDelivery(Delivery):
 
     scheme = "console"
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
         self._lock = threading.Lock()
 
     def url(self) -> str:
         return "console://?stream=stderr" if self.stream is sys.stderr else "console://"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Write to the stream. @return: the message id. @raise AddressError, MessageError."""
         env = prepare(sender, recipients, message)
         mid = message_id or new_message_id()
@@ -460,7 +472,8 @@ class NullDelivery(Delivery):
 
     scheme = "null"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Validate only. @return: a message id. @raise AddressError, MessageError."""
         prepare(sender, recipients, message)
         return message_id or new_message_id()
@@ -533,8 +546,8 @@ class SendmailDelivery(Delivery):
 
     scheme = "sendmail"
 
-    def __init__(self, command: str = "/usr/sbin/sendmail", args=(), timeout: float = 60.0,
-                 env: dict | None = None):
+    def __init__(self, command: str = "/usr/sbin/sendmail", args: Sequence[str] = (),
+                 timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
         if not command or not os.path.isabs(command):
             raise ValueError(f"the sendmail command must be an absolute path, not {command!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -555,7 +568,8 @@ class SendmailDelivery(Delivery):
         return [self.command, *self.args, "-oi", "-f", env.sender or "<>", "--",
                 *env.recipients]
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Run the command (blocks up to C{timeout} seconds). @return: the message id.
         @raise DeliveryError: a non-zero exit status (see L{sysexit_reply}), a
             timeout or a command that cannot run (deferred).
@@ -601,7 +615,8 @@ class MaildirDelivery(Delivery):
     def url(self) -> str:
         return f"maildir://{self.path}"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Add to the Maildir. @return: the message id (not the Maildir key).
         @raise DeliveryError: not written (deferred). @raise AddressError, MessageError."""
         import mailbox
@@ -636,7 +651,8 @@ class MboxDelivery(Delivery):
     def url(self) -> str:
         return f"mbox://{self.path}"
 
-    def send(self, sender, recipients, message, *, message_id=None) -> str:
+    def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
+             message_id: str | None = None) -> str:
         """Append to the mbox under its locks. @return: the message id.
         @raise DeliveryError: not written or locked elsewhere (deferred).
         @raise AddressError, MessageError."""
@@ -686,14 +702,14 @@ _CLASSES = {
 }
 
 
-def _one(params: dict, name: str, url: str) -> str:
+def _one(params: dict[str, list[str]], name: str, url: str) -> str:
     values = params.pop(name)
     if len(values) != 1:
         raise ValueError(f"{_safe(url)}: {name} given {len(values)} times")
     return values[0]
 
 
-def _number(text: str, name: str, url: str, kind=float):
+def _number(text: str, name: str, url: str, kind: type = float) -> Any:
     try:
         value = kind(text)
     except ValueError:
@@ -716,7 +732,7 @@ def _safe(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
 
 
-def parse_url(url: str) -> dict:
+def parse_url(url: str) -> dict[str, Any]:
     """Parse a delivery URL into constructor arguments.
 
     @param url: see the module docstring. Paths are absolute: three slashes
@@ -813,7 +829,7 @@ def parse_url(url: str) -> dict:
     return out
 
 
-def get_delivery(config, **overrides) -> Delivery:
+def get_delivery(config: str | dict[str, Any] | Delivery, **overrides: Any) -> Delivery:
     """The delivery a configuration names.
 
     @param config: a L{Delivery} (returned as it is); a URL (L{parse_url});

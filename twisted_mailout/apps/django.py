@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import email.policy
 import functools
+from collections.abc import Iterable
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -37,15 +39,15 @@ from django.core.mail.backends.base import BaseEmailBackend
 from twisted.logger import Logger
 
 from twisted_mailout.apps.builder import parse_display_address
-from twisted_mailout.apps.deliveries import DeliveryError, DeliveryReport, prepare
-from twisted_mailout.apps.mailer import Mailer
+from twisted_mailout.apps.deliveries import DeliveryError, DeliveryReport, Envelope, prepare
+from twisted_mailout.apps.mailer import Mailer, Observer
 
 __all__ = ["EmailBackend", "message_bytes"]
 
 log = Logger()
 
 
-def message_bytes(email_message) -> bytes:
+def message_bytes(email_message: Any) -> bytes:
     """The bytes of a Django C{EmailMessage} (CRLF line ends), with Django
     6's C{message(policy=...)} or Django 5's C{message()}."""
     try:
@@ -72,8 +74,11 @@ class EmailBackend(BaseEmailBackend):
     @raise ImproperlyConfigured: no delivery configured, or a bad one.
     """
 
-    def __init__(self, fail_silently=False, *, delivery=None, url=None, observers=(),
-                 on_commit=None, using=None, username=None, password=None, **kwargs):
+    def __init__(self, fail_silently: bool = False, *, delivery: Any = None,
+                 url: str | None = None, observers: Iterable[Observer] = (),
+                 on_commit: bool | None = None, using: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
         if username is not None or password is not None:
@@ -96,7 +101,7 @@ class EmailBackend(BaseEmailBackend):
         self.on_commit = on_commit
         self.using = using
 
-    def send_messages(self, email_messages) -> int:
+    def send_messages(self, email_messages: Iterable[Any]) -> int:
         """Send Django C{EmailMessage}s.
 
         @return: how many were sent (queued, written, or accepted for at
@@ -130,13 +135,13 @@ class EmailBackend(BaseEmailBackend):
             sent += 1
         return sent
 
-    def _send(self, data: bytes, sender, rcpts) -> None:
+    def _send(self, data: bytes, sender: str | None, rcpts: list[str] | None) -> None:
         result = self.mailer.send_blocking(data, sender=sender, recipients=rcpts)
         if isinstance(result, DeliveryReport) and not result.accepted:
             first = result.results[0]
             raise DeliveryError(first.reply, [r.recipient for r in result], first.status)
 
-    def _after_commit(self, env) -> None:
+    def _after_commit(self, env: Envelope) -> None:
         """Deliver a message whose transaction committed; a failure is for
         the observers (and Django's log), never for the committing code."""
         try:

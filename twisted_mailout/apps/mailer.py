@@ -22,16 +22,24 @@ from __future__ import annotations
 
 import email.policy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_mailout.api import blocking_call, default_reactor
-from twisted_mailout.apps.deliveries import Delivery, DeliveryError, active_capture, get_delivery, new_message_id
+from twisted_mailout.apps.deliveries import (
+    Delivery,
+    DeliveryError,
+    MessageInput,
+    Recipients,
+    active_capture,
+    get_delivery,
+    new_message_id,
+)
 from twisted_mailout.envelope import AddressError, Reply
-from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
 from twisted_mailout.message import (
     coerce_message,
     header_addresses,
@@ -39,6 +47,7 @@ from twisted_mailout.message import (
     recipients_from_headers,
     remove_headers,
 )
+from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
 
 __all__ = [
     "EVENT_TYPES",
@@ -59,6 +68,9 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: An outcome observer: called with each L{MailEvent}; what it returns is ignored.
+Observer = Callable[["MailEvent"], object]
 
 
 @dataclass(frozen=True)
@@ -271,18 +283,18 @@ class Observers:
     raises is logged (C{twisted.logger}) and skipped; it never breaks delivery
     nor stops the other observers. Thread-safe."""
 
-    def __init__(self, observers=()):
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
         self._lock = threading.Lock()
         self._list = list(observers)
 
-    def add(self, observer) -> None:
+    def add(self, observer: Observer) -> None:
         """Register C{observer(event)}. @raise TypeError: not callable."""
         if not callable(observer):
             raise TypeError(f"an observer must be callable, not {type(observer).__name__}")
         with self._lock:
             self._list.append(observer)
 
-    def remove(self, observer) -> None:
+    def remove(self, observer: Observer) -> None:
         """Unregister C{observer}. @raise ValueError: it was not registered."""
         with self._lock:
             self._list.remove(observer)
@@ -302,16 +314,16 @@ class Observers:
                             observer=obs, event=event)
 
 
-def outcome_observer(observer):
+def outcome_observer(observer: Observer) -> Callable[[RecipientResult], None]:
     """Adapt C{observer(MailEvent)} to the daemon's C{observers} argument
     (L{twisted_mailout.daemon.service.DeliveryService}), which gives
     L{RecipientResult}s: C{DeliveryService(config, observers=[outcome_observer(f)])}.
     """
 
-    def adapted(outcome):
+    def adapted(outcome: RecipientResult) -> None:
         observer(event_from_outcome(outcome))
 
-    adapted.__wrapped__ = observer
+    adapted.__wrapped__ = observer  # type: ignore[attr-defined]
     return adapted
 
 
@@ -368,8 +380,10 @@ class Mailer:
     @raise ValueError, TypeError: a bad delivery configuration or default.
     """
 
-    def __init__(self, delivery, *, sender: str | None = None, headers=None,
-                 transactional: bool = False, transaction_manager=None, observers=()):
+    def __init__(self, delivery: str | dict[str, Any] | Delivery, *, sender: str | None = None,
+                 headers: dict[str, str] | Iterable[tuple[str, str]] | None = None,
+                 transactional: bool = False, transaction_manager: Any = None,
+                 observers: Iterable[Observer] = ()) -> None:
         self.delivery: Delivery = get_delivery(delivery)
         self.sender = sender
         if sender is not None:
@@ -392,7 +406,7 @@ class Mailer:
         return f"<Mailer {self.delivery!r}{' transactional' if self.transactional else ''}>"
 
     @property
-    def transaction_manager(self):
+    def transaction_manager(self) -> Any:
         """The C{transaction} manager used when transactional."""
         if self._transaction_manager is None:
             import transaction
@@ -400,11 +414,11 @@ class Mailer:
             return transaction.manager
         return self._transaction_manager
 
-    def add_observer(self, observer) -> None:
+    def add_observer(self, observer: Observer) -> None:
         """Register C{observer(event: MailEvent)}."""
         self.observers.add(observer)
 
-    def remove_observer(self, observer) -> None:
+    def remove_observer(self, observer: Observer) -> None:
         """Unregister C{observer}."""
         self.observers.remove(observer)
 
@@ -414,7 +428,8 @@ class Mailer:
         this mailer's."""
         return active_capture() or self.delivery
 
-    def prepare(self, message, sender=None, recipients=None) -> tuple[str, list[str], bytes]:
+    def prepare(self, message: MessageInput, sender: str | None = None,
+                recipients: Recipients | None = None) -> tuple[str, list[str], bytes]:
         """Apply the defaults and take the envelope from the header fields.
 
         @param message: C{email.message.Message}, C{bytes} or C{str}.
@@ -449,7 +464,8 @@ class Mailer:
         data = remove_headers(data, ["Bcc", "Resent-Bcc"])
         return sender, list(recipients), data
 
-    def send(self, message, *, sender=None, recipients=None):
+    def send(self, message: MessageInput, *, sender: str | None = None,
+             recipients: Recipients | None = None) -> str | defer.Deferred[DeliveryReport]:
         """Send a built message.
 
         @param message: an C{email.message.EmailMessage} (see
@@ -483,7 +499,8 @@ class Mailer:
                                    "called in the reactor thread; use send_blocking()")
         return self.deliver(delivery, sender, recipients, data)
 
-    def deliver(self, delivery: Delivery, sender, recipients, data: bytes, message_id=None):
+    def deliver(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
+                message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
         """Hand a prepared message to C{delivery} now and report the outcome
         to the observers (used by L{send} and at commit).
 
@@ -492,16 +509,17 @@ class Mailer:
         mid = message_id or new_message_id()
         source = delivery.url()
         if delivery.asynchronous:
-            d = delivery.send(sender, recipients, data, message_id=mid)
+            d = cast("defer.Deferred[DeliveryReport]",
+                     delivery.send(sender, recipients, data, message_id=mid))
 
-            def report(rep):
+            def report(rep: DeliveryReport) -> DeliveryReport:
                 for r in rep:
                     self.observers.notify(event_from_result(mid, r, sender, source))
                 return rep
 
             return d.addCallback(report)
         try:
-            mid = delivery.send(sender, recipients, data, message_id=mid)
+            mid = cast(str, delivery.send(sender, recipients, data, message_id=mid))
         except DeliveryError as e:
             for r in e.recipients or recipients:
                 self.observers.notify(make_event(
@@ -511,7 +529,8 @@ class Mailer:
         self.notify_accepted(delivery, mid, sender, recipients)
         return mid
 
-    def notify_accepted(self, delivery: Delivery, mid: str, sender, recipients) -> None:
+    def notify_accepted(self, delivery: Delivery, mid: str, sender: str,
+                        recipients: Iterable[str]) -> None:
         """Report a message a synchronous delivery took: L{MailQueued} for a
         queue, L{MailDelivered} for the others."""
         from twisted_mailout.apps.deliveries import QueueDelivery
@@ -527,7 +546,8 @@ class Mailer:
                                       source=delivery.url())
             self.observers.notify(event)
 
-    def send_blocking(self, message, *, sender=None, recipients=None):
+    def send_blocking(self, message: MessageInput, *, sender: str | None = None,
+                      recipients: Recipients | None = None) -> str | DeliveryReport:
         """L{send} for threads outside the reactor (Django, WSGI): a direct
         delivery's report is waited for (see L{SMTPDelivery.send_blocking}).
 
@@ -540,6 +560,6 @@ class Mailer:
 
             return join(self, delivery, sender, recipients, data)
         if not delivery.asynchronous:
-            return self.deliver(delivery, sender, recipients, data)
+            return cast(str, self.deliver(delivery, sender, recipients, data))
         return blocking_call(default_reactor(getattr(delivery, "reactor", None)), self.deliver,
                              delivery, sender, recipients, data)

@@ -27,15 +27,24 @@ L{MailBounced} event (and logged), never raised into the committing code.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mailout.api import default_reactor
-from twisted_mailout.apps.deliveries import Delivery, DeliveryError, QueueDelivery, new_message_id
-from twisted_mailout.apps.mailer import MailBounced
-from twisted_mailout.queue.store import validate_envelope
+from twisted_mailout.apps.deliveries import (
+    Delivery,
+    DeliveryError,
+    DeliveryReport,
+    QueueDelivery,
+    new_message_id,
+)
+from twisted_mailout.apps.mailer import MailBounced, Mailer
+from twisted_mailout.queue.store import StagedMessage, validate_envelope
 
 __all__ = ["MailDataManager", "in_reactor_thread", "join"]
 
@@ -47,15 +56,16 @@ except ImportError:  # pragma: no cover - the transaction extra is not installed
     IDataManager = IDataManagerSavepoint = ISavepointDataManager = None
 
 
-def _implementer(*ifaces):
-    ifaces = [i for i in ifaces if i is not None]
-    return implementer(*ifaces) if ifaces else (lambda cls: cls)
+def _implementer(*ifaces: Any) -> Callable[[type], type]:
+    present = [i for i in ifaces if i is not None]
+    return implementer(*present) if present else (lambda cls: cls)
 
 
 class _Pending:
     __slots__ = ("data", "delivery", "message_id", "recipients", "sender", "staged")
 
-    def __init__(self, delivery, sender, recipients, data, message_id, staged):
+    def __init__(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
+                 message_id: str, staged: StagedMessage | None) -> None:
         self.delivery = delivery
         self.sender = sender
         self.recipients = recipients
@@ -72,7 +82,7 @@ class MailDataManager:
     @param transaction_manager: the manager the transaction belongs to.
     """
 
-    def __init__(self, mailer, transaction_manager):
+    def __init__(self, mailer: Mailer, transaction_manager: Any) -> None:
         self.mailer = mailer
         self.transaction_manager = transaction_manager
         self.pending: list[_Pending] = []
@@ -89,24 +99,24 @@ class MailDataManager:
         with self._lock:
             self.pending.append(item)
 
-    def _discard(self, items) -> None:
-        by_delivery: dict[int, tuple[QueueDelivery, list]] = {}
+    def _discard(self, items: Iterable[_Pending]) -> None:
+        by_delivery: dict[int, tuple[QueueDelivery, list[StagedMessage]]] = {}
         for it in items:
-            if it.staged is not None:
+            if it.staged is not None and isinstance(it.delivery, QueueDelivery):
                 by_delivery.setdefault(id(it.delivery), (it.delivery, []))[1].append(it.staged)
         for delivery, staged in by_delivery.values():
             delivery.discard(staged)
 
-    def _queued(self):
-        groups: dict[int, tuple[QueueDelivery, list]] = {}
+    def _queued(self) -> list[tuple[QueueDelivery, list[_Pending]]]:
+        groups: dict[int, tuple[QueueDelivery, list[_Pending]]] = {}
         for it in self.pending:
-            if it.staged is not None:
+            if it.staged is not None and isinstance(it.delivery, QueueDelivery):
                 groups.setdefault(id(it.delivery), (it.delivery, []))[1].append(it)
         return list(groups.values())
 
     # -- IDataManager ---------------------------------------------------------
 
-    def abort(self, transaction) -> None:
+    def abort(self, transaction: Any) -> None:
         """The transaction is aborted before two-phase commit, or rolled back
         to a savepoint taken before this manager joined: remove the staged
         files; nothing is delivered."""
@@ -115,28 +125,28 @@ class MailDataManager:
             self.joined = False
         self._discard(items)
 
-    def tpc_begin(self, transaction) -> None:
+    def tpc_begin(self, transaction: Any) -> None:
         """Nothing to do: the messages are already staged."""
 
-    def commit(self, transaction) -> None:
+    def commit(self, transaction: Any) -> None:
         """Nothing to do: the work is in L{tpc_vote} and L{tpc_finish}."""
 
-    def tpc_vote(self, transaction) -> None:
+    def tpc_vote(self, transaction: Any) -> None:
         """Make staged queue files durable.
 
         @raise QueueError: they could not be synced: the transaction aborts.
         """
         for delivery, items in self._queued():
-            delivery.sync([it.staged for it in items])
+            delivery.sync([it.staged for it in items if it.staged is not None])
         self._voted = True
 
-    def tpc_finish(self, transaction) -> None:
+    def tpc_finish(self, transaction: Any) -> None:
         """Publish staged queue files into C{new/}. Never raises: a failure
         (the disk vanished between vote and finish) is reported to the
         observers as a bounce of each recipient and logged."""
         for delivery, items in self._queued():
             try:
-                delivery.publish([it.staged for it in items])
+                delivery.publish([it.staged for it in items if it.staged is not None])
             except Exception as e:  # noqa: BLE001 - tpc_finish must not fail
                 log.failure("mail of a committed transaction could not be queued in "
                             "{queue}", queue=delivery.path)
@@ -146,7 +156,7 @@ class MailDataManager:
             for it in items:
                 it.staged = None
 
-    def tpc_abort(self, transaction) -> None:
+    def tpc_abort(self, transaction: Any) -> None:
         """The commit failed (here or in another resource): remove the staged
         files; nothing is delivered."""
         self.abort(transaction)
@@ -158,7 +168,7 @@ class MailDataManager:
 
     # -- savepoints -------------------------------------------------------
 
-    def savepoint(self):
+    def savepoint(self) -> _Savepoint:
         """@return: a savepoint whose C{rollback} drops every message sent
         after it (and removes its staged file)."""
         with self._lock:
@@ -211,13 +221,13 @@ class MailDataManager:
             self._report_lost([it], f"4.3.0 direct delivery failed: {e}")
             return
 
-        def failed(f):
+        def failed(f: Failure) -> None:
             log.failure("{qid}: direct delivery after commit failed", f, qid=it.message_id)
             self._report_lost([it], f"4.3.0 direct delivery failed: {f.getErrorMessage()}")
 
-        d.addErrback(failed)
+        cast("defer.Deferred[DeliveryReport]", d).addErrback(failed)
 
-    def _report_lost(self, items, text: str) -> None:
+    def _report_lost(self, items: Iterable[_Pending], text: str) -> None:
         """Nothing will deliver these: one L{MailBounced} per recipient."""
         for it in items:
             for r in it.recipients:
@@ -253,7 +263,8 @@ def _reactor_of(delivery: Delivery) -> Any:
     return default_reactor(getattr(delivery, "reactor", None))
 
 
-def join(mailer, delivery: Delivery, sender, recipients, data: bytes) -> str:
+def join(mailer: Mailer, delivery: Delivery, sender: str, recipients: list[str],
+         data: bytes) -> str:
     """Put a prepared message into the current transaction of
     C{mailer.transaction_manager} (joining it on the first message).
 

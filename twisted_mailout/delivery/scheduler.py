@@ -477,9 +477,10 @@ class Scheduler:
                 rs.relay = attempt.relay
                 status = outcome_for(rs, reply, now, entry.arrival, self.retry,
                                      not entry.sender, self.rng)
+                final = rs.reply or reply  # outcome_for recorded it (expiry notes added)
                 self._emit(RecipientResult(
-                    rs.address, status, rs.reply.code, rs.reply.text, attempt.relay,
-                    rs.reply.local, entry.qid, rs.attempts, now - entry.arrival))
+                    rs.address, status, final.code, final.text, attempt.relay, final.local,
+                    entry.qid, rs.attempts, now - entry.arrival))
 
     def _emit(self, o: RecipientResult) -> None:
         """Log one outcome and give it to the observers.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+from typing import cast
 
 from twisted_mailout.apps.deliveries import MemoryDelivery, SentMessage, _pop_capture, _push_capture
 
@@ -79,19 +80,20 @@ class CapturedMessage:
     @property
     def attachments(self) -> list[tuple[str | None, str, bytes]]:
         """C{(filename, content_type, bytes)} of each attachment."""
-        return [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True))
+        return [(p.get_filename(), p.get_content_type(),
+                 cast(bytes, p.get_payload(decode=True)))
                 for p in self.message.iter_attachments()]
 
     @property
     def inline(self) -> dict[str, tuple[str, bytes]]:
         """Inline parts by Content-ID (without angle brackets):
         C{{cid: (content_type, bytes)}}."""
-        out = {}
+        out: dict[str, tuple[str, bytes]] = {}
         for p in self.message.walk():
             cid = p.get("Content-ID")
             if cid and not p.is_multipart():
                 out[str(cid).strip().strip("<>")] = (p.get_content_type(),
-                                                     p.get_payload(decode=True))
+                                                     cast(bytes, p.get_payload(decode=True)))
         return out
 
     def matches(self, *, to=None, sender=None, subject=None, subject_contains=None,
