@@ -206,6 +206,57 @@ class DnsServerProcess:
 # --------------------------------------------------------------------------- aiosmtpd
 
 
+def start_controller(
+    make: Callable[[int], Any], host: str, port: int | None = None, attempts: int = 5
+) -> tuple[Any, int]:
+    """Start an aiosmtpd C{Controller} (its own thread and event loop) on a
+    loopback port, retrying with fresh free ports when a bind race is lost.
+
+    Shared by L{AiosmtpdSink} and L{tests.support.tls_peers.TlsSmtpServer}.
+
+    @param make: C{make(port)} builds the (not started) controller for C{port}.
+    @param host: the loopback address it listens on (for picking free ports).
+    @param port: a fixed port number (not retried), or None for a free one.
+    @param attempts: how many free ports to try when C{port} is None.
+    @return: C{(controller, port)}, the controller started.
+    @raise OSError: no port could be bound.
+    @raise TimeoutError: aiosmtpd did not come up within the controller's ready timeout.
+    """
+    last_error: OSError | None = None
+    for _ in range(max(1, attempts)):
+        chosen = port or free_port(host)
+        controller = make(chosen)
+        try:
+            controller.start()
+        except OSError as exc:
+            controller.loop.close()
+            if port:
+                raise
+            last_error = exc
+            continue
+        return controller, chosen
+    assert last_error is not None
+    raise last_error
+
+
+def stop_controller(controller: Any, timeout: float, name: str) -> None:
+    """Stop an aiosmtpd C{Controller} from another thread, waiting at most
+    C{timeout} seconds (C{Controller.stop} can block on a stuck session).
+
+    @param controller: the started controller, or None (nothing to do).
+    @param timeout: the longest wait, in seconds.
+    @param name: what to call the server in the error.
+    @raise TimeoutError: the controller's thread did not stop in time.
+    """
+    if controller is None:
+        return
+    stopper = threading.Thread(target=controller.stop, name="aiosmtpd-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():
+        raise TimeoutError(f"{name} did not stop in {timeout} s")
+
+
 def _make_aiosmtpd_classes():
     """Build the aiosmtpd subclasses lazily, so importing this module never needs aiosmtpd."""
     from aiosmtpd.controller import Controller
@@ -394,30 +445,15 @@ class AiosmtpdSink:
         :raises TimeoutError: aiosmtpd did not come up within its ready timeout (10 s).
         """
         controller_cls = _make_aiosmtpd_classes()
-        last_error: OSError | None = None
-        for _ in range(max(1, attempts)):
-            port = self._requested_port or free_port(self.hostname)
-            controller = controller_cls(
-                _AiosmtpdHandler(self),
-                sink=self,
-                hostname=self.hostname,
-                port=port,
-                ready_timeout=10.0,
-                server_hostname=self.server_hostname,
-            )
-            try:
-                controller.start()
-            except OSError as exc:
-                controller.loop.close()
-                if self._requested_port:
-                    raise
-                last_error = exc
-                continue
-            self._controller = controller
-            self.port = port
-            return self
-        assert last_error is not None
-        raise last_error
+
+        def make(port: int) -> Any:
+            return controller_cls(_AiosmtpdHandler(self), sink=self, hostname=self.hostname,
+                                  port=port, ready_timeout=10.0,
+                                  server_hostname=self.server_hostname)
+
+        self._controller, self.port = start_controller(make, self.hostname, self._requested_port,
+                                                       attempts)
+        return self
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
         """Stop the server thread, waiting at most ``timeout`` seconds.
@@ -425,13 +461,7 @@ class AiosmtpdSink:
         :raises TimeoutError: the aiosmtpd thread did not stop in time.
         """
         controller, self._controller = self._controller, None
-        if controller is None:
-            return
-        stopper = threading.Thread(target=controller.stop, name="aiosmtpd-stop", daemon=True)
-        stopper.start()
-        stopper.join(timeout)
-        if stopper.is_alive():
-            raise TimeoutError(f"aiosmtpd sink on port {self.port} did not stop in {timeout} s")
+        stop_controller(controller, timeout, f"aiosmtpd sink on port {self.port}")
 
     def wait_for_messages(self, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Wait until at least ``count`` messages arrived; return ``messages``.

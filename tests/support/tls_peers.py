@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.peers import IN_CI, free_port
+from tests.support.peers import IN_CI, free_port, start_controller, stop_controller
 from tests.support.wait import wait_for
 
 POSTFIX = "/usr/sbin/postfix"
@@ -548,35 +548,20 @@ class TlsSmtpServer:
             # offer no AUTH at all
             kwargs["auth_exclude_mechanism"] = ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]
         handler: Any = _TlsHandler(self)
-        last_error: OSError | None = None
-        for _ in range(max(1, attempts)):
-            port = free_port(self.host)
-            controller = controller_cls(
+
+        def make(port: int) -> Any:
+            return controller_cls(
                 handler, peer_server=self, hostname=self.host, port=port, ready_timeout=10.0,
                 ssl_context=self._server_context() if self.implicit else None,
                 **kwargs)
-            try:
-                controller.start()
-            except OSError as exc:
-                controller.loop.close()
-                last_error = exc
-                continue
-            self._controller = controller
-            self.port = port
-            return self
-        assert last_error is not None
-        raise last_error
+
+        self._controller, self.port = start_controller(make, self.host, None, attempts)
+        return self
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
         """Stop the server thread, waiting at most ``timeout`` seconds."""
         controller, self._controller = self._controller, None
-        if controller is None:
-            return
-        stopper = threading.Thread(target=controller.stop, name="tls-smtpd-stop", daemon=True)
-        stopper.start()
-        stopper.join(timeout)
-        if stopper.is_alive():
-            raise TimeoutError(f"TLS SMTP server on port {self.port} did not stop in {timeout} s")
+        stop_controller(controller, timeout, f"TLS SMTP server on port {self.port}")
 
     def __enter__(self) -> TlsSmtpServer:
         return self.start() if self._controller is None else self
