@@ -33,12 +33,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from twisted_mailout import api
 from twisted_mailout.api import DeliveryReport, RecipientResult, SMTPClient, default_reactor
@@ -145,6 +145,28 @@ class Delivery:
         @raise DeliveryError: the message could not be delivered.
         """
         raise NotImplementedError
+
+    def send_deferred(self, sender: str | None, recipients: Recipients,
+                      message: MessageInput, *, message_id: str | None = None,
+                      reactor: Any = None) -> defer.Deferred[str | DeliveryReport]:
+        """L{send} for Twisted code, always returning a C{Deferred} (Twisted's
+        rule "always or never a Deferred", which L{send} keeps per delivery
+        only). A synchronous delivery's L{send} runs in the reactor's thread
+        pool, so its file, fsync or process work never blocks the reactor
+        thread; an asynchronous one's Deferred is returned as it is. Call it
+        in the reactor thread.
+
+        @param reactor: the reactor whose thread pool runs a synchronous
+            L{send}; the global one when L{None}.
+        @return: a Deferred firing with what L{send} returns (the message id,
+            or a L{DeliveryReport}), or failing with what it raises.
+        """
+        send: Callable[..., Any] = self.send
+        if self.asynchronous:
+            return defer.maybeDeferred(send, sender, recipients, message, message_id=message_id)
+        reactor = default_reactor(reactor)
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), send, sender,
+                                         recipients, message, message_id=message_id)
 
     def close(self) -> None:
         """Release what the delivery holds (nothing by default)."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from twisted_mailout.api import blocking_call, default_reactor
@@ -498,6 +498,42 @@ class Mailer:
                 raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
                                    "called in the reactor thread; use send_blocking()")
         return self.deliver(delivery, sender, recipients, data)
+
+    def send_deferred(self, message: MessageInput, *, sender: str | None = None,
+                      recipients: Recipients | None = None,
+                      reactor: Any = None) -> defer.Deferred[str | DeliveryReport]:
+        """L{send} for Twisted code: always a C{Deferred} (Twisted's rule
+        "always or never a Deferred"; L{send} keeps it per delivery only).
+
+        A direct delivery's Deferred is returned as it is. A synchronous
+        delivery (the queue with its fsyncs, files, C{sendmail}, mbox ...)
+        runs in the reactor's thread pool, so it never blocks the reactor
+        thread; its observers are then called in that thread. A
+        transactional mailer joins the current transaction at once, as
+        L{send} does. Call it in the reactor thread.
+
+        @param reactor: the reactor whose thread pool runs a synchronous
+            delivery; the delivery's, else the global one, when L{None}.
+        @return: a Deferred firing with the message id (the queue id for a
+            queue) or, for a direct delivery, the L{DeliveryReport}; failing
+            with what L{send} raises (L{AddressError}, C{MessageError},
+            L{DeliveryError}, C{QueueError}).
+        """
+        try:
+            sender, recipients, data = self.prepare(message, sender, recipients)
+            delivery = self.current_delivery()
+            if self.transactional:
+                from twisted_mailout.apps.txn import join
+
+                return defer.succeed(join(self, delivery, sender, recipients, data))
+        except Exception as e:  # noqa: BLE001 - bad input fails the Deferred
+            return defer.fail(e)
+        deliver: Callable[..., Any] = self.deliver
+        if delivery.asynchronous:
+            return defer.maybeDeferred(deliver, delivery, sender, recipients, data)
+        reactor = default_reactor(reactor or getattr(delivery, "reactor", None))
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), deliver, delivery,
+                                         sender, recipients, data)
 
     def deliver(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
                 message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
