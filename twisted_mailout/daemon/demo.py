@@ -18,15 +18,18 @@ The domains:
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
+from typing import Any, TextIO
 
 from twisted.internet import defer, error, task
 
 from twisted_mailout.daemon.config import Config
 from twisted_mailout.queue.store import enqueue
 from twisted_mailout.daemon.service import DeliveryService
+from twisted_mailout.testing.loopback import start_dns_server, start_smtp_receiver
 
 __all__ = ["ZONE_HOSTS", "main", "run"]
 
@@ -47,8 +50,8 @@ MESSAGES = [
 ]
 
 
-def _zone() -> dict:
-    records = {
+def _zone() -> dict[str, Any]:
+    records: dict[str, dict[str, list[Any]]] = {
         "alpha.test": {"MX": [[10, "mx.alpha.test"]]},
         "beta.test": {"MX": [[10, "dead.beta.test"], [20, "mx.beta.test"]]},
         "gamma.test": {"MX": [[10, "mx.gamma.test"]]},
@@ -65,19 +68,17 @@ def _refuse_nobody(rcpt: str):
     return None
 
 
-async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
+async def run(reactor: Any, queue_dir: str, timeout: float, out: TextIO = sys.stdout) -> int:
     """Run the demo on C{reactor}; print to C{out}.
 
     @param queue_dir: an empty or new queue folder.
     @param timeout: seconds before giving up.
     @return: 0 when every outcome was the expected one, else 1.
     """
-    from twisted_mailout.testing.loopback import start_dns_server, start_smtp_receiver
-
     udp, tcp, dns_port = start_dns_server(_zone(), reactor)
     ports = [udp, tcp]
-    receivers = {}
-    smtp_port = None
+    receivers: dict[str, Any] = {}
+    smtp_port: int | None = None
     for _attempt in range(20):
         try:
             for host, ip in ZONE_HOSTS.items():
@@ -98,6 +99,7 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
     else:
         print("mailout demo: could not find a free port on the loopback addresses", file=out)
         return 1
+    assert smtp_port is not None
     print(f"DNS server (twisted.names) on 127.0.0.1:{dns_port}; SMTP receivers on port "
           f"{smtp_port} at " + ", ".join(f"{h} [{ZONE_HOSTS[h]}]" for h in receivers), file=out)
     print(f"dead.beta.test [{ZONE_HOSTS['dead.beta.test']}] has no server (preferred MX of "
@@ -109,7 +111,7 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
         qid = enqueue(queue_dir, sender, rcpts, msg)
         print(f"queued {qid}: {sender} -> {', '.join(rcpts)}", file=out)
 
-    outcomes = []
+    outcomes: list[Any] = []
     config = Config(queue=queue_dir, resolvers=(f"127.0.0.1:{dns_port}",), mx_port=smtp_port,
                     helo="demo.mailout.test", tls="may", poll_interval=0.2, retry_base=3600,
                     retry_max=3600, connection_idle=0.5, command_timeout=10, connect_timeout=5,
@@ -158,36 +160,31 @@ async def run(reactor, queue_dir: str, timeout: float, out=sys.stdout) -> int:
     return 0
 
 
-def main(args) -> int:
-    """Entry point for C{mailout demo} (argparse namespace with C{queue},
-    C{timeout}). @return: exit status."""
+def main(args: argparse.Namespace) -> int:
+    """Entry point for C{mailout demo}.
+
+    Runs L{run} under C{twisted.internet.task.react} (which installs the
+    signal handlers and stops the reactor when L{run} ends).
+
+    @param args: the parsed command line, with C{queue} (a folder, or L{None}
+        for a temporary one removed afterwards) and C{timeout} (seconds).
+    @return: the exit status: 0 when every expected outcome was seen.
+    """
     queue_dir = args.queue
     cleanup = None
     if queue_dir is None:
         cleanup = queue_dir = tempfile.mkdtemp(prefix="mailout-demo-")
-    result = []
 
-    def _main(reactor):
-        d = defer.Deferred.fromCoroutine(run(reactor, queue_dir, args.timeout))
-        return d.addCallback(result.append)
+    async def _main(reactor: Any) -> None:
+        status = await run(reactor, queue_dir, args.timeout)
+        if status:
+            raise SystemExit(status)
 
     try:
-        _react(_main)
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))
+    except SystemExit as e:  # react always ends by exiting, with run's status
+        return e.code if isinstance(e.code, int) else 1
     finally:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
-    return result[0] if result else 1
-
-
-def _react(f):
-    from twisted.internet import reactor
-
-    done = []
-
-    def go():
-        d = f(reactor)
-        d.addErrback(lambda fail: (fail.printTraceback(), done.append(1)))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run(installSignalHandlers=True)
+    return 0

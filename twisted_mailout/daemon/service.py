@@ -79,7 +79,7 @@ class DeliveryService(service.Service):
     @raise QueueError: the folder cannot be created.
     """
 
-    name = "mailout"
+    name: str | None = "mailout"  # type: ignore[assignment]  # Service declares None
 
     def __init__(self, config: Config, reactor=None, resolver=None, observers=()):
         reactor = default_reactor(reactor)

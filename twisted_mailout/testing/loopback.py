@@ -722,7 +722,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     @raise SystemExit: on command-line usage errors (from argparse).
     """
     args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor  # the process's reactor, at its entry point
+
+    reactor: Any = _reactor
 
     try:
         with open(args.zone, encoding="utf-8") as handle:
