@@ -149,3 +149,32 @@ def test_recipients_are_grouped_by_a_label_domain_or_all_to_the_relay():
         "xn--bcher-kva.example": ["a@Bücher.example", "c@xn--bcher-kva.example"],
         "x.test": ["b@x.test"]}
     assert list(group_by_destination(addrs, lambda a: a, relay=True)) == ["relay"]
+
+
+def test_cancelling_a_send_ends_it_and_the_client_goes_on():
+    stub = StubSMTP(connections=1)
+    stub.silent = True  # the server says nothing: the send is stuck in the session
+    d = stub.client.send("a@origin.test", "b@dest.test", MSG)
+    stub.flush()
+    assert not d.called
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        stub.result(d)
+    stub.silent = False
+    report = stub.result(stub.send("a@origin.test", "c@dest.test", MSG))  # the slot is free
+    assert report.all_delivered
+    assert [m["rcpt_tos"] for m in stub.messages] == [["c@dest.test"]]
+
+
+def test_cancelling_sendmail_releases_the_shared_client():
+    stub = StubSMTP()
+    registry = ClientRegistry()
+    stub.silent = True
+    d = registry.sendmail("a@origin.test", "b@dest.test", MSG, reactor=stub.reactor,
+                          relay=STUB_RELAY, resolver=ZoneResolver({"records": {}}))
+    stub.flush()
+    assert len(registry) == 1
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        stub.result(d)
+    assert len(registry) == 0
