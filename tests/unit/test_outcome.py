@@ -1,4 +1,4 @@
-"""One outcome vocabulary (issue 10 item 9): the Status enum and the
+"""One outcome vocabulary: the Status enum and the
 per-recipient result shared by the scheduler, the API, the mailer and the logs."""
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def test_group_commit_fails_only_the_items_a_lost_lease_names():
     assert later["C"].called and later["C"].result is None
 
 
-# -- against the in-memory store; stopping and cancelling (issue 10 items 6, 8) --------
+# -- against the in-memory store; stopping and cancelling --------
 
 
 class HeldConnector:

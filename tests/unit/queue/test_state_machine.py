@@ -1,4 +1,4 @@
-"""Lose nothing, double nothing (issue item 8): property tests of the
+"""Lose nothing, double nothing: property tests of the
 recipient state machine and of the scheduler over a real queue folder.
 
 (a) ``outcome_for`` with arbitrary replies (any class, local or not), times
@@ -504,7 +504,7 @@ test_scheduler_state_machine = QueueMachine.TestCase
 
 
 class MemoryQueueMachine(QueueMachine):
-    """The same machine over the in-memory store (issue 10 item 8): a
+    """The same machine over the in-memory store: a
     restart is a new store object, with a new owner, over the same backend."""
 
     def __init__(self):

@@ -1,5 +1,5 @@
 """ESMTPSession over the state machine: replies that do not belong end the
-session (review F2), cancellation aborts it (issue 10 item 6), a refused RSET
+session (review F2), cancellation aborts it, a refused RSET
 defers. Same harness as test_session: StringTransport, Clock, bytes by hand."""
 
 from __future__ import annotations
