@@ -1,5 +1,5 @@
-"""Recipient injection through header fields and envelope addresses: a bare CR, LF, NUL or other control character, or an address list
-that two readers would split differently, is refused with an error naming the
+"""Recipient injection through header fields and envelope addresses: a bare
+CR, LF, NUL or other control character, or an address list that two readers would split differently, is refused with an error naming the
 field, and nothing is queued or sent, at every entry point that reads
 addresses: C{recipients_from_headers} (C{mailout sendmail -t}), the Mailer,
 the Django backend, the builder, and C{twisted_mailout.enqueue}.
