@@ -1,4 +1,5 @@
-"""The wheel ships everything: every subpackage, py.typed, the twistd plugin and every entry point.
+"""The wheel ships everything: every subpackage, py.typed, the twistd plugin
+and every entry point.
 
 An editable install hides what the wheel leaves out (the 0.1.0 wheel had no
 C{twisted_mailout/contrib/}, so the documented Django backend path was

@@ -1,8 +1,9 @@
-"""Recipient injection through header fields and envelope addresses: a bare
-CR, LF, NUL or other control character, or an address list that two readers would split differently, is refused with an error naming the
-field, and nothing is queued or sent, at every entry point that reads
-addresses: C{recipients_from_headers} (C{mailout sendmail -t}), the Mailer,
-the Django backend, the builder, and C{twisted_mailout.enqueue}.
+"""Recipient injection through header fields and envelope addresses: a bare CR,
+LF, NUL or other control character, or an address list that two readers
+would split differently, is refused with an error naming the field, and
+nothing is queued or sent, at every entry point that reads addresses:
+C{recipients_from_headers} (C{mailout sendmail -t}), the Mailer, the Django
+backend, the builder, and C{twisted_mailout.enqueue}.
 
 The C{mailout sendmail -t} process itself is run in
 C{tests/system/test_daemon_cli.py}; here its code runs in this process.
