@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -42,11 +42,12 @@ from twisted_mailout.apps.deliveries import (
     DeliveryReport,
     QueueDelivery,
     new_message_id,
+    prepare,
 )
-from twisted_mailout.apps.mailer import MailBounced, Mailer
+from twisted_mailout.apps.events import MailBounced, Observers
 from twisted_mailout.queue.store import StagedMessage, validate_envelope
 
-__all__ = ["MailDataManager", "in_reactor_thread", "join"]
+__all__ = ["MailDataManager", "MailerLike", "in_reactor_thread", "join"]
 
 log = Logger()
 
@@ -59,6 +60,25 @@ except ImportError:  # pragma: no cover - the transaction extra is not installed
 def _implementer(*ifaces: Any) -> Callable[[type], type]:
     present = [i for i in ifaces if i is not None]
     return implementer(*present) if present else (lambda cls: cls)
+
+
+class MailerLike(Protocol):
+    """What send-on-commit needs of a L{Mailer<twisted_mailout.apps.mailer.Mailer>}
+    (the mailer imports this module, not the other way round)."""
+
+    observers: Observers
+
+    @property
+    def transaction_manager(self) -> Any:
+        """The C{transaction} manager."""
+
+    def deliver(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
+                message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
+        """Hand a prepared message to C{delivery} now; report to the observers."""
+
+    def notify_accepted(self, delivery: Delivery, mid: str, sender: str,
+                        recipients: Iterable[str]) -> None:
+        """Report a message a synchronous delivery took."""
 
 
 class _Pending:
@@ -82,7 +102,7 @@ class MailDataManager:
     @param transaction_manager: the manager the transaction belongs to.
     """
 
-    def __init__(self, mailer: Mailer, transaction_manager: Any) -> None:
+    def __init__(self, mailer: MailerLike, transaction_manager: Any) -> None:
         self.mailer = mailer
         self.transaction_manager = transaction_manager
         self.pending: list[_Pending] = []
@@ -263,7 +283,7 @@ def _reactor_of(delivery: Delivery) -> Any:
     return default_reactor(getattr(delivery, "reactor", None))
 
 
-def join(mailer: Mailer, delivery: Delivery, sender: str, recipients: list[str],
+def join(mailer: MailerLike, delivery: Delivery, sender: str, recipients: list[str],
          data: bytes) -> str:
     """Put a prepared message into the current transaction of
     C{mailer.transaction_manager} (joining it on the first message).
@@ -274,8 +294,6 @@ def join(mailer: Mailer, delivery: Delivery, sender: str, recipients: list[str],
     @raise RuntimeError: a direct delivery from a thread while no reactor
         runs: it could never be sent.
     """
-    from twisted_mailout.apps.deliveries import prepare
-
     manager = mailer.transaction_manager
     txn = manager.get()
     if isinstance(delivery, QueueDelivery):
