@@ -3,7 +3,7 @@
 #     MAILOUT_QUEUE=/var/spool/mailout MAILOUT_RELAY=smtp.example.com:587 twistd -ny tac/mailout.tac
 #
 # Edit the Config below for a deployment; every field is documented in
-# twisted_mailout/config.py (they are the options of `twistd mailout --help`).
+# twisted_mailout/daemon/config.py (they are the options of `twistd mailout --help`).
 # Without MAILOUT_RELAY, mail goes to each domain's MX hosts; MAILOUT_RESOLVER
 # (HOST[:PORT], comma-separated) names the only DNS servers to ask.
 import os

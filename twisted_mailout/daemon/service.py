@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.application import service
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python import filepath
+from twisted.python.failure import Failure
 
 from twisted_mailout.daemon.config import Config
 from twisted_mailout.api import default_reactor
@@ -63,25 +66,45 @@ def build_connector(config: Config, reactor, resolver=None, credentials=None,
         mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0))
 
 
-class DeliveryService(service.Service):
+class DeliveryService(service.MultiService):
     """Delivers everything in one queue folder until stopped.
 
-    Takes the queue's lock when constructed (so a second daemon fails at
-    once, before twistd daemonizes), recovers the queue on start, picks up
-    new mail on inotify events and every C{poll_interval} seconds, and on
-    stop lets transactions in flight finish for up to C{shutdown_timeout}.
+    A C{MultiService} of two children, started in this order and stopped in
+    the reverse one:
+
+      1. C{"scheduler"}: recovers the queue and runs the L{Scheduler}; on
+         stop, lets transactions in flight finish for up to
+         C{config.shutdown_timeout} seconds (mail still in flight then stays
+         queued);
+      2. C{"pickup"}: once the queue is recovered, picks up new mail on
+         inotify events and every C{config.poll_interval} seconds; stopped
+         first, so nothing new is picked up while the scheduler winds down.
+
+    The queue's lock is taken when the service is constructed (so a second
+    daemon fails at once, before twistd daemonizes), the pid written into it
+    when the service starts (after the fork), and the lock released when
+    both children have stopped.
 
     @param config: the L{Config}.
-    @param reactor: the reactor (IReactorTCP, IReactorTime, IReactorThreads).
+    @param reactor: the reactor (IReactorTCP, IReactorTime, IReactorThreads);
+        the global one when L{None}.
     @param resolver: optional C{IResolver} replacing C{config.resolvers}.
-    @param observers: callables receiving each L{scheduler.Outcome}.
+    @param observers: callables receiving each outcome
+        (L{twisted_mailout.outcome.RecipientResult}).
     @raise QueueLocked: another daemon runs on the folder.
     @raise QueueError: the folder cannot be created.
+    @ivar queue: the L{Queue} (the store).
+    @ivar connector: the L{Connector}.
+    @ivar scheduler: the L{Scheduler}.
+    @ivar started: after C{startService}, a Deferred firing when the queue
+        has been recovered and delivery has begun (L{None} before).
     """
 
     name: str | None = "mailout"  # type: ignore[assignment]  # Service declares None
 
-    def __init__(self, config: Config, reactor=None, resolver=None, observers=()):
+    def __init__(self, config: Config, reactor: Any = None, resolver: Any = None,
+                 observers: Iterable[Callable[[Any], object]] = ()) -> None:
+        super().__init__()
         reactor = default_reactor(reactor)
         self.config = config
         self.reactor = reactor
@@ -103,12 +126,11 @@ class DeliveryService(service.Service):
             observers=observers,
             delay_warning=config.delay_warning,
         )
-        self._poller = None
-        self._notifier = None
-        self.started = None
+        self.started: defer.Deferred[Any] | None = None
+        _SchedulerService(self).setServiceParent(self)
+        _PickupService(self).setServiceParent(self)
 
-    def startService(self):
-        super().startService()
+    def startService(self) -> None:
         # twistd builds the service (and takes the lock) before it daemonizes;
         # the lock, inherited across the fork, now names the process that runs.
         try:
@@ -119,11 +141,9 @@ class DeliveryService(service.Service):
         log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
                  mode=f"relay {self.config.relay}" if self.config.relay else
                  f"MX routing, port {self.config.mx_port}")
-        self.started = self.scheduler.start()
-        self.started.addCallback(self._watch)
-        self.started.addErrback(self._start_failed)
+        super().startService()
 
-    def _start_failed(self, failure):
+    def _start_failed(self, failure: Failure) -> defer.Deferred[None] | None:
         """The queue could not be recovered: say so, and stop (release the
         lock) rather than keep "running" without delivering anything."""
         log.failure("mailout failed to start; the service stops", failure)
@@ -131,44 +151,86 @@ class DeliveryService(service.Service):
             return self.stopService()
         return None
 
-    def _watch(self, _):
-        if not self.running:
-            return
-        self._poller = task.LoopingCall(self.scheduler.pickup)
-        self._poller.clock = self.reactor
-        self._poller.start(self.config.poll_interval, now=False)
-        try:
-            from twisted.internet import inotify
+    def stopService(self) -> defer.Deferred[None]:
+        d = super().stopService()  # pickup first, then the scheduler
 
-            n = inotify.INotify(reactor=self.reactor)
+        def done(_: object) -> None:
+            self.queue.unlock()
+            log.info("mailout stopped: {counts}", counts=self.scheduler.counts)
+
+        return d.addBoth(done)
+
+
+class _SchedulerService(service.Service):
+    """The C{"scheduler"} child of L{DeliveryService}: recovers the queue and
+    runs the scheduler; its stop waits for work in flight (bounded)."""
+
+    name: str | None = "scheduler"  # type: ignore[assignment]
+
+    def __init__(self, owner: DeliveryService) -> None:
+        self._owner = owner
+
+    def startService(self) -> None:
+        super().startService()
+        started = self._owner.scheduler.start()
+        started.addErrback(self._owner._start_failed)
+        self._owner.started = started
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        return self._owner.scheduler.stop(self._owner.config.shutdown_timeout)
+
+
+class _PickupService(service.Service):
+    """The C{"pickup"} child of L{DeliveryService}: asks the scheduler to pick
+    up new mail on inotify events on C{new/} and C{cur/} and every
+    C{poll_interval} seconds, once the queue has been recovered."""
+
+    name: str | None = "pickup"  # type: ignore[assignment]
+
+    def __init__(self, owner: DeliveryService) -> None:
+        self._owner = owner
+        self._poller: task.LoopingCall | None = None
+        self._notifier: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        assert self._owner.started is not None  # the scheduler child started first
+        self._owner.started.addCallback(self._watch)
+
+    def _watch(self, result: object) -> object:
+        if not (self.running and self._owner.running):  # stopped, or the start failed
+            return result
+        owner = self._owner
+        self._poller = task.LoopingCall(owner.scheduler.pickup)
+        self._poller.clock = owner.reactor
+        self._poller.start(owner.config.poll_interval, now=False)
+        try:
+            from twisted.internet import inotify  # Linux only; polling alone elsewhere
+
+            n = inotify.INotify(reactor=owner.reactor)
             n.startReading()
             mask = inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE
             for sub in ("new", "cur"):
-                n.watch(filepath.FilePath(os.path.join(self.queue.path, sub)), mask,
+                n.watch(filepath.FilePath(os.path.join(owner.queue.path, sub)), mask,
                         callbacks=[self._notified])
             self._notifier = n
         except Exception as e:  # noqa: BLE001 - no inotify: polling alone is fine
             log.info("inotify unavailable ({err}); polling every {s}s", err=e,
-                     s=self.config.poll_interval)
+                     s=owner.config.poll_interval)
+        return result
 
-    def _notified(self, watch, path, mask):
+    def _notified(self, watch: object, path: object, mask: int) -> None:
         if self.running:
-            self.scheduler.pickup()
+            self._owner.scheduler.pickup()
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._notifier is not None:
             self._notifier.loseConnection()
             self._notifier = None
-        d = self.scheduler.stop(self.config.shutdown_timeout)
-
-        def done(_):
-            self.queue.unlock()
-            log.info("mailout stopped: {counts}", counts=self.scheduler.counts)
-
-        return d.addBoth(done)
 
 
 def makeService(config: Config, reactor=None) -> DeliveryService:

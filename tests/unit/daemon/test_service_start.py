@@ -72,6 +72,7 @@ def test_a_failed_start_is_logged_stops_the_service_and_releases_the_lock(tmp_pa
     service.startService()
     assert not service.running
     assert service.scheduler.stopped
+    assert not service.reactor.getDelayedCalls()  # no pickup poller left behind
     [line] = [formatEvent(e) for e in logged if "failed to start" in formatEvent(e)]
     assert "the service stops" in line
     assert any("Input/output error" in str(e.get("log_failure", "")) for e in logged)
