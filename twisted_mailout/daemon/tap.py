@@ -5,6 +5,9 @@ from __future__ import annotations
 from twisted.python import usage
 
 from twisted_mailout.daemon.config import Config, ConfigError
+from twisted_mailout.daemon.service import DeliveryService
+from twisted_mailout.daemon.service import makeService as _make
+from twisted_mailout.queue import QueueError
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
@@ -162,15 +165,15 @@ def config_from_options(o) -> Config:
     )
 
 
-def makeService(options):
-    """twistd's entry point: the L{service.DeliveryService} for C{options}.
+def makeService(options: Options) -> DeliveryService:
+    """twistd's entry point: the L{DeliveryService} for C{options}.
 
-    Exits with a clear message when another daemon holds the queue's lock or
-    the folder cannot be used.
+    @param options: the parsed L{Options} (their C{"config"} is the L{Config}).
+    @return: the service, not started.
+    @raise SystemExit: with a clear message when another daemon holds the
+        queue's lock, the folder cannot be used, or a file named by an
+        option (cafile, policy file, password file) cannot be used.
     """
-    from twisted_mailout.queue.store import QueueError
-    from twisted_mailout.daemon.service import makeService as _make
-
     try:
         return _make(options["config"])
     except QueueError as e:
