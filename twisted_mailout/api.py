@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python import threadable
 
 from twisted_mailout.delivery.build import build_connector
@@ -86,8 +86,6 @@ def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
     @raise RuntimeError: the reactor is not running, or this is its thread
         (it would wait for itself).
     """
-    from twisted.internet import threads
-
     in_reactor_thread = threadable.isInIOThread()
     if in_reactor_thread or not reactor.running:
         where = "in the reactor thread" if in_reactor_thread else "with no reactor running"
