@@ -126,6 +126,7 @@ def _row(entry, where, name) -> dict:
 
 def cmd_demo(args) -> int:
     """C{mailout demo}: the whole job on loopback (see L{demo.run})."""
+    # imported here so that `mailout sendmail` does not load the daemon and its peers
     from twisted_mailout.daemon import demo
 
     return demo.main(args)

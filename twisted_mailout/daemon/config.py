@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
 from twisted_mailout.routing.router import parse_hostport, parse_relay
-from twisted_mailout.smtp.protocol import Timeouts
+from twisted_mailout.smtp.auth import AuthError, Credentials, credentials_from_options
+from twisted_mailout.smtp.timeouts import Timeouts
+from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy
 from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
 
 __all__ = ["Config", "ConfigError"]
@@ -124,14 +126,10 @@ class Config:
                 except (ValueError, OSError):
                     raise ConfigError(f"{opt} {r!r}: expected an IPv4 address[:port]") from None
         if self.tls_policy is not None:
-            from twisted_mailout.tls.policy import PolicyFileError, PolicyTable
-
             try:
                 PolicyTable.from_file(self.tls_policy)
             except PolicyFileError as e:
                 raise ConfigError(f"--tls-policy: {e}") from None
-        from twisted_mailout.smtp.auth import AuthError
-
         try:
             creds = self.credentials()
         except AuthError as e:
@@ -158,26 +156,22 @@ class Config:
         if self.retry_max < self.retry_base:
             raise ConfigError("--retry-max must not be less than --retry-base")
 
-    def credentials(self):
-        """The relay's AUTH L{auth.Credentials}, read from the file or the
+    def credentials(self) -> Credentials | None:
+        """The relay's AUTH L{Credentials}, read from the file or the
         environment now, or L{None} without C{auth_user}.
 
-        @raise auth.AuthError: incomplete options, an unreadable file.
+        @raise AuthError: incomplete options, an unreadable file.
         """
-        from twisted_mailout.smtp.auth import credentials_from_options
-
         return credentials_from_options(
             self.auth_user, self.auth_password_file, self.auth_password_env,
             self.auth_token_file, self.auth_token_command, self.auth_mechanisms,
             self.auth_plaintext)
 
-    def policy_table(self):
-        """The L{tlspolicy.PolicyTable}: the file's entries over C{tls}.
+    def policy_table(self) -> PolicyTable:
+        """The L{PolicyTable}: the file's entries over C{tls}.
 
-        @raise tlspolicy.PolicyFileError: the file cannot be used.
+        @raise PolicyFileError: the file cannot be used.
         """
-        from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
-
         default = TLSPolicy(self.tls, (), "--tls")
         if self.tls_policy is None:
             return PolicyTable(default)
