@@ -11,6 +11,11 @@ deliver to its in-memory outbox instead of their configured delivery (queue,
 SMTP, ...), from any thread. With pytest, the C{mail_outbox} fixture does the
 same for one test (available once the C{pytest11} entry point is installed,
 or with C{from twisted_mailout.testing import mail_outbox} in a conftest).
+
+The package also holds L{twisted_mailout.testing.memory.StubSMTP} (the real
+SMTP client run in memory against a scripted server, for code that delivers
+now), L{twisted_mailout.testing.memorystore} (an in-memory queue store) and
+L{twisted_mailout.testing.loopback} (DNS and SMTP peers on loopback).
 """
 
 from __future__ import annotations
