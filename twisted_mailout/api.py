@@ -19,6 +19,7 @@ L{enqueue} (re-exported from the queue layer) needs no reactor at all.
 
 from __future__ import annotations
 
+import inspect
 import io
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -309,6 +310,11 @@ def _key_part(value: Any) -> Any:
     return value
 
 
+#: The keyword arguments of L{SMTPClient} that L{sendmail} passes on.
+_SETTINGS = frozenset(inspect.signature(SMTPClient).parameters) - {
+    "reactor", "connector", "idle_timeout"}  # linger decides how long a shared client stays
+
+
 class _Shared:
     def __init__(self, key: tuple, client: SMTPClient, keep: Any) -> None:
         self.key = key
@@ -343,7 +349,12 @@ class ClientRegistry:
         @param linger: seconds the client (and its idle connections) is kept
             after the last call in flight finishes; C{0} closes it at once.
         @return: as L{SMTPClient.send}; bad settings fail the Deferred too.
+        @raise TypeError: a keyword that is not a setting of L{SMTPClient}
+            (as a mistyped keyword argument of any function).
         """
+        unknown = sorted(set(settings) - _SETTINGS)
+        if unknown:
+            raise TypeError(f"sendmail() got unexpected keyword argument(s) {', '.join(unknown)}")
         try:
             if linger < 0:
                 raise ValueError("linger must not be negative")

@@ -178,3 +178,10 @@ def test_cancelling_sendmail_releases_the_shared_client():
     with pytest.raises(defer.CancelledError):
         stub.result(d)
     assert len(registry) == 0
+
+
+def test_a_mistyped_setting_of_sendmail_is_a_type_error_at_the_call():
+    with pytest.raises(TypeError, match="relai"):
+        twisted_mailout.sendmail("a@origin.test", "b@dest.test", MSG, relai=STUB_RELAY)
+    with pytest.raises(TypeError, match="idle_timeout"):  # linger= says how long
+        ClientRegistry().sendmail("a@origin.test", "b@dest.test", MSG, idle_timeout=5)
