@@ -4,6 +4,9 @@ synchronous delivery (the queue's fsyncs, files) off the reactor thread."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 from twisted.internet import defer
 from twisted.python import threadable
 from twisted.trial import unittest
@@ -25,7 +28,8 @@ class SendDeferredTests(unittest.TestCase):
         def watch(event):
             where.append((type(event), threadable.isInIOThread()))
 
-        path = self.mktemp()
+        path = tempfile.mkdtemp(prefix="mailout-send-deferred-")
+        self.addCleanup(shutil.rmtree, path, True)
         mailer = Mailer(QueueDelivery(path), observers=[watch])
         d = mailer.send_deferred(MSG)
         self.assertIsInstance(d, defer.Deferred)
