@@ -249,9 +249,9 @@ class SendmailBrokenDNSTests(unittest.TestCase):
         tried = Counter()
         original = connector_module.Connector._tcp_connect
 
-        def counting(connector, addr, port, factory):
+        def counting(connector, addr, port, factory, **kw):
             tried[(addr, port)] += 1
-            return original(connector, addr, port, factory)
+            return original(connector, addr, port, factory, **kw)
 
         self.patch(connector_module.Connector, "_tcp_connect", counting)
         r, _ = yield self.send("x@shared.test", port, port_number)

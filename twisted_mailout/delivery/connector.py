@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from twisted_mailout.delivery.pool import (
@@ -446,12 +446,9 @@ class Connector:
             implicit_tls=implicit,
             credentials=s.credentials if self.router.relay else None)
         factory: Any = _Factory(session)
-        if implicit:
-            tls: Any = creator or opportunistic_tls(hop.host)
-            factory = TLSMemoryBIOFactory(tls, True, factory)
-            factory.noisy = False
+        tls: Any = (creator or opportunistic_tls(hop.host)) if implicit else None
         try:
-            await self._tcp_connect(addr, hop.port, factory)
+            await self._tcp_connect(addr, hop.port, factory, tls=tls)
         except (defer.CancelledError, error.ConnectingCancelledError):
             raise defer.CancelledError() from None
         except Exception as e:  # noqa: BLE001 - every connect failure becomes a reply
@@ -469,11 +466,19 @@ class Connector:
         return ready
 
 
-    def _tcp_connect(self, addr: str, port: int, factory: Any) -> defer.Deferred[Any]:
+    def _tcp_connect(self, addr: str, port: int, factory: Any,
+                     tls: Any = None) -> defer.Deferred[Any]:
         """Connect to C{addr}:C{port} (an address literal) with C{factory};
-        cancelling the Deferred stops the attempt."""
+        cancelling the Deferred stops the attempt.
+
+        @param tls: for implicit TLS (RFC 8314 "smtps"), the
+            C{IOpenSSLClientConnectionCreator} the connection is wrapped with
+            (C{wrapClientTLS}, as the MTA-STS fetch does); L{None} for TCP.
+        """
         endpoint: Any = tcp_endpoint(self.reactor, addr, port,
                                      timeout=self.settings.timeouts.connect)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         d: defer.Deferred[Any] = endpoint.connect(factory)
         return d
 
