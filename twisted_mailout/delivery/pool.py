@@ -57,7 +57,10 @@ __all__ = [
 log = Logger()
 
 
-class _DelayedCall(Protocol):
+class DelayedCall(Protocol):
+    """What a clock's C{callLater} returns (C{IDelayedCall}), as far as the
+    pool and the scheduler use it."""
+
     def active(self) -> bool: ...
 
     def cancel(self) -> None: ...
@@ -70,7 +73,7 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
     def callLater(self, delay: float, callable: Callable[..., object], *args: object,
-                  **kw: object) -> _DelayedCall: ...
+                  **kw: object) -> DelayedCall: ...
 
 
 class PooledSession(Protocol):
@@ -167,7 +170,7 @@ class Lease(Generic[S]):
         self.session: S = opened.session
         self.label = opened.label
         self._counted = True  # holds one slot in the pool's counts
-        self._idle_timer: _DelayedCall | None = None
+        self._idle_timer: DelayedCall | None = None
 
     def __repr__(self) -> str:
         return f"<Lease {self.key} {self.label}>"

@@ -17,14 +17,20 @@ from __future__ import annotations
 import heapq
 import random as _random
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import IO, Any, Protocol, cast
 
 from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mailout.delivery.bounce import enqueue_dsn
-from twisted_mailout.delivery.commit import GroupCommit
+from twisted_mailout.delivery.commit import GroupCommit, RunBlocking
+from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
+from twisted_mailout.delivery.pool import Clock, DelayedCall
 from twisted_mailout.envelope import (
     Address,
     FINAL_STATES,
@@ -50,22 +56,40 @@ __all__ = ["GroupCommit", "Outcome", "RetryPolicy", "Scheduler", "inline_io", "o
 log = Logger(namespace="twisted_mailout")
 outcome_log = Logger(namespace="twisted_mailout.outcome")
 
+class _Random(Protocol):
+    """A source of random numbers in [0, 1): the C{random} module or a
+    C{random.Random}."""
+
+    def random(self) -> float: ...
+
+
 _PICKUP_LINE = "{}: from=<{}>, nrcpt={} (queue active, {})"
 _OUTCOME_LINE = "{}: to=<{}>, relay={}, delay={:.2f}, attempts={}, dsn={}, status={} ({})"
 
 
-def thread_io(reactor):
-    """C{io} that runs blocking file work in the reactor's thread pool."""
+def thread_io(reactor: Any) -> RunBlocking:
+    """C{io} that runs blocking file work in the reactor's thread pool.
+
+    @param reactor: the reactor (C{IReactorThreads}; Twisted's reactor is
+        untyped).
+    @return: a L{RunBlocking}: C{io(f, *args, **kw)} returns a Deferred
+        firing with C{f}'s result, or failing with its error.
+    """
     pool = reactor.getThreadPool()
 
-    def run(f, *args, **kw):
+    def run(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(reactor, pool, f, *args, **kw)
 
     return run
 
 
-def inline_io(f, *args, **kw):
-    """C{io} that runs file work at once (tests, tools)."""
+def inline_io(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
+    """C{io} that runs file work at once (tests, tools): a L{RunBlocking}.
+
+    @param f: the blocking function, called with C{args} and C{kw}.
+    @return: a Deferred already fired with C{f}'s result, or failed with its
+        error.
+    """
     return defer.maybeDeferred(f, *args, **kw)
 
 
@@ -88,9 +112,13 @@ class RetryPolicy:
     bounce_lifetime: float = 5 * 86400.0
     jitter: float = 0.1
 
-    def delay(self, attempts: int, rng=_random) -> float:
+    def delay(self, attempts: int, rng: _Random = _random) -> float:
         """Seconds to wait after the C{attempts}-th failed attempt (1-based):
-        C{base * 2**(attempts-1)}, at most C{max}, less up to C{jitter}."""
+        C{base * 2**(attempts-1)}, at most C{max}, less up to C{jitter}.
+
+        @param attempts: failed attempts so far, 1-based.
+        @param rng: the C{random} module or a C{random.Random}.
+        """
         d = min(self.max, self.base * (2 ** max(0, min(attempts - 1, 30))))
         return d * (1.0 - self.jitter * rng.random())
 
@@ -105,7 +133,7 @@ def _first(pair: tuple[Address, RecipientStatus]) -> Address:
 
 
 def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
-                policy: RetryPolicy, null_sender: bool, rng=_random) -> Status:
+                policy: RetryPolicy, null_sender: bool, rng: _Random = _random) -> Status:
     """Apply one reply to one recipient (the state machine's only writer).
 
     2xx: delivered. 5xx: bounced. Anything else: deferred with the next
@@ -139,10 +167,13 @@ class Scheduler:
 
     @param queue: the L{IQueueStore} (the folder store already locked by the
         service).
-    @param connector: a L{Connector} (or anything with its C{deliver}).
-    @param clock: C{IReactorTime}.
-    @param io: C{callable(f, *args) -> Deferred} for blocking file work.
-    @param retry: L{RetryPolicy}.
+    @param connector: a L{Connector} (tests give a fake with its C{deliver}
+        and C{close}).
+    @param clock: a L{Clock} (C{seconds}, C{callLater}): the reactor or a
+        C{task.Clock}.
+    @param io: a L{RunBlocking}, C{io(f, *args) -> Deferred}, for blocking
+        store work: L{thread_io} in the daemon, L{inline_io} by default.
+    @param retry: L{RetryPolicy}; by default C{RetryPolicy()}.
     @param relay: C{True} when every message goes to one relay (one
         destination), C{False} for MX routing by recipient domain.
     @param max_inflight: messages being worked on at once.
@@ -152,7 +183,7 @@ class Scheduler:
     @param delay_warning: seconds after arrival when the sender of mail still
         deferred gets one delay warning (RFC 3464 action C{delayed}), or
         L{None} for none.
-    @param rng: C{random.Random} for retry jitter.
+    @param rng: C{random.Random} for retry jitter; by default a new one.
     """
 
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
@@ -161,10 +192,13 @@ class Scheduler:
     #: 100,000 of them add about 5 MB (benchmarks/run.py --only scale).
     PRELOAD_LIMIT = 200000
 
-    def __init__(self, queue: IQueueStore, connector, clock, io=inline_io,
+    def __init__(self, queue: IQueueStore, connector: Connector, clock: Clock,
+                 io: RunBlocking = inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
                  max_inflight: int = 200, reporting_mta: str | None = None,
-                 observers=(), rng=None, delay_warning: float | None = None):
+                 observers: Iterable[Callable[[RecipientResult], object]] = (),
+                 rng: _random.Random | None = None,
+                 delay_warning: float | None = None) -> None:
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -176,15 +210,16 @@ class Scheduler:
         self.observers = list(observers)
         self.rng = rng or _random.Random()
         self.delay_warning = delay_warning
-        self._heap: list = []
+        self._heap: list[tuple[float, int, str]] = []
         self._queued: set[str] = set()
-        self._inflight: dict[str, defer.Deferred] = {}
+        #: queue id -> its work (L{None} while the work is being started).
+        self._inflight: dict[str, defer.Deferred[float | None] | None] = {}
         self._preloaded: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
         self._saver: GroupCommit[QueueEntry] = GroupCommit(io, queue.save_many)
         self._remover: GroupCommit[str] = GroupCommit(io, queue.remove_many)
         self._seq = 0
-        self._wakeup = None
+        self._wakeup: DelayedCall | None = None
         self._heartbeat: task.LoopingCall | None = None
         self._stopping = False
         self._picking = False
@@ -202,7 +237,7 @@ class Scheduler:
         """
         return defer.Deferred.fromCoroutine(self._start())
 
-    async def _start(self):
+    async def _start(self) -> int:
         due, problems = await self.io(self.queue.recover)
         for p in problems:
             log.warn("queue recovery: {problem}", problem=p)
@@ -214,12 +249,14 @@ class Scheduler:
         lease = self.queue.lease_duration
         if lease is not None and not self._stopping:
             self._heartbeat = task.LoopingCall(self._renew)
-            self._heartbeat.clock = self.clock
+            # LoopingCall's attribute is declared as the whole IReactorTime;
+            # it calls only seconds() and callLater(), which a Clock has.
+            self._heartbeat.clock = cast(IReactorTime, self.clock)
             self._heartbeat.start(lease / 3.0, now=False)
         await self.pickup()
         return len(due)
 
-    def _renew(self) -> defer.Deferred:
+    def _renew(self) -> defer.Deferred[None]:
         """Extend this owner's leases (the heartbeat); a failure is logged and
         the next beat tries again."""
         d = self.io(self.queue.renew)
@@ -227,7 +264,7 @@ class Scheduler:
                                            owner=self.queue.owner))
         return d
 
-    def stop(self, timeout: float = 30.0) -> defer.Deferred:
+    def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
         """Start no new work; wait up to C{timeout} seconds for messages in
         flight, then close connections. Work still in flight is not
         cancelled: it may finish while connections close (and its outcome is
@@ -246,7 +283,7 @@ class Scheduler:
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         pending = [d for d in self._inflight.values() if d is not None]
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         if not pending:
             d.callback(None)
         else:
@@ -255,14 +292,14 @@ class Scheduler:
             # that is, the deliveries themselves).
             left = [len(pending)]
 
-            def finished(result, _d=d):
+            def finished(result: object, _d: defer.Deferred[None] = d) -> object:
                 left[0] -= 1
                 if left[0] == 0 and not _d.called:
                     timer.cancel()
                     _d.callback(None)
                 return result
 
-            def late(_d=d):
+            def late(_d: defer.Deferred[None] = d) -> None:
                 log.warn("shutdown: {n} messages still in flight after {t}s; they stay queued",
                          n=len(self._inflight), t=timeout)
                 _d.callback(None)
@@ -271,7 +308,7 @@ class Scheduler:
             for work in pending:
                 work.addBoth(finished)
 
-        def release(_):
+        def release(_: object) -> defer.Deferred[None] | None:
             # Only what waits: work still in flight may yet finish here; its
             # leases lapse by themselves if it does not.
             held = list(self._queued)
@@ -280,7 +317,7 @@ class Scheduler:
             return self.io(self.queue.release, held).addErrback(
                 lambda f: log.failure("cannot give back the queue leases", f))
 
-        def close(_):
+        def close(_: object) -> defer.Deferred[None]:
             return self.connector.close()
 
         d.addBoth(release)
@@ -288,7 +325,7 @@ class Scheduler:
 
     # -- pickup -------------------------------------------------------------
 
-    def pickup(self) -> defer.Deferred:
+    def pickup(self) -> defer.Deferred[int]:
         """Pick up everything waiting in the store (new mail; entries whose
         lease expired, for a shared store) and schedule it.
 
@@ -302,7 +339,7 @@ class Scheduler:
         self._picking = True
         return defer.Deferred.fromCoroutine(self._pickup())
 
-    async def _pickup(self):
+    async def _pickup(self) -> int:
         total = 0
         try:
             while True:
@@ -335,7 +372,7 @@ class Scheduler:
 
     # -- scheduling ---------------------------------------------------------
 
-    def _schedule(self, qid: str, due: float, dispatch: bool = True):
+    def _schedule(self, qid: str, due: float, dispatch: bool = True) -> None:
         if qid in self._queued or qid in self._inflight:
             return
         self._queued.add(qid)
@@ -344,7 +381,7 @@ class Scheduler:
         if dispatch and not self._stopping:
             self._dispatch()
 
-    def _dispatch(self):
+    def _dispatch(self) -> None:
         if self._stopping:
             return
         now = self.clock.seconds()
@@ -366,7 +403,7 @@ class Scheduler:
             delay = max(0.0, self._heap[0][0] - now)
             self._wakeup = self.clock.callLater(delay, self._dispatch)
 
-    def _done(self, result, qid):
+    def _done(self, result: float | None | Failure, qid: str) -> None:
         self._inflight.pop(qid, None)
         if isinstance(result, float) and not self._stopping:
             self._schedule(qid, result)
@@ -400,7 +437,7 @@ class Scheduler:
             log.failure("{qid}: internal error; will retry", qid=qid)
             return float(self.clock.seconds() + self.retry.base)
 
-    async def _process_inner(self, qid: str):
+    async def _process_inner(self, qid: str) -> float | None:
         entry = self._preloaded.pop(qid, None)
         try:
             if entry is None or entry.size is None:
@@ -445,7 +482,7 @@ class Scheduler:
         na = entry.next_attempt()
         return None if na is None else float(na)
 
-    async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int):
+    async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int) -> None:
         sender_addr = parse_sender(entry.sender)
         sender = sender_addr.smtp_form() if sender_addr else ""
         utf8 = bool(sender_addr and sender_addr.needs_smtputf8)
@@ -456,13 +493,13 @@ class Scheduler:
         flags = {k: utf8 or any(a.needs_smtputf8 for a, _ in pairs)
                  for k, pairs in by_dest.items()}
 
-        def opener():
+        def opener() -> IO[bytes]:
             return self.queue.open_body(entry)  # the connector closes it
 
         keys = list(groups)
         if len(keys) == 1:  # the usual case: no DeferredList to build
             k = keys[0]
-            results = [await self.connector.deliver(k, sender, list(groups[k]), opener, size,
+            results: list[Attempt] = [await self.connector.deliver(k, sender, list(groups[k]), opener, size,
                                                     flags[k], entry.eightbit)]
         else:
             results = await defer.gatherResults([
@@ -507,7 +544,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - observers never break delivery
                 log.failure("outcome observer {obs!r} failed", obs=obs)
 
-    async def _warn_delay(self, entry: QueueEntry, now: float):
+    async def _warn_delay(self, entry: QueueEntry, now: float) -> None:
         if (self.delay_warning is None or entry.delay_warned or not entry.sender
                 or now - entry.arrival < self.delay_warning):
             return
@@ -526,7 +563,7 @@ class Scheduler:
         return all(rs.state is not RecipientState.BOUNCED or rs.address in entry.bounced_reported
                    for rs in entry.recipients)
 
-    async def _report_bounces(self, entry: QueueEntry):
+    async def _report_bounces(self, entry: QueueEntry) -> None:
         unreported = [rs for rs in entry.recipients if rs.state is RecipientState.BOUNCED
                       and rs.address not in entry.bounced_reported]
         if not unreported:
