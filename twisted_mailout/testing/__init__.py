@@ -22,11 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-from typing import cast
+from collections.abc import Iterable, Iterator
+from typing import TypedDict, Unpack, cast
 
 from twisted_mailout.apps.deliveries import MemoryDelivery, SentMessage, _pop_capture, _push_capture
 
-__all__ = ["CapturedMessage", "Outbox", "capture_mail", "mail_outbox"]
+__all__ = ["CapturedMessage", "Criteria", "Outbox", "capture_mail", "mail_outbox"]
+
+
+class Criteria(TypedDict, total=False):
+    """What L{Outbox.find} and L{Outbox.assert_sent} take as keywords (every
+    one optional; see L{CapturedMessage.matches})."""
+
+    to: str | Iterable[str]
+    sender: str
+    subject: str
+    subject_contains: str
+    text_contains: str
+    html_contains: str
+    attachment: str
+    header: tuple[str, str]
 
 
 class CapturedMessage:
@@ -101,11 +116,24 @@ class CapturedMessage:
                                                      cast(bytes, p.get_payload(decode=True)))
         return out
 
-    def matches(self, *, to=None, sender=None, subject=None, subject_contains=None,
-                text_contains=None, html_contains=None, attachment=None,
-                header=None) -> bool:
+    def matches(self, *, to: str | Iterable[str] | None = None, sender: str | None = None,
+                subject: str | None = None, subject_contains: str | None = None,
+                text_contains: str | None = None, html_contains: str | None = None,
+                attachment: str | None = None,
+                header: tuple[str, str] | None = None) -> bool:
         """Whether this message matches every criterion given (see
-        L{Outbox.find})."""
+        L{Outbox.find}).
+
+        @param to: an envelope recipient, or several (all required).
+        @param sender: the envelope sender (MAIL FROM), equal.
+        @param subject: the C{Subject}, equal.
+        @param subject_contains: text in the C{Subject}.
+        @param text_contains: text in the plain text body.
+        @param html_contains: text in the HTML body.
+        @param attachment: an attachment's file name.
+        @param header: C{(name, value)}: a header field C{name} with exactly
+            that value (one of its occurrences).
+        """
         if to is not None:
             wanted = [to] if isinstance(to, str) else list(to)
             if not all(w in self.recipients for w in wanted):
@@ -148,22 +176,26 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.delivery.outbox)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[CapturedMessage]:
         return iter(self.messages)
 
-    def __getitem__(self, index) -> CapturedMessage:
+    def __getitem__(self, index: int) -> CapturedMessage:
         return self.messages[index]
 
     def clear(self) -> None:
         """Forget what was sent."""
         self.delivery.clear()
 
-    def find(self, **criteria) -> list[CapturedMessage]:
+    def find(self, **criteria: Unpack[Criteria]) -> list[CapturedMessage]:
         """The messages matching every criterion: C{to} (an envelope
         recipient or a list of them, all required), C{sender} (envelope),
         C{subject} (equal), C{subject_contains}, C{text_contains},
         C{html_contains}, C{attachment} (a file name), C{header} (a
-        C{(name, value)} pair)."""
+        C{(name, value)} pair).
+
+        @param criteria: a L{Criteria}: the keywords of
+            L{CapturedMessage.matches}.
+        """
         return [m for m in self.messages if m.matches(**criteria)]
 
     def _summary(self) -> str:
@@ -173,7 +205,8 @@ class Outbox:
             f"from=<{m.sender}> to={','.join(m.recipients)} subject={m.subject!r}"
             for m in self.messages)
 
-    def assert_sent(self, count: int | None = None, **criteria) -> list[CapturedMessage]:
+    def assert_sent(self, count: int | None = None,
+                    **criteria: Unpack[Criteria]) -> list[CapturedMessage]:
         """Assert that messages matching C{criteria} (see L{find}) were sent:
         exactly C{count} of them, or at least one when C{count} is L{None}.
 
@@ -195,7 +228,7 @@ class Outbox:
 
 
 @contextlib.contextmanager
-def capture_mail():
+def capture_mail() -> Iterator[Outbox]:
     """Swap every mailer's delivery for an in-memory outbox while the block
     runs (nested captures: the innermost wins). Thread-safe.
 
@@ -216,7 +249,7 @@ except ImportError:  # pragma: no cover - pytest is not needed at run time
 else:
 
     @pytest.fixture
-    def mail_outbox():
+    def mail_outbox() -> Iterator[Outbox]:
         """pytest fixture: an L{Outbox} capturing every mailer's mail for
         the test."""
         with capture_mail() as outbox:

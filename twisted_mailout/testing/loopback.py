@@ -73,15 +73,18 @@ import ipaddress
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.mail import smtp
 from twisted.names import common, dns, error, server
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from twisted_mailout.delivery.pool import Clock, DelayedCall
 
 __all__ = [
     "DEFAULT_TTL",
@@ -102,6 +105,13 @@ __all__ = [
 DEFAULT_TTL = 60
 
 _MAX_CNAME_CHAIN = 8
+
+#: A lookup's result: C{(answers, authority, additional)}, lists of C{dns.RRHeader}.
+_Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+#: The protocol a DNS query came in on: UDP or TCP.
+_DNSProto = dns.DNSDatagramProtocol | dns.DNSProtocol
+#: The address a query came from: C{(host, port)} over UDP, L{None} over TCP.
+_Peer = tuple[str, int] | None
 
 _TYPE_CODES: dict[str, int] = {
     "A": dns.A,
@@ -361,13 +371,21 @@ class ZoneResolver(common.ResolverBase):
         super().__init__()
         self.zone = zone if isinstance(zone, Zone) else Zone(zone)
 
-    def _lookup(self, name, cls, type, timeout):
+    def _lookup(self, name: str | bytes, cls: int, type: int,
+                timeout: Sequence[int] | None) -> defer.Deferred[_Answer]:
         if cls not in (dns.IN, dns.ANY):
             return defer.succeed(([], [], []))
         return defer.maybeDeferred(self.zone.resolve, name, type)
 
-    def lookupAllRecords(self, name, timeout=None):
-        """Look up every record of C{name}; see L{Zone.resolve}."""
+    def lookupAllRecords(self, name: str | bytes,
+                         timeout: Sequence[int] | None = None) -> defer.Deferred[_Answer]:
+        """Look up every record of C{name}; see L{Zone.resolve}.
+
+        @param name: the queried name.
+        @param timeout: ignored (the zone answers at once).
+        @return: a Deferred firing with C{(answers, authority, additional)},
+            or failing with a zone error (see L{Zone.resolve}).
+        """
         return self._lookup(name, dns.IN, dns.ALL_RECORDS, timeout)
 
 
@@ -395,8 +413,15 @@ class LoopbackDNSServerFactory(server.DNSServerFactory):
         self.queries: list[tuple[str, int]] = []
         self.dropped = 0
 
-    def handleQuery(self, message, protocol, address):
-        """Answer the first query of C{message} unless its name is marked TIMEOUT."""
+    def handleQuery(self, message: dns.Message, protocol: _DNSProto,
+                    address: _Peer) -> defer.Deferred[None] | None:
+        """Answer the first query of C{message} unless its name is marked TIMEOUT.
+
+        @param message: the query received.
+        @param protocol: the UDP or TCP protocol it came in on.
+        @param address: C{(host, port)} of the client over UDP, L{None} over TCP.
+        @return: the Deferred of the answer, or L{None} when it is dropped.
+        """
         query = message.queries[0]
         self.queries.append((query.name.name.decode("ascii", errors="replace"), query.type))
         if self.zone_resolver.zone.is_timeout(query.name.name):
@@ -404,8 +429,15 @@ class LoopbackDNSServerFactory(server.DNSServerFactory):
             return None
         return super().handleQuery(message, protocol, address)
 
-    def gotResolverResponse(self, response, protocol, message, address):
-        """Send the zone's answer; NODATA answers for authoritative names carry the AA bit."""
+    def gotResolverResponse(self, response: _Answer, protocol: _DNSProto,
+                            message: dns.Message, address: _Peer) -> None:
+        """Send the zone's answer; NODATA answers for authoritative names carry the AA bit.
+
+        @param response: C{(answers, authority, additional)} from the zone.
+        @param protocol: the protocol the query came in on.
+        @param message: the query.
+        @param address: the client's C{(host, port)} over UDP, L{None} over TCP.
+        """
         answers, authority, additional = response
         reply = self._responseFromMessage(
             message=message,
@@ -418,8 +450,15 @@ class LoopbackDNSServerFactory(server.DNSServerFactory):
             reply.auth = True
         self.sendReply(protocol, reply, address)
 
-    def gotResolverError(self, failure, protocol, message, address):
-        """Send SERVFAIL/REFUSED/NXDOMAIN for zone failures; defer to the base class otherwise."""
+    def gotResolverError(self, failure: Failure, protocol: _DNSProto,
+                         message: dns.Message, address: _Peer) -> None:
+        """Send SERVFAIL/REFUSED/NXDOMAIN for zone failures; defer to the base class otherwise.
+
+        @param failure: the zone's error (see L{Zone.resolve}).
+        @param protocol: the protocol the query came in on.
+        @param message: the query.
+        @param address: the client's C{(host, port)} over UDP, L{None} over TCP.
+        """
         codes = (
             (ZoneServerFailure, dns.ESERVER),
             (ZoneRefusedError, dns.EREFUSED),
@@ -509,7 +548,7 @@ class _RecordingMessage:
         if self._primary:
             self._txn.lines.append(line)
 
-    def eomReceived(self) -> defer.Deferred:
+    def eomReceived(self) -> defer.Deferred[None]:
         if self._primary:
             data = b"".join(line + b"\r\n" for line in self._txn.lines)
             self._receiver._record(
@@ -533,13 +572,14 @@ class _Delivery:
         self._receiver = receiver
         self._proto = proto
 
-    def receivedHeader(self, helo, origin, recipients):
+    def receivedHeader(self, helo: tuple[bytes, bytes], origin: smtp.Address,
+                       recipients: list[smtp.User]) -> bytes | None:
         return None
 
-    def validateFrom(self, helo, origin):
+    def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
         return origin
 
-    def validateTo(self, user):
+    def validateTo(self, user: smtp.User) -> Callable[[], _RecordingMessage]:
         address = str(user.dest)
         verdict = self._receiver.policy(address) if self._receiver.policy else None
         if verdict is not None:
@@ -557,18 +597,31 @@ class _ReceiverESMTP(smtp.ESMTP):
 
     receiver: SMTPReceiver
     current_transaction: _Transaction
+    #: the clock of the idle timeout, or L{None} for the global reactor.
+    clock: Clock | None = None
 
-    def connectionMade(self):
+    def callLater(self, period: float, func: Callable[[], object]) -> DelayedCall:
+        """Schedule the idle timeout (C{TimeoutMixin}'s hook) on C{clock}.
+
+        @param period: seconds.
+        @param func: called when the time comes.
+        @return: the delayed call.
+        """
+        if self.clock is None:
+            return cast(DelayedCall, super().callLater(period, func))
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
         self.receiver.connections += 1
         super().connectionMade()
 
-    def extensions(self):
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
         ext = super().extensions()
         ext[b"8BITMIME"] = None
         ext[b"PIPELINING"] = None
         return ext
 
-    def do_DATA(self, rest):
+    def do_DATA(self, rest: bytes) -> None:
         if self._from is not None and self._to:
             self.current_transaction = _Transaction(
                 str(self._from), [str(user.dest) for user, _ in self._to]
@@ -584,18 +637,23 @@ class _ReceiverESMTP(smtp.ESMTP):
 class _ReceiverFactory(smtp.SMTPFactory):
     protocol = _ReceiverESMTP
 
-    def __init__(self, receiver: SMTPReceiver, tls_context_factory: Any = None) -> None:
+    def __init__(self, receiver: SMTPReceiver, tls_context_factory: Any = None,
+                 clock: Clock | None = None) -> None:
         super().__init__()
         self.receiver = receiver
+        self.clock = clock
         self.domain = receiver.name.encode("ascii")
         self.tls_context_factory = tls_context_factory
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: object) -> _ReceiverESMTP:
         proto = _ReceiverESMTP(contextFactory=self.tls_context_factory)
         proto.factory = self
         proto.host = self.domain
         proto.receiver = self.receiver
-        proto.delivery = _Delivery(self.receiver, proto)
+        proto.clock = self.clock
+        # twisted.mail.smtp.SMTP declares C{delivery = None} unannotated, so its
+        # inferred type is None; the attribute is meant to hold an IMessageDelivery.
+        proto.delivery = _Delivery(self.receiver, proto)  # type: ignore[assignment]
         return proto
 
 

@@ -108,7 +108,8 @@ class StubSMTP:
                 return replies.get(address.lower())
 
         self.receiver = SMTPReceiver(name=name, policy=policy)
-        self._server_factory = _ReceiverFactory(self.receiver)
+        # the server's idle timeout runs on our clock
+        self._server_factory = _ReceiverFactory(self.receiver, clock=self.reactor)
         self.connections: list[tuple[str, int]] = []
         self._pumps: list[iosim.IOPump] = []
         self.silent = False
@@ -199,7 +200,6 @@ class StubSMTP:
         client_address = address("TCP", "::1" if ":" in host else "127.0.0.1", 40000 + len(
             self.connections))
         server = self._server_factory.buildProtocol(client_address)
-        server.callLater = self.reactor.callLater  # its idle timeout on our clock
         client = factory.buildProtocol(server_address)
         server_transport = iosim.FakeTransport(server, isServer=True,
                                                hostAddress=server_address,

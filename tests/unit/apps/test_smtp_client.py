@@ -114,6 +114,20 @@ def test_a_silent_server_is_timed_out_on_the_stub_clock():
     assert stub.messages == []
 
 
+def test_the_stub_servers_idle_timeout_runs_on_the_stub_clock():
+    # The scripted server (twisted.mail's SMTP, 600 s idle timeout) drops a
+    # quiet connection when the stub's clock says so, not the global reactor's.
+    stub = StubSMTP(idle_timeout=3600)
+    assert stub.result(stub.send("a@origin.test", "b@dest.test", MSG)).all_delivered
+    pool = stub.client.connector.pool
+    stub.reactor.advance(599)
+    stub.flush()
+    assert pool.open_connections == 1
+    stub.reactor.advance(1)
+    stub.flush()
+    assert pool.open_connections == 0
+
+
 def test_sendmail_shares_one_client_per_reactor_and_settings_and_linger_closes_it():
     stub = StubSMTP()
     registry = ClientRegistry()
