@@ -12,9 +12,12 @@ import getpass
 import json
 import socket
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import MessageError, recipients_from_headers, remove_headers
+from twisted_mailout.queue.model import QueueEntry
 from twisted_mailout.queue.store import Queue, QueueError, validate_envelope
 
 __all__ = ["main"]
@@ -33,8 +36,14 @@ def _default_sender() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def cmd_sendmail(args) -> int:
-    """C{mailout sendmail}: read a message on stdin and queue it."""
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    """C{mailout sendmail}: read a message on stdin and queue it.
+
+    @param args: the parsed arguments (C{queue}, C{f}, C{t}, C{recipients}).
+    @return: the exit status: 0 (the queue id printed), C{EX_USAGE} (no
+        recipient, bad address), C{EX_DATAERR} (empty or bad message) or
+        C{EX_CANTCREAT} (the queue folder cannot be written).
+    """
     data = sys.stdin.buffer.read()
     if not data.strip():
         print("mailout sendmail: the message on standard input is empty", file=sys.stderr)
@@ -76,8 +85,13 @@ def _when(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
 
 
-def cmd_queue_list(args) -> int:
-    """C{mailout queue --queue DIR list [--json]}."""
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    """C{mailout queue --queue DIR list [--json]}.
+
+    @param args: the parsed arguments (C{queue}, C{json}).
+    @return: the exit status: 0, or C{EX_USAGE} when there is no queue
+        folder there.
+    """
     try:
         q = Queue(args.queue, create=False)
     except QueueError as e:
@@ -102,7 +116,7 @@ def cmd_queue_list(args) -> int:
     return 0
 
 
-def _row(entry, where, name) -> dict:
+def _row(entry: QueueEntry, where: str, name: str | None) -> dict[str, Any]:
     return {
         "queue_id": entry.qid,
         "queue": where,
@@ -124,8 +138,12 @@ def _row(entry, where, name) -> dict:
     }
 
 
-def cmd_demo(args) -> int:
-    """C{mailout demo}: the whole job on loopback (see L{demo.run})."""
+def cmd_demo(args: argparse.Namespace) -> int:
+    """C{mailout demo}: the whole job on loopback (see L{demo.run}).
+
+    @param args: the parsed arguments (C{queue}, C{timeout} in seconds).
+    @return: the exit status of L{demo.main}.
+    """
     # imported here so that `mailout sendmail` does not load the daemon and its peers
     from twisted_mailout.daemon import demo
 
@@ -168,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the C{mailout} console script.
 
     @param argv: arguments without the program name; C{sys.argv[1:]} when L{None}.

@@ -107,7 +107,7 @@ class Config:
     mta_sts: bool = False
     dnssec_resolvers: tuple[str, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.queue:
             raise ConfigError("--queue is required")
         if self.tls not in TLS_LEVELS:

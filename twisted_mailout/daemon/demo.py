@@ -62,7 +62,7 @@ def _zone() -> dict[str, Any]:
     return {"ttl": 300, "records": records, "authoritative_for": ["test"]}
 
 
-def _refuse_nobody(rcpt: str):
+def _refuse_nobody(rcpt: str) -> tuple[int, str] | None:
     if rcpt.lower().startswith("nobody@"):
         return (550, "5.1.1 <nobody@gamma.test>: Recipient address rejected: no such user")
     return None

@@ -16,26 +16,34 @@ from twisted_mailout.daemon.config import Config
 from twisted_mailout.api import default_reactor
 from twisted_mailout.delivery.build import build_connector as _build_connector
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
+from twisted_mailout.outcome import RecipientResult
 from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import make_resolver
+from twisted_mailout.smtp.auth import Credentials
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, thread_io
 from twisted_mailout.tls.creators import load_trust_root
+from twisted_mailout.tls.mtasts import MTASTS
+from twisted_mailout.tls.policy import PolicyTable
 
 __all__ = ["DeliveryService", "build_connector", "makeService"]
 
 log = Logger(namespace="twisted_mailout")
 
 
-def build_connector(config: Config, reactor, resolver=None, credentials=None,
-                    policy=None, mta_sts=None) -> Connector:
+def build_connector(config: Config, reactor: Any, resolver: Any = None,
+                    credentials: Credentials | None = None, policy: PolicyTable | None = None,
+                    mta_sts: MTASTS | None = None) -> Connector:
     """The router and connector that C{config} describes (built by
     L{twisted_mailout.delivery.build.build_connector}).
 
-    @param resolver: an C{IResolver}; made from C{config.resolvers} when
-        L{None}.
-    @param credentials: L{auth.Credentials} replacing C{config}'s AUTH options.
-    @param policy: a L{tlspolicy.PolicyTable} replacing C{config}'s.
-    @param mta_sts: an L{mtasts.MTASTS} to use instead of building one.
+    @param config: the daemon's L{Config}.
+    @param reactor: the reactor (C{IReactorTCP}, C{IReactorUDP},
+        C{IReactorTime}; Twisted's reactor is untyped).
+    @param resolver: an C{IResolver} (a zope interface, which mypy cannot
+        check); made from C{config.resolvers} when L{None}.
+    @param credentials: L{Credentials} replacing C{config}'s AUTH options.
+    @param policy: a L{PolicyTable} replacing C{config}'s.
+    @param mta_sts: an L{MTASTS} to use instead of building one.
     @return: a L{Connector}.
     @raise ValueError: a bad resolver, relay or TLS policy file, unusable
         AUTH credentials (L{auth.AuthError}); OSError: unreadable cafile.
@@ -103,7 +111,7 @@ class DeliveryService(service.MultiService):
     name: str | None = "mailout"  # type: ignore[assignment]  # Service declares None
 
     def __init__(self, config: Config, reactor: Any = None, resolver: Any = None,
-                 observers: Iterable[Callable[[Any], object]] = ()) -> None:
+                 observers: Iterable[Callable[[RecipientResult], object]] = ()) -> None:
         super().__init__()
         reactor = default_reactor(reactor)
         self.config = config
@@ -233,10 +241,12 @@ class _PickupService(service.Service):
             self._notifier = None
 
 
-def makeService(config: Config, reactor=None) -> DeliveryService:
+def makeService(config: Config, reactor: Any = None) -> DeliveryService:
     """The service for twistd and .tac files (see L{DeliveryService}).
 
     @param config: a L{Config}.
+    @param reactor: the reactor (untyped in Twisted); the global one when
+        L{None}.
     @return: a started-on-demand L{DeliveryService}.
     @raise QueueLocked: another daemon runs on C{config.queue}.
     """

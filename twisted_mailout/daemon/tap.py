@@ -96,31 +96,38 @@ class Options(usage.Options):
          "cache under the queue folder, enforce."],
     ]
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self["resolvers"] = []
         self["dnssec-resolvers"] = []
 
-    def opt_dnssec_resolver(self, value):
+    def opt_dnssec_resolver(self, value: str) -> None:
         """Validating DNS resolver, HOST[:PORT] (IPv4; repeatable), trusted to set the AD
         bit: enables DANE (RFC 7672) for destinations at the may, dane and dane-only
         levels."""
         self["dnssec-resolvers"].append(value)
 
-    def opt_resolver(self, value):
+    def opt_resolver(self, value: str) -> None:
         """DNS server to ask, HOST[:PORT] (IPv4; repeatable). When given, no other
         resolver is asked (not resolv.conf, not getaddrinfo). Default: resolv.conf."""
         self["resolvers"].append(value)
 
-    def postOptions(self):
+    def postOptions(self) -> None:
+        """Build the L{Config} into C{self["config"]}.
+
+        @raise usage.UsageError: a missing or invalid value.
+        """
         try:
             self["config"] = config_from_options(self)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def config_from_options(o) -> Config:
+def config_from_options(o: Options) -> Config:
     """Build the L{Config} from parsed L{Options}.
+
+    @param o: the parsed options (a C{dict} of option name to value).
+    @return: the daemon's configuration.
 
     @raise ConfigError: a missing or invalid value.
     """
