@@ -129,6 +129,12 @@ class IRouter(Interface):
 
     The delivery layer (L{twisted_mailout.delivery.connector.Connector})
     tries the hops in the order given, and each hop's addresses in order.
+
+    The method declarations carry their types for readers; mypy, without a
+    zope plugin, takes their first parameter for C{self}, so code holding a
+    router types it as C{Any} (see
+    L{twisted_mailout.delivery.connector.Connector}). Their bodies only satisfy
+    mypy: zope.interface ignores them.
     """
 
     relay = Attribute("C{bool}: every destination goes to one smarthost; the TLS policy "
@@ -139,21 +145,23 @@ class IRouter(Interface):
     name = Attribute("C{str} or L{None}: for a relay, the relay as the operator wrote it "
                      "(the TLS policy table's key); L{None} otherwise.")
 
-    def route(domain):
+    def route(domain: str) -> defer.Deferred[list[NextHop]]:
         """The hosts to try for C{domain}, in order.
 
         @param domain: an A-label domain (or any key, for a relay).
         @return: a Deferred firing with a non-empty C{list[NextHop]}, or
             failing with L{RouteError} (5xx permanent, 4xx temporary).
         """
+        raise NotImplementedError
 
-    def addresses(hop):
+    def addresses(hop: NextHop) -> defer.Deferred[list[str]]:
         """The IP addresses to try for C{hop}, in order.
 
         @param hop: one of the hops L{route} gave.
         @return: a Deferred firing with a non-empty C{list[str]} of address
             literals, or failing with L{RouteError}.
         """
+        raise NotImplementedError
 
 
 @implementer(IRouter)

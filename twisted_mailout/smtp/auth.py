@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import defer, threads, utils
 from twisted.internet.interfaces import IReactorThreads
@@ -64,14 +64,18 @@ class Secret:
 
     __str__ = __repr__
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and hmac.compare_digest(
             self._value.encode(), other._value.encode())
 
     def __hash__(self) -> int:
         return hash(Secret)
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
+        """Refuse pickling: a pickle would hold the secret in clear.
+
+        @raise TypeError: always.
+        """
         raise TypeError("a Secret is not pickled")
 
 
