@@ -27,7 +27,7 @@ from twisted_mailout.tls.policy import PolicyTable
 
 __all__ = ["DeliveryService", "build_connector", "makeService"]
 
-log = Logger(namespace="twisted_mailout")
+log = Logger()
 
 
 def build_connector(config: Config, reactor: Any, resolver: Any = None,

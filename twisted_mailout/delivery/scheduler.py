@@ -53,7 +53,7 @@ from twisted_mailout.queue.model import (
 __all__ = ["GroupCommit", "Outcome", "RetryPolicy", "Scheduler", "inline_io", "outcome_for",
            "thread_io"]
 
-log = Logger(namespace="twisted_mailout")
+log = Logger()
 outcome_log = Logger(namespace="twisted_mailout.outcome")
 
 class _Random(Protocol):
