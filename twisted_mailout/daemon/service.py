@@ -123,7 +123,7 @@ class DeliveryService(service.MultiService):
             self.queue,
             self.connector,
             reactor,
-            io=thread_io(reactor),
+            run_blocking=thread_io(reactor),
             retry=RetryPolicy(base=config.retry_base, max=config.retry_max,
                               lifetime=config.max_queue_lifetime,
                               bounce_lifetime=config.bounce_lifetime,

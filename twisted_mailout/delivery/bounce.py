@@ -118,7 +118,7 @@ def enqueue_dsn(store: IQueueStore, entry: QueueEntry, failed: list[RecipientSta
     """Build the delivery status notification for C{failed} recipients of
     C{entry} and queue it, with the null sender, to C{entry.sender}.
 
-    Blocks (reads the headers, enqueues durably): run it through C{io}.
+    Blocks (reads the headers, enqueues durably): run it through C{run_blocking}.
 
     @param store: the queue store holding C{entry}; the report goes into it.
     @param entry: the queued message the report is about (non-null sender).

@@ -22,7 +22,7 @@ T = TypeVar("T")
 def _qid_of(item: Any) -> str:
     return item if isinstance(item, str) else str(getattr(item, "qid", ""))
 
-#: C{io(f, *args) -> Deferred}: runs the blocking C{f(*args)} (in a thread in
+#: C{run_blocking(f, *args) -> Deferred}: runs the blocking C{f(*args)} (in a thread in
 #: the daemon) and fires with its result or fails with its error.
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
 
@@ -30,11 +30,11 @@ RunBlocking = Callable[..., "defer.Deferred[Any]"]
 class GroupCommit(Generic[T]):
     """Runs a blocking batch function over items submitted close together.
 
-    While one batch runs (in C{io}), new items wait; they all go in the next
+    While one batch runs (in C{run_blocking}), new items wait; they all go in the next
     batch. So a lone item is never delayed, and under load the batches grow
     by themselves.
 
-    @param io: runs the blocking C{func} off the reactor thread (L{RunBlocking}).
+    @param run_blocking: runs the blocking C{func} off the reactor thread (L{RunBlocking}).
     @param func: C{func(items) -> None}, blocking; an error it raises fails
         every item of its batch (C{OSError}: nothing durable may be assumed),
         except an error with a C{qids} attribute (L{LeaseLost}), which fails
@@ -43,9 +43,9 @@ class GroupCommit(Generic[T]):
         itself when it is a C{str}, else its C{qid} attribute (entries).
     """
 
-    def __init__(self, io: RunBlocking, func: Callable[[Sequence[T]], object],
+    def __init__(self, run_blocking: RunBlocking, func: Callable[[Sequence[T]], object],
                  key: Callable[[T], str] | None = None) -> None:
-        self.io = io
+        self.run_blocking = run_blocking
         self.func = func
         self.key = key or _qid_of
         self._pending: list[tuple[T, defer.Deferred[None]]] = []
@@ -79,4 +79,4 @@ class GroupCommit(Generic[T]):
             if self._pending:
                 self._run()
 
-        self.io(self.func, [item for item, _ in batch]).addBoth(done)
+        self.run_blocking(self.func, [item for item, _ in batch]).addBoth(done)

@@ -6,7 +6,7 @@ destination's recipients to the L{Connector}, records every recipient's
 outcome atomically, queues bounces, and removes finished messages.
 
 It reaches the queue only through L{IQueueStore} (no paths, no C{os}); every
-blocking store call runs through C{io} (a thread pool in the daemon), except
+blocking store call runs through C{run_blocking} (a thread pool in the daemon), except
 L{IQueueStore.open_body}, which the connector calls when a transaction
 starts. With a store whose leases expire it renews them (a heartbeat) and
 gives them back at stop.
@@ -68,11 +68,11 @@ _OUTCOME_LINE = "{}: to=<{}>, relay={}, delay={:.2f}, attempts={}, dsn={}, statu
 
 
 def thread_io(reactor: Any) -> RunBlocking:
-    """C{io} that runs blocking file work in the reactor's thread pool.
+    """C{run_blocking} that runs blocking file work in the reactor's thread pool.
 
     @param reactor: the reactor (C{IReactorThreads}; Twisted's reactor is
         untyped).
-    @return: a L{RunBlocking}: C{io(f, *args, **kw)} returns a Deferred
+    @return: a L{RunBlocking}: C{run_blocking(f, *args, **kw)} returns a Deferred
         firing with C{f}'s result, or failing with its error.
     """
     pool = reactor.getThreadPool()
@@ -84,7 +84,7 @@ def thread_io(reactor: Any) -> RunBlocking:
 
 
 def inline_io(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
-    """C{io} that runs file work at once (tests, tools): a L{RunBlocking}.
+    """C{run_blocking} that runs file work at once (tests, tools): a L{RunBlocking}.
 
     @param f: the blocking function, called with C{args} and C{kw}.
     @return: a Deferred already fired with C{f}'s result, or failed with its
@@ -171,7 +171,7 @@ class Scheduler:
         and C{close}).
     @param clock: a L{Clock} (C{seconds}, C{callLater}): the reactor or a
         C{task.Clock}.
-    @param io: a L{RunBlocking}, C{io(f, *args) -> Deferred}, for blocking
+    @param run_blocking: a L{RunBlocking}, C{run_blocking(f, *args) -> Deferred}, for blocking
         store work: L{thread_io} in the daemon, L{inline_io} by default.
     @param retry: L{RetryPolicy}; by default C{RetryPolicy()}.
     @param relay: C{True} when every message goes to one relay (one
@@ -193,7 +193,7 @@ class Scheduler:
     PRELOAD_LIMIT = 200000
 
     def __init__(self, queue: IQueueStore, connector: Connector, clock: Clock,
-                 io: RunBlocking = inline_io,
+                 run_blocking: RunBlocking = inline_io,
                  retry: RetryPolicy | None = None, relay: bool = False,
                  max_inflight: int = 200, reporting_mta: str | None = None,
                  observers: Iterable[Callable[[RecipientResult], object]] = (),
@@ -202,7 +202,7 @@ class Scheduler:
         self.queue = queue
         self.connector = connector
         self.clock = clock
-        self.io = io
+        self.run_blocking = run_blocking
         self.retry = retry or RetryPolicy()
         self.relay = relay
         self.max_inflight = max_inflight
@@ -216,8 +216,8 @@ class Scheduler:
         self._inflight: dict[str, defer.Deferred[float | None] | None] = {}
         self._preloaded: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
-        self._saver: GroupCommit[QueueEntry] = GroupCommit(io, queue.save_many)
-        self._remover: GroupCommit[str] = GroupCommit(io, queue.remove_many)
+        self._saver: GroupCommit[QueueEntry] = GroupCommit(run_blocking, queue.save_many)
+        self._remover: GroupCommit[str] = GroupCommit(run_blocking, queue.remove_many)
         self._seq = 0
         self._wakeup: DelayedCall | None = None
         self._heartbeat: task.LoopingCall | None = None
@@ -238,7 +238,7 @@ class Scheduler:
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> int:
-        due, problems = await self.io(self.queue.recover)
+        due, problems = await self.run_blocking(self.queue.recover)
         for p in problems:
             log.warn("queue recovery: {problem}", problem=p)
         now = self.clock.seconds()
@@ -259,7 +259,7 @@ class Scheduler:
     def _renew(self) -> defer.Deferred[None]:
         """Extend this owner's leases (the heartbeat); a failure is logged and
         the next beat tries again."""
-        d = self.io(self.queue.renew)
+        d = self.run_blocking(self.queue.renew)
         d.addErrback(lambda f: log.failure("cannot renew the queue leases of {owner}", f,
                                            owner=self.queue.owner))
         return d
@@ -314,7 +314,7 @@ class Scheduler:
             held = list(self._queued)
             if self.queue.lease_duration is None or not held:
                 return None
-            return self.io(self.queue.release, held).addErrback(
+            return self.run_blocking(self.queue.release, held).addErrback(
                 lambda f: log.failure("cannot give back the queue leases", f))
 
         def close(_: object) -> defer.Deferred[None]:
@@ -345,7 +345,7 @@ class Scheduler:
             while True:
                 self._pick_again = False
                 try:
-                    entries, problems = await self.io(self.queue.pickup, self.PICKUP_BATCH)
+                    entries, problems = await self.run_blocking(self.queue.pickup, self.PICKUP_BATCH)
                 except Exception:  # noqa: BLE001 - pickup must survive and run again
                     log.failure("pickup failed; will try again at the next poll")
                     break
@@ -444,13 +444,13 @@ class Scheduler:
         try:
             if entry is None or entry.size is None:
                 # (size is known from pickup: then no store work at all)
-                entry = await self.io(self.queue.load, qid)
+                entry = await self.run_blocking(self.queue.load, qid)
         except EntryNotFound:
             log.warn("{qid}: vanished from the queue", qid=qid)
             return None
         except CorruptEntry as e:
             log.error("{qid}: corrupt state, moved to corrupt/: {err}", qid=qid, err=e)
-            await self.io(self.queue.quarantine, qid, str(e))
+            await self.run_blocking(self.queue.quarantine, qid, str(e))
             return None
         size = entry.size if entry.size is not None else 0  # set by load and pickup
         now = self.clock.seconds()
@@ -555,11 +555,11 @@ class Scheduler:
         deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
         if not deferred:
             return
-        qid = await self.io(enqueue_dsn, self.queue, entry, deferred, self.reporting_mta,
+        qid = await self.run_blocking(enqueue_dsn, self.queue, entry, deferred, self.reporting_mta,
                             self.clock.seconds(), "delayed")
         log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
         entry.delay_warned = True
-        await self.io(self.queue.save_many, [entry])
+        await self.run_blocking(self.queue.save_many, [entry])
         self.pickup()
 
     @staticmethod
@@ -578,11 +578,11 @@ class Scheduler:
                          qid=entry.qid, rcpt=rs.address,
                          reply=rs.reply.one_line() if rs.reply else "")
         else:
-            qid = await self.io(enqueue_dsn, self.queue, entry, unreported, self.reporting_mta,
+            qid = await self.run_blocking(enqueue_dsn, self.queue, entry, unreported, self.reporting_mta,
                                 self.clock.seconds())
             log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
                      dsn_qid=qid)
             self.pickup()
         entry.bounced_reported.extend(rs.address for rs in unreported)
         if not entry.done:
-            await self.io(self.queue.save_many, [entry])
+            await self.run_blocking(self.queue.save_many, [entry])

@@ -19,7 +19,7 @@ Threads
 
 Every method blocks (on the disk, or on a database round trip) unless its
 docstring says otherwise. Code in the reactor thread calls them through its
-C{io} callable (a thread pool in the daemon, L{twisted.internet.threads}),
+C{run_blocking} callable (a thread pool in the daemon, L{twisted.internet.threads}),
 never directly. The exceptions are L{IQueueStore.open_body} and the stream
 it returns, which the SMTP session reads in the reactor thread: the folder
 store's open and reads are page-cache reads (docs/design.md); a store whose
@@ -48,7 +48,7 @@ L{IQueueStore.release} do nothing.
 Atomicity and durability
 ========================
 
-When a method returns (or the Deferred of the C{io} call running it fires):
+When a method returns (or the Deferred of the C{run_blocking} call running it fires):
 
 - L{IQueueStore.publish}, L{IQueueStore.enqueue}, L{IQueueStore.enqueue_many}:
   the messages are durable and visible to pickup, all of them (the queue ids

@@ -267,7 +267,7 @@ class QueueMachine(RuleBasedStateMachine):
         def observe(o):
             self.recs.append(Rec(life.number, o.qid, o.recipient, o.status))
 
-        self.sched = Scheduler(self.queue, _Connector(self, life), self.clock, io=io,
+        self.sched = Scheduler(self.queue, _Connector(self, life), self.clock, run_blocking=io,
                                retry=POLICY, reporting_mta="mx.state.test",
                                observers=[observe], rng=random.Random(life.number),
                                delay_warning=DELAY_WARNING)
