@@ -97,6 +97,10 @@ class DeliveryService(service.MultiService):
     @param reactor: the reactor (IReactorTCP, IReactorTime, IReactorThreads);
         the global one when L{None}.
     @param resolver: optional C{IResolver} replacing C{config.resolvers}.
+    @param stop_reactor_on_failure: when the queue cannot be recovered at
+        start, stop the reactor as well as the service (twistd's daemon, so
+        the process exits and its supervisor sees it), instead of leaving an
+        application that embeds the service running without it.
     @param observers: callables receiving each outcome
         (L{twisted_mailout.outcome.RecipientResult}).
     @raise QueueLocked: another daemon runs on the folder.
@@ -111,10 +115,12 @@ class DeliveryService(service.MultiService):
     name: str | None = "mailout"  # type: ignore[assignment]  # Service declares None
 
     def __init__(self, config: Config, reactor: Any = None, resolver: Any = None,
-                 observers: Iterable[Callable[[RecipientResult], object]] = ()) -> None:
+                 observers: Iterable[Callable[[RecipientResult], object]] = (),
+                 stop_reactor_on_failure: bool = False) -> None:
         super().__init__()
         reactor = default_reactor(reactor)
         self.config = config
+        self.stop_reactor_on_failure = stop_reactor_on_failure
         self.reactor = reactor
         self.queue = Queue(config.queue)
         self.queue.lock()
@@ -153,11 +159,20 @@ class DeliveryService(service.MultiService):
 
     def _start_failed(self, failure: Failure) -> defer.Deferred[None] | None:
         """The queue could not be recovered: say so, and stop (release the
-        lock) rather than keep "running" without delivering anything."""
+        lock) rather than keep "running" without delivering anything; with
+        C{stop_reactor_on_failure} (the twistd daemon), stop the reactor too,
+        so the process ends instead of idling."""
         log.failure("mailout failed to start; the service stops", failure)
-        if self.running:
-            return self.stopService()
-        return None
+        d: defer.Deferred[None] = (self.stopService() if self.running
+                                   else defer.succeed(None))
+        if self.stop_reactor_on_failure:
+            def stop_reactor(result: object) -> object:
+                log.error("mailout: stopping the process: the queue could not be recovered")
+                self.reactor.stop()
+                return result
+
+            d.addBoth(stop_reactor)
+        return d
 
     def stopService(self) -> defer.Deferred[None]:
         d = super().stopService()  # pickup first, then the scheduler
@@ -241,13 +256,17 @@ class _PickupService(service.Service):
             self._notifier = None
 
 
-def makeService(config: Config, reactor: Any = None) -> DeliveryService:
-    """The service for twistd and .tac files (see L{DeliveryService}).
+def makeService(config: Config, reactor: Any = None,
+                stop_reactor_on_failure: bool = True) -> DeliveryService:
+    """The service for twistd and .tac files (see L{DeliveryService}): the
+    whole process, so a start that cannot recover the queue stops the
+    reactor and the process ends.
 
     @param config: a L{Config}.
     @param reactor: the reactor (untyped in Twisted); the global one when
         L{None}.
+    @param stop_reactor_on_failure: see L{DeliveryService}.
     @return: a started-on-demand L{DeliveryService}.
     @raise QueueLocked: another daemon runs on C{config.queue}.
     """
-    return DeliveryService(config, reactor)
+    return DeliveryService(config, reactor, stop_reactor_on_failure=stop_reactor_on_failure)

@@ -46,10 +46,10 @@ def logged():
     globalLogPublisher.removeObserver(events.append)
 
 
-def make_service(tmp_path, start_result):
+def make_service(tmp_path, start_result, **kwargs):
     config = Config(queue=str(tmp_path / "q"), relay="127.0.0.1:2525", tls="none",
                     resolvers=("127.0.0.1:53",), poll_interval=60)
-    service = DeliveryService(config, Reactor())
+    service = DeliveryService(config, Reactor(), **kwargs)
     service.scheduler = StubScheduler(start_result)
     return service
 
@@ -79,3 +79,36 @@ def test_a_failed_start_is_logged_stops_the_service_and_releases_the_lock(tmp_pa
     other = Queue(str(tmp_path / "q"))
     other.lock()  # released: a fixed daemon can start
     other.unlock()
+
+
+def test_an_embedded_service_leaves_the_reactor_running_after_a_failed_start(tmp_path):
+    service = make_service(tmp_path, defer.fail(OSError(5, "Input/output error")))
+    service.startService()
+    assert not service.running
+    assert not service.reactor.hasStopped  # the application around it goes on
+
+
+def test_the_daemon_stops_the_reactor_after_a_failed_start(tmp_path, logged):
+    """twistd's service (makeService) ends the process when the queue cannot
+    be recovered, after releasing the lock, instead of idling."""
+    service = make_service(tmp_path, defer.fail(OSError(5, "Input/output error")),
+                           stop_reactor_on_failure=True)
+    service.startService()
+    assert not service.running
+    assert service.reactor.hasStopped
+    assert any("stopping the process" in formatEvent(e) for e in logged)
+    other = Queue(str(tmp_path / "q"))
+    other.lock()
+    other.unlock()
+
+
+def test_make_service_is_the_daemon(tmp_path):
+    from twisted_mailout.daemon.service import makeService
+
+    config = Config(queue=str(tmp_path / "q"), relay="127.0.0.1:2525", tls="none",
+                    resolvers=("127.0.0.1:53",))
+    service = makeService(config, Reactor())
+    try:
+        assert service.stop_reactor_on_failure
+    finally:
+        service.queue.unlock()
