@@ -80,9 +80,10 @@ from twisted_mailout.queue.model import (
     QueueEntry,
     Recovery,
     StagedMessage,
+    check_batch,
 )
 
-__all__ = ["IQueueStore", "MessageSource"]
+__all__ = ["IQueueStore", "MessageSource", "enqueue_staged"]
 
 #: What enqueue takes: C{bytes}, C{str} or C{email.message.Message}.
 MessageSource = object
@@ -251,3 +252,31 @@ class IQueueStore(Protocol):
         in queue id order; unreadable ones are skipped. Takes no lease and
         may run while a daemon works (what it shows may be a moment old).
         """
+
+
+def enqueue_staged(store: IQueueStore,
+                   items: Iterable[tuple[str | None, str | Iterable[str], MessageSource]],
+                   ) -> list[str]:
+    """L{IQueueStore.enqueue_many} in terms of the two-phase calls, for any
+    store: check every item first, stage each without syncing, sync them all
+    at once, publish them together; on any error discard what was staged.
+
+    Blocks.
+
+    @param store: the store.
+    @param items: C{(sender, recipients, message)} tuples.
+    @return: the queue ids, in the order given.
+    @raise AddressError, MessageError: a bad item (its index is in the
+        message); nothing written.
+    @raise QueueError: writing failed; nothing left in the queue.
+    """
+    batch = check_batch(items)
+    staged: list[StagedMessage] = []
+    try:
+        for sender, recipients, message in batch:
+            staged.append(store.stage(sender, recipients, message, sync=False))
+        store.sync_staged(staged)
+    except BaseException:
+        store.discard(staged)
+        raise
+    return store.publish(staged)

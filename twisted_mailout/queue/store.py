@@ -45,7 +45,7 @@ from twisted_mailout.queue.durable import (
     write_durably,
 )
 from twisted_mailout.queue.foreign import foreign_qid, rewrite_foreign
-from twisted_mailout.queue.interface import IQueueStore
+from twisted_mailout.queue.interface import IQueueStore, enqueue_staged
 from twisted_mailout.queue.model import (
     ENVELOPE_HEADER,
     CorruptEntry,
@@ -59,7 +59,6 @@ from twisted_mailout.queue.model import (
     RecipientStatus,
     Recovery,
     StagedMessage,
-    check_batch,
     header_block,
     is_safe_qid,
     new_queue_id,
@@ -276,16 +275,7 @@ class Queue:
             message); nothing written.
         @raise QueueError: writing failed; nothing left in the queue.
         """
-        batch = check_batch(items)
-        staged: list[StagedMessage] = []
-        try:
-            for sender, recipients, message in batch:
-                staged.append(self.stage(sender, recipients, message, sync=False))
-            self.sync_staged(staged)
-        except BaseException:
-            self.discard(staged)
-            raise
-        return self.publish(staged)
+        return enqueue_staged(self, items)
 
     # -- pickup -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted_mailout.queue.interface import IQueueStore
+from twisted_mailout.queue.interface import IQueueStore, enqueue_staged
 from twisted_mailout.queue.model import (
     CorruptEntry,
     EntryNotFound,
@@ -35,7 +35,6 @@ from twisted_mailout.queue.model import (
     QueueEntry,
     Recovery,
     StagedMessage,
-    check_batch,
     header_block,
     new_queue_id,
     parse_envelope_line,
@@ -155,16 +154,7 @@ class MemoryStore:
 
     def enqueue_many(self, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
         """See L{IQueueStore.enqueue_many}."""
-        batch = check_batch(items)
-        staged: list[StagedMessage] = []
-        try:
-            for sender, recipients, message in batch:
-                staged.append(self.stage(sender, recipients, message, sync=False))
-            self.sync_staged(staged)
-        except BaseException:
-            self.discard(staged)
-            raise
-        return self.publish(staged)
+        return enqueue_staged(self, items)
 
     def stage(self, sender: str | None, recipients: Any, message: object,
               sync: bool = True) -> StagedMessage:
