@@ -130,7 +130,8 @@ class QueueDelivery(Delivery):
         return self.queue.enqueue(env.sender, env.recipients, env.data)
 
     # The two phases used by send-on-commit (twisted_mailout.apps.txn).
-    def stage(self, sender: str | None, recipients: Recipients, message: MessageInput) -> StagedMessage:
+    def stage(self, sender: str | None, recipients: Recipients,
+              message: MessageInput) -> StagedMessage:
         """Write into C{tmp/}, not yet synced nor visible (see L{Queue.stage})."""
         env = prepare(sender, recipients, message)
         return self.queue.stage(env.sender, env.recipients, env.data, sync=False)

@@ -248,10 +248,9 @@ class Mailer:
         delivery = self.current_delivery()
         if self.transactional:
             return join(self, delivery, sender, recipients, data)
-        if delivery.asynchronous:
-            if not in_reactor_thread():
-                raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
-                                   "called in the reactor thread; use send_blocking()")
+        if delivery.asynchronous and not in_reactor_thread():
+            raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
+                               "called in the reactor thread; use send_blocking()")
         return self.deliver(delivery, sender, recipients, data)
 
     def send_deferred(self, message: MessageInput, *, sender: str | None = None,

@@ -15,7 +15,13 @@ from typing import Any, cast
 
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.routing.dnssec import DNSSECResolver
-from twisted_mailout.routing.router import IRouter, MXRouter, RelayRouter, parse_hostport, parse_relay
+from twisted_mailout.routing.router import (
+    IRouter,
+    MXRouter,
+    RelayRouter,
+    parse_hostport,
+    parse_relay,
+)
 from twisted_mailout.tls.mtasts import MTASTS
 
 __all__ = ["build_connector", "build_router"]

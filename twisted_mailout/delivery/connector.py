@@ -34,7 +34,6 @@ from twisted.python.failure import Failure
 from twisted_mailout.delivery.pool import (
     ConnectionPool,
     DestinationDown,
-    Lease,
     Opened,
     PoolClosed,
     PoolLimits,

@@ -72,8 +72,8 @@ def thread_io(reactor: Any) -> RunBlocking:
 
     @param reactor: the reactor (C{IReactorThreads}; Twisted's reactor is
         untyped).
-    @return: a L{RunBlocking}: C{run_blocking(f, *args, **kw)} returns a Deferred
-        firing with C{f}'s result, or failing with its error.
+    @return: a L{RunBlocking}: C{run_blocking(f, *args, **kw)} returns a
+        Deferred firing with C{f}'s result, or failing with its error.
     """
     pool = reactor.getThreadPool()
 
@@ -171,8 +171,9 @@ class Scheduler:
         and C{close}).
     @param clock: a L{Clock} (C{seconds}, C{callLater}): the reactor or a
         C{task.Clock}.
-    @param run_blocking: a L{RunBlocking}, C{run_blocking(f, *args) -> Deferred}, for blocking
-        store work: L{thread_io} in the daemon, L{inline_io} by default.
+    @param run_blocking: a L{RunBlocking}, C{run_blocking(f, *args) ->
+        Deferred}, for blocking store work: L{thread_io} in the daemon,
+        L{inline_io} by default.
     @param retry: L{RetryPolicy}; by default C{RetryPolicy()}.
     @param relay: C{True} when every message goes to one relay (one
         destination), C{False} for MX routing by recipient domain.
@@ -345,7 +346,8 @@ class Scheduler:
             while True:
                 self._pick_again = False
                 try:
-                    entries, problems = await self.run_blocking(self.queue.pickup, self.PICKUP_BATCH)
+                    entries, problems = await self.run_blocking(self.queue.pickup,
+                                                                self.PICKUP_BATCH)
                 except Exception:  # noqa: BLE001 - pickup must survive and run again
                     log.failure("pickup failed; will try again at the next poll")
                     break
@@ -405,7 +407,7 @@ class Scheduler:
             delay = max(0.0, self._heap[0][0] - now)
             self._wakeup = self.clock.callLater(delay, self._dispatch)
 
-    def _done(self, result: float | None | Failure, qid: str) -> None:
+    def _done(self, result: float | Failure | None, qid: str) -> None:
         self._inflight.pop(qid, None)
         if isinstance(result, float) and not self._stopping:
             self._schedule(qid, result)
@@ -501,8 +503,8 @@ class Scheduler:
         keys = list(groups)
         if len(keys) == 1:  # the usual case: no DeferredList to build
             k = keys[0]
-            results: list[Attempt] = [await self.connector.deliver(k, sender, list(groups[k]), opener, size,
-                                                    flags[k], entry.eightbit)]
+            results: list[Attempt] = [await self.connector.deliver(
+                k, sender, list(groups[k]), opener, size, flags[k], entry.eightbit)]
         else:
             results = await defer.gatherResults([
                 self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
@@ -555,8 +557,8 @@ class Scheduler:
         deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
         if not deferred:
             return
-        qid = await self.run_blocking(enqueue_dsn, self.queue, entry, deferred, self.reporting_mta,
-                            self.clock.seconds(), "delayed")
+        qid = await self.run_blocking(enqueue_dsn, self.queue, entry, deferred,
+                                      self.reporting_mta, self.clock.seconds(), "delayed")
         log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
         entry.delay_warned = True
         await self.run_blocking(self.queue.save_many, [entry])
@@ -578,8 +580,8 @@ class Scheduler:
                          qid=entry.qid, rcpt=rs.address,
                          reply=rs.reply.one_line() if rs.reply else "")
         else:
-            qid = await self.run_blocking(enqueue_dsn, self.queue, entry, unreported, self.reporting_mta,
-                                self.clock.seconds())
+            qid = await self.run_blocking(enqueue_dsn, self.queue, entry, unreported,
+                                          self.reporting_mta, self.clock.seconds())
             log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
                      dsn_qid=qid)
             self.pickup()

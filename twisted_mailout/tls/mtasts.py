@@ -545,7 +545,7 @@ class MTASTS:
         self._inflight[name] = [d]
         work = defer.Deferred.fromCoroutine(self._policy_for(name))
 
-        def done(result: STSPolicy | None | Failure) -> None:
+        def done(result: STSPolicy | Failure | None) -> None:
             if isinstance(result, Failure):
                 log.failure("MTA-STS lookup for {domain} failed unexpectedly", result,
                             domain=name)

@@ -74,8 +74,9 @@ class HostSecurity:
     @ivar level: the session's TLS level (one of
         L{twisted_mailout.tls.levels.LEVELS}).
     @ivar creator: the connection creator
-        (C{IOpenSSLClientConnectionCreator}) that authenticates the server, or L{None} for opportunistic TLS (encryption without a
-        certificate check: the session's default creator).
+        (C{IOpenSSLClientConnectionCreator}) that authenticates the server,
+        or L{None} for opportunistic TLS (encryption without a certificate
+        check: the session's default creator).
     @ivar source: where the decision came from, for logs: C{"dane"},
         C{"mta-sts"}, C{"mta-sts testing"} or the policy table's source.
     @ivar report: the RFC 8460 policy to report the session's result

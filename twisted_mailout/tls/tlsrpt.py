@@ -197,7 +197,8 @@ def log_success(policy_type: str, policy_domain: str, *, policy_string: Iterable
 
 
 def log_failure(policy_type: str, policy_domain: str, result_type: str, *,
-                policy_string: Iterable[str] = (), mx_host: Iterable[str] = (), sending_mta_ip: str | None = None,
+                policy_string: Iterable[str] = (), mx_host: Iterable[str] = (),
+                sending_mta_ip: str | None = None,
                 receiving_mx_hostname: str | None = None,
                 receiving_mx_helo: str | None = None, receiving_ip: str | None = None,
                 failure_reason_code: str | None = None,
