@@ -24,6 +24,9 @@ from tests.support.peers import (
 )
 
 
+#: Fixtures shared by several test modules (the DANE test PKI).
+pytest_plugins = ["tests.support.dane_pki"]
+
 _SLOW_DIRS = ("integration", "system")
 
 

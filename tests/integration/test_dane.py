@@ -14,7 +14,6 @@ import ssl
 
 import pytest
 from tests.support.dane_pki import PKI, flipped, pem_chain, pem_key, rec, zone_line
-from tests.support.dane_pki import pki  # noqa: F401 - a fixture
 from tests.support.dnssec import DNSSECHarness, Zone, require_tools
 from tests.support.tls_peers import TlsSmtpServer, arrivals, start_sni_server
 from tests.support.trial import deferred_test

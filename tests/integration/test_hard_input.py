@@ -92,7 +92,8 @@ def sentinel(q, sink, timeout=30) -> list[dict]:
     @raise AssertionError: the sentinel is not the last message received.
     """
     before = len(sink.messages)
-    enqueue(str(q), SENDER, ["sentinel@dest.test"], head("sentinel") + b"Subject: last\r\n\r\nx\r\n")
+    enqueue(str(q), SENDER, ["sentinel@dest.test"],
+            head("sentinel") + b"Subject: last\r\n\r\nx\r\n")
     got = sink.wait_for_messages(before + 1, timeout=timeout)
     assert got[-1]["rcpt_tos"] == ["sentinel@dest.test"], [m["rcpt_tos"] for m in got]
     wait_empty(q, timeout)  # and the daemon has recorded it

@@ -741,7 +741,8 @@ class FaultyProcess:
         self.proc = None
 
     def start(self, timeout: float = 10) -> FaultyProcess:
-        cmd = [sys.executable, str(HERE.parent / "support" / "faulty_smtp.py"), "--script", json.dumps(self.script),
+        cmd = [sys.executable, str(HERE.parent / "support" / "faulty_smtp.py"),
+               "--script", json.dumps(self.script),
                "--port", str(self.port), "--port-file", str(self.port_file),
                "--record", str(self.record), "--max-lifetime", "120"]
         with open(self.log, "wb") as log:

@@ -226,7 +226,8 @@ class InProcessIPv6DNSServerTests(_DNSClientTests, unittest.TestCase):
 
 
 class SubprocessDNSServerTests(_DNSClientTests, unittest.TestCase):
-    """The server run as ``python -m twisted_mailout.testing.loopback dns`` (peers.DnsServerProcess)."""
+    """The server run as ``python -m twisted_mailout.testing.loopback dns``
+    (peers.DnsServerProcess)."""
 
     def setUp(self):
         self.server = DnsServerProcess(ZONE)
@@ -328,11 +329,14 @@ def test_free_port_and_wait_for():
         sock.bind(("127.0.0.1", port))
     assert wait_for(lambda: 42, timeout=1) == 42
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"after 0\.2 s waiting for the answer \(last value: None\)"):
+    with pytest.raises(TimeoutError,
+                       match=r"after 0\.2 s waiting for the answer \(last value: None\)"):
         wait_for(lambda: None, timeout=0.2, what="the answer")
     assert time.monotonic() - started < 2
-    with pytest.raises(TimeoutError, match=r"waiting for the log line .*\nthe log at the deadline$"):
-        wait_for(lambda: "", timeout=0.05, what="the log line", detail=lambda: "the log at the deadline")
+    with pytest.raises(TimeoutError,
+                       match=r"waiting for the log line .*\nthe log at the deadline$"):
+        wait_for(lambda: "", timeout=0.05, what="the log line",
+                 detail=lambda: "the log at the deadline")
 
 
 # ----------------------------------------------------------------------- aiosmtpd

@@ -279,7 +279,8 @@ def test_sendmail_write_error_exits_73_and_leaves_nothing(tmp_path):
     q = tmp_path / "q"
     code = ("import resource, runpy, sys; "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            "sys.argv[0] = 'mailout'; runpy.run_module('twisted_mailout.daemon.cli', run_name='__main__')")
+            "sys.argv[0] = 'mailout'; "
+            "runpy.run_module('twisted_mailout.daemon.cli', run_name='__main__')")
     big = b"Subject: big\n\n" + (b"x" * 70 + b"\n") * 2000
     r = subprocess.run([sys.executable, "-c", code, "sendmail", "--queue", str(q), "-f", SENDER,
                         "rcpt@example.org"], input=big, env=env(), capture_output=True,

@@ -180,7 +180,8 @@ def test_log_fields_are_stable_and_named_as_the_daemon_names_them():
                    text="5.1.1 unknown", sender="a@origin.test")
     assert e.log_fields() == {
         "qid": "Q", "recipient": "b@dest.test", "event": "bounced", "outcome": "bounced",
-        "status": "bounced", "code": 550, "dsn": "5.1.1", "reply": "550 5.1.1 unknown", "relay": "none",
+        "status": "bounced", "code": 550, "dsn": "5.1.1", "reply": "550 5.1.1 unknown",
+        "relay": "none",
         "delay": None, "attempts": 1, "local": False, "sender": "a@origin.test",
         "will_retry": False, "source": ""}
     # a log event made from these fields reads back as the same event

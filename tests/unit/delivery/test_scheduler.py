@@ -392,7 +392,7 @@ def test_the_scheduler_delivers_from_the_memory_store(logged):
 def test_stop_waits_for_work_in_flight_without_cancelling_it(logged):
     conn = HeldConnector()
     store, sched, clock = memory_scheduler(conn)
-    qid = store.enqueue("s@origin.test", ["x@a.test"], MSG)
+    store.enqueue("s@origin.test", ["x@a.test"], MSG)
     sched.start()
     assert len(conn.calls) == 1  # in flight
     stopped = sched.stop(timeout=30)

@@ -13,7 +13,7 @@ import pytest
 import twisted_mailout
 from twisted_mailout.envelope import AddressError, RecipientState, Reply
 from twisted_mailout.message import MessageError
-from twisted_mailout.queue.store import CorruptEntry, Queue, QueueError, QueueLocked
+from twisted_mailout.queue.store import Queue, QueueError, QueueLocked
 
 MSG = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
 

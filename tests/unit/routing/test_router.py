@@ -7,7 +7,13 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from tests.support.fakes import NXDOMAIN, SERVFAIL, TIMEOUT, FakeResolver, a, aaaa, cname, mx
-from twisted_mailout.routing.router import MXRouter, NextHop, RelayRouter, RouteError, parse_hostport
+from twisted_mailout.routing.router import (
+    MXRouter,
+    NextHop,
+    RelayRouter,
+    RouteError,
+    parse_hostport,
+)
 
 
 def router(table, rng=None, port=25):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from tests.support.dane_pki import der, flipped, issue, pki, rec, spki  # noqa: F401 - pki: fixture
+from tests.support.dane_pki import der, flipped, issue, rec, spki
 from twisted.trial import unittest
 
 from twisted_mailout.tls import dane
