@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from twisted.internet import task
 
 T = TypeVar("T")
 
@@ -63,3 +65,26 @@ def wait_for(
             raise TimeoutError(message)
         time.sleep(min(pause, remaining))
         pause = min(pause * 2, interval)
+
+
+async def wait_for_reactor(reactor: Any, predicate: Callable[[], T], timeout: float = 10.0, *,
+                           what: str | None = None) -> T:
+    """L{wait_for} for code running in the reactor thread (trial tests on the
+    real reactor): the pauses are C{deferLater}s, so the reactor runs the
+    code being waited for in between.
+
+    @param reactor: the running reactor (C{IReactorTime}).
+    @return: the first truthy value C{predicate()} returned.
+    @raise TimeoutError: as L{wait_for}.
+    """
+    deadline = reactor.seconds() + timeout
+    pause = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if reactor.seconds() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for "
+                               f"{what or repr(predicate)} (last value: {value!r})")
+        await task.deferLater(reactor, pause, lambda: None)
+        pause = min(pause * 2, 0.1)

@@ -267,12 +267,13 @@ class Scheduler:
 
     def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
         """Start no new work; wait up to C{timeout} seconds for messages in
-        flight, then close connections. Work still in flight is not
-        cancelled: it may finish while connections close (and its outcome is
-        then recorded), or it is cut off with the connections, or by the
-        process's exit; what did not finish stays in the queue as last saved
-        and is tried again (after restart, or by another daemon once the
-        leases are given back).
+        flight (without cancelling them: what finishes in time has its
+        outcome recorded), then cancel what is still in flight, which aborts
+        its connections and frees their slots (the connector logs one line
+        per connection), and close the idle connections. Mail whose work was
+        cut off stays in the queue as last saved, with one warning line for
+        all of it, and is tried again (after restart, or by another daemon
+        once the leases are given back).
 
         @param timeout: seconds to wait for work in flight.
         @return: Deferred firing with L{None}, never failing.
@@ -296,14 +297,19 @@ class Scheduler:
             def finished(result: object, _d: defer.Deferred[None] = d) -> object:
                 left[0] -= 1
                 if left[0] == 0 and not _d.called:
-                    timer.cancel()
+                    if timer.active():
+                        timer.cancel()
                     _d.callback(None)
                 return result
 
             def late(_d: defer.Deferred[None] = d) -> None:
-                log.warn("shutdown: {n} messages still in flight after {t}s; they stay queued",
-                         n=len(self._inflight), t=timeout)
-                _d.callback(None)
+                cut = [w for w in self._inflight.values() if w is not None and not w.called]
+                log.warn("shutdown: {n} messages still in flight after {t}s; their "
+                         "connections are aborted and they stay queued", n=len(cut), t=timeout)
+                for work in cut:
+                    work.cancel()  # _process: CancelledError, quietly; nothing recorded
+                if not _d.called:
+                    _d.callback(None)
 
             timer = self.clock.callLater(timeout, late)
             for work in pending:
@@ -428,11 +434,21 @@ class Scheduler:
     async def _process(self, qid: str) -> float | None:
         """Work on one message. @return: when it is due next, or L{None}."""
         try:
-            return await self._process_inner(qid)
+            try:
+                return await self._process_inner(qid)
+            except defer.FirstError as e:  # one of several destinations' deliveries
+                if e.subFailure.check(defer.CancelledError):
+                    raise defer.CancelledError() from None
+                raise
         except defer.CancelledError:
-            # Cancelled from outside (stop() never cancels): nothing went
-            # wrong; the message stays queued as last saved, tried again later.
-            log.info("{qid}: work cancelled; it stays queued", qid=qid)
+            # Cancelled (by stop() after its timeout, or by a caller holding
+            # the work's Deferred): nothing went wrong; the message stays
+            # queued as last saved and is tried again later. When stopping,
+            # stop() said so once and the connector once per connection.
+            if self._stopping:
+                log.debug("{qid}: work cancelled by the shutdown; it stays queued", qid=qid)
+            else:
+                log.info("{qid}: work cancelled; it stays queued", qid=qid)
             return float(self.clock.seconds() + self.retry.base)
         except LeaseLost as e:
             log.warn("{qid}: given up, another daemon holds it now ({err})", qid=qid, err=e)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.support.fakes import ScriptedConnector
 from twisted_mailout.delivery.connector import Attempt
@@ -405,21 +405,30 @@ def test_stop_waits_for_work_in_flight_without_cancelling_it(logged):
     assert logged.matching("still in flight") == []
 
 
-def test_stop_after_its_timeout_leaves_mail_in_flight_queued_with_one_warning(logged):
+def test_stop_after_its_timeout_aborts_work_in_flight_which_stays_queued(logged):
+    """After the timeout, what is still in flight is cancelled (the connector
+    then aborts its connections and frees their slots), one warning says so,
+    and the mail stays queued as it was: no outcome is recorded for it."""
     conn = HeldConnector()
     store, sched, clock = memory_scheduler(conn)
     qid = store.enqueue("s@origin.test", ["x@a.test", "y@b.test"], MSG)
     sched.start()
-    assert len(conn.calls) == 2
+    assert len(conn.calls) == 2  # two destinations, both in flight
     stopped = sched.stop(timeout=30)
-    clock.advance(30)
+    clock.advance(29)
+    assert not stopped.called and conn.cancelled == []  # waited, not cancelled
+    clock.advance(1)
     assert stopped.called and conn.closed
-    assert conn.cancelled == []  # the timeout cancels the wait, never the work
+    assert sorted(conn.cancelled) == ["a.test", "b.test"]  # both deliveries aborted
     [warning] = logged.matching("still in flight")
-    assert "1 messages still in flight after 30s; they stay queued" in warning
+    assert ("1 messages still in flight after 30s; their connections are aborted "
+            "and they stay queued") in warning
     [entry] = active(store).values()  # queued as it was: nothing recorded
     assert entry.qid == qid
     assert [r.state for r in entry.recipients] == [RecipientState.PENDING] * 2
+    # the warning is the scheduler's one line (per message only at debug level)
+    assert [e for e in logged.events if "work cancelled" in formatEvent(e)
+            and e["log_level"] != LogLevel.debug] == []
     assert logged.matching("internal error") == []
     assert logged.matching("Unhandled") == []
 
