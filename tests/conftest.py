@@ -2,8 +2,11 @@
 
 The helpers themselves live in ``tests/support/`` (``from tests.support.peers import ...``).
 
-The tree is arranged by layer: ``tests/unit/<layer>/`` runs in memory (no processes, no
-real peers) and is the fast lane, ``pytest -m "not slow"``; everything under
+The tree is arranged by layer: ``tests/unit/<layer>/`` is the fast lane,
+``pytest -m "not slow"``: in memory or on loopback in-process, with no daemon, no
+Postfix or Unbound and no downloads (a few run a short child process, such as a
+fake sendmail command); the unit tests that need more are marked ``slow`` where
+they stand. Everything under
 ``tests/integration/`` (real peers on loopback: aiosmtpd, Postfix, Unbound, HTTPS) and
 ``tests/system/`` (the daemon, the CLI, crashes, the wheel) is marked ``slow`` here.
 """

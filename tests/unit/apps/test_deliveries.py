@@ -385,6 +385,7 @@ def postfix_instance():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # a private Postfix instance
 def test_postfix_sendmail_puts_the_message_in_maildrop(postfix_instance):
     conf, maildrop = postfix_instance
     d = get_delivery({"url": "sendmail:///usr/sbin/sendmail", "args": ["-C", conf],
@@ -400,6 +401,7 @@ def test_postfix_sendmail_puts_the_message_in_maildrop(postfix_instance):
     assert "\n.dot line\nbody\n" in body  # -oi: a dot line does not end the message
 
 
+@pytest.mark.slow  # Postfix's sendmail
 def test_postfix_sendmail_with_a_broken_configuration_is_deferred(postfix_instance, tmp_path):
     d = SendmailDelivery(POSTFIX_SENDMAIL, args=["-C", str(tmp_path / "no-such-dir")],
                          timeout=30)

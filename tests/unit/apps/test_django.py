@@ -283,6 +283,7 @@ def django61_python():
     return str(python)
 
 
+@pytest.mark.slow  # builds a virtual environment with Django 6.1 (a download on a new machine)
 def test_django_61_mailers_setting(django61_python, tmp_path):
     qdir, fdir = tmp_path / "q", tmp_path / "eml"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -11,6 +11,7 @@ import socket
 import stat
 import tempfile
 
+import pytest
 import trustme
 from tests.support.https_peer import POLICY_PATH, PolicyServer, Reply, policy
 from tests.support.peers import DnsServerProcess
@@ -674,6 +675,7 @@ class PolicyForTests(unittest.TestCase):
         self.assertEqual((p.id, p.domain), ("z", "ok.test"))
 
 
+@pytest.mark.slow  # a DNS server in its own process
 class SubprocessDNSTests(unittest.TestCase):
     """The same lookup against the loopback DNS server in its own process
     (``peers.DnsServerProcess``, as the ``dns_server`` fixture runs it)."""
