@@ -5,12 +5,12 @@ Twisted's own ESMTP server with a real TLS certificate)."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import trustme
 from tests.support.peers import PemContextFactory
 from tests.support.trial import start_dns, start_sink
+from tests.support.noresolve import forbid_system_resolver
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
@@ -72,24 +72,7 @@ class SendmailTests(unittest.TestCase):
             "six.test": {"MX": [[10, "mx.six.test"]]},
             "mx.six.test": {"AAAA": ["::1"]},
         })
-        leaks = []
-        real_getaddrinfo = socket.getaddrinfo
-
-        def no_system_resolver(*a, **kw):
-            leaks.append(a)
-            raise AssertionError("the system resolver must not be used")
-
-        def numeric_only(host, port, family=0, type=0, proto=0, flags=0):
-            # Twisted parses IPv6 literals with AI_NUMERICHOST: no query is made.
-            if not flags & socket.AI_NUMERICHOST:
-                return no_system_resolver(host, port)
-            return real_getaddrinfo(host, port, family, type, proto, flags)
-
-        self.patch(socket, "getaddrinfo", numeric_only)
-        self.patch(socket, "gethostbyname", no_system_resolver)
-        from twisted.names import client
-        self.patch(client, "createResolver", no_system_resolver)
-        self.patch(client, "getResolver", no_system_resolver)
+        leaks = forbid_system_resolver(self, reactor)
         report = yield twisted_mailout.sendmail(
             "a@origin.test", ["b@dest.test", "c@six.test"], MSG, resolver=f"127.0.0.1:{port}",
             mx_port=sink.port, timeout=10)

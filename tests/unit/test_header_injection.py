@@ -314,18 +314,9 @@ def test_the_builder_refuses_injected_addresses(value):
 
 django = pytest.importorskip("django")
 
-from django.conf import settings  # noqa: E402
+from tests.support.django_settings import configure  # noqa: E402
 
-if not settings.configured:  # the same settings as tests/unit/apps/test_django.py
-    settings.configure(
-        EMAIL_BACKEND="twisted_mailout.contrib.django.EmailBackend",
-        MAILOUT_DELIVERY="null://",
-        DEFAULT_FROM_EMAIL="Shop <shop@origin.test>",
-        INSTALLED_APPS=[],
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
-        USE_TZ=True,
-    )
-    django.setup()
+configure()
 
 from django.core.mail import EmailMessage  # noqa: E402
 

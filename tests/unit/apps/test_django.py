@@ -21,18 +21,9 @@ from tests.support.peers import IN_CI
 
 django = pytest.importorskip("django")
 
-from django.conf import settings  # noqa: E402
+from tests.support.django_settings import configure  # noqa: E402
 
-if not settings.configured:
-    settings.configure(
-        EMAIL_BACKEND="twisted_mailout.contrib.django.EmailBackend",
-        MAILOUT_DELIVERY="null://",
-        DEFAULT_FROM_EMAIL="Shop <shop@origin.test>",
-        INSTALLED_APPS=[],
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
-        USE_TZ=True,
-    )
-    django.setup()
+configure()
 
 from django.core import mail  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import stat
 import tempfile
 
@@ -15,6 +14,7 @@ import pytest
 import trustme
 from tests.support.https_peer import POLICY_PATH, PolicyServer, Reply, policy
 from tests.support.peers import DnsServerProcess
+from tests.support.noresolve import forbid_system_resolver
 from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.python import threadable
@@ -273,21 +273,7 @@ class PolicyForTests(unittest.TestCase):
     def test_enforce_policy_through_the_given_resolver_only(self):
         m = self.client(zone(ok_test=txt("id1")))
         self.server.reply = Reply(body=policy("enforce", ["mx.ok.test", "*.mx.ok.test"], 3600))
-        leaks = []
-        real_getaddrinfo = socket.getaddrinfo
-
-        def no_system_resolver(*a, **kw):
-            leaks.append(a)
-            raise AssertionError("the system resolver must not be used")
-
-        def numeric_only(host, port, family=0, type=0, proto=0, flags=0):
-            if not flags & socket.AI_NUMERICHOST:
-                return no_system_resolver(host, port)
-            return real_getaddrinfo(host, port, family, type, proto, flags)
-
-        self.patch(socket, "getaddrinfo", numeric_only)
-        self.patch(socket, "gethostbyname", no_system_resolver)
-        self.patch(reactor, "resolve", no_system_resolver)
+        leaks = forbid_system_resolver(self, reactor)
         p = yield m.policy_for("OK.test.")
         self.assertEqual(leaks, [])
         self.assertIsInstance(p, Policy)
