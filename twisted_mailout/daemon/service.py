@@ -145,6 +145,8 @@ class DeliveryService(service.MultiService):
         _PickupService(self).setServiceParent(self)
 
     def startService(self) -> None:
+        """Write this process's pid into the lock, log the start, and start
+        the children (the scheduler recovers the queue; pickup follows)."""
         # twistd builds the service (and takes the lock) before it daemonizes;
         # the lock, inherited across the fork, now names the process that runs.
         try:
@@ -175,6 +177,12 @@ class DeliveryService(service.MultiService):
         return d
 
     def stopService(self) -> defer.Deferred[None]:
+        """Stop pickup, then the scheduler (see L{Scheduler.stop}), then
+        release the queue's lock.
+
+        @return: a Deferred firing with L{None} when all that is done; it
+            never fails.
+        """
         d = super().stopService()  # pickup first, then the scheduler
 
         def done(_: object) -> None:
