@@ -31,6 +31,7 @@ from twisted_mailout.delivery.commit import GroupCommit, RunBlocking
 from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
+from twisted_mailout.delivery.suspend import Suspensions, domain_of
 from twisted_mailout.envelope import (
     Address,
     FINAL_STATES,
@@ -185,6 +186,9 @@ class Scheduler:
         deferred gets one delay warning (RFC 3464 action C{delayed}), or
         L{None} for none.
     @param rng: C{random.Random} for retry jitter; by default a new one.
+    @param suspensions: the L{Suspensions} in force (the operator's
+        C{mailout queue suspend}); recipients of a suspended domain are not
+        attempted, and their attempts not counted, until it ends.
     """
 
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
@@ -199,7 +203,8 @@ class Scheduler:
                  max_inflight: int = 200, reporting_mta: str | None = None,
                  observers: Iterable[Callable[[RecipientResult], object]] = (),
                  rng: _random.Random | None = None,
-                 delay_warning: float | None = None) -> None:
+                 delay_warning: float | None = None,
+                 suspensions: Suspensions | None = None) -> None:
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -211,8 +216,14 @@ class Scheduler:
         self.observers = list(observers)
         self.rng = rng or _random.Random()
         self.delay_warning = delay_warning
+        self.suspensions = suspensions if suspensions is not None else Suspensions()
         self._heap: list[tuple[float, int, str]] = []
-        self._queued: set[str] = set()
+        #: queue id -> the sequence number of its live heap item (items whose
+        #: number differs are stale: taken by the operator or rescheduled).
+        self._queued: dict[str, int] = {}
+        #: queue ids the operator is working on (L{take}): never dispatched.
+        self._taken: set[str] = set()
+        self._finished: dict[str, list[defer.Deferred[None]]] = {}
         #: queue id -> its work (L{None} while the work is being started).
         self._inflight: dict[str, defer.Deferred[float | None] | None] = {}
         self._preloaded: dict[str, QueueEntry] = {}
@@ -318,7 +329,7 @@ class Scheduler:
         def release(_: object) -> defer.Deferred[None] | None:
             # Only what waits: work still in flight may yet finish here; its
             # leases lapse by themselves if it does not.
-            held = list(self._queued)
+            held = list(self._queued) + sorted(self._taken)
             if self.queue.lease_duration is None or not held:
                 return None
             return self.run_blocking(self.queue.release, held).addErrback(
@@ -383,13 +394,80 @@ class Scheduler:
     # -- scheduling ---------------------------------------------------------
 
     def _schedule(self, qid: str, due: float, dispatch: bool = True) -> None:
-        if qid in self._queued or qid in self._inflight:
+        if qid in self._queued or qid in self._inflight or qid in self._taken:
             return
-        self._queued.add(qid)
         self._seq += 1
+        self._queued[qid] = self._seq
         heapq.heappush(self._heap, (due, self._seq, qid))
         if dispatch and not self._stopping:
             self._dispatch()
+
+    # -- the operator's hands (twisted_mailout.admin) ----------------------------
+
+    def take(self, qids: Iterable[str]) -> defer.Deferred[list[str]]:
+        """Take messages out of the schedule for an operator's action: they
+        are not dispatched until L{give_back}; work in flight on any of them
+        is waited for (not cancelled), so its outcome is saved first.
+
+        @param qids: queue ids (unknown ones are taken too: a held message is
+            in no schedule).
+        @return: Deferred firing with the queue ids taken, once none of them
+            is in flight; an id whose outcome is known but not yet written
+            (a disk error) is left out, and stays scheduled.
+        """
+        taken: list[str] = []
+        waits: list[defer.Deferred[None]] = []
+        for qid in qids:
+            if qid in self._unsaved or qid in self._taken:
+                continue
+            self._taken.add(qid)
+            self._queued.pop(qid, None)  # its heap item is now stale
+            self._preloaded.pop(qid, None)
+            taken.append(qid)
+            if qid in self._inflight:
+                w: defer.Deferred[None] = defer.Deferred()
+                self._finished.setdefault(qid, []).append(w)
+                waits.append(w)
+        if not waits:
+            return defer.succeed(taken)
+
+        def settled(_: object) -> list[str]:
+            out = []
+            for q in taken:
+                if q in self._unsaved:  # the write is being retried: keep its
+                    # schedule and its outcome in memory (_preloaded)
+                    self._taken.discard(q)
+                    self._schedule(q, self.clock.seconds() + min(30.0, self.retry.base))
+                else:
+                    out.append(q)
+            return out
+
+        return defer.gatherResults(waits).addCallback(settled)
+
+    def give_back(self, qid: str, due: float | None) -> None:
+        """End the operator's hold on C{qid} (see L{take}) and schedule it at
+        C{due} (seconds since the epoch), or not at all for L{None} (deleted,
+        bounced, held or finished). Always returns L{None}."""
+        self._taken.discard(qid)
+        self._preloaded.pop(qid, None)
+        if due is not None and not self._stopping:
+            self._schedule(qid, due)
+
+    def in_flight(self) -> frozenset[str]:
+        """The queue ids being delivered now (Postfix's active queue proper)."""
+        return frozenset(q for q in self._inflight if q not in self._taken)
+
+    def due_time(self, qid: str) -> float | None:
+        """When C{qid} is scheduled next (seconds since the epoch), or L{None}
+        when it is not in the schedule (in flight, held, taken, unknown).
+        Walks the heap: for one message at a time (C{show})."""
+        seq = self._queued.get(qid)
+        if seq is None:
+            return None
+        for due, s, q in self._heap:
+            if s == seq and q == qid:
+                return due
+        return None
 
     def _dispatch(self) -> None:
         if self._stopping:
@@ -399,8 +477,10 @@ class Scheduler:
             due, _, qid = self._heap[0]
             if due > now:
                 break
-            heapq.heappop(self._heap)
-            self._queued.discard(qid)
+            _, seq, _ = heapq.heappop(self._heap)
+            if self._queued.get(qid) != seq:
+                continue  # stale: taken by the operator, or rescheduled since
+            del self._queued[qid]
             self._inflight[qid] = None
             d = defer.Deferred.fromCoroutine(self._process(qid))
             if qid in self._inflight and not d.called:
@@ -416,7 +496,9 @@ class Scheduler:
     def _done(self, result: float | Failure | None, qid: str) -> None:
         self._inflight.pop(qid, None)
         if isinstance(result, float) and not self._stopping:
-            self._schedule(qid, result)
+            self._schedule(qid, result)  # not when the operator has taken it
+        for w in self._finished.pop(qid, []):
+            w.callback(None)
         self._dispatch()
 
     @property
@@ -473,6 +555,9 @@ class Scheduler:
         size = entry.size if entry.size is not None else 0  # set by load and pickup
         now = self.clock.seconds()
         due = entry.due(now)
+        if due and len(self.suspensions):
+            due = [rs for rs in due
+                   if self.suspensions.until(domain_of(rs.address), now) is None]
         try:
             if due:
                 await self._attempt(entry, due, size)
@@ -499,8 +584,25 @@ class Scheduler:
             self._unsaved.add(qid)
             self._preloaded[qid] = entry
             return float(self.clock.seconds() + retry)
-        na = entry.next_attempt()
+        na = self._next_attempt(entry, now)
         return None if na is None else float(na)
+
+    def _next_attempt(self, entry: QueueEntry, now: float) -> float | None:
+        """L{QueueEntry.next_attempt}, with recipients of a suspended domain
+        due when their suspension ends."""
+        if not len(self.suspensions) or entry.held:
+            return entry.next_attempt()
+        times = []
+        for r in entry.recipients:
+            if r.state is RecipientState.PENDING:
+                t = entry.arrival
+            elif r.state is RecipientState.DEFERRED:
+                t = r.next_attempt or 0.0
+            else:
+                continue
+            until = self.suspensions.until(domain_of(r.address), now)
+            times.append(t if until is None else max(t, until))
+        return min(times) if times else None
 
     async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int) -> None:
         sender_addr = parse_sender(entry.sender)
@@ -532,9 +634,10 @@ class Scheduler:
                 reply = attempt.replies.get(form) or Reply(
                     451, "4.3.0 no reply recorded for this recipient", local=True)
                 rs.relay = attempt.relay
-                status = outcome_for(rs, reply, now, entry.arrival, self.retry,
+                status = outcome_for(rs, reply, now, entry.lifetime_start, self.retry,
                                      not entry.sender, self.rng)
                 final = rs.reply or reply  # outcome_for recorded it (expiry notes added)
+                rs.record(now, final, attempt.relay)
                 self._emit(RecipientResult(
                     rs.address, status, final.code, final.text, attempt.relay, final.local,
                     entry.qid, rs.attempts, now - entry.arrival))

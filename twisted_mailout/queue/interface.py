@@ -71,7 +71,7 @@ idempotent replacement and removal comes last (docs/reliability.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Protocol, runtime_checkable
 
 from twisted_mailout.queue.model import (
@@ -80,6 +80,7 @@ from twisted_mailout.queue.model import (
     QueueEntry,
     Recovery,
     StagedMessage,
+    Suspension,
     check_batch,
 )
 
@@ -251,6 +252,24 @@ class IQueueStore(Protocol):
         """Every message in the queue, read-only, incoming first, then active
         in queue id order; unreadable ones are skipped. Takes no lease and
         may run while a daemon works (what it shows may be a moment old).
+        """
+
+    def iter_entries(self) -> Iterator[ListedEntry]:
+        """L{list_entries} as a generator, reading each entry as it is
+        needed, so that a listing of 100,000 messages starts at once."""
+
+    def suspensions(self) -> list[Suspension]:
+        """The destination suspensions saved in the store (ended ones
+        included: the caller drops them), in creation order.
+
+        @raise QueueError: they cannot be read.
+        """
+
+    def save_suspensions(self, suspensions: Sequence[Suspension]) -> None:
+        """Replace the saved suspensions, atomically and durably (they
+        survive a restart of the daemon).
+
+        @raise QueueError: not written; the old ones are kept.
         """
 
 

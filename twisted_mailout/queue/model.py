@@ -44,6 +44,7 @@ __all__ = [
     "RecipientStatus",
     "Recovery",
     "StagedMessage",
+    "Suspension",
     "check_batch",
     "encode_envelope_line",
     "header_block",
@@ -59,6 +60,8 @@ ENVELOPE_HEADER = b"X-Mailout-Envelope: "
 FORMAT_VERSION = 1
 #: Where a queued message came from: our own enqueue, or a foreign queue.
 ORIGINS = ("mailout", "zope", "repoze")
+#: Attempts kept per recipient in its history (the oldest are dropped).
+HISTORY_LIMIT = 20
 
 
 class LeaseLost(QueueError):
@@ -285,6 +288,10 @@ class RecipientStatus:
         since the epoch), else L{None}.
     @ivar reply: the last reply, from a server or made locally, or L{None}.
     @ivar relay: the last host tried, C{"host[ip]:port"}, or L{None}.
+    @ivar history: the last L{HISTORY_LIMIT} attempts and operator actions,
+        oldest first, each a dict C{{"time": epoch seconds, "state": the
+        state it led to, "code": int, "text": str, "local": bool, "relay":
+        str or None}} (what C{mailout queue show} prints).
     """
 
     address: str
@@ -293,10 +300,11 @@ class RecipientStatus:
     next_attempt: float | None = None
     reply: Reply | None = None
     relay: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (see docs/queue-format.md)."""
-        return {
+        d: dict[str, Any] = {
             "address": self.address,
             "state": self.state.value,
             "attempts": self.attempts,
@@ -304,6 +312,23 @@ class RecipientStatus:
             "reply": self.reply.to_json() if self.reply else None,
             "relay": self.relay,
         }
+        if self.history:
+            d["history"] = self.history
+        return d
+
+    def record(self, when: float, reply: Reply, relay: str | None = None) -> None:
+        """Append one attempt's (or operator action's) reply to L{history},
+        keeping the last L{HISTORY_LIMIT}.
+
+        @param when: seconds since the epoch.
+        @param reply: the reply (its code, text and whether it was local).
+        @param relay: the host that gave it, C{"host[ip]:port"}, if any.
+        """
+        self.history.append({"time": round(when, 3), "state": self.state.value,
+                             "code": reply.code, "text": reply.text,
+                             "local": reply.local, "relay": relay})
+        if len(self.history) > HISTORY_LIMIT:
+            del self.history[: len(self.history) - HISTORY_LIMIT]
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RecipientStatus:
@@ -316,6 +341,7 @@ class RecipientStatus:
             next_attempt=float(when) if when is not None else None,
             reply=Reply.from_json(d.get("reply")),
             relay=d.get("relay"),
+            history=[dict(h) for h in d.get("history", [])],
         )
 
     def move(self, new: RecipientState, reply: Reply | None, next_attempt: float | None = None,
@@ -355,6 +381,12 @@ class QueueEntry:
     @ivar bounced_reported: addresses of bounced recipients already named in
         a delivery status notification that has been queued (so a restart
         never reports them twice).
+    @ivar held: on hold (C{mailout queue hold}, Postfix C{postsuper -h}):
+        never attempted, never expired, until released.
+    @ivar held_since: when it was put on hold (seconds since the epoch),
+        L{None} when not held.
+    @ivar held_total: seconds it has spent on hold before, which do not
+        count towards its queue lifetime.
     @ivar size: bytes of the message after the envelope line when the store
         knows it (pickup and load set it), else L{None}; not stored.
     @ivar lease: the lease under which this store's owner holds the entry,
@@ -370,6 +402,9 @@ class QueueEntry:
     bounced_reported: list[str] = field(default_factory=list)
     delay_warned: bool = False
     eightbit: bool = False
+    held: bool = False
+    held_since: float | None = None
+    held_total: float = 0.0
     size: int | None = field(default=None, compare=False)
     lease: Lease | None = field(default=None, compare=False)
 
@@ -390,7 +425,10 @@ class QueueEntry:
         return all(r.state in FINAL_STATES for r in self.recipients)
 
     def due(self, now: float) -> list[RecipientStatus]:
-        """Recipients to try at time C{now} (pending, or deferred and due)."""
+        """Recipients to try at time C{now} (pending, or deferred and due);
+        none while the entry is held."""
+        if self.held:
+            return []
         out = []
         for r in self.recipients:
             if r.state is RecipientState.PENDING or (
@@ -401,7 +439,10 @@ class QueueEntry:
 
     def next_attempt(self) -> float | None:
         """The earliest time a recipient needs an attempt, or L{None} when
-        none does. Pending recipients count as due at C{arrival}."""
+        none does (or the entry is held). Pending recipients count as due at
+        C{arrival}."""
+        if self.held:
+            return None
         times = []
         for r in self.recipients:
             if r.state is RecipientState.PENDING:
@@ -410,8 +451,45 @@ class QueueEntry:
                 times.append(r.next_attempt or 0.0)
         return min(times) if times else None
 
+    @property
+    def lifetime_start(self) -> float:
+        """The arrival time as the queue lifetime sees it: C{arrival} moved
+        later by the time spent on hold."""
+        return self.arrival + self.held_total
+
+    def hold(self, now: float) -> bool:
+        """Put on hold at C{now}. @return: C{False} when it already was."""
+        if self.held:
+            return False
+        self.held, self.held_since = True, now
+        return True
+
+    def release(self, now: float) -> bool:
+        """Take off hold at C{now}: the time held stops counting towards the
+        lifetime and every deferred recipient is due at once.
+
+        @return: C{False} when it was not held.
+        """
+        if not self.held:
+            return False
+        self.held_total += max(0.0, now - (self.held_since or now))
+        self.held, self.held_since = False, None
+        for r in self.recipients:
+            if r.state is RecipientState.DEFERRED:
+                r.next_attempt = now
+        return True
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (see docs/queue-format.md)."""
+        d = self._base_json()
+        if self.held:
+            d["held"] = True
+            d["held_since"] = self.held_since
+        if self.held_total:
+            d["held_total"] = self.held_total
+        return d
+
+    def _base_json(self) -> dict[str, Any]:
         return {
             "v": FORMAT_VERSION,
             "qid": self.qid,
@@ -444,6 +522,10 @@ class QueueEntry:
                 bounced_reported=[str(a) for a in d.get("bounced_reported", [])],
                 delay_warned=bool(d.get("delay_warned", False)),
                 eightbit=bool(d.get("8bit", False)),
+                held=bool(d.get("held", False)),
+                held_since=(float(d["held_since"]) if d.get("held_since") is not None
+                            else None),
+                held_total=float(d.get("held_total", 0.0)),
             )
             if not entry.recipients:
                 raise ValueError("no recipients")
@@ -500,3 +582,36 @@ class ListedEntry:
     where: str
     name: str | None = None
     owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    """A destination the operator suspended: its mail stays queued and is
+    not attempted until C{until} or until cancelled (KumoMTA's admin
+    C{suspend/v1}). Attempts are not counted meanwhile; queue lifetimes keep
+    running.
+
+    @ivar id: the suspension's id (what cancelling names).
+    @ivar domain: the recipient domain suspended, lower case, A-label form
+        as given.
+    @ivar reason: the operator's reason, for logs and the status page.
+    @ivar created: when it was made, seconds since the epoch.
+    @ivar until: when it ends by itself, seconds since the epoch.
+    """
+
+    id: str
+    domain: str
+    reason: str
+    created: float
+    until: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (the store's form and the API's)."""
+        return {"id": self.id, "domain": self.domain, "reason": self.reason,
+                "created": self.created, "until": self.until}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Suspension:
+        """Inverse of L{to_json}. @raise ValueError, KeyError, TypeError: malformed."""
+        return cls(str(d["id"]), str(d["domain"]), str(d["reason"]), float(d["created"]),
+                   float(d["until"]))

@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from twisted.logger import Logger
@@ -59,6 +59,7 @@ from twisted_mailout.queue.model import (
     RecipientStatus,
     Recovery,
     StagedMessage,
+    Suspension,
     header_block,
     is_safe_qid,
     new_queue_id,
@@ -458,7 +459,9 @@ class Queue:
                 due.append((qid, None))
                 continue
             try:
-                due.append((qid, self._load_state(qid).next_attempt()))
+                state = self._load_state(qid)
+                if not state.held:  # held mail waits for release, unscheduled
+                    due.append((qid, state.next_attempt()))
             except (CorruptEntry, OSError) as e:
                 self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
@@ -601,23 +604,72 @@ class Queue:
         """Every message, read-only: files waiting in C{new/} and C{cur/}
         (parsed, left in place), then the active queue in queue id order;
         unreadable ones are skipped. Safe while the daemon runs."""
-        out = []
-        for name in self.incoming():
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[ListedEntry]:
+        """L{list_entries} as a generator: one directory listing per folder,
+        then each file read as it is reached. A folder that is not (yet) a
+        whole queue folder lists what it has."""
+        try:
+            incoming = self.incoming()
+        except OSError:
+            incoming = []
+        for name in incoming:
             try:
                 with open(self._path(name), "rb") as f:
                     entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f)
+                    entry.size = os.fstat(f.fileno()).st_size - entry.body_offset
             except (CorruptEntry, OSError):
                 continue
-            out.append(ListedEntry(entry, "incoming", name))
-        for qid in sorted(os.listdir(self._path("messages"))):
+            yield ListedEntry(entry, "incoming", name)
+        try:
+            qids = sorted(os.listdir(self._path("messages")))
+        except FileNotFoundError:
+            return
+        owner = self.owner if self._lock_fd is not None else None
+        for qid in qids:
             if not qid.startswith("."):
                 try:
                     entry = self.load(qid)
                 except (CorruptEntry, OSError, EntryNotFound):
                     continue
-                out.append(ListedEntry(entry, "active", None,
-                                       self.owner if self._lock_fd is not None else None))
-        return out
+                yield ListedEntry(entry, "active", None, owner)
+
+    # -- suspensions --------------------------------------------------------------
+
+    def suspensions(self) -> list[Suspension]:
+        """The suspensions saved in C{DIR/suspensions.json} (none when it
+        does not exist).
+
+        @raise QueueError: the file cannot be read or parsed.
+        """
+        path = self._path("suspensions.json")
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
+            return [Suspension.from_json(d) for d in raw["suspensions"]]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise QueueError(f"cannot read {path}: {e.strerror or e}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise QueueError(f"{path} is malformed: {e}") from e
+
+    def save_suspensions(self, suspensions: Sequence[Suspension]) -> None:
+        """Replace C{DIR/suspensions.json} atomically (tmp, fsync, rename,
+        fsync of the folder).
+
+        @raise QueueError: not written; the old file is kept.
+        """
+        path = self._path("suspensions.json")
+        data = json.dumps({"v": 1, "suspensions": [s.to_json() for s in suspensions]},
+                          indent=1).encode("utf-8")
+        try:
+            write_durably(path + ".tmp", data)
+            os.rename(path + ".tmp", path)
+            fsync_dir(self.path)
+        except OSError as e:
+            raise QueueError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def enqueue_many(queue_dir: str, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:

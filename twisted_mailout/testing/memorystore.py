@@ -20,7 +20,7 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from twisted_mailout.queue.model import (
     QueueEntry,
     Recovery,
     StagedMessage,
+    Suspension,
     header_block,
     new_queue_id,
     parse_envelope_line,
@@ -58,6 +59,7 @@ class MemoryBackend:
     @ivar leases: queue id -> L{Lease}.
     @ivar staged: queue id -> bytes staged, not yet published.
     @ivar quarantined: queue id -> C{(stored bytes, reason)}.
+    @ivar suspensions: the saved destination suspensions (JSON forms).
     @ivar clock: C{() -> float}, seconds since the epoch (C{Clock.seconds} in
         tests); lease expiry and arrival times follow it.
     """
@@ -68,6 +70,7 @@ class MemoryBackend:
     leases: dict[str, Lease] = field(default_factory=dict)
     staged: dict[str, bytes] = field(default_factory=dict)
     quarantined: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    suspensions: list[dict[str, Any]] = field(default_factory=list)
     clock: Callable[[], float] = time.time
     _faults: dict[str, list[BaseException]] = field(default_factory=dict)
 
@@ -204,7 +207,8 @@ class MemoryStore:
                 problems.append(f"{qid}: quarantined: {e}")
                 continue
             self.backend.leases[qid] = self._new_lease()
-            due.append((qid, entry.next_attempt() if qid in self.backend.states else None))
+            if not entry.held:  # held mail waits for release, unscheduled
+                due.append((qid, entry.next_attempt() if qid in self.backend.states else None))
         return Recovery(due, problems)
 
     def pickup(self, limit: int | None = None) -> Pickup:
@@ -309,21 +313,33 @@ class MemoryStore:
 
     def list_entries(self) -> list[ListedEntry]:
         """See L{IQueueStore.list_entries}."""
-        out = []
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[ListedEntry]:
+        """See L{IQueueStore.iter_entries}."""
         waiting = list(self.backend.incoming)
         for qid in waiting:
             try:
-                out.append(ListedEntry(self._entry(qid), "incoming", qid))
-            except CorruptEntry:
+                yield ListedEntry(self._entry(qid), "incoming", qid)
+            except (CorruptEntry, EntryNotFound):
                 continue
         for qid in sorted(set(self.backend.messages) - set(waiting)):
             try:
                 entry = self._entry(qid)
-            except CorruptEntry:
+            except (CorruptEntry, EntryNotFound):
                 continue
             lease = self.backend.leases.get(qid)
-            out.append(ListedEntry(entry, "active", None, lease.owner if lease else None))
-        return out
+            yield ListedEntry(entry, "active", None, lease.owner if lease else None)
+
+    def suspensions(self) -> list[Suspension]:
+        """See L{IQueueStore.suspensions}."""
+        self.backend._check_fault("suspensions")
+        return [Suspension.from_json(d) for d in self.backend.suspensions]
+
+    def save_suspensions(self, suspensions: Sequence[Suspension]) -> None:
+        """See L{IQueueStore.save_suspensions}."""
+        self.backend._check_fault("save_suspensions")
+        self.backend.suspensions = [json.loads(json.dumps(s.to_json())) for s in suspensions]
 
     def inject(self, qid: str, data: bytes) -> None:
         """Publish raw bytes as a message (to test what pickup does with a
