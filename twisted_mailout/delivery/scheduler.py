@@ -640,9 +640,10 @@ class Scheduler:
                 rs.record(now, final, attempt.relay)
                 self._emit(RecipientResult(
                     rs.address, status, final.code, final.text, attempt.relay, final.local,
-                    entry.qid, rs.attempts, now - entry.arrival))
+                    entry.qid, rs.attempts, now - entry.arrival),
+                    sender=entry.sender, destination=key, tls=getattr(attempt, "tls", None))
 
-    def _emit(self, o: RecipientResult) -> None:
+    def _emit(self, o: RecipientResult, **extra: Any) -> None:
         """Log one outcome and give it to the observers.
 
         The log event's namespace is C{twisted_mailout.outcome}; its fields
@@ -652,7 +653,14 @@ class Scheduler:
         C{"bounced"}), C{status} (the Postfix word of the line: C{"sent"},
         ...), C{code}, C{dsn} (enhanced status), C{reply} (one line),
         C{relay}, C{delay} (seconds), C{attempts}, C{local} (no server gave
-        the reply).
+        the reply); and, from the scheduler, C{sender} (the envelope sender,
+        C{""} for the null sender), C{destination} (the recipient domain, or
+        the relay's key when relaying) and C{tls} (how the session was
+        protected, L{None} when unknown or no session).
+
+        @param o: the outcome.
+        @param extra: the scheduler's extra fields (C{sender}, C{destination},
+            C{tls}).
         """
         self.counts[o.status.value] = self.counts.get(o.status.value, 0) + 1
         fields = o.log_fields()
@@ -662,7 +670,7 @@ class Scheduler:
             "{text}", text=_OUTCOME_LINE.format(o.queue_id, o.recipient, fields["relay"],
                                                 o.delay, o.attempts, fields["dsn"],
                                                 fields["status"], fields["reply"]),
-            **fields)
+            **fields, **extra)
         for obs in self.observers:
             try:
                 obs(o)
