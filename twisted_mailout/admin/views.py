@@ -49,7 +49,7 @@ def queue_name(listed: ListedEntry, in_flight: Collection[str] = ()) -> str:
 def _last_reply(reply: Any) -> str | None:
     if reply is None:
         return None
-    return f"{reply.code} {reply.one_line()}" if hasattr(reply, "one_line") else str(reply)
+    return str(reply.one_line())  # "451 4.3.0 text", on one line
 
 
 def row(listed: ListedEntry, name: str) -> dict[str, Any]:
