@@ -12,7 +12,7 @@ from tests.support.fakes import ScriptedConnector
 from twisted_mailout.admin import AdminConflict, QueueAdmin, Selector, SelectorError
 from twisted_mailout.delivery.connector import Attempt
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler
-from twisted_mailout.envelope import RecipientState, Reply
+from twisted_mailout.envelope import Reply
 from twisted_mailout.queue.model import EntryNotFound
 from twisted_mailout.queue.store import Queue
 from twisted_mailout.testing.memorystore import MemoryStore

@@ -19,7 +19,7 @@ def entry(qid=QA, sender="a@example.com", rcpts=("b@example.org",), arrival=1000
 
 
 def test_parse_words_stdin_and_filters():
-    stdin = io.StringIO(f"# from jq\n{QA}\n\n" + '{"queue_id": "%s", "x": 1}\n' % QB)
+    stdin = io.StringIO(f"# from jq\n{QA}\n\n" + f'{{"queue_id": "{QB}", "x": 1}}\n')
     s = Selector.parse(["-"], stdin=stdin, domain="example.org")
     assert s.ids == (QA, QB) and s.domain == "example.org"
     assert Selector.parse(["ALL"]).all
