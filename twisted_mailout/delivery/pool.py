@@ -258,6 +258,15 @@ class ConnectionPool(Generic[S]):
         dest = self._dests.get(key)
         return len(dest.idle) if dest is not None else 0
 
+    def idle_connections(self) -> int:
+        """Idle connections kept for reuse, all destinations together (they
+        count in L{open_connections} too). Cheap and non-blocking: a sum over
+        the destinations the pool has seen, for metrics read at scrape time.
+
+        @return: a count (C{int}, at least 0).
+        """
+        return sum(len(dest.idle) for dest in self._dests.values())
+
     def waiting_for(self, key: str) -> int:
         """Callers waiting for a connection to C{key}."""
         dest = self._dests.get(key)
@@ -412,6 +421,28 @@ class ConnectionPool(Generic[S]):
         log.debug("closing idle {label} to make room", label=oldest.label)
         oldest.session.quit()
         self._uncount(oldest)
+
+    def forget(self, key: str) -> int:
+        """Forget what the pool remembers of destination C{key}: its
+        dead-destination memory, and its idle connections (closed with
+        QUIT), so the next delivery opens afresh (C{mailout queue requeue}).
+        Busy connections are left alone.
+
+        @param key: the destination key.
+        @return: the idle connections closed.
+        """
+        dest = self._dests.get(key)
+        if dest is None:
+            return 0
+        dest.down = None
+        idle, dest.idle = dest.idle, []
+        for lease in idle:
+            self._stop_idle_timer(lease)
+            lease.session.quit()
+            self._uncount(lease)
+        if idle:
+            self._slot_freed(dest)
+        return len(idle)
 
     def _someone_blocked(self) -> bool:
         """Whether a destination waits for a slot under the global limit;
