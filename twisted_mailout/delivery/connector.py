@@ -17,6 +17,28 @@ being opened is abandoned, a transaction in progress is aborted (the
 connection is dropped at once, so the server never sees the end of the
 data and does not take the message); the connection slot is free at once,
 and one line is logged.
+
+Two event streams are a contract for observers such as the daemon's metrics
+(L{twisted_mailout.daemon.metrics}); their fields are stable:
+
+  - namespace L{DNS_NAMESPACE} (C{twisted_mailout.dns}), one event per
+    failed lookup that routing reported as a L{RouteError} (the MX lookup of
+    a destination, or the address lookup of one of its hosts): C{kind} (one
+    of L{DNS_FAILURE_KINDS}), C{destination}, C{host} (L{None} for the MX
+    lookup), C{lookup} (C{"mx"} or C{"address"}), C{code}, C{reply} (the
+    local reply, one line). Level C{info}.
+  - namespace L{SESSION_NAMESPACE} (C{twisted_mailout.session}), one event
+    per connection that reached the TLS decision (it completed EHLO and
+    STARTTLS, or failed at STARTTLS or at the TLS handshake): C{host} (the
+    host name), C{relay} (C{"host[ip]:port"}), C{tls_level} (the TLS level
+    it ran under, L{twisted_mailout.tls.levels.LEVELS}; C{"none"} after the
+    C{may} fallback to plaintext; not C{level}, which C{twisted.logger}
+    reserves), C{tls} (the protocol version, e.g.
+    C{"TLSv1.3"}, C{"TLS"} when encrypted but the version is unknown,
+    L{None} in plaintext) and C{result}: C{"tls"}, C{"plaintext"}, or the
+    RFC 8460 (4.3.1) result type of the failure
+    (L{twisted_mailout.tls.tlsrpt.RESULT_TYPES}). Level C{info} (a failed
+    host is also logged, as before, where the next host is tried).
 """
 
 from __future__ import annotations
@@ -55,9 +77,29 @@ from twisted_mailout.tls.resolve import (
     TLSResult,
 )
 
-__all__ = ["Attempt", "Connector", "ConnectorSettings"]
+__all__ = [
+    "DNS_FAILURE_KINDS",
+    "DNS_NAMESPACE",
+    "SESSION_NAMESPACE",
+    "Attempt",
+    "Connector",
+    "ConnectorSettings",
+    "dns_failure_kind",
+    "tls_version",
+]
 
 log = Logger()
+
+#: Namespace of the one event per failed DNS lookup (module docstring).
+DNS_NAMESPACE = "twisted_mailout.dns"
+#: Namespace of the one event per connection's TLS outcome (module docstring).
+SESSION_NAMESPACE = "twisted_mailout.session"
+#: The C{kind} values of DNS failure events (L{dns_failure_kind}).
+DNS_FAILURE_KINDS: tuple[str, ...] = ("nxdomain", "servfail", "timeout", "refused",
+                                      "null_mx", "no_address", "other")
+
+dns_log = Logger(namespace=DNS_NAMESPACE)
+session_log = Logger(namespace=SESSION_NAMESPACE)
 
 _T = TypeVar("_T")
 
@@ -124,10 +166,14 @@ class Attempt:
     @ivar replies: C{{recipient: Reply}} for every recipient given.
     @ivar relay: C{"host[ip]:port"} of the host that gave the replies, or
         L{None} when no host was reached.
+    @ivar tls: how that session was protected: the TLS protocol version
+        (L{tls_version}, e.g. C{"TLSv1.3"}), or L{None} for plaintext or
+        when no host was reached.
     """
 
     replies: dict[str, Reply]
     relay: str | None
+    tls: str | None = None
 
 
 def _shutting_down() -> Reply:
@@ -235,6 +281,7 @@ class Connector:
                        smtputf8: bool, eightbit: bool) -> Attempt:
         replies: dict[str, Reply] = {}
         relay = None
+        tls = None
         remaining = list(recipients)
         while remaining:
             try:
@@ -253,6 +300,7 @@ class Connector:
                          "{n} recipients not tried", dest=dest, n=len(remaining))
                 raise
             session, relay = lease.session, lease.label
+            tls = tls_version(session)
             try:
                 source = open_source()
             except OSError as e:
@@ -286,7 +334,26 @@ class Connector:
                     result.replies[r].is_positive for r in remaining):
                 break
             remaining = more
-        return Attempt(replies, relay)
+        return Attempt(replies, relay, tls)
+
+    def forget(self, dest: str) -> None:
+        """Forget what is cached about destination C{dest} (C{mailout queue
+        requeue}, Postfix C{postsuper -r}): its MX and address answers, the
+        pool's dead-destination memory and idle connections, the hosts
+        remembered as failing TLS, and its MTA-STS TXT check. The next
+        delivery to it routes and decides its security afresh.
+
+        @param dest: the destination key (a domain, or the relay's key).
+        """
+        forget = getattr(self.router, "forget", None)
+        if forget is not None:
+            forget(dest)
+        self.pool.forget(dest)
+        for memo in [m for m in self._plaintext_until if m[0] == dest]:
+            del self._plaintext_until[memo]
+        mta_sts = getattr(self.security, "mta_sts", None)
+        if mta_sts is not None:
+            mta_sts.forget(dest)
 
     def close(self) -> defer.Deferred[None]:
         """QUIT idle connections and stop reusing any. Busy connections are
@@ -335,7 +402,11 @@ class Connector:
         return outer
 
     async def _open_any_host(self, key: str, opening: _Opening) -> Opened[ESMTPSession]:
-        hops: list[NextHop] = await self.router.route(key)
+        try:
+            hops: list[NextHop] = await self.router.route(key)
+        except RouteError as e:
+            _log_dns_failure(key, None, e)
+            raise
         opening.check()
         relay = self.router.name if self.router.relay else None
         try:
@@ -361,6 +432,7 @@ class Connector:
                 addrs = await self.router.addresses(hop)
             except RouteError as e:
                 opening.check()
+                _log_dns_failure(key, hop.host, e)
                 if e.reply.is_permanent and hop.implicit:
                     raise
                 last = e.reply
@@ -444,6 +516,7 @@ class Connector:
             hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining,
             implicit_tls=implicit,
             credentials=s.credentials if self.router.relay else None)
+        label = f"{hop.host}[{addr}]:{hop.port}"
         factory: Any = _Factory(session)
         tls: Any = (creator or opportunistic_tls(hop.host)) if implicit else None
         try:
@@ -457,11 +530,17 @@ class Connector:
         try:
             ready = await _own(session.ready)
             opening.check()
-        except BaseException:
+        except BaseException as e:
             if opening.cancelled:
                 self._abort(session)
                 raise defer.CancelledError() from None
+            if isinstance(e, SessionError) and e.stage in (Stage.TLS, Stage.STARTTLS):
+                result = (e.tls_failure if e.stage == Stage.TLS else "starttls-not-supported")
+                _log_session(hop.host, label, level, None, result or "validation-failure")
             raise
+        version = tls_version(ready)
+        _log_session(hop.host, label, level, version,
+                     "plaintext" if version is None else "tls")
         return ready
 
 
@@ -480,6 +559,73 @@ class Connector:
             endpoint = wrapClientTLS(tls, endpoint)
         d: defer.Deferred[Any] = endpoint.connect(factory)
         return d
+
+
+def tls_version(session: Any) -> str | None:
+    """How a session's connection is protected.
+
+    @param session: an L{ESMTPSession} (anything with C{encrypted} and
+        C{transport}).
+    @return: the negotiated protocol version as OpenSSL names it
+        (C{"TLSv1.2"}, C{"TLSv1.3"}), C{"TLS"} when the connection is
+        encrypted but the version cannot be read (a transport without a
+        pyOpenSSL handle, or a handshake not finished), or L{None} when it is
+        not encrypted. Never raises.
+    """
+    if not getattr(session, "encrypted", False):
+        return None
+    try:
+        name = session.transport.getHandle().get_protocol_version_name()
+    except Exception:  # noqa: BLE001 - any transport: the version is optional
+        return "TLS"
+    return name if isinstance(name, str) and name.startswith("TLS") else "TLS"
+
+
+def dns_failure_kind(reply: Reply) -> str:
+    """Classify the reply routing made of a failed lookup (L{RouteError}'s
+    C{reply}, from L{twisted_mailout.routing.router}) for the C{kind} field
+    of the DNS failure event.
+
+    @param reply: the local reply.
+    @return: one of L{DNS_FAILURE_KINDS}: C{"nxdomain"}, C{"servfail"},
+        C{"timeout"}, C{"refused"}, C{"null_mx"} (RFC 7505), C{"no_address"}
+        (a host without A/AAAA records) or C{"other"}.
+    """
+    text = reply.text
+    if "null MX" in text:
+        return "null_mx"
+    if "NXDOMAIN" in text:
+        return "nxdomain"
+    if "SERVFAIL" in text:
+        return "servfail"
+    if "timed out" in text:
+        return "timeout"
+    if "query refused" in text:
+        return "refused"
+    if "no A/AAAA record" in text or "no MX and no A/AAAA" in text:
+        return "no_address"
+    return "other"
+
+
+def _log_dns_failure(destination: str, host: str | None, e: RouteError) -> None:
+    """The one event per failed lookup (namespace L{DNS_NAMESPACE})."""
+    reply = e.reply
+    dns_log.info("{destination}: DNS failure ({kind}) looking up {what}: {reply}",
+                 kind=dns_failure_kind(reply), destination=destination, host=host,
+                 lookup="mx" if host is None else "address",
+                 what=f"the MX of {destination}" if host is None else f"the address of {host}",
+                 code=reply.code, reply=reply.one_line())
+
+
+def _log_session(host: str, relay: str, level: str, tls: str | None,
+                 result: str) -> None:
+    """The one event per connection's TLS outcome (namespace L{SESSION_NAMESPACE})."""
+    if result in ("tls", "plaintext"):
+        how = f"{tls} encrypted connection" if tls else "plaintext connection"
+    else:
+        how = f"TLS failed ({result})"
+    session_log.info("{relay}: {how} (TLS level {tls_level})", how=how, host=host,
+                     relay=relay, tls_level=level, tls=tls, result=result)
 
 
 def _conn_error(e: Exception) -> str:
