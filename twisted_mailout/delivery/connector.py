@@ -346,10 +346,9 @@ class Connector:
         @param dest: the destination key (a domain, or the relay's key).
         """
         forget = getattr(self.router, "forget", None)
-        if forget is not None:
-            forget(dest)
+        hosts = set(forget(dest) if forget is not None else ()) | {dest}
         self.pool.forget(dest)
-        for memo in [m for m in self._plaintext_until if m[0] == dest]:
+        for memo in [m for m in self._plaintext_until if m[0] in hosts]:
             del self._plaintext_until[memo]
         mta_sts = getattr(self.security, "mta_sts", None)
         if mta_sts is not None:

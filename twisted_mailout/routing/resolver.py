@@ -188,6 +188,13 @@ class TTLCache(Generic[K, V]):
                 self._d.pop(next(iter(self._d)))
         self._d[key] = (self.clock.seconds() + min(ttl, self.max_ttl), value)
 
+    def discard(self, key: K) -> V | None:
+        """Forget C{key}. @return: its value when it was cached and live."""
+        hit = self._d.pop(key, None)
+        if hit is None or self.clock.seconds() >= hit[0]:
+            return None
+        return hit[1]
+
     def __len__(self) -> int:
         return len(self._d)
 

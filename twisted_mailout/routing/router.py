@@ -234,6 +234,21 @@ class MXRouter:
             hops.extend(NextHop(h, self.port, pref) for h in hosts)
         return hops
 
+    def forget(self, domain: str) -> list[str]:
+        """Forget the cached MX answer of C{domain} and the cached addresses
+        of its MX hosts (C{mailout queue requeue}): the next route looks them
+        up again.
+
+        @param domain: the destination domain (A-label form).
+        @return: the host names whose answers were forgotten (the MX hosts
+            and the domain itself).
+        """
+        d = domain.lower()
+        hosts = [host for _, host in self._mx_cache.discard(d) or ()] + [d]
+        for host in hosts:
+            self._addr_cache.discard(host)
+        return hosts
+
     def addresses(self, hop: NextHop) -> defer.Deferred:
         """The IP addresses of C{hop.host}: A records then AAAA records.
 

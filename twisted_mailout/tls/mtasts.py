@@ -223,6 +223,18 @@ class MTASTS:
 
     # -- public ------------------------------------------------------------
 
+    def forget(self, domain: str) -> None:
+        """Forget the TXT record and any fetch failure remembered for
+        C{domain}, so its policy id is checked (and a changed policy fetched)
+        at its next delivery. The cached policy itself is kept: RFC 8461 5.1
+        has it protect the domain until it expires.
+
+        @param domain: the policy domain (A-label form).
+        """
+        d = domain.lower()
+        self._txt.pop(d, None)
+        self._failed.pop(d, None)
+
     def policy_for(self, domain: str) -> defer.Deferred[STSPolicy | None]:
         """The policy to apply to mail for C{domain} (RFC 8461 5.1).
 
