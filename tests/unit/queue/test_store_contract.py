@@ -251,3 +251,40 @@ def test_a_batch_write_refuses_only_the_entries_whose_lease_was_lost(shared):
         one.remove_many([lost, kept])
     assert caught.value.qids == {lost}
     assert [x.entry.qid for x in two.list_entries()] == [lost]
+
+
+def test_suspensions_are_saved_and_replaced_whole(case):
+    from twisted_mailout.queue.model import Suspension
+
+    s = case.store()
+    assert s.suspensions() == []
+    one = Suspension("a1", "example.org", "asked", T0, T0 + 60)
+    two = Suspension("b2", "example.net", "", T0, T0 + 120)
+    s.save_suspensions([one, two])
+    assert case.store().suspensions() == [one, two]  # another store object sees them
+    s.save_suspensions([two])
+    assert case.store().suspensions() == [two]
+
+
+def test_held_entries_are_not_recovered_for_delivery(case):
+    s = case.store()
+    held = s.enqueue("a@example.com", ["b@example.org"], MSG)
+    free = s.enqueue("a@example.com", ["c@example.org"], MSG)
+    s.pickup()
+    e = s.load(held)
+    e.hold(T0)
+    s.save_many([e])
+    again = case.store()
+    due, _ = again.recover()
+    assert [q for q, _ in due] == [free]
+    assert again.load(held).held
+
+
+def test_iter_entries_is_lazy_and_matches_list_entries(case):
+    s = case.store()
+    for i in range(3):
+        s.enqueue("a@example.com", [f"r{i}@example.org"], MSG)
+    it = s.iter_entries()
+    first = next(it)
+    assert first.where == "incoming" and first.entry.size is not None
+    assert [x.entry.qid for x in [first, *it]] == [x.entry.qid for x in s.list_entries()]
