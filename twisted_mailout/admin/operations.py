@@ -416,6 +416,13 @@ class QueueAdmin:
                         self.scheduler.give_back(qid, now)
                 if result.dsns:
                     self.scheduler.pickup()
+        if self.scheduler is not None:
+            held = self.scheduler.on_hold
+            for qid in result.changed:
+                if action == "hold":
+                    held.add(qid)
+                elif action in ("release", "delete", "bounce"):
+                    held.discard(qid)
         for qid in result.changed:
             admin_log.info("{qid}: {action} by the operator ({source}){why}", qid=qid,
                            action=action, reason=reason, source=self.source,

@@ -224,6 +224,10 @@ class Scheduler:
         #: queue ids the operator is working on (L{take}): never dispatched.
         self._taken: set[str] = set()
         self._finished: dict[str, list[defer.Deferred[None]]] = {}
+        #: queue ids on hold (from recovery, then kept by the operator's
+        #: actions): counted by L{shape}, never scheduled.
+        self.on_hold: set[str] = set()
+        self._shape: tuple[float, dict[str, Any]] | None = None
         #: queue id -> its work (L{None} while the work is being started).
         self._inflight: dict[str, defer.Deferred[float | None] | None] = {}
         self._preloaded: dict[str, QueueEntry] = {}
@@ -250,7 +254,8 @@ class Scheduler:
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> int:
-        due, problems = await self.run_blocking(self.queue.recover)
+        due, problems, on_hold = await self.run_blocking(self.queue.recover)
+        self.on_hold.update(on_hold)
         for p in problems:
             log.warn("queue recovery: {problem}", problem=p)
         now = self.clock.seconds()
@@ -452,6 +457,47 @@ class Scheduler:
         self._preloaded.pop(qid, None)
         if due is not None and not self._stopping:
             self._schedule(qid, due)
+
+    def shape(self, now: float, max_age: float = 1.0) -> dict[str, Any]:
+        """The queue as the scheduler sees it, for metrics and the status
+        page, without touching the store: C{{"active": in flight or due now,
+        "deferred": scheduled later, "hold": on hold, "oldest_arrival":
+        seconds since the epoch of the oldest message it holds (from the
+        queue ids, which start with the arrival time; L{None} when empty)}}.
+
+        One pass over the schedule (about 10 ms per 100,000 messages); the
+        answer is reused for C{max_age} seconds.
+
+        @param now: seconds since the epoch.
+        @param max_age: seconds a computed answer is reused.
+        """
+        if self._shape is not None and 0 <= now - self._shape[0] < max_age:
+            return self._shape[1]
+        flying = [q for q in self._inflight if q not in self._taken]
+        due_now = later = 0
+        oldest = None
+        live = self._queued
+        for due, seq, qid in self._heap:
+            if live.get(qid) != seq:
+                continue
+            if due <= now:
+                due_now += 1
+            else:
+                later += 1
+        for ids in (live, flying, self.on_hold):
+            for qid in ids:
+                if len(qid) == 23 and qid[0] != "F" and (oldest is None or qid < oldest):
+                    oldest = qid
+        arrival = None
+        if oldest is not None:
+            try:
+                arrival = int(oldest[:13], 16) / 1e6
+            except ValueError:
+                arrival = None
+        out = {"active": len(flying) + due_now, "deferred": later,
+               "hold": len(self.on_hold), "oldest_arrival": arrival}
+        self._shape = (now, out)
+        return out
 
     def in_flight(self) -> frozenset[str]:
         """The queue ids being delivered now (Postfix's active queue proper)."""

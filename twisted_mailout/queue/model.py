@@ -554,16 +554,19 @@ class Pickup(NamedTuple):
 
 class Recovery(NamedTuple):
     """What L{IQueueStore.recover} found at start (unpacks as
-    C{(due, problems)}).
+    C{(due, problems, on_hold)}).
 
     @ivar due: C{(qid, when)} per active entry now held by this owner, with
         C{when} its next attempt (seconds since the epoch) or L{None} for
         "now" (never tried: its state is its envelope).
     @ivar problems: one human-readable line per repair made.
+    @ivar on_hold: queue ids of the entries on hold (in no schedule until
+        the operator releases them).
     """
 
     due: list[tuple[str, float | None]]
     problems: list[str]
+    on_hold: list[str] = []  # a NamedTuple default: never mutated
 
 
 @dataclass(frozen=True, slots=True)

@@ -454,18 +454,21 @@ class Queue:
                     os.unlink(path)
                     problems.append(f"{qid}: removed the state of a finished message")
         due: list[tuple[str, float | None]] = []
+        on_hold: list[str] = []
         for qid in sorted(messages):
             if qid not in states:
                 due.append((qid, None))
                 continue
             try:
                 state = self._load_state(qid)
-                if not state.held:  # held mail waits for release, unscheduled
+                if state.held:  # held mail waits for release, unscheduled
+                    on_hold.append(qid)
+                else:
                     due.append((qid, state.next_attempt()))
             except (CorruptEntry, OSError) as e:
                 self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
-        return Recovery(due, problems)
+        return Recovery(due, problems, on_hold)
 
     def renew(self) -> float:
         """Leases never expire here. @return: C{float("inf")}."""

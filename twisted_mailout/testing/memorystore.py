@@ -195,6 +195,7 @@ class MemoryStore:
         """See L{IQueueStore.recover}."""
         self.backend._check_fault("recover")
         due: list[tuple[str, float | None]] = []
+        on_hold: list[str] = []
         problems: list[str] = []
         waiting = set(self.backend.incoming)
         for qid in sorted(self.backend.messages):
@@ -207,9 +208,11 @@ class MemoryStore:
                 problems.append(f"{qid}: quarantined: {e}")
                 continue
             self.backend.leases[qid] = self._new_lease()
-            if not entry.held:  # held mail waits for release, unscheduled
+            if entry.held:  # held mail waits for release, unscheduled
+                on_hold.append(qid)
+            else:
                 due.append((qid, entry.next_attempt() if qid in self.backend.states else None))
-        return Recovery(due, problems)
+        return Recovery(due, problems, on_hold)
 
     def pickup(self, limit: int | None = None) -> Pickup:
         """See L{IQueueStore.pickup}."""

@@ -337,3 +337,25 @@ def test_requeue_forgets_destinations_and_retries_now(store):
     h.clock.advance(0)
     assert forgotten == ["example.org"]
     assert h.delivered() == ["b@example.org"]
+
+
+def test_scheduler_shape_counts_what_metrics_show(store):
+    h = Harness(store)
+    h.replies["example.org"] = LATER
+    h.start()
+    a = store.enqueue("a@example.com", ["b@example.org"], MSG)
+    b = store.enqueue("a@example.com", ["c@example.org"], MSG)
+    result_of(h.sched.pickup())
+    now = h.clock.seconds()
+    shape = h.sched.shape(now, max_age=0)
+    assert shape["deferred"] == 2 and shape["active"] == 0 and shape["hold"] == 0
+    assert abs(shape["oldest_arrival"] - int(a[:13], 16) / 1e6) < 1e-6
+    result_of(h.admin.hold(Selector(ids=(b,))))
+    assert h.sched.shape(now, max_age=0) | {"oldest_arrival": None} == {
+        "active": 0, "deferred": 1, "hold": 1, "oldest_arrival": None}
+    # a daemon started later counts the held message from recovery
+    h2 = Harness(store)
+    h2.start()
+    assert h2.sched.shape(h2.clock.seconds(), max_age=0)["hold"] == 1
+    result_of(h.admin.delete(Selector(ids=(b,))))
+    assert h.sched.shape(now, max_age=0)["hold"] == 0

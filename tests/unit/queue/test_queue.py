@@ -210,7 +210,7 @@ def test_recovery_repairs_interrupted_steps(tmp_path):
     # 5. a picked-up message whose first attempt never finished: no state yet.
     fresh = q.enqueue("a@example.com", ["d@example.org", "e@example.org"], MSG)
     q.pickup()
-    due, problems = q.recover()
+    due, problems, _ = q.recover()
     assert due == [(fresh, None)]  # no state: pending, due at once
     assert [r.state for r in q.load(fresh).recipients] == [RecipientState.PENDING] * 2
     assert len(problems) == 4, problems

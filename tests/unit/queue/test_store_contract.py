@@ -116,7 +116,7 @@ def test_saved_state_is_loaded_back_and_recovered_by_the_next_daemon(case):
     assert again.to_json() == entry.to_json() and again.size == entry.size
     assert store.load(fresh).recipients[0].state is RecipientState.PENDING
     # A restart: a new store object over the same queue.
-    due, problems = case.store().recover()
+    due, problems, _ = case.store().recover()
     assert problems == []
     assert sorted(due) == sorted([(qid, T0 + 300), (fresh, None)])
 
@@ -131,7 +131,7 @@ def test_removed_entries_are_gone_and_removing_twice_is_fine(case):
     with pytest.raises(EntryNotFound):
         store.load(qid)
     assert listed(store) == []
-    assert case.store().recover() == ([], [])
+    assert case.store().recover() == ([], [], [])
 
 
 def test_quarantined_entries_leave_the_active_queue(case):
@@ -206,7 +206,7 @@ def test_an_entry_is_held_by_one_owner_until_its_lease_expires(shared):
     assert entry.lease.owner == "d0"
     assert entry.lease.expires == T0 + 60
     assert two.pickup() == ([], [])
-    assert two.recover() == ([], [])  # held by a live owner
+    assert two.recover() == ([], [], [])  # held by a live owner
     clock.advance(59)
     assert two.pickup() == ([], [])
     clock.advance(1)
@@ -275,8 +275,8 @@ def test_held_entries_are_not_recovered_for_delivery(case):
     e.hold(T0)
     s.save_many([e])
     again = case.store()
-    due, _ = again.recover()
-    assert [q for q, _ in due] == [free]
+    due, _, on_hold = again.recover()
+    assert [q for q, _ in due] == [free] and on_hold == [held]
     assert again.load(held).held
 
 
