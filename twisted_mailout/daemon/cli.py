@@ -1,4 +1,4 @@
-"""The C{mailout} command: C{sendmail}, C{queue list}, C{demo}.
+"""The C{mailout} command: C{sendmail}, C{queue} (L{queuecli}), C{demo}.
 
 Exit codes follow sysexits(3), as sendmail(1) does: 64 bad usage or address,
 65 bad message data, 73 queue folder cannot be written, 75 temporary failure.
@@ -7,17 +7,14 @@ Exit codes follow sysexits(3), as sendmail(1) does: 64 bad usage or address,
 from __future__ import annotations
 
 import argparse
-import datetime
 import getpass
-import json
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
 
+from twisted_mailout.daemon import queuecli
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import MessageError, recipients_from_headers, remove_headers
-from twisted_mailout.queue.model import QueueEntry
 from twisted_mailout.queue.store import Queue, QueueError, validate_envelope
 
 __all__ = ["main"]
@@ -79,65 +76,6 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
-
-
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    """C{mailout queue --queue DIR list [--json]}.
-
-    @param args: the parsed arguments (C{queue}, C{json}).
-    @return: the exit status: 0, or C{EX_USAGE} when there is no queue
-        folder there.
-    """
-    try:
-        q = Queue(args.queue, create=False)
-    except QueueError as e:
-        print(f"mailout queue: {e}", file=sys.stderr)
-        return EX_USAGE
-    rows = [_row(x.entry, x.where, x.name) for x in q.list_entries()]
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    if not rows:
-        print("mail queue is empty")
-        return 0
-    for r in rows:
-        print(f"{r['queue_id']}  {r['queue']:<8} {r['arrival']}  from=<{r['sender']}>")
-        for rc in r["recipients"]:
-            extra = f" next={rc['next_attempt']}" if rc["next_attempt"] else ""
-            reply = f"  ({rc['reply']['code']} {rc['reply']['text']})" if rc["reply"] else ""
-            reply = reply.replace("\n", " ")
-            print(f"    <{rc['address']}> {rc['state']} attempts={rc['attempts']}{extra}{reply}")
-    print(f"-- {len(rows)} messages")
-    return 0
-
-
-def _row(entry: QueueEntry, where: str, name: str | None) -> dict[str, Any]:
-    return {
-        "queue_id": entry.qid,
-        "queue": where,
-        "file": name,
-        "sender": entry.sender,
-        "arrival": _when(entry.arrival),
-        "origin": entry.origin,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt": _when(r.next_attempt),
-                "reply": r.reply.to_json() if r.reply else None,
-                "relay": r.relay,
-            }
-            for r in entry.recipients
-        ],
-    }
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """C{mailout demo}: the whole job on loopback (see L{demo.run}).
 
@@ -169,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipients", nargs="*", metavar="RCPT", help="recipient addresses")
     s.set_defaults(func=cmd_sendmail)
 
-    q = sub.add_parser("queue", help="inspect a queue folder")
-    q.add_argument("--queue", "-q", required=True, metavar="DIR", help="queue folder")
-    qs = q.add_subparsers(dest="queue_command", required=True)
-    ql = qs.add_parser("list", help="every message with each recipient's state")
-    ql.add_argument("--json", action="store_true", help="machine-readable output")
-    ql.set_defaults(func=cmd_queue_list)
+    queuecli.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the delivery service against loopback DNS and SMTP "
                        "servers it starts itself, and print the outcomes")

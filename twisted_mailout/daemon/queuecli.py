@@ -1,0 +1,1045 @@
+"""The C{mailout queue} command: the operator's queue administration (issue 11).
+
+One set of operations (L{twisted_mailout.admin.QueueAdmin}), two ways in:
+
+- when a daemon runs on the queue folder (it holds the folder's lock), the
+  command asks the daemon's HTTP API (docs/operations-api.md), found through
+  C{DIR/control.json} (L{twisted_mailout.daemon.control.find_daemon}), so the
+  daemon's schedule changes at once;
+- when none runs, the command works on the folder itself: actions hold the
+  folder's lock for the whole command (so no daemon starts meanwhile); the
+  read-only commands (C{list}, C{show}, C{summary}, C{suspensions}) only
+  probe the lock to learn whether a daemon runs and then read without it
+  (the folder's listing is safe to read while a daemon works on it).
+
+Subcommands: C{list [--json] [SELECTOR]}, C{show QID [--body] [--json]},
+C{summary [--by domain|sender] [--top N] [--json] [SELECTOR]},
+C{hold|release|delete|bounce|flush|requeue SELECTOR [--reason TEXT]},
+C{suspend --domain D --duration S [--reason TEXT]}, C{suspensions [--json]},
+C{cancel-suspension ID [--reason TEXT]}. A SELECTOR is queue ids, C{-} (ids
+one a line on standard input, C{list --json} lines accepted), C{ALL}, and
+the filters C{--domain}, C{--sender}, C{--recipient}, C{--state},
+C{--older-than} (see L{twisted_mailout.admin.selector}).
+
+Exit codes follow sysexits(3): 0 done; 64 bad usage, bad selector or a
+C{--queue} that is not a queue folder; 66 unknown queue id or suspension; 69
+a conflict (a domain already suspended); 70 the daemon failed internally; 73
+the queue folder cannot be written; 75 a daemon runs but its API cannot be
+reached; 77 the API refused the token. Errors go to standard error as
+C{mailout queue: ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, TypeVar
+
+from twisted.python.failure import Failure
+
+from twisted_mailout.queue.model import EntryNotFound
+from twisted_mailout.queue.store import Queue, QueueError, QueueLocked
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
+
+    from twisted_mailout.admin import QueueAdmin, Selector
+
+# The admin layer (and the delivery layer under it) is imported when a
+# subcommand runs, not when the parser is built: `mailout sendmail` builds
+# the same parser and should not pay for it.
+
+__all__ = [
+    "ACTIONS",
+    "ApiBackend",
+    "Backend",
+    "CommandError",
+    "OfflineBackend",
+    "add_parser",
+    "fired",
+    "open_backend",
+    "parse_duration",
+    "run",
+]
+
+EX_OK = 0
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+
+#: The actions on messages, with the word that says what happened.
+ACTIONS = {"hold": "held", "release": "released", "delete": "deleted", "bounce": "bounced",
+           "flush": "flushed", "requeue": "requeued"}
+
+#: Commands that change nothing.
+READ_ONLY = frozenset({"list", "show", "summary", "suspensions"})
+
+#: Names a queue folder may hold before it is initialised (no C{new/} yet)
+#: and still count as an empty queue.
+_EMPTY_QUEUE_NAMES = frozenset({*Queue.SUBDIRS, "lock"})
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*", re.IGNORECASE)
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """A failure the command reports in one line and an exit status.
+
+    @ivar message: the text after C{mailout queue: }.
+    @ivar status: the sysexits(3) exit status.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def parse_duration(text: str) -> float:
+    """A duration given on the command line, in seconds.
+
+    @param text: seconds (C{"90"}, C{"1.5"}) or a number with one unit:
+        C{s}, C{m} (minutes), C{h}, C{d}, C{w} (C{"30m"}, C{"2h"}, C{"1d"}).
+    @return: seconds (a finite float >= 0).
+    @raise argparse.ArgumentTypeError: anything else.
+    """
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (seconds, or a number with s, m, h, d or w: 30m, 2h, 1d)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"not a number above 0: {text!r}")
+    return n
+
+
+def fired(d: defer.Deferred[T]) -> T:
+    """The result of a Deferred that has already fired (the command's store
+    work runs through C{inline_io}, which fires at once: no reactor).
+
+    @param d: the Deferred.
+    @return: its result.
+    @raise Exception: the error it failed with.
+    @raise RuntimeError: it has not fired.
+    """
+    out: list[Any] = []
+    d.addBoth(out.append)
+    if not out:
+        raise RuntimeError("the operation did not finish at once (it needs a reactor)")
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    result: T = out[0]
+    return result
+
+
+class _Clock:
+    """The wall clock, as QueueAdmin wants it (C{seconds()})."""
+
+    def seconds(self) -> float:
+        return time.time()
+
+
+# -- the two ways in ----------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What the subcommands need, offered by the store (L{OfflineBackend})
+    and by the daemon's API (L{ApiBackend}). Every method blocks."""
+
+    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
+        """The C{list --json} rows (L{views.row}) of the selected messages,
+        as they are read. @raise EntryNotFound, SelectorError, ControlError."""
+
+    def show(self, qid: str, body: bool) -> dict[str, Any]:
+        """One message in full (L{views.detail})."""
+
+    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
+        """The queue's shape (L{views.summary})."""
+
+    def act(self, action: str, selector: Selector, reason: str,
+            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
+        """Run one of L{ACTIONS}; returns C{ActionResult.to_json()}."""
+
+    def suspensions(self) -> list[dict[str, Any]]:
+        """The suspensions in force (their JSON forms)."""
+
+    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
+        """Suspend a destination; returns the suspension."""
+
+    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
+        """End a suspension; returns it."""
+
+    def close(self) -> None:
+        """Let go of the folder's lock or the connection."""
+
+
+class OfflineBackend:
+    """The operations on the folder itself, no daemon running.
+
+    @param store: the queue folder, or L{None} for a folder that exists but
+        is empty or not yet initialised (an empty queue).
+    @param locked: this process holds C{store}'s lock (released by L{close}).
+    @param progress: passed to L{QueueAdmin} as its progress callback.
+    """
+
+    def __init__(self, store: Queue | None, locked: bool = False) -> None:
+        self.store = store
+        self.locked = locked
+        self.clock = _Clock()
+        self._admin: QueueAdmin | None = None
+        self._progress: Callable[[int, int], object] | None = None
+
+    def _get_admin(self) -> QueueAdmin:
+        assert self.store is not None
+        if self._admin is None:
+            from twisted_mailout.admin import QueueAdmin
+
+            self._admin = QueueAdmin(self.store, self.clock, source="cli",
+                                     reporting_mta=socket.getfqdn() or "localhost",
+                                     progress=self._report)
+            fired(self._admin.start())
+        return self._admin
+
+    def _report(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
+
+    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
+        """See L{Backend.rows}."""
+        if self.store is None:
+            if selector.ids:
+                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
+            return iter(())
+        return self._get_admin().iter_rows(selector, self.clock.seconds())
+
+    def show(self, qid: str, body: bool) -> dict[str, Any]:
+        """See L{Backend.show}."""
+        if self.store is None:
+            _check_qid(qid)
+            raise EntryNotFound(f"no message {qid} in the queue")
+        return fired(self._get_admin().show(qid, body))
+
+    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
+        """See L{Backend.summary}."""
+        if self.store is None:
+            if selector.ids:
+                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
+            from twisted_mailout.admin import views
+
+            return views.summary([], self.clock.seconds(), by, top)
+        return fired(self._get_admin().summary(by, selector, top))
+
+    def act(self, action: str, selector: Selector, reason: str,
+            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
+        """See L{Backend.act}."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        if self.store is None:
+            if action != "flush":
+                selector.require(action)
+            if selector.ids:
+                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
+            return {"action": action, "matched": 0, "changed": 0, "queue_ids": [],
+                    "skipped": {}, "dsn_queue_ids": []}
+        admin = self._get_admin()
+        # flush with no selector means all deferred mail: QueueAdmin.flush's
+        # default, which it applies to None (an empty Selector is truthy)
+        chosen = None if action == "flush" and selector.is_empty else selector
+        self._progress = progress
+        try:
+            method: Callable[[Selector | None, str], defer.Deferred[Any]] = getattr(
+                admin, action)
+            return fired(method(chosen, reason)).to_json()
+        finally:
+            self._progress = None
+
+    def suspensions(self) -> list[dict[str, Any]]:
+        """See L{Backend.suspensions}."""
+        if self.store is None:
+            return []
+        return self._get_admin().list_suspensions()
+
+    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
+        """See L{Backend.suspend}.
+
+        @raise CommandError: the folder is not initialised (exit 66).
+        """
+        if self.store is None:
+            raise CommandError("the queue folder is not initialised yet (no new/ in it): "
+                               "start the daemon on it once, or queue mail to it first",
+                               EX_NOINPUT)
+        return fired(self._get_admin().suspend(domain, duration, reason))
+
+    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
+        """See L{Backend.cancel_suspension}."""
+        if self.store is None:
+            raise EntryNotFound(f"no suspension {sid!r} in force")
+        return fired(self._get_admin().cancel_suspension(sid, reason))
+
+    def close(self) -> None:
+        """Release the folder's lock if held."""
+        if self.store is not None and self.locked:
+            self.store.unlock()
+            self.locked = False
+
+
+def _check_qid(qid: str) -> None:
+    """@raise SelectorError: C{qid} cannot be a queue id."""
+    from twisted_mailout.admin import Selector
+
+    Selector(ids=(qid,))
+
+
+def _selector_params(selector: Selector) -> dict[str, str]:
+    """The API's query parameters for a selector (api_contract.md)."""
+    out: dict[str, str] = {}
+    if selector.ids:
+        out["ids"] = ",".join(selector.ids)
+    if selector.all:
+        out["all"] = "1"
+    for key in ("domain", "sender", "recipient", "state"):
+        v = getattr(selector, key)
+        if v is not None:
+            out[key] = v
+    if selector.older_than is not None:
+        out["older_than"] = f"{selector.older_than:g}"
+    return out
+
+
+class ApiBackend:
+    """The operations through the running daemon's HTTP API.
+
+    @param client: a L{twisted_mailout.daemon.control.ControlClient} (its
+        C{get}, C{post}, C{delete} and C{iter_ndjson} block and raise
+        C{ControlError(status, code, message)}).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
+        """See L{Backend.rows} (streamed: C{format=ndjson})."""
+        params = {**_selector_params(selector), "format": "ndjson"}
+        rows: Iterator[dict[str, Any]] = self.client.iter_ndjson("/api/v1/messages", params)
+        return rows
+
+    def show(self, qid: str, body: bool) -> dict[str, Any]:
+        """See L{Backend.show}."""
+        _check_qid(qid)  # a bad id is a usage error here, not a path to send
+        got: dict[str, Any] = self.client.get(f"/api/v1/messages/{qid}",
+                                              {"body": "1"} if body else {})
+        return got
+
+    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
+        """See L{Backend.summary}."""
+        params = {**_selector_params(selector), "by": by}
+        if top is not None:
+            params["top"] = str(top)
+        got: dict[str, Any] = self.client.get("/api/v1/summary", params)
+        return got
+
+    def act(self, action: str, selector: Selector, reason: str,
+            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
+        """See L{Backend.act} (C{progress} is not called: the daemon does
+        the work in one request)."""
+        if action != "flush":
+            selector.require(action)
+        got: dict[str, Any] = self.client.post(
+            f"/api/v1/actions/{action}", {"selector": selector.to_json(), "reason": reason})
+        return got
+
+    def suspensions(self) -> list[dict[str, Any]]:
+        """See L{Backend.suspensions}."""
+        got: list[dict[str, Any]] = self.client.get("/api/v1/suspensions", {})["suspensions"]
+        return got
+
+    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
+        """See L{Backend.suspend}."""
+        got: dict[str, Any] = self.client.post(
+            "/api/v1/suspensions", {"domain": domain, "duration": duration, "reason": reason})
+        return got
+
+    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
+        """See L{Backend.cancel_suspension}."""
+        if not sid or not sid.isascii() or not sid.isalnum():
+            raise EntryNotFound(f"no suspension {sid!r} in force")
+        try:
+            got: dict[str, Any] = self.client.delete(f"/api/v1/suspensions/{sid}",
+                                                     {"reason": reason})
+        except TypeError:  # a client whose delete takes no body
+            got = self.client.delete(f"/api/v1/suspensions/{sid}")
+        return got
+
+    def close(self) -> None:
+        """Close the client's connection, if it has one to close."""
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
+
+
+def _control() -> Any:
+    """The daemon's control client module.
+    @raise CommandError: it is not available (exit 75)."""
+    try:
+        return importlib.import_module("twisted_mailout.daemon.control")
+    except ImportError as e:
+        raise CommandError(f"this installation has no control API client ({e})",
+                           EX_TEMPFAIL) from None
+
+
+def _client_for_url(url: str, token_file: str | None) -> Any:
+    """A ControlClient for an explicit C{--api URL}.
+    @raise CommandError: the token file cannot be read (64) or the client
+        cannot be made (75)."""
+    control = _control()
+    token = None
+    if token_file is not None:
+        token = _read_token(token_file)
+    maker = getattr(control, "client_for_url", None)
+    try:
+        if maker is not None:
+            return maker(url, token=token)
+        return control.ControlClient(url, token=token)
+    except (ValueError, TypeError) as e:
+        raise CommandError(f"--api {url}: {e}", EX_USAGE) from None
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as e:
+        raise CommandError(f"cannot read the token file {path}: {e.strerror or e}",
+                           EX_USAGE) from None
+    if not token:
+        raise CommandError(f"the token file {path} is empty", EX_USAGE)
+    return token
+
+
+def _find_daemon(path: str, token_file: str | None) -> Any:
+    """The client of the daemon that holds C{path}'s lock.
+    @raise CommandError: it has no reachable API (exit 75)."""
+    control = _control()
+    try:
+        client = control.find_daemon(path)
+    except Exception as e:  # noqa: BLE001 - any failure here means: no usable API
+        raise CommandError(
+            f"a mailout daemon runs on {path} (it holds the queue's lock), but its control "
+            f"API cannot be reached: {e}", EX_TEMPFAIL) from None
+    if client is None:
+        raise CommandError(
+            f"a mailout daemon runs on {path} (it holds the queue's lock), but it publishes "
+            f"no control API ({os.path.join(path, 'control.json')} is missing or stale): "
+            "run it with its default --http socket, or give --api URL", EX_TEMPFAIL)
+    if token_file is not None:
+        token = _read_token(token_file)
+        if hasattr(client, "token"):
+            client.token = token
+    return client
+
+
+def _open_folder(path: str) -> Queue | None:
+    """The queue folder at C{path}, or L{None} when it exists but is empty
+    or not initialised (nothing in it but empty queue subfolders and a lock).
+
+    @raise CommandError: nothing there, not a folder, or a folder holding
+        other things (exit 64).
+    """
+    if not os.path.exists(path):
+        raise CommandError(f"{path} is not a mailout queue folder (nothing is there)",
+                           EX_USAGE)
+    if not os.path.isdir(path):
+        raise CommandError(f"{path} is not a mailout queue folder (not a folder)", EX_USAGE)
+    if os.path.isdir(os.path.join(path, "new")):
+        try:
+            return Queue(path, create=False)
+        except QueueError as e:
+            raise CommandError(str(e), EX_USAGE) from None
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror or e}", EX_NOINPUT) from None
+    for name in sorted(names):
+        full = os.path.join(path, name)
+        if name == "lock" and os.path.isfile(full):
+            continue
+        if name in _EMPTY_QUEUE_NAMES and os.path.isdir(full) and not os.listdir(full):
+            continue
+        raise CommandError(f"{path} is not a mailout queue folder (no new/ in it, and it "
+                           f"holds {name!r})", EX_USAGE)
+    return None
+
+
+def open_backend(queue: str | None, api: str | None = None, token_file: str | None = None,
+                 writes: bool = True) -> Backend:
+    """Choose the way in: the daemon's API when a daemon holds the queue's
+    lock (or C{api} is given), else the folder itself.
+
+    @param queue: the queue folder (may be L{None} only with C{api}).
+    @param api: an explicit API base URL (C{http://127.0.0.1:8025}, or the
+        form the control client accepts); the folder is then not touched.
+    @param token_file: a file whose first line is the API's bearer token.
+    @param writes: the command changes the queue: hold the lock for the
+        whole command (released by C{close()}); otherwise the lock is only
+        probed and the folder read without it.
+    @return: a L{Backend}; call its C{close()} at the end.
+    @raise CommandError: not a queue folder (64), the lock file cannot be
+        written (73), a daemon runs without a reachable API (75).
+    """
+    if api is not None:
+        return ApiBackend(_client_for_url(api, token_file))
+    if queue is None:
+        raise CommandError("give the queue folder (--queue DIR) or the API (--api URL)",
+                           EX_USAGE)
+    store = _open_folder(queue)
+    if store is None:
+        return OfflineBackend(None)
+    try:
+        store.lock()
+    except QueueLocked:
+        return ApiBackend(_find_daemon(store.path, token_file))
+    except QueueError as e:
+        if writes:
+            raise CommandError(str(e), EX_CANTCREAT) from None
+        return OfflineBackend(store)  # no lock to be had (a read-only folder): read
+    if not writes:
+        store.unlock()
+        return OfflineBackend(store)
+    return OfflineBackend(store, locked=True)
+
+
+# -- printing -------------------------------------------------------------------------
+
+
+def _when(t: float | None) -> str:
+    """An epoch time as mailq prints it (local time): C{Tue Dec  3 05:09:01}."""
+    if t is None:
+        return "-"
+    lt = time.localtime(t)
+    return time.strftime("%a %b ", lt) + f"{lt.tm_mday:2d}" + time.strftime(" %H:%M:%S", lt)
+
+
+def _stamp(t: float | None) -> str:
+    """An epoch time as an ISO date and time (local time)."""
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+_MARK = {"active": "*", "hold": "!"}
+_QID_WIDTH = 24
+
+
+def print_table(rows: Iterator[dict[str, Any]], out: TextIO) -> int:
+    """Print the rows as mailq does (one block per message: id with C{*}
+    active or C{!} held, size, arrival, sender; then each recipient with
+    its state, attempts, next attempt and last reply), streaming, then a
+    C{-- N Kbytes in M requests.} line (or C{Mail queue is empty}).
+
+    @param rows: L{views.row} objects.
+    @param out: where to print.
+    @return: how many messages were printed.
+    """
+    count = 0
+    size = 0
+    for row in rows:
+        if count == 0:
+            out.write(f"{'-Queue ID-':<{_QID_WIDTH}} --Size-- ----Arrival Time---- "
+                      "-Sender/Recipient-------\n")
+        count += 1
+        size += row.get("message_size") or 0
+        qid = row["queue_id"] + _MARK.get(row["queue_name"], "")
+        out.write(f"{qid:<{_QID_WIDTH}} {row.get('message_size') or 0:>8} "
+                  f"{_when(row['arrival_time']):>20}  {row['sender'] or 'MAILER-DAEMON'}\n")
+        if row["queue_name"] == "hold":
+            out.write(f"{'':8}(on hold since {_when(row.get('held_since'))})\n")
+        for r in row["recipients"]:
+            line = f"{'':8}{r['address']}  {r['state']}  attempts={r['attempts']}"
+            if r.get("next_attempt") is not None and r["state"] == "deferred":
+                line += f"  next={_when(r['next_attempt'])}"
+            out.write(line + "\n")
+            if r.get("last_reply"):
+                reply = " ".join(str(r["last_reply"]).split())
+                out.write(f"{'':10}({reply})\n")
+        out.write("\n")
+        if count == 1:
+            out.flush()
+    if count == 0:
+        out.write("Mail queue is empty\n")
+    else:
+        kbytes = (size + 1023) // 1024
+        out.write(f"-- {kbytes} Kbytes in {count} request{'s' if count != 1 else ''}.\n")
+    return count
+
+
+def print_ndjson(rows: Iterator[dict[str, Any]], out: TextIO) -> int:
+    """Print one JSON object a line (C{postqueue -j}), the first at once.
+
+    @return: how many rows were printed.
+    """
+    count = 0
+    for row in rows:
+        out.write(json.dumps(row, separators=(",", ":")) + "\n")
+        count += 1
+        if count == 1:
+            out.flush()
+    return count
+
+
+def print_summary(s: dict[str, Any], out: TextIO) -> None:
+    """Print a L{views.summary} as qshape does: a header of age buckets
+    (minutes), a C{TOTAL} row, then one row per domain, every column right
+    aligned.
+
+    @param s: the summary object (C{buckets}, C{total}, C{rows}).
+    @param out: where to print.
+    """
+    header = ["", "T", *s["buckets"]]
+    table = [header, ["TOTAL", str(s["total"]["total"]), *map(str, s["total"]["counts"])]]
+    for row in s["rows"]:
+        table.append([row["domain"] or "<>", str(row["total"]), *map(str, row["counts"])])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        out.write(" ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+                  .rstrip() + "\n")
+
+
+def print_detail(d: dict[str, Any], out: TextIO) -> None:
+    """Print one message (L{views.detail}) for people: the envelope, each
+    recipient with its history, the headers and, when present, the message.
+
+    @param d: the detail object.
+    @param out: where to print.
+    """
+    lines = [
+        f"Queue ID:     {d['queue_id']}",
+        f"Queue:        {d['queue_name']}",
+        f"Sender:       {d['sender'] or '<> (MAILER-DAEMON)'}",
+        f"Arrival:      {_stamp(d['arrival_time'])}",
+        f"Size:         {d.get('message_size') if d.get('message_size') is not None else '?'}"
+        " bytes",
+        f"Origin:       {d.get('origin')}",
+    ]
+    if d.get("held_since") is not None:
+        lines.append(f"Held since:   {_stamp(d['held_since'])}")
+    if d.get("held_total"):
+        lines.append(f"Held before:  {d['held_total']:.0f} s (not counted in its lifetime)")
+    if d.get("next_due") is not None:
+        lines.append(f"Next due:     {_stamp(d['next_due'])}")
+    lines.append("Recipients:")
+    for r in d["recipients"]:
+        line = f"  {r['address']}  {r['state']}  attempts={r['attempts']}"
+        if r.get("next_attempt") is not None and r["state"] == "deferred":
+            line += f"  next={_stamp(r['next_attempt'])}"
+        if r.get("relay"):
+            line += f"  relay={r['relay']}"
+        lines.append(line)
+        for h in r.get("history") or []:
+            local = " (local)" if h.get("local") else ""
+            relay = f" via {h['relay']}" if h.get("relay") else ""
+            text = " ".join(str(h.get("text", "")).split())
+            lines.append(f"    {_stamp(h.get('time'))}  {h.get('state')}  "
+                         f"{h.get('code')} {text}{local}{relay}")
+    headers = d.get("headers")
+    if headers is None:
+        lines.append("Headers:      (not available)")
+    else:
+        lines.append("Headers:")
+        lines.extend(f"  {k}: {' '.join(str(v).split())}" for k, v in headers)
+    out.write("\n".join(lines) + "\n")
+    if d.get("message") is not None:
+        out.write("\n" + d["message"].replace("\r\n", "\n"))
+        if not d["message"].endswith("\n"):
+            out.write("\n")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def print_action(result: dict[str, Any], out: TextIO) -> None:
+    """Print what an action did: C{N messages held} (etc.), then each
+    message skipped and why, then the failure reports queued (bounce).
+
+    @param result: C{ActionResult.to_json()}.
+    @param out: where to print.
+    """
+    verb = ACTIONS.get(result["action"], result["action"])
+    changed = result["changed"]
+    n = changed if isinstance(changed, int) else len(changed)
+    out.write(f"{_plural(n, 'message')} {verb}\n")
+    for qid, why in sorted(result.get("skipped", {}).items()):
+        out.write(f"{qid}: not {verb}: {why}\n")
+    dsns = result.get("dsn_queue_ids") or []
+    if dsns:
+        out.write(f"{_plural(len(dsns), 'failure report')} queued to the senders: "
+                  f"{', '.join(dsns)}\n")
+
+
+def print_suspensions(items: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """Print the suspensions as a table (id, domain, until, reason).
+
+    @param items: suspension JSON forms (C{id}, C{domain}, C{reason},
+        C{created}, C{until}).
+    @param out: where to print.
+    """
+    if not items:
+        out.write("No destination is suspended\n")
+        return
+    width = max(4, *(len(s["domain"]) for s in items))
+    idw = max(2, *(len(s["id"]) for s in items))
+    out.write(f"{'ID':<{idw}}  {'DOMAIN':<{width}}  {'UNTIL':<19}  REASON\n")
+    for s in items:
+        line = (f"{s['id']:<{idw}}  {s['domain']:<{width}}  {_stamp(s['until']):<19}  "
+                f"{' '.join(str(s.get('reason') or '').split())}")
+        out.write(line.rstrip() + "\n")
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+class _ProgressBar:
+    """A C{rich} progress bar on standard error for a bulk offline action,
+    shown only when standard error is a terminal and more than one message
+    is changed; silent otherwise (and when C{rich} is not installed)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 1:
+            return
+        if self._bar is None:
+            try:
+                from rich.console import Console
+                from rich.progress import Progress
+            except ImportError:
+                self.enabled = False
+                return
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class _Spinner:
+    """A C{rich} spinner on standard error while the daemon works on a
+    request (online actions), when standard error is a terminal."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self._status: Any = None
+        if enabled:
+            try:
+                from rich.console import Console
+            except ImportError:
+                return
+            self._status = Console(stderr=True).status(label)
+
+    def __enter__(self) -> _Spinner:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+
+# -- the subcommands -------------------------------------------------------------------
+
+
+def _selector(args: argparse.Namespace) -> Selector:
+    """The SELECTOR of a subcommand's arguments. @raise SelectorError."""
+    from twisted_mailout.admin import Selector
+
+    return Selector.parse(args.words, stdin=sys.stdin if "-" in args.words else None,
+                          domain=args.domain, sender=args.sender, recipient=args.recipient,
+                          state=args.state, older_than=args.older_than)
+
+
+def _cmd_list(b: Backend, args: argparse.Namespace) -> int:
+    rows = b.rows(_selector(args))
+    if args.json:
+        print_ndjson(rows, sys.stdout)
+    else:
+        print_table(rows, sys.stdout)
+    return EX_OK
+
+
+def _cmd_show(b: Backend, args: argparse.Namespace) -> int:
+    d = b.show(args.qid, args.body)
+    if args.json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        print_detail(d, sys.stdout)
+    return EX_OK
+
+
+def _cmd_summary(b: Backend, args: argparse.Namespace) -> int:
+    s = b.summary(args.by, args.top, _selector(args))
+    if args.json:
+        sys.stdout.write(json.dumps(s) + "\n")
+    else:
+        print_summary(s, sys.stdout)
+    return EX_OK
+
+
+def _cmd_action(b: Backend, args: argparse.Namespace) -> int:
+    action = args.queue_command
+    selector = _selector(args)
+    tty = sys.stderr.isatty()
+    if isinstance(b, ApiBackend):
+        many = not (len(selector.ids) == 1 and not selector.all)
+        with _Spinner(f"{action}: the daemon is working...", tty and many):
+            result = b.act(action, selector, args.reason, None)
+    else:
+        bar = _ProgressBar(action, tty)
+        try:
+            result = b.act(action, selector, args.reason, bar)
+        finally:
+            bar.close()
+    print_action(result, sys.stdout)
+    return EX_OK
+
+
+def _cmd_suspend(b: Backend, args: argparse.Namespace) -> int:
+    if args.duration <= 0:
+        raise CommandError("--duration must be more than 0 seconds", EX_USAGE)
+    s = b.suspend(args.domain, args.duration, args.reason)
+    sys.stdout.write(f"suspended {s['domain']} until {_stamp(s['until'])} "
+                     f"(suspension {s['id']})\n")
+    return EX_OK
+
+
+def _cmd_suspensions(b: Backend, args: argparse.Namespace) -> int:
+    items = b.suspensions()
+    if args.json:
+        for s in items:
+            sys.stdout.write(json.dumps(s, separators=(",", ":")) + "\n")
+    else:
+        print_suspensions(items, sys.stdout)
+    return EX_OK
+
+
+def _cmd_cancel(b: Backend, args: argparse.Namespace) -> int:
+    s = b.cancel_suspension(args.id, args.reason)
+    sys.stdout.write(f"suspension {s['id']} of {s['domain']} cancelled\n")
+    return EX_OK
+
+
+_COMMANDS: dict[str, Callable[[Backend, argparse.Namespace], int]] = {
+    "list": _cmd_list, "show": _cmd_show, "summary": _cmd_summary,
+    "suspend": _cmd_suspend, "suspensions": _cmd_suspensions, "cancel-suspension": _cmd_cancel,
+    **dict.fromkeys(ACTIONS, _cmd_action),
+}
+
+
+def _control_error_status(e: Exception) -> int:
+    status = getattr(e, "status", None)
+    code = getattr(e, "code", None)
+    if status == 400 or code == "bad_request":
+        return EX_USAGE
+    if status == 404 or code == "not_found":
+        return EX_NOINPUT
+    if status == 409 or code == "conflict":
+        return EX_UNAVAILABLE
+    if status in (401, 403) or code in ("unauthorized", "forbidden"):
+        return EX_NOPERM
+    if isinstance(status, int) and 400 <= status < 600:
+        return EX_SOFTWARE
+    return EX_TEMPFAIL  # no answer: connection refused, reset, timed out
+
+
+def _is_control_error(e: BaseException) -> bool:
+    return any(c.__name__ == "ControlError" for c in type(e).__mro__)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one C{mailout queue} subcommand.
+
+    @param args: the parsed arguments (C{queue}, C{api}, C{token_file},
+        C{queue_command} and the subcommand's own).
+    @return: the exit status (see the module's docstring).
+    """
+    from twisted_mailout.admin import AdminConflict, SelectorError
+
+    command: str = args.queue_command
+    backend: Backend | None = None
+    try:
+        backend = open_backend(args.queue, args.api, args.token_file,
+                               writes=command not in READ_ONLY)
+        status = _COMMANDS[command](backend, args)
+        sys.stdout.flush()
+        return status
+    except CommandError as e:
+        return _fail(e.message, e.status)
+    except SelectorError as e:
+        return _fail(str(e), EX_USAGE)
+    except EntryNotFound as e:
+        return _fail(str(e).strip("'\""), EX_NOINPUT)
+    except AdminConflict as e:
+        return _fail(str(e), EX_UNAVAILABLE)
+    except QueueError as e:
+        return _fail(str(e), EX_CANTCREAT)
+    except BrokenPipeError:
+        # the reader went away (list --json | head): not an error; keep
+        # Python from complaining again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_OK
+    except Exception as e:
+        if _is_control_error(e):
+            return _fail(getattr(e, "message", None) or str(e), _control_error_status(e))
+        raise
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _fail(message: str, status: int) -> int:
+    sys.stdout.flush()
+    print(f"mailout queue: {message}", file=sys.stderr)
+    return status
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with 64 (EX_USAGE)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and C{mailout queue: MESSAGE}; exit 64."""
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_selector(p: argparse.ArgumentParser, words_help: str) -> None:
+    p.add_argument("words", nargs="*", metavar="ID", help=words_help)
+    p.add_argument("--domain", default=None,
+                   help="messages with an unfinished recipient at this domain "
+                   "(.example.com: its subdomains too)")
+    p.add_argument("--sender", default=None,
+                   help="envelope sender: an address, @domain, or <> for bounces")
+    p.add_argument("--recipient", default=None, help="a recipient address")
+    p.add_argument("--state", default=None, metavar="QUEUE",
+                   help="queue name: incoming, active, deferred or hold")
+    p.add_argument("--older-than", dest="older_than", type=parse_duration, default=None,
+                   metavar="AGE", help="arrived at least this long ago (seconds, or 30m, 2h, 1d)")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the C{queue} command and its subcommands to the C{mailout}
+    parser.
+
+    @param sub: the C{mailout} parser's subparsers action
+        (C{ArgumentParser.add_subparsers()}).
+    @return: the C{queue} parser (its C{func} default runs L{run}).
+    """
+    q = sub.add_parser(
+        "queue", help="administer a queue: list, show, summary, hold, release, delete, "
+        "bounce, flush, requeue, suspend",
+        description="Administer a mailout queue. When a daemon runs on the queue, its HTTP "
+        "API is used (found through DIR/control.json); otherwise the folder itself, under "
+        "its lock. Exit status: 0 done, 64 bad usage or selector, 66 unknown queue id or "
+        "suspension, 69 conflict, 73 the queue cannot be written, 75 the daemon cannot be "
+        "reached.")
+    # usage errors exit 64 (EX_USAGE) here, as sysexits(3) says
+    setattr(q, "error", _Parser.error.__get__(q))  # noqa: B010 - an instance's own method
+    q.add_argument("--queue", "-q", default=None, metavar="DIR", help="queue folder")
+    q.add_argument("--api", default=None, metavar="URL",
+                   help="the daemon's API (http://127.0.0.1:PORT or unix:/path/control.sock) "
+                   "instead of finding it through the queue folder")
+    q.add_argument("--token-file", dest="token_file", default=None, metavar="FILE",
+                   help="file whose first line is the API's bearer token")
+    q.set_defaults(func=run)
+    qs = q.add_subparsers(dest="queue_command", required=True, metavar="COMMAND",
+                          parser_class=_Parser)
+
+    sel_help = "queue ids, - (ids one a line on standard input), or ALL"
+    p = qs.add_parser("list", help="the messages, as mailq prints them",
+                      description="List the selected messages (all by default).")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line, as postqueue -j prints them")
+    _add_selector(p, sel_help)
+
+    p = qs.add_parser("show", help="one message in full",
+                      description="Show one message: its envelope, each recipient's history, "
+                      "its headers.")
+    p.add_argument("qid", metavar="QID", help="the queue id")
+    p.add_argument("--body", action="store_true", help="print the message too")
+    p.add_argument("--json", action="store_true", help="print the JSON object")
+
+    p = qs.add_parser("summary", help="the queue's shape, as qshape prints it",
+                      description="Messages per domain and age (minutes), as qshape prints "
+                      "them.")
+    p.add_argument("--by", choices=("domain", "sender"), default="domain",
+                   help="rows by recipient domain (default) or sender domain")
+    p.add_argument("--top", type=_positive_int, default=None, metavar="N",
+                   help="only the N biggest rows")
+    p.add_argument("--json", action="store_true", help="print the JSON object")
+    _add_selector(p, sel_help)
+
+    helps = {
+        "hold": "put messages on hold (never attempted, never expired) until released",
+        "release": "release held messages (due at once)",
+        "delete": "remove messages without a bounce",
+        "bounce": "return messages to their senders with a failure report",
+        "flush": "make deferred mail due now (default: all deferred mail)",
+        "requeue": "forget cached routing and policy, and route the messages again",
+    }
+    for action, text in helps.items():
+        p = qs.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_selector(p, sel_help)
+        p.add_argument("--reason", default="", metavar="TEXT",
+                       help="why (logged; the diagnostic of a bounce's report)")
+
+    p = qs.add_parser("suspend", help="stop attempting a destination for a while",
+                      description="Suspend a destination: its mail stays queued and is not "
+                      "attempted until the suspension ends or is cancelled.")
+    p.add_argument("--domain", required=True, help="the recipient domain")
+    p.add_argument("--duration", required=True, type=parse_duration, metavar="DURATION",
+                   help="seconds, or 30m, 2h, 1d")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why (logged, listed)")
+
+    p = qs.add_parser("suspensions", help="the destinations suspended now")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+
+    p = qs.add_parser("cancel-suspension", help="end a suspension now",
+                      description="End a suspension now: its destination's mail is due "
+                      "at once.")
+    p.add_argument("id", metavar="ID", help="the suspension's id (see suspensions)")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why (logged)")
+    return q
