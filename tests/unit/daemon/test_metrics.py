@@ -3,13 +3,17 @@
 Events are made by the real emitters wherever one can run in memory (the
 scheduler over a MemoryStore, the TLS-RPT functions, a real connector under
 StubSMTP, the router's own failures), so a renamed field fails here; the
-exposition is read back with prometheus_client's own parser.
+exposition is read back with prometheus_client's own parser. The Grafana
+dashboard in docs/ is checked against the names the metrics expose.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +44,8 @@ from twisted_mailout.testing.memory import StubSMTP
 from twisted_mailout.testing.memorystore import MemoryStore
 from twisted_mailout.tls import tlsrpt
 
+ROOT = Path(__file__).resolve().parents[3]
+DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
 MSG = b"From: a@origin.test\r\nSubject: s\r\nMessage-ID: <m@origin.test>\r\n\r\nbody\r\n"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -536,3 +542,48 @@ def test_the_resource_reads_the_live_state_and_serves_the_text() -> None:
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"content-type: text/plain; version=0.0.4" in head.lower()
     assert b'mailout_queue_messages{queue_name="deferred"} 9.0' in body
+
+
+# -- the Grafana dashboard -------------------------------------------------------------
+
+
+def _exprs(node: Any) -> Iterator[str]:
+    """Every PromQL expression in the dashboard: targets and variable queries."""
+    if isinstance(node, dict):
+        for key, v in node.items():
+            if key == "expr" and isinstance(v, str):
+                yield v
+            elif key == "query" and isinstance(v, dict) and isinstance(v.get("query"), str):
+                yield v["query"]
+            else:
+                yield from _exprs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _exprs(v)
+
+
+_METRIC = re.compile(r"\b(?:mailout|process|python)_[a-zA-Z0-9_]*")
+
+
+def test_the_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    assert dashboard["schemaVersion"] >= 36
+    exprs = list(_exprs(dashboard))
+    assert len(exprs) >= 10
+    exposed = Metrics().sample_names()
+    used: set[str] = set()
+    for expr in exprs:
+        names = set(_METRIC.findall(re.sub(r'"[^"]*"', '""', expr)))
+        assert names, f"no metric in {expr!r}"
+        assert names <= exposed, f"{expr!r} uses {sorted(names - exposed)}"
+        used |= names
+    for required in ("mailout_recipients_total", "mailout_queue_messages",
+                     "mailout_queue_oldest_age_seconds", "mailout_delivery_delay_seconds_bucket",
+                     "mailout_smtp_replies_total", "mailout_connections",
+                     "mailout_tls_sessions_total", "mailout_dns_failures_total",
+                     "mailout_suspended_destinations", "mailout_messages_enqueued_total"):
+        assert required in used, f"no panel shows {required}"
+    for panel in dashboard["panels"]:
+        if panel.get("type") != "row":
+            assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
