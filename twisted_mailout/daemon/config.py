@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
@@ -12,7 +15,7 @@ from twisted_mailout.smtp.timeouts import Timeouts
 from twisted_mailout.tls.policy import PolicyFileError, PolicyTable, TLSPolicy
 from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
 
-__all__ = ["Config", "ConfigError"]
+__all__ = ["Config", "ConfigError", "http_endpoint_is_local", "read_token_file"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ class Config:
         C{retry_base}.
     @ivar delay_warning: seconds after arrival when the sender of mail still
         deferred is warned once (RFC 3464 action C{delayed}); L{None}: never.
+    @ivar http: Twisted server endpoint strings the HTTP API is served on
+        (C{--http}, repeatable), besides the default Unix socket. A TCP (or
+        SSL) endpoint must name a loopback C{interface=} unless
+        C{http_token_file} is given (docs/operations-api.md).
+    @ivar http_default: serve the API on the default Unix socket,
+        C{DIR/control.sock}, mode 0600 (C{--no-http} turns it off).
+    @ivar http_token_file: a file whose first line is the API's bearer token
+        (C{--http-token-file}); it must not be readable by every user.
     """
 
     queue: str
@@ -106,6 +117,9 @@ class Config:
     auth_plaintext: bool = False
     mta_sts: bool = False
     dnssec_resolvers: tuple[str, ...] = ()
+    http: tuple[str, ...] = ()
+    http_default: bool = True
+    http_token_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.queue:
@@ -155,6 +169,13 @@ class Config:
             raise ConfigError("--delay-warning must be positive")
         if self.retry_max < self.retry_base:
             raise ConfigError("--retry-max must not be less than --retry-base")
+        if self.http_token_file is not None:
+            read_token_file(self.http_token_file)
+        for desc in self.http:
+            if not http_endpoint_is_local(desc) and self.http_token_file is None:
+                raise ConfigError(
+                    f"--http {desc!r} may be reached from other hosts: listen on loopback "
+                    "(for example tcp:8025:interface=127.0.0.1) or give --http-token-file")
 
     def credentials(self) -> Credentials | None:
         """The relay's AUTH L{Credentials}, read from the file or the
@@ -196,6 +217,65 @@ class Config:
         """Per-try DNS timeouts adding up to C{dns_timeout}."""
         t = self.dns_timeout
         return (t / 7, 2 * t / 7, 4 * t / 7)
+
+
+def read_token_file(path: str) -> str:
+    """The HTTP API's bearer token: the first line of C{path}, stripped.
+
+    @param path: the C{--http-token-file}.
+    @return: the token (not empty).
+    @raise ConfigError: the file is missing, unreadable, readable by every
+        user (its mode grants "other" read), or its first line is empty.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"--http-token-file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"--http-token-file {path}: not a regular file")
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigError(f"--http-token-file {path} is readable by every user (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--http-token-file {path}: cannot read it: {e}") from None
+    token = line.strip()
+    if not token:
+        raise ConfigError(f"--http-token-file {path}: its first line is empty")
+    return token
+
+
+def http_endpoint_is_local(description: str) -> bool:
+    """Can only this host reach an HTTP endpoint? (Without a token, the API
+    may listen only where the answer is yes.)
+
+    @param description: a Twisted server endpoint string (C{--http}).
+    @return: C{True} for a Unix socket, and for a C{tcp}, C{tcp6} or C{ssl}
+        endpoint whose C{interface=} is a loopback address; C{False} for one
+        on every interface, another address, or any other kind of endpoint
+        (whose reach cannot be told).
+    @raise ConfigError: the string is not a usable server endpoint.
+    """
+    from twisted.internet import endpoints
+
+    try:
+        # The parsers only keep the reactor; the real one is given at listen
+        # time (importing it here would install it before twistd chose one).
+        ep = endpoints.serverFromString(object(), description)
+    except Exception as e:  # noqa: BLE001 - plugin parsers raise anything
+        raise ConfigError(f"--http {description!r}: not a server endpoint: {e}") from None
+    if isinstance(ep, endpoints.UNIXServerEndpoint):
+        return True
+    if isinstance(ep, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint
+                  | endpoints.SSL4ServerEndpoint):
+        interface = getattr(ep, "_interface", "")
+        try:
+            return bool(interface) and ipaddress.ip_address(interface).is_loopback
+        except ValueError:
+            return False
+    return False
 
 
 _FQDN = None

@@ -87,6 +87,10 @@ class Options(usage.Options):
          _seconds],
         ["delay-warning", None, None, "Seconds after arrival when the sender of mail still "
          "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
+        ["http-token-file", None, None, "File whose first line is the bearer token of the "
+         "HTTP API (mode 0600; refused when every user may read it). With it, every /api/ "
+         "request not made through a Unix socket needs 'Authorization: Bearer TOKEN', and "
+         "--http may listen beyond loopback (docs/operations-api.md)."],
     ]
 
     optFlags = [
@@ -94,12 +98,24 @@ class Options(usage.Options):
          "(off: credentials are only sent under TLS)."],
         ["mta-sts", None, "Apply MTA-STS policies (RFC 8461) of recipient domains: fetch, "
          "cache under the queue folder, enforce."],
+        ["no-http", None, "Do not serve the HTTP API on the default Unix socket, "
+         "QUEUE/control.sock (--http endpoints are still served)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["resolvers"] = []
         self["dnssec-resolvers"] = []
+        self["http"] = []
+
+    def opt_http(self, value: str) -> None:
+        """Also serve the HTTP API (/api/v1, /healthz, /readyz, /metrics, the status
+        page) on this Twisted server endpoint (repeatable), e.g.
+        tcp:8025:interface=127.0.0.1 or unix:/run/mailout/api.sock:mode=600. A TCP
+        endpoint must listen on loopback unless --http-token-file is given. The
+        default Unix socket QUEUE/control.sock (mode 0600) is served as well unless
+        --no-http."""
+        self["http"].append(value)
 
     def opt_dnssec_resolver(self, value: str) -> None:
         """Validating DNS resolver, HOST[:PORT] (IPv4; repeatable), trusted to set the AD
@@ -169,6 +185,9 @@ def config_from_options(o: Options) -> Config:
         auth_plaintext=bool(o["auth-plaintext"]),
         mta_sts=bool(o["mta-sts"]),
         dnssec_resolvers=tuple(o["dnssec-resolvers"]),
+        http=tuple(o["http"]),
+        http_default=not o["no-http"],
+        http_token_file=o["http-token-file"],
     )
 
 
@@ -179,7 +198,8 @@ def makeService(options: Options) -> DeliveryService:
     @return: the service, not started.
     @raise SystemExit: with a clear message when another daemon holds the
         queue's lock, the folder cannot be used, or a file named by an
-        option (cafile, policy file, password file) cannot be used.
+        option (cafile, policy file, password file, token file) cannot be
+        used.
     """
     try:
         return _make(options["config"])
