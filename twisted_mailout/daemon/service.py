@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.application import service
@@ -12,11 +12,16 @@ from twisted.logger import Logger
 from twisted.python import filepath
 from twisted.python.failure import Failure
 
-from twisted_mailout.daemon.config import Config
+from twisted.web.resource import Resource
+
+from twisted_mailout.admin import QueueAdmin
+from twisted_mailout.daemon import http
+from twisted_mailout.daemon.config import Config, read_token_file
 from twisted_mailout.api import default_reactor
 from twisted_mailout.delivery.build import build_connector as _build_connector
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
 from twisted_mailout.outcome import RecipientResult
+from twisted_mailout.queue import QueueError
 from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import make_resolver
 from twisted_mailout.smtp.auth import Credentials
@@ -77,16 +82,23 @@ def build_connector(config: Config, reactor: Any, resolver: Any = None,
 class DeliveryService(service.MultiService):
     """Delivers everything in one queue folder until stopped.
 
-    A C{MultiService} of two children, started in this order and stopped in
-    the reverse one:
+    A C{MultiService} of three children, started in this order and stopped
+    in the reverse one:
 
-      1. C{"scheduler"}: recovers the queue and runs the L{Scheduler}; on
-         stop, lets transactions in flight finish for up to
+      1. C{"scheduler"}: loads the saved destination suspensions (the
+         L{QueueAdmin}'s start), then recovers the queue and runs the
+         L{Scheduler}; on stop, lets transactions in flight finish for up to
          C{config.shutdown_timeout} seconds (mail still in flight then stays
          queued);
       2. C{"pickup"}: once the queue is recovered, picks up new mail on
          inotify events and every C{config.poll_interval} seconds; stopped
-         first, so nothing new is picked up while the scheduler winds down.
+         before the scheduler, so nothing new is picked up while it winds
+         down;
+      3. C{"http"} (unless there is no endpoint): the HTTP API and health
+         endpoints (L{http.HTTPService}) on the default Unix socket
+         C{DIR/control.sock} and every C{config.http} endpoint, advertised in
+         C{DIR/control.json}; stopped first, so no operator action starts
+         while the rest stops. Its API waits for the queue's recovery.
 
     The queue's lock is taken when the service is constructed (so a second
     daemon fails at once, before twistd daemonizes), the pid written into it
@@ -103,11 +115,24 @@ class DeliveryService(service.MultiService):
         application that embeds the service running without it.
     @param observers: callables receiving each outcome
         (L{twisted_mailout.outcome.RecipientResult}).
+    @param extra_resources: more children of the HTTP server's root,
+        C{{name: resource}} (C{b"metrics"}, the status page at C{b""} and
+        C{b"static"}); see L{http.build_root}. Also settable through
+        L{http_resources} before the service starts.
+    @param status: makes the data of C{GET /api/v1/status} (a dict or a
+        Deferred of one); L{None}: a short built-in summary.
     @raise QueueLocked: another daemon runs on the folder.
     @raise QueueError: the folder cannot be created.
+    @raise ConfigError: the API's token file became unusable.
     @ivar queue: the L{Queue} (the store).
     @ivar connector: the L{Connector}.
     @ivar scheduler: the L{Scheduler}.
+    @ivar admin: the L{QueueAdmin} of the HTTP API (over the scheduler).
+    @ivar http_resources: the extra children of the HTTP root (a dict to
+        add to before L{startService}).
+    @ivar http_status: the C{status} callable (settable before the start).
+    @ivar watch: the L{http.ReactorWatch} behind C{/readyz}.
+    @ivar delivering: C{True} once the queue is recovered and delivery runs.
     @ivar started: after C{startService}, a Deferred firing when the queue
         has been recovered and delivery has begun (L{None} before).
     """
@@ -116,7 +141,9 @@ class DeliveryService(service.MultiService):
 
     def __init__(self, config: Config, reactor: Any = None, resolver: Any = None,
                  observers: Iterable[Callable[[RecipientResult], object]] = (),
-                 stop_reactor_on_failure: bool = False) -> None:
+                 stop_reactor_on_failure: bool = False,
+                 extra_resources: Mapping[bytes, Resource] | None = None,
+                 status: Callable[[], Any] | None = None) -> None:
         super().__init__()
         reactor = default_reactor(reactor)
         self.config = config
@@ -124,6 +151,7 @@ class DeliveryService(service.MultiService):
         self.reactor = reactor
         self.queue = Queue(config.queue)
         self.queue.lock()
+        self.locked = True
         self.connector = build_connector(config, reactor, resolver)
         self.scheduler = Scheduler(
             self.queue,
@@ -140,9 +168,85 @@ class DeliveryService(service.MultiService):
             observers=observers,
             delay_warning=config.delay_warning,
         )
+        self.admin = QueueAdmin(self.queue, reactor, run_blocking=thread_io(reactor),
+                                scheduler=self.scheduler, reporting_mta=config.helo_name,
+                                connector=self.connector, source="api")
+        self.token = (read_token_file(config.http_token_file)
+                      if config.http_token_file is not None else None)
+        self.http_resources: dict[bytes, Resource] = dict(extra_resources or {})
+        self.http_status = status
+        self.watch = http.ReactorWatch(reactor)
         self.started: defer.Deferred[Any] | None = None
+        self.delivering = False
+        self._waiting: list[defer.Deferred[None]] = []
         _SchedulerService(self).setServiceParent(self)
         _PickupService(self).setServiceParent(self)
+        _HTTPChild(self).setServiceParent(self)
+
+    def start_delivery(self) -> defer.Deferred[Any]:
+        """Load the saved suspensions (so they apply from the first
+        attempt), then start the scheduler (recovery, first pickup).
+
+        @return: a Deferred firing with the number of messages recovered,
+            or failing as either step failed.
+        """
+        d = self.admin.start()
+        d.addCallback(lambda _: self.scheduler.start())
+
+        def running(result: object) -> object:
+            self.delivering = True
+            waiting, self._waiting = self._waiting, []
+            for w in waiting:
+                w.callback(None)
+            return result
+
+        return d.addCallback(running)
+
+    def wait_delivering(self) -> defer.Deferred[None]:
+        """A Deferred firing once delivery runs (at once if it does); it
+        fails when the start failed (L{QueueError})."""
+        if self.delivering:
+            return defer.succeed(None)
+        if self.started is not None and self.started.called and not self.running:
+            return defer.fail(QueueError("mailout could not start; see its log"))
+        w: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(w)
+        return w
+
+    def not_ready(self) -> list[str]:
+        """Why the daemon is not ready (C{/readyz}); empty when it is: the
+        queue is recovered, its lock held, and the reactor not stalled.
+
+        @return: the reasons, for people.
+        """
+        reasons = []
+        if not self.running:
+            reasons.append("the service is not running")
+        if not self.locked:
+            reasons.append("the queue's lock is not held")
+        if not self.delivering:
+            reasons.append("the queue is not open yet (recovery is running)")
+        stalled = self.watch.stalled()
+        if stalled:
+            reasons.append(stalled)
+        return reasons
+
+    def http_endpoints(self) -> tuple[list[str], frozenset[str]]:
+        """The endpoints the HTTP server listens on: the default Unix socket
+        (unless C{http_default} is off, or its path is too long) and
+        C{config.http}.
+
+        @return: C{(descriptions, the optional ones)}: an optional endpoint
+            that cannot listen is only logged; any other stops the daemon.
+        """
+        out = list(self.config.http)
+        optional: set[str] = set()
+        if self.config.http_default:
+            default = http.default_endpoint(self.queue.path)
+            if default is not None and default not in out:
+                out.insert(0, default)
+                optional.add(default)
+        return out, frozenset(optional)
 
     def startService(self) -> None:
         """Write this process's pid into the lock, log the start, and start
@@ -160,11 +264,15 @@ class DeliveryService(service.MultiService):
         super().startService()
 
     def _start_failed(self, failure: Failure) -> defer.Deferred[None] | None:
-        """The queue could not be recovered: say so, and stop (release the
-        lock) rather than keep "running" without delivering anything; with
+        """The queue could not be recovered (or a required HTTP endpoint
+        could not listen): say so, and stop (release the lock) rather than
+        keep "running" without delivering anything; with
         C{stop_reactor_on_failure} (the twistd daemon), stop the reactor too,
         so the process ends instead of idling."""
         log.failure("mailout failed to start; the service stops", failure)
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.errback(QueueError("mailout could not start; see its log"))
         d: defer.Deferred[None] = (self.stopService() if self.running
                                    else defer.succeed(None))
         if self.stop_reactor_on_failure:
@@ -187,6 +295,7 @@ class DeliveryService(service.MultiService):
 
         def done(_: object) -> None:
             self.queue.unlock()
+            self.locked = False
             log.info("mailout stopped: {counts}", counts=self.scheduler.counts)
 
         return d.addBoth(done)
@@ -203,7 +312,7 @@ class _SchedulerService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        started = self._owner.scheduler.start()
+        started = self._owner.start_delivery()
         started.addErrback(self._owner._start_failed)
         self._owner.started = started
 
@@ -262,6 +371,47 @@ class _PickupService(service.Service):
         if self._notifier is not None:
             self._notifier.loseConnection()
             self._notifier = None
+
+
+class _HTTPChild(service.Service):
+    """The C{"http"} child of L{DeliveryService}: builds the site (the API
+    over the service's L{QueueAdmin}, C{/healthz}, C{/readyz}, the extra
+    resources) when it starts, and runs an L{http.HTTPService} on the
+    endpoints; nothing when there are none."""
+
+    name: str | None = "http"  # type: ignore[assignment]
+
+    def __init__(self, owner: DeliveryService) -> None:
+        self._owner = owner
+        self.server: http.HTTPService | None = None
+        self.api: http.ControlAPI | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        owner = self._owner
+        if not owner.running:  # the start failed before this child's turn
+            return
+        descriptions, optional = owner.http_endpoints()
+        if not descriptions:
+            log.info("no HTTP API (--no-http and no --http)")
+            return
+        self.api = http.ControlAPI(owner.admin, owner.reactor, token=owner.token,
+                                   status=owner.http_status,
+                                   wait_started=owner.wait_delivering)
+        root = http.build_root(self.api, owner.not_ready, owner.http_resources)
+        site = http.ControlSite(root, reactor=owner.reactor)
+        self.server = http.HTTPService(
+            owner.reactor, site, descriptions, owner.queue.path, self.api,
+            token_file=owner.config.http_token_file, optional=optional,
+            on_failure=owner._start_failed, watch=owner.watch)
+        self.server.startService()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        server, self.server = self.server, None
+        if server is not None and server.running:
+            return server.stopService()
+        return None
 
 
 def makeService(config: Config, reactor: Any = None,

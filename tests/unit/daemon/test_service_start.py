@@ -38,6 +38,14 @@ class StubScheduler:
         return defer.succeed(None)
 
 
+class StubAdmin:
+    """Stands in for the service's QueueAdmin, whose start (loading the saved
+    suspensions) would need the thread pool."""
+
+    def start(self):
+        return defer.succeed(0)
+
+
 @pytest.fixture
 def logged():
     events = []
@@ -51,6 +59,7 @@ def make_service(tmp_path, start_result, **kwargs):
                     resolvers=("127.0.0.1:53",), poll_interval=60)
     service = DeliveryService(config, Reactor(), **kwargs)
     service.scheduler = StubScheduler(start_result)
+    service.admin = StubAdmin()
     return service
 
 
