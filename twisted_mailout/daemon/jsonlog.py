@@ -20,9 +20,9 @@ of the process but writes only two kinds, both contract namespaces
     C{action} (C{hold}, C{release}, C{delete}, C{bounce}, C{flush},
     C{requeue}, C{suspend}, C{cancel-suspension}), C{qid} (L{None} for a
     suspension), C{reason}, C{source} (C{"cli"} or C{"api"}), and optionally
-    C{domain}, C{count}, C{sender}, C{recipient}, C{recipients}, C{until},
-    C{duration}. An event of that namespace without an C{action} is not an
-    action and is skipped.
+    C{domain}, C{suspension} (the suspension's id), C{count}, C{sender},
+    C{recipient}, C{recipients}, C{until}, C{duration}. An event of that
+    namespace without an C{action} is not an action and is skipped.
 
 Every other event is ignored, cheaply (one string comparison).
 
@@ -170,7 +170,8 @@ OUTCOME_TYPES = frozenset(TYPE_OF_STATUS.values())
 ADMIN_TYPES = frozenset({ADMIN_BOUNCE, ADMIN_ACTION})
 
 #: Optional fields of an admin event copied into its record when present.
-_ADMIN_EXTRA = ("domain", "count", "sender", "recipient", "recipients", "until", "duration")
+_ADMIN_EXTRA = ("domain", "suspension", "count", "sender", "recipient", "recipients", "until",
+                "duration")
 
 #: Rotate the file when it reaches this many bytes (C{--json-log} default).
 DEFAULT_ROTATE_LENGTH = 100_000_000
@@ -295,8 +296,8 @@ def admin_record(event: LogEvent, timestamp: float) -> dict[str, Any] | None:
     C{twisted_mailout.admin}).
 
     @param event: the C{twisted.logger} event: C{action}, C{qid}, C{reason},
-        C{source}, and optionally C{domain}, C{count}, C{sender},
-        C{recipient}, C{recipients}, C{until}, C{duration}.
+        C{source}, and optionally C{domain}, C{suspension}, C{count},
+        C{sender}, C{recipient}, C{recipients}, C{until}, C{duration}.
     @param timestamp: when it happened, seconds since the epoch.
     @return: the record, type C{AdminBounce} for the action C{bounce} and
         C{AdminAction} for the others; L{None} when the event has no
