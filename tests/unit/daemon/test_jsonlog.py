@@ -210,6 +210,50 @@ def test_admin_actions_become_admin_records(admin):
     assert flush["count"] == 12 and flush["reason"] is None
 
 
+def test_the_admin_layers_actions_are_written_as_admin_records():
+    """The real QueueAdmin on a live scheduler: hold, release, bounce,
+    suspend, cancel; the bounce's DSN is then an ordinary Delivery."""
+    from twisted_mailout.admin import QueueAdmin, Selector
+
+    def fired(d):
+        out = []
+        d.addBoth(out.append)
+        assert out and not hasattr(out[0], "raiseException"), out
+        return out[0]
+
+    with Run(ScriptedConnector(lambda d, r: REPLIES["later"] if d == "b.test"
+                               else REPLIES["ok"])) as run:
+        admin = QueueAdmin(run.store, run.clock, scheduler=run.sched,
+                           reporting_mta="mx.mailout.test", source="api")
+        fired(admin.start())
+        run.sched.start()
+        q1 = run.store.enqueue("s@origin.test", ["x@b.test"], MSG)
+        q2 = run.store.enqueue("t@origin.test", ["y@b.test"], MSG)
+        run.sched.pickup()
+        run.observer.out.truncate(0)
+        run.observer.out.seek(0)
+        fired(admin.hold(Selector(ids=(q1,)), reason="looks like spam"))
+        fired(admin.release(Selector(ids=(q1,))))
+        fired(admin.bounce(Selector(ids=(q2,)), reason="customer left"))
+        s = fired(admin.suspend("b.test", 600, reason="blocklisted"))
+        fired(admin.cancel_suspension(s["id"]))
+        recs = run.records()
+    admin_recs = [r for r in recs if r["type"].startswith("Admin")]
+    assert [(r["type"], r["action"], r["queue_id"], r["reason"], r["source"])
+            for r in admin_recs] == [
+        ("AdminAction", "hold", q1, "looks like spam", "api"),
+        ("AdminAction", "release", q1, "", "api"),
+        ("AdminBounce", "bounce", q2, "customer left", "api"),
+        ("AdminAction", "suspend", None, "blocklisted", "api"),
+        ("AdminAction", "cancel-suspension", None, "", "api")]
+    suspend = admin_recs[3]
+    assert suspend["domain"] == "b.test" and suspend["suspension"] == s["id"]
+    assert suspend["until"] == pytest.approx(T0 + 600)
+    # the admin bounce's report reached the sender: an ordinary outcome record
+    assert any(r["type"] == "Delivery" and r["recipient"] == "t@origin.test"
+               and r["sender"] == "" for r in recs)
+
+
 def test_an_admin_event_without_an_action_and_fields_not_named_are_left_out(admin):
     log, records, obs = admin
     log.info("admin API listening on {endpoint}", endpoint="unix:/q/admin.sock")
