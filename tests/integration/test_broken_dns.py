@@ -320,7 +320,8 @@ def test_daemon_broken_dns_outcomes_and_log_lines(tmp_path, dns_server):
             wait_for(lambda: any(m["mail_from"] == "" for m in sink.messages), 30,
                      what="the bounce")
             log = d.log()
-            entry = wait_for(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)[0]
+            entry = wait_for(lambda: [e for e in queue_list(q, detail=True)
+                                      if e["queue_id"] == qid], 10)[0]
         finally:
             d.stop()
             sink.stop()
@@ -375,7 +376,7 @@ def test_daemon_resolver_down_defers_within_the_dns_timeout(tmp_path):
         wait_for(lambda: "to=<x@example.test>" in d.log(), 30, what="the outcome line")
         elapsed = time.monotonic() - start
         log = d.log()
-        [entry] = queue_list(q)
+        [entry] = queue_list(q, detail=True)
     finally:
         d.stop()
     line = outcome_line(log, "x@example.test")

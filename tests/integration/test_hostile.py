@@ -795,7 +795,7 @@ def test_daemon_defers_after_a_drop_after_the_final_dot_then_retry_delivers(tmp_
         def deferred_after_drop():
             if not first.events("message"):
                 return None
-            rows = queue_list(q)
+            rows = queue_list(q, detail=True)
             if len(rows) == 1 and rows[0]["recipients"][0]["state"] == "deferred":
                 return rows[0]
             return None

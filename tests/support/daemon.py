@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -86,16 +85,30 @@ class Daemon:
         self.stop()
 
 
-def queue_list(queue: str | Path) -> list[dict]:
-    """`mailout queue --queue Q list --json`, parsed.
+def queue_list(queue: str | Path, detail: bool = False) -> list[dict]:
+    """The rows `mailout queue --queue Q list --json` prints (one
+    `twisted_mailout.admin.views.row` per message: `queue_id`, `queue_name`,
+    `recipients` with `state`, `attempts`, `next_attempt`, `last_reply`...),
+    read from the folder in this process, without its lock, as the command
+    reads a stopped daemon's folder (the listing is safe while a daemon runs,
+    and needs neither its API nor a subprocess per poll). A message being
+    delivered right now is listed as `active` or `deferred`, never
+    in-flight `active`.
 
-    @raise AssertionError: the command failed; the message holds its exit
-        status and standard error.
+    @param detail: give `views.detail` objects instead (each recipient's
+        `reply` as `{"code", "text", "local"}` and its `history`; headers
+        not read).
+    @raise AssertionError: the folder is not a queue folder.
     """
-    out = subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "queue", "--queue",
-                          str(queue), "list", "--json"], env=env(), capture_output=True,
-                         timeout=60)
-    if out.returncode != 0:
-        raise AssertionError(f"mailout queue list exited with {out.returncode}:\n"
-                             f"{out.stderr.decode(errors='replace')}")
-    return json.loads(out.stdout)
+    from twisted_mailout.admin import views
+    from twisted_mailout.queue.store import Queue, QueueError
+
+    try:
+        store = Queue(str(queue), create=False)
+    except QueueError as e:
+        raise AssertionError(f"mailout queue list: {e}") from None
+    out = []
+    for listed in store.iter_entries():
+        name = views.queue_name(listed)
+        out.append(views.detail(listed, name, None) if detail else views.row(listed, name))
+    return out
