@@ -209,6 +209,7 @@ def test_the_page(site_root):
     ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
     ("uPlot.min.css", "text/css; charset=utf-8"),
     ("uPlot.LICENSE", "text/plain; charset=utf-8"),
+    ("favicon.svg", "image/svg+xml"),
 ])
 def test_static_assets(site_root, name, ctype):
     status, hdrs, body = fetch(site_root, f"/static/{name}")
@@ -246,7 +247,8 @@ def test_the_page_refers_only_to_shipped_assets():
     assets = load_assets()
     html = assets["index.html"].data.decode()
     referred = re.findall(r'(?:src|href)="static/([^"]+)"', html)
-    assert {"uPlot.iife.min.js", "uPlot.min.css", "status.js", "status.css"} <= set(referred)
+    assert {"uPlot.iife.min.js", "uPlot.min.css", "status.js", "status.css",
+            "favicon.svg"} <= set(referred)
     assert set(referred) <= set(assets)
     # no inline script or style: the page's CSP forbids them
     assert re.search(r"<script(?![^>]*\bsrc=)", html) is None

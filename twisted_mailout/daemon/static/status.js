@@ -22,6 +22,10 @@
     hold: "#7048e8", delivered: "#2b8a3e", bounced: "#c92a2a"
   };
 
+  // y axis steps: whole numbers only (counts of messages and recipients)
+  var COUNT_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1e4, 2e4,
+                          5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7];
+
   var state = {data: null, renders: 0, charts: {depth: null, outcomes: null},
                errors: 0, lastError: null, polls: 0};
   window.mailoutStatus = state;
@@ -47,6 +51,10 @@
     if (h) { return h + "h " + m + "m"; }
     if (m) { return m + "m " + pad(sec) + "s"; }
     return sec + "s";
+  }
+
+  function fmtClock(t) {  // the time axis: HH:MM, UTC
+    return t === null ? "" : new Date(t * 1000).toISOString().slice(11, 16);
   }
 
   function fmtCount(n) { return Number(n).toLocaleString("en-US"); }
@@ -122,7 +130,10 @@
         y: {range: function (u, min, max) { return [0, max > 0 ? Math.ceil(max * 1.1) : 1]; }}
       },
       series: series,
-      axes: [{}, {}],
+      axes: [
+        {values: function (u, splits) { return splits.map(fmtClock); }},
+        {incrs: COUNT_INCREMENTS}
+      ],
       cursor: {drag: {x: false, y: false}}
     };
     return new uPlot(opts, data, el);
