@@ -64,6 +64,7 @@ __all__ = [
     "CommandError",
     "OfflineBackend",
     "add_parser",
+    "api_endpoint",
     "fired",
     "open_backend",
     "parse_duration",
@@ -342,9 +343,9 @@ class ApiBackend:
         self.client = client
 
     def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
-        """See L{Backend.rows} (streamed: C{format=ndjson})."""
-        params = {**_selector_params(selector), "format": "ndjson"}
-        rows: Iterator[dict[str, Any]] = self.client.iter_ndjson("/api/v1/messages", params)
+        """See L{Backend.rows} (streamed: the client asks for C{format=ndjson})."""
+        rows: Iterator[dict[str, Any]] = self.client.iter_ndjson(
+            "/api/v1/messages", _selector_params(selector))
         return rows
 
     def show(self, qid: str, body: bool) -> dict[str, Any]:
@@ -387,11 +388,8 @@ class ApiBackend:
         """See L{Backend.cancel_suspension}."""
         if not sid or not sid.isascii() or not sid.isalnum():
             raise EntryNotFound(f"no suspension {sid!r} in force")
-        try:
-            got: dict[str, Any] = self.client.delete(f"/api/v1/suspensions/{sid}",
-                                                     {"reason": reason})
-        except TypeError:  # a client whose delete takes no body
-            got = self.client.delete(f"/api/v1/suspensions/{sid}")
+        got: dict[str, Any] = self.client.delete(f"/api/v1/suspensions/{sid}",
+                                                 {"reason": reason})
         return got
 
     def close(self) -> None:
@@ -411,20 +409,46 @@ def _control() -> Any:
                            EX_TEMPFAIL) from None
 
 
+def api_endpoint(url: str) -> str:
+    """The control client's endpoint for C{--api URL}.
+
+    @param url: C{http://HOST:PORT} (C{tcp:}), C{https://HOST:PORT}
+        (C{ssl:}), with an optional trailing C{/}, or an endpoint as
+        C{control.json} lists them (C{unix:/path}, C{tcp:HOST:PORT},
+        C{tcp6:[HOST]:PORT}, C{ssl:HOST:PORT}), given as it is.
+    @return: the endpoint string.
+    @raise CommandError: a URL with a path, a query or no port (exit 64).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    kinds = {"http": "tcp", "https": "ssl"}
+    if scheme.lower() not in kinds:
+        raise CommandError(f"--api {url}: give http://HOST:PORT, https://HOST:PORT or an "
+                           "endpoint (unix:/path/control.sock, tcp:HOST:PORT)", EX_USAGE)
+    hostport = rest[:-1] if rest.endswith("/") else rest
+    host, colon, port = hostport.rpartition(":")
+    if not colon or not port.isdigit() or not host or any(c in hostport for c in "/?#@"):
+        raise CommandError(f"--api {url}: give the daemon's address as "
+                           f"{scheme}://HOST:PORT", EX_USAGE)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    kind = kinds[scheme.lower()]
+    if kind == "tcp" and host.startswith("["):
+        kind = "tcp6"
+    return f"{kind}:{host}:{port}"
+
+
 def _client_for_url(url: str, token_file: str | None) -> Any:
-    """A ControlClient for an explicit C{--api URL}.
-    @raise CommandError: the token file cannot be read (64) or the client
-        cannot be made (75)."""
+    """A ControlClient for an explicit C{--api URL} (see L{api_endpoint}).
+    @raise CommandError: a bad URL or an unreadable token file (64), no
+        control client (75)."""
+    endpoint = api_endpoint(url)
+    token = _read_token(token_file) if token_file is not None else None
     control = _control()
-    token = None
-    if token_file is not None:
-        token = _read_token(token_file)
-    maker = getattr(control, "client_for_url", None)
     try:
-        if maker is not None:
-            return maker(url, token=token)
-        return control.ControlClient(url, token=token)
-    except (ValueError, TypeError) as e:
+        return control.ControlClient(endpoint, token=token)
+    except ValueError as e:
         raise CommandError(f"--api {url}: {e}", EX_USAGE) from None
 
 
@@ -500,8 +524,8 @@ def open_backend(queue: str | None, api: str | None = None, token_file: str | No
     lock (or C{api} is given), else the folder itself.
 
     @param queue: the queue folder (may be L{None} only with C{api}).
-    @param api: an explicit API base URL (C{http://127.0.0.1:8025}, or the
-        form the control client accepts); the folder is then not touched.
+    @param api: the daemon's API given explicitly (see L{api_endpoint});
+        the folder is then not touched.
     @param token_file: a file whose first line is the API's bearer token.
     @param writes: the command changes the queue: hold the lock for the
         whole command (released by C{close()}); otherwise the lock is only
@@ -980,8 +1004,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     setattr(q, "error", _Parser.error.__get__(q))  # noqa: B010 - an instance's own method
     q.add_argument("--queue", "-q", default=None, metavar="DIR", help="queue folder")
     q.add_argument("--api", default=None, metavar="URL",
-                   help="the daemon's API (http://127.0.0.1:PORT or unix:/path/control.sock) "
-                   "instead of finding it through the queue folder")
+                   help="the daemon's API (http://127.0.0.1:PORT, or an endpoint of "
+                   "DIR/control.json: unix:/path/control.sock, tcp:HOST:PORT) instead of "
+                   "finding it through the queue folder")
     q.add_argument("--token-file", dest="token_file", default=None, metavar="FILE",
                    help="file whose first line is the API's bearer token")
     q.set_defaults(func=run)

@@ -14,6 +14,7 @@ import types
 import pytest
 
 from twisted_mailout.daemon import cli, queuecli
+from twisted_mailout.daemon.control import ControlError
 from twisted_mailout.envelope import RecipientState, Reply
 from twisted_mailout.queue.model import Suspension
 from twisted_mailout.queue.store import Queue, QueueLocked
@@ -532,14 +533,6 @@ def test_bad_durations(text):
 # --------------------------------------------------------------------------- a daemon runs
 
 
-class ControlError(Exception):
-    """As daemon/control.py's: the API's error reply, or no reply (status 0)."""
-
-    def __init__(self, status, code, message):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 class FakeClient:
     def __init__(self, answers=None, fail=None):
         self.calls = []
@@ -601,7 +594,7 @@ def test_with_a_daemon_running_list_uses_its_api(daemon, capsys):
     assert status == 0 and rows(out) == [row]
     assert daemon.found == [daemon.queue.path]
     assert daemon.client.calls == [("NDJSON", "/api/v1/messages", {
-        "domain": "example.org", "older_than": "3600", "format": "ndjson"})]
+        "domain": "example.org", "older_than": "3600"})]
     assert daemon.client.closed
 
 
@@ -700,18 +693,43 @@ def test_an_explicit_api_url_does_not_need_the_folder(tmp_path, capsys, monkeypa
     made = []
     client = FakeClient({("GET", "/api/v1/suspensions"): {"suspensions": []}})
 
-    def client_for_url(url, token=None):
-        made.append((url, token))
+    def control_client(endpoint, token=None):
+        made.append((endpoint, token))
         return client
 
     monkeypatch.setattr(queuecli, "_control", lambda: types.SimpleNamespace(
-        client_for_url=client_for_url, ControlError=ControlError))
+        ControlClient=control_client, ControlError=ControlError))
     token = tmp_path / "token"
     token.write_text("s3cret\nignored\n")
-    status, out, _ = mailout(capsys, "--api", "http://127.0.0.1:8025", "--token-file",
+    status, out, _ = mailout(capsys, "--api", "http://127.0.0.1:8025/", "--token-file",
                              str(token), "suspensions")
     assert (status, out) == (0, "No destination is suspended\n")
-    assert made == [("http://127.0.0.1:8025", "s3cret")]
+    assert made == [("tcp:127.0.0.1:8025", "s3cret")]
     status, _, err = mailout(capsys, "--api", "http://127.0.0.1:8025", "--token-file",
                              str(tmp_path / "missing"), "suspensions")
     assert status == 64 and "token file" in err
+
+
+@pytest.mark.parametrize("url,endpoint", [
+    ("http://127.0.0.1:8025", "tcp:127.0.0.1:8025"),
+    ("HTTP://localhost:80/", "tcp:localhost:80"),
+    ("https://127.0.0.1:8443", "ssl:127.0.0.1:8443"),
+    ("http://[::1]:8025", "tcp6:[::1]:8025"),
+    ("unix:/var/spool/mailout/control.sock", "unix:/var/spool/mailout/control.sock"),
+    ("tcp:127.0.0.1:8025", "tcp:127.0.0.1:8025"),
+])
+def test_api_urls(url, endpoint):
+    assert queuecli.api_endpoint(url) == endpoint
+
+
+@pytest.mark.parametrize("url", ["ftp://h:1", "http://h", "http://h:80/api/v1",
+                                 "http://u@h:80", "http://:80"])
+def test_bad_api_urls(url):
+    with pytest.raises(queuecli.CommandError) as e:
+        queuecli.api_endpoint(url)
+    assert e.value.status == 64
+
+
+def test_a_bad_api_endpoint_is_a_usage_error(capsys):
+    status, _, err = mailout(capsys, "--api", "smtp:127.0.0.1:25", "list")
+    assert status == 64 and "not an API endpoint" in err
