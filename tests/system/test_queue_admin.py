@@ -83,7 +83,9 @@ def daemons(tmp_path):
 
         def up():
             if d.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {d.proc.returncode}\n{d.log()}")
+                out, err = d.proc.communicate(timeout=10)
+                raise AssertionError(f"daemon exited with {d.proc.returncode}\nstdout: {out!r}"
+                                     f"\nstderr: {err!r}\nlog:\n{d.log()}")
             return "messages recovered" in d.log()
 
         wait_for(up, 30, what="the daemon to start", detail=d.log)
@@ -236,3 +238,142 @@ def test_a_suspension_holds_its_destination_across_restarts_until_cancelled(
     wait_for(lambda: queue_list(q) == [], 30, what="an empty queue", detail=d.log)
     assert sorted(r for m in sink.messages for r in m["rcpt_tos"]) == [
         "a@example.org", "b@example.net", "c@example.org", "d@example.net"]
+
+
+# --------------------------------------------------------------------------- live
+
+
+def test_live_hold_flush_and_release_through_the_api(tmp_path, sink, daemons):
+    q = tmp_path / "q"
+    held = enqueue(str(q), SENDER, ["held@example.org"], message("held"))
+    other = enqueue(str(q), SENDER, ["other@example.org"], message("other"))
+    sink.rcpt_reply = lambda a: "451 4.3.0 Try later"
+    # an hour between retries: only the operator's actions make mail due sooner
+    d = daemons(q, f"--relay=127.0.0.1:{sink.port}", "--retry-base=3600", "--retry-max=7200")
+    for qid, rcpt in ((held, "held@example.org"), (other, "other@example.org")):
+        wait_for(lambda qid=qid, rcpt=rcpt: states(q, qid) == {rcpt: ("deferred", 1)}, 30,
+                 what=f"{rcpt} deferred", detail=d.log)
+    assert (q / "control.json").exists()
+
+    assert ok(mailout(q, "hold", held, "--reason", "wait for the customer")) == (
+        "1 message held\n")
+    listed = [json.loads(line) for line in ok(mailout(q, "list", "--json")).splitlines()]
+    assert {r["queue_id"]: r["queue_name"] for r in listed} == {held: "hold",
+                                                               other: "deferred"}
+    sink.rcpt_reply = None
+    assert ok(mailout(q, "flush")) == f"1 message flushed\n{held}: not flushed: held\n"
+    # the flushed one is attempted at once (not in an hour)...
+    [got] = sink.wait_for_messages(1, timeout=30)
+    assert got["rcpt_tos"] == ["other@example.org"]
+    wait_for(lambda: row_of(q, other) is None, 10, what="the flushed message done",
+             detail=d.log)
+    # ...the held one is not
+    assert states(q, held) == {"held@example.org": ("deferred", 1)}
+    assert row_of(q, held)["queue_name"] == "hold"
+
+    assert ok(mailout(q, "release", held)) == "1 message released\n"
+    sink.wait_for_messages(2, timeout=30)
+    assert subjects(sink) == ["other", "held"]
+    wait_for(lambda: queue_list(q) == [], 10, what="an empty queue", detail=d.log)
+    log = d.log()
+    assert f"{held}: hold by the operator (api): wait for the customer" in log
+    assert f"{held}: release by the operator (api)" in log
+
+
+def test_live_delete_and_bounce_through_the_api(tmp_path, sink, daemons):
+    q = tmp_path / "q"
+    gone = enqueue(str(q), SENDER, ["gone@example.org"], message("gone"))
+    returned = enqueue(str(q), SENDER, ["ret@example.org"], message("returned"))
+    sink.rcpt_reply = lambda a: None if a == SENDER else "451 4.3.0 Try later"
+    d = daemons(q, f"--relay=127.0.0.1:{sink.port}", "--retry-base=3600", "--retry-max=7200")
+    for qid in (gone, returned):
+        wait_for(lambda qid=qid: [s for s, _ in states(q, qid).values()] == ["deferred"], 30,
+                 what="deferred", detail=d.log)
+
+    assert ok(mailout(q, "delete", gone, "--reason", "spam")) == "1 message deleted\n"
+    assert row_of(q, gone) is None and files_named(q, gone) == []
+    out = ok(mailout(q, "bounce", "--recipient", "ret@example.org", "--reason",
+                     "the recipient left"))
+    assert out.startswith("1 message bounced\n1 failure report queued to the senders: ")
+    [dsn] = sink.wait_for_messages(1, timeout=30)  # the report, delivered at once
+    assert dsn["mail_from"] == "" and dsn["rcpt_tos"] == [SENDER]
+    assert b"the recipient left" in dsn["data"] and b"ret@example.org" in dsn["data"]
+    wait_for(lambda: queue_list(q) == [], 10, what="an empty queue", detail=d.log)
+    assert [m["rcpt_tos"] for m in sink.messages] == [[SENDER]]
+    log = d.log()
+    assert f"{gone}: delete by the operator (api): spam" in log
+    assert f"{returned}: bounce by the operator (api): the recipient left" in log
+
+
+def test_live_suspension_survives_a_restart_and_is_cancelled_through_the_api(
+        tmp_path, sink, daemons):
+    q = tmp_path / "q"
+    relay = f"--relay=127.0.0.1:{sink.port}"
+    d = daemons(q, relay)
+    out = ok(mailout(q, "suspend", "--domain", "example.org", "--duration", "2h"))
+    sid = out.rstrip().rsplit(" ", 1)[1].rstrip(")")
+    first = enqueue(str(q), SENDER, ["a@example.org", "b@example.net"], message("first"))
+    wait_for(lambda: states(q, first) == {"a@example.org": ("pending", 0),
+                                          "b@example.net": ("delivered", 1)}, 30,
+             what="b delivered, a left pending", detail=d.log)
+    status = mailout(q, "suspend", "--domain", "example.org", "--duration", "60")
+    assert status.returncode == 69 and "already suspended" in status.stderr
+    stop(d)
+
+    d = daemons(q, relay)
+    second = enqueue(str(q), SENDER, ["c@example.org", "d@example.net"], message("second"))
+    wait_for(lambda: states(q, second) == {"c@example.org": ("pending", 0),
+                                           "d@example.net": ("delivered", 1)}, 30,
+             what="d delivered, c left pending", detail=d.log)
+    [s] = [json.loads(line) for line in ok(mailout(q, "suspensions", "--json")).splitlines()]
+    assert s["id"] == sid and s["domain"] == "example.org"
+
+    assert ok(mailout(q, "cancel-suspension", sid, "--reason", "back up")) == (
+        f"suspension {sid} of example.org cancelled\n")
+    wait_for(lambda: queue_list(q) == [], 30, what="an empty queue", detail=d.log)
+    assert sorted(r for m in sink.messages for r in m["rcpt_tos"]) == [
+        "a@example.org", "b@example.net", "c@example.org", "d@example.net"]
+
+
+def test_live_reading_commands_and_errors_through_the_api(tmp_path, sink, daemons):
+    q = tmp_path / "q"
+    qid = enqueue(str(q), SENDER, ["x@example.org"], message("shown"))
+    sink.rcpt_reply = lambda a: "451 4.3.0 Try later"
+    d = daemons(q, f"--relay=127.0.0.1:{sink.port}", "--retry-base=3600",
+                "--retry-max=7200")
+    wait_for(lambda: states(q, qid) == {"x@example.org": ("deferred", 1)}, 30,
+             what="deferred", detail=d.log)
+
+    table = ok(mailout(q, "list"))
+    assert "x@example.org  deferred  attempts=1  next=" in table
+    assert "(451 4.3.0 Try later)" in table and table.endswith(" in 1 request.\n")
+    detail = json.loads(ok(mailout(q, "show", "--json", qid)))
+    assert detail["queue_id"] == qid and ["Subject", "shown"] in detail["headers"]
+    assert detail["recipients"][0]["reply"]["code"] == 451
+    assert "body of shown" in ok(mailout(q, "show", "--body", qid))
+    summary = ok(mailout(q, "summary")).splitlines()
+    assert summary[1].split()[:3] == ["TOTAL", "1", "1"]
+    assert summary[2].split()[:2] == ["example.org", "1"]
+
+    r = mailout(q, "show", "ABCDEF0123")
+    assert r.returncode == 66 and r.stderr.startswith("mailout queue: ")
+    r = mailout(q, "hold", "--state", "bogus")
+    assert r.returncode == 64 and "bogus" in r.stderr
+    r = mailout(q, "cancel-suspension", "nope")
+    assert r.returncode == 66
+    assert "Traceback" not in d.log()
+
+
+def test_a_daemon_without_its_api_is_not_worked_around(tmp_path, sink, daemons):
+    q = tmp_path / "q"
+    qid = enqueue(str(q), SENDER, ["x@example.org"], message("x"))
+    sink.rcpt_reply = lambda a: "451 4.3.0 Try later"
+    d = daemons(q, f"--relay=127.0.0.1:{sink.port}", "--retry-base=3600",
+                "--retry-max=7200", "--no-http")
+    wait_for(lambda: states(q, qid) == {"x@example.org": ("deferred", 1)}, 30,
+             what="deferred", detail=d.log)
+    for args in (["list"], ["hold", "ALL"]):
+        r = mailout(q, *args)
+        assert r.returncode == 75 and r.stdout == "", r
+        assert r.stderr.startswith(f"mailout queue: a mailout daemon runs on {q}"), r.stderr
+    assert row_of(q, qid)["queue_name"] == "deferred"  # not held behind its back
