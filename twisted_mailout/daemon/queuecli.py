@@ -998,8 +998,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Administer a mailout queue. When a daemon runs on the queue, its HTTP "
         "API is used (found through DIR/control.json); otherwise the folder itself, under "
         "its lock. Exit status: 0 done, 64 bad usage or selector, 66 unknown queue id or "
-        "suspension, 69 conflict, 73 the queue cannot be written, 75 the daemon cannot be "
-        "reached.")
+        "suspension, 69 conflict, 70 the daemon failed, 73 the queue cannot be written, 75 "
+        "the daemon cannot be reached, 77 the API refused the token.")
     # usage errors exit 64 (EX_USAGE) here, as sysexits(3) says
     setattr(q, "error", _Parser.error.__get__(q))  # noqa: B010 - an instance's own method
     q.add_argument("--queue", "-q", default=None, metavar="DIR", help="queue folder")
