@@ -261,7 +261,7 @@ def test_live_hold_flush_and_release_through_the_api(tmp_path, sink, daemons):
     assert {r["queue_id"]: r["queue_name"] for r in listed} == {held: "hold",
                                                                other: "deferred"}
     sink.rcpt_reply = None
-    assert ok(mailout(q, "flush")) == f"1 message flushed\n{held}: not flushed: held\n"
+    assert ok(mailout(q, "flush", "ALL")) == f"1 message flushed\n{held}: not flushed: held\n"
     # the flushed one is attempted at once (not in an hour)...
     [got] = sink.wait_for_messages(1, timeout=30)
     assert got["rcpt_tos"] == ["other@example.org"]
