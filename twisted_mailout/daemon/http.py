@@ -214,7 +214,11 @@ def _flag(params: Mapping[str, str], key: str) -> bool:
 def _selector_from_query(params: Mapping[str, str]) -> Selector:
     d: dict[str, Any] = {}
     if "ids" in params:
-        d["ids"] = [i.strip() for i in params["ids"].split(",") if i.strip()]
+        ids = params["ids"].split(",")
+        if not all(ids):
+            raise _bad("ids takes queue ids separated by commas, not "
+                       f"{params['ids'][:100]!r}")
+        d["ids"] = ids
     if "all" in params:
         d["all"] = _flag(params, "all")
     for key in ("domain", "sender", "recipient", "state"):

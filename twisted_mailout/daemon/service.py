@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted_mailout.admin import QueueAdmin
 from twisted_mailout.daemon import http
 from twisted_mailout.daemon.config import Config, read_token_file
+from twisted_mailout.daemon.status import status_data
 from twisted_mailout.api import default_reactor
 from twisted_mailout.delivery.build import build_connector as _build_connector
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
@@ -174,7 +175,8 @@ class DeliveryService(service.MultiService):
         self.token = (read_token_file(config.http_token_file)
                       if config.http_token_file is not None else None)
         self.http_resources: dict[bytes, Resource] = dict(extra_resources or {})
-        self.http_status = status
+        self.http_status = status if status is not None else self._status
+        self.started_at: float | None = None
         self.watch = http.ReactorWatch(reactor)
         self.started: defer.Deferred[Any] | None = None
         self.delivering = False
@@ -201,6 +203,12 @@ class DeliveryService(service.MultiService):
             return result
 
         return d.addCallback(running)
+
+    def _status(self) -> dict[str, Any]:
+        """The default data of C{GET /api/v1/status}: L{status.status_data}
+        without a history (give C{status=} for the page's series)."""
+        return status_data(None, admin=self.admin, config=self.config,
+                           started=self.started_at, now=self.reactor.seconds())
 
     def wait_delivering(self) -> defer.Deferred[None]:
         """A Deferred firing once delivery runs (at once if it does); it
@@ -258,6 +266,7 @@ class DeliveryService(service.MultiService):
         except OSError as e:
             log.warn("cannot write the pid into {queue}/lock: {err}", queue=self.queue.path,
                      err=e.strerror or e)
+        self.started_at = self.reactor.seconds()
         log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
                  mode=f"relay {self.config.relay}" if self.config.relay else
                  f"MX routing, port {self.config.mx_port}")
