@@ -292,7 +292,8 @@ class QueueAdmin:
 
         @param selector: which messages; L{None} or empty: all deferred mail.
         """
-        sel = selector or Selector(state="deferred")
+        sel = (selector if selector is not None and not selector.is_empty
+               else Selector(state="deferred"))
 
         def change(e: QueueEntry, now: float) -> _Change:
             if e.held:

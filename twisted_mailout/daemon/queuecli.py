@@ -223,7 +223,37 @@ class OfflineBackend:
                                      reporting_mta=socket.getfqdn() or "localhost",
                                      progress=self._report)
             fired(self._admin.start())
+            self._install_admin_log()
         return self._admin
+
+    def _install_admin_log(self) -> None:
+        """With no daemon to log them, the command's changes are logged to
+        C{DIR/admin.log} (mode 0600, appended; one line per message, as the
+        daemon's log has them), so every operator action leaves a record."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        assert self.store is not None
+        path = os.path.join(self.store.path, "admin.log")
+
+        def observer(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") != "twisted_mailout.admin":
+                return
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                  time.localtime(event.get("log_time", time.time())))
+            line = f"{stamp} mailout-queue[{os.getpid()}]: {formatEvent(event)}\n"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                             0o600)
+                try:
+                    os.write(fd, line.encode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                print(f"mailout queue: cannot write {path}: {e.strerror or e}",
+                      file=sys.stderr)
+
+        globalLogPublisher.addObserver(observer)
+        self._log_observer = observer
 
     def _report(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -303,6 +333,12 @@ class OfflineBackend:
 
     def close(self) -> None:
         """Release the folder's lock if held."""
+        obs = getattr(self, "_log_observer", None)
+        if obs is not None:
+            from twisted.logger import globalLogPublisher
+
+            globalLogPublisher.removeObserver(obs)
+            self._log_observer = None
         if self.store is not None and self.locked:
             self.store.unlock()
             self.locked = False

@@ -359,3 +359,17 @@ def test_scheduler_shape_counts_what_metrics_show(store):
     assert h2.sched.shape(h2.clock.seconds(), max_age=0)["hold"] == 1
     result_of(h.admin.delete(Selector(ids=(b,))))
     assert h.sched.shape(now, max_age=0)["hold"] == 0
+
+
+def test_flush_without_selector_touches_only_deferred_mail(store):
+    h = Harness(store)
+    h.replies["example.org"] = LATER
+    h.start()
+    deferred = store.enqueue("a@example.com", ["b@example.org"], MSG)
+    result_of(h.sched.pickup())
+    held = store.enqueue("a@example.com", ["c@example.org"], MSG)
+    result_of(h.sched.pickup())
+    result_of(h.admin.hold(Selector(ids=(held,))))
+    for sel in (None, Selector()):
+        res = result_of(h.admin.flush(sel))
+        assert res.changed == [deferred] and res.matched == 1 and res.skipped == {}

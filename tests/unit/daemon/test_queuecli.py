@@ -10,6 +10,7 @@ import json
 import os
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -733,3 +734,13 @@ def test_bad_api_urls(url):
 def test_a_bad_api_endpoint_is_a_usage_error(capsys):
     status, _, err = mailout(capsys, "--api", "smtp:127.0.0.1:25", "list")
     assert status == 64 and "not an API endpoint" in err
+
+
+def test_offline_actions_are_logged_in_the_queue_folder(q, capsys):
+    status, _, _ = mailout(capsys, "-q", q.path, "delete", q.ids[0], "--reason", "spam run")
+    assert status == 0
+    log = (Path(q.path) / "admin.log").read_text()
+    assert f"{q.ids[0]}: delete by the operator (cli): spam run" in log
+    assert os.stat(Path(q.path) / "admin.log").st_mode & 0o777 == 0o600
+    mailout(capsys, "-q", q.path, "list")  # reading logs nothing
+    assert (Path(q.path) / "admin.log").read_text() == log
