@@ -11,6 +11,7 @@ import getpass
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from twisted_mailout.daemon import queuecli
 from twisted_mailout.envelope import AddressError
@@ -88,6 +89,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _report() -> Any:
+    """The C{mailout report} module, imported on use (C{mailout sendmail}
+    stays light)."""
+    from twisted_mailout.daemon import report
+
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the C{mailout} command."""
     p = argparse.ArgumentParser(prog="mailout", description="twisted_mailout command line")
@@ -108,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sendmail)
 
     queuecli.add_parser(sub)
+
+    r = sub.add_parser("report", help="summarise a JSON delivery log (--json-log) as pflogsumm "
+                       "does", description="Summarise the JSON delivery log written with "
+                       "--log-format json (docs/operations.md): totals, per hour, top "
+                       "destinations, top deferral and bounce reasons.")
+    _report().add_arguments(r)
+    r.set_defaults(func=lambda args: _report().main(args))
 
     d = sub.add_parser("demo", help="run the delivery service against loopback DNS and SMTP "
                        "servers it starts itself, and print the outcomes")
