@@ -212,6 +212,7 @@ class OfflineBackend:
         self.locked = locked
         self.clock = _Clock()
         self._admin: QueueAdmin | None = None
+        self._log_observer: Any = None
         self._progress: Callable[[int, int], object] | None = None
 
     def _get_admin(self) -> QueueAdmin:
@@ -252,7 +253,8 @@ class OfflineBackend:
                 print(f"mailout queue: cannot write {path}: {e.strerror or e}",
                       file=sys.stderr)
 
-        globalLogPublisher.addObserver(observer)
+        # a plain callable is an ILogObserver (twisted.logger documents it)
+        globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
         self._log_observer = observer
 
     def _report(self, done: int, total: int) -> None:
@@ -333,7 +335,7 @@ class OfflineBackend:
 
     def close(self) -> None:
         """Release the folder's lock if held."""
-        obs = getattr(self, "_log_observer", None)
+        obs = self._log_observer
         if obs is not None:
             from twisted.logger import globalLogPublisher
 
