@@ -79,6 +79,12 @@ ACTIONS = ("hold", "release", "delete", "bounce", "flush", "requeue")
 MAX_BODY = 16 * 1024 * 1024
 #: Longest operator's reason, in characters.
 MAX_REASON = 1000
+#: Longest C{domain}, C{sender} or C{recipient} filter, in characters (an
+#: address has at most 64 + 1 + 255).
+MAX_FILTER = 320
+#: Longest C{ids} query parameter, in characters (about 100 ids; a request
+#: line is at most 16 KB: larger selections go in a POST body).
+MAX_QUERY_IDS = 2000
 #: Bytes of ndjson gathered in the listing thread before they are handed to
 #: the reactor (the first line always goes at once).
 STREAM_CHUNK = 32 * 1024
@@ -90,7 +96,7 @@ _NDJSON = b"application/x-ndjson"
 _SELECTOR_PARAMS = ("ids", "all", "domain", "sender", "recipient", "state", "older_than")
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 500: "internal"}
-_DOMAIN = re.compile(r"[^@\s]*[^@\s.][^@\s]*")
+_DOMAIN = re.compile(r"[^@\s\x00-\x1f\x7f]*[^@\s\x00-\x1f\x7f.][^@\s\x00-\x1f\x7f]*")
 _TEXT = re.compile(r"[^\r\n\x00]*")
 _FILTER_TEXT = re.compile(r"[^\r\n\x00]*[^\s\x00][^\r\n\x00]*")
 
@@ -203,10 +209,10 @@ def _flag(params: Mapping[str, str], key: str) -> bool:
     v = params.get(key)
     if v is None:
         return False
-    v = v.strip().lower()
-    if v in ("1", "true", "yes", "on"):
+    v = v.lower()
+    if v in ("1", "true"):
         return True
-    if v in ("0", "false", "no", "off", ""):
+    if v in ("0", "false"):
         return False
     raise _bad(f"{key} takes true or false (1 or 0), not {params[key]!r}")
 
@@ -214,6 +220,9 @@ def _flag(params: Mapping[str, str], key: str) -> bool:
 def _selector_from_query(params: Mapping[str, str]) -> Selector:
     d: dict[str, Any] = {}
     if "ids" in params:
+        if len(params["ids"]) > MAX_QUERY_IDS:
+            raise _bad(f"ids takes at most {MAX_QUERY_IDS} characters in a query; "
+                       "ask for fewer ids at a time")
         ids = params["ids"].split(",")
         if not all(ids):
             raise _bad("ids takes queue ids separated by commas, not "
@@ -242,10 +251,15 @@ def _selector(d: Any) -> Selector:
     @raise SelectorError: a bad selector (400).
     """
     if isinstance(d, Mapping):
+        for key, value in d.items():
+            if value is None:
+                raise SelectorError(f"{key} must not be null (leave it out)")
+        if "ids" in d and not isinstance(d["ids"], list):
+            raise SelectorError("ids must be a list of queue ids")
         for key in ("domain", "sender", "recipient"):
             v = d.get(key)
-            if isinstance(v, str) and not _FILTER_TEXT.fullmatch(v):
-                raise SelectorError(f"{key} needs a value without line breaks")
+            if isinstance(v, str) and not (len(v) <= MAX_FILTER and _FILTER_TEXT.fullmatch(v)):
+                raise SelectorError(f"{key} needs one line of at most {MAX_FILTER} characters")
         older = d.get("older_than")
         if (isinstance(older, int | float) and not isinstance(older, bool)
                 and not (math.isfinite(older) and older >= 0)):
@@ -290,8 +304,6 @@ def _keys(body: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
 
 def _reason(body: Mapping[str, Any]) -> str:
     reason = body.get("reason", "")
-    if reason is None:
-        return ""
     if not isinstance(reason, str):
         raise _bad("reason must be a string")
     if len(reason) > MAX_REASON or not _TEXT.fullmatch(reason):
@@ -665,7 +677,7 @@ class ControlAPI:
         _keys(body, ("domain", "duration", "reason"))
         domain = body.get("domain")
         if not isinstance(domain, str) or len(domain) > 255 or not _DOMAIN.fullmatch(domain):
-            raise _bad("domain must be a domain name (no @, no spaces)")
+            raise _bad("domain must be a domain name (no @, spaces or control characters)")
         duration = body.get("duration")
         if (isinstance(duration, bool) or not isinstance(duration, int | float)
                 or not math.isfinite(duration) or duration <= 0):

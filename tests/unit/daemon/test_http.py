@@ -261,7 +261,8 @@ def test_list_messages_ids_may_repeat_and_unknown_ids_are_404(h):
 @pytest.mark.parametrize("query", [
     "state=frozen", "older_than=soon", "older_than=-1", "older_than=inf", "all=maybe",
     "bogus=1", "format=xml", "ids=not-a-qid", "ids=a,,b", "domain=%20", "sender=a%0Ab",
-    "format=json&format=ndjson", "all=1&ids=ABC",
+    "format=json&format=ndjson", "all=1&ids=ABC", "all=", "all=yes",
+    "domain=" + "x" * 321, "ids=" + ",".join(["ABC"] * 600),
 ])
 def test_list_messages_bad_parameters_are_400(h, query):
     h.get("/api/v1/messages?" + query).error(400, "bad_request")
@@ -572,6 +573,10 @@ def test_action_with_unknown_ids_changes_nothing(h):
     (b'{"selector": {"all": true}, "reason": 5}', "application/json"),
     (b'{"selector": {"all": true}, "reason": "two\\nlines"}', "application/json"),
     (b'\xff\xfe', "application/json"),
+    (b'{"selector": {"ids": {}}}', "application/json"),
+    (b'{"selector": {"domain": null}}', "application/json"),
+    (b'{"selector": {"all": true}, "reason": null}', "application/json"),
+    (b'{"selector": {"recipient": "' + b"r" * 321 + b'"}}', "application/json"),
 ])
 def test_bad_action_bodies_are_400(h, raw, ctype):
     qid = h.enqueue()
@@ -633,6 +638,8 @@ def test_suspend_list_conflict_and_cancel(h):
     {"domain": 7, "duration": 5}, {"duration": 5},
     {"domain": "example.org", "duration": 5, "until": 9},
     {"domain": "example.org", "duration": 5, "reason": "a\r\nb"},
+    {"domain": "exa\u0000mple.org", "duration": 5}, {"domain": "x\u007f", "duration": 5},
+    {"domain": "example.org", "duration": 5, "reason": None},
 ])
 def test_bad_suspensions_are_400(h, body):
     h.post("/api/v1/suspensions", body).error(400, "bad_request")
