@@ -48,6 +48,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
 from twisted.web.resource import IResource
@@ -90,6 +91,9 @@ MAX_QUERY_IDS = 2000
 STREAM_CHUNK = 32 * 1024
 #: Seconds after which gathered ndjson lines are handed over anyway.
 STREAM_FLUSH = 0.1
+#: Listings streamed at once; more wait their turn. They have threads of
+#: their own, so slow clients never take the store's threads from delivery.
+LISTING_THREADS = 4
 
 _JSON = b"application/json"
 _NDJSON = b"application/x-ndjson"
@@ -482,8 +486,10 @@ class ControlAPI:
     @param wait_started: returns a Deferred firing when the daemon is
         delivering (its queue recovered); the routes that touch the queue
         wait for it. L{None}: do not wait.
-    @param run_in_thread: runs a callable in a thread (default: the
-        reactor's C{callInThread}); tests pass one that runs it at once.
+    @param run_in_thread: runs a callable in a thread (default: a pool of
+        L{LISTING_THREADS} threads of the API's own, apart from the
+        reactor's, which the store uses); tests pass one that runs it at
+        once.
     @param call_from_thread: hands a call to the reactor thread (default:
         the reactor's C{callFromThread}).
     """
@@ -503,12 +509,26 @@ class ControlAPI:
         self.started_at = reactor.seconds()
         self._streams: set[_RowStream] = set()
         self._openapi: bytes | None = None
+        self._pool: ThreadPool | None = None
 
     def stop(self) -> None:
-        """Stop every listing stream (at the server's stop, so no thread of
-        the pool is left waiting on a paused connection)."""
+        """Stop every listing stream and the listing threads (at the
+        server's stop; each thread ends at its next row, within half a
+        second when its connection is paused)."""
         for s in list(self._streams):
             s.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+    def _in_listing_thread(self, f: Callable[[], None]) -> None:
+        if self.run_in_thread is not None:
+            self.run_in_thread(f)
+            return
+        if self._pool is None:
+            self._pool = ThreadPool(0, LISTING_THREADS, "mailout-api-listing")
+            self._pool.start()
+        self._pool.callInThread(f)
 
     # -- the gate ------------------------------------------------------------------
 
@@ -618,7 +638,7 @@ class ControlAPI:
         sched = self.admin.scheduler
         flying = sched.in_flight() if sched is not None else frozenset()
         stream = _RowStream(request, lambda: self.admin.iter_rows(sel, now, flying),
-                            self.run_in_thread or self.reactor.callInThread,
+                            self._in_listing_thread,
                             self.call_from_thread or self.reactor.callFromThread)
         self._streams.add(stream)
         stream.done.addBoth(lambda _: self._streams.discard(stream))

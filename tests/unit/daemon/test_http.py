@@ -1117,3 +1117,23 @@ def test_service_failed_start_fails_the_waiting_requests(tmp_path):
     failures = []
     waiting.addErrback(failures.append)
     assert failures and failures[0].check(QueueError)
+
+
+def test_listings_run_in_the_apis_own_threads_stopped_with_it():
+    threads = Threads()
+    h = Harness(threads=threads)
+    h.api.run_in_thread = None  # the default: the API's own pool
+    h.start()
+    h.replies["example.org"] = LATER
+    h.enqueue()
+    proto, transport = h.connect()
+    proto.dataReceived(b"GET /api/v1/messages?format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    threads.pump_one()  # the first line, from a thread of the pool
+    threads.pump_one()  # the end
+    assert len(Response(transport.value()).lines) == 1
+    pool = h.api._pool
+    assert pool is not None and pool.name == "mailout-api-listing"
+    assert pool.max == mhttp.LISTING_THREADS
+    h.api.stop()
+    assert h.api._pool is None and not pool.started
+    assert not any(t.is_alive() for t in pool.threads)
