@@ -553,7 +553,7 @@ class ControlAPI:
         scheme, _, given = raw.decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(401, "send the token: Authorization: Bearer TOKEN", challenge)
-        if not hmac.compare_digest(given.strip().encode("utf-8"), self.token.encode("utf-8")):
+        if not hmac.compare_digest(given.strip().encode("latin-1"), self.token.encode("utf-8")):
             raise ApiError(403, "wrong token")
 
     # -- dispatch ------------------------------------------------------------------
@@ -608,7 +608,7 @@ class ControlAPI:
                 raise ApiError(405, f"{method} is not allowed here; use {allowed}",
                                {b"allow": allowed.encode()})
             answer = await handler(request, *args)
-            if answer is not None:
+            if answer is not None and not over:  # (the client may have left)
                 status, obj = answer
                 _write_json(request, status, obj)
         except Exception:  # noqa: BLE001 - every error becomes its JSON reply

@@ -1137,3 +1137,27 @@ def test_listings_run_in_the_apis_own_threads_stopped_with_it():
     h.api.stop()
     assert h.api._pool is None and not pool.started
     assert not any(t.is_alive() for t in pool.threads)
+
+
+def test_a_token_with_non_ascii_characters():
+    h = Harness(token="clé-ü")
+    h.start()
+    raw = ("GET /api/v1/summary HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+           "Authorization: Bearer clé-ü\r\n\r\n").encode()
+    proto, transport = h.connect(TCP)
+    proto.dataReceived(raw)
+    assert Response(transport.value()).status == 200
+
+
+def test_a_client_gone_before_the_answer_gets_nothing_written(logged):
+    h = Harness()
+    h.start()
+    started = defer.Deferred()
+    h.api.wait_started = lambda: started
+    proto, transport = h.connect()
+    proto.dataReceived(b"GET /api/v1/summary HTTP/1.1\r\nHost: x\r\n\r\n")
+    proto.connectionLost(Failure(ConnectionDone()))
+    started.callback(None)
+    assert transport.value() == b""
+    # nothing was written to the gone request (finish() would raise, logged)
+    assert [e for e in logged if e.get("log_failure") is not None] == []
