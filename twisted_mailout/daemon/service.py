@@ -17,7 +17,6 @@ from twisted.web.resource import Resource
 from twisted_mailout.admin import QueueAdmin
 from twisted_mailout.daemon import http
 from twisted_mailout.daemon.config import Config, read_token_file
-from twisted_mailout.daemon.status import status_data
 from twisted_mailout.api import default_reactor
 from twisted_mailout.delivery.build import build_connector as _build_connector
 from twisted_mailout.delivery.connector import Connector, ConnectorSettings
@@ -174,8 +173,14 @@ class DeliveryService(service.MultiService):
                                 connector=self.connector, source="api")
         self.token = (read_token_file(config.http_token_file)
                       if config.http_token_file is not None else None)
-        self.http_resources: dict[bytes, Resource] = dict(extra_resources or {})
-        self.http_status = status if status is not None else self._status
+        from twisted_mailout.daemon.live import Observability
+
+        #: the metrics, history and status page (L{Observability})
+        self.observability = Observability(reactor, config, self.scheduler, self.connector,
+                                           self.admin)
+        self.http_resources: dict[bytes, Resource] = {
+            **self.observability.resources(), **dict(extra_resources or {})}
+        self.http_status = status if status is not None else self.observability.status
         self.started_at: float | None = None
         self.watch = http.ReactorWatch(reactor)
         self.started: defer.Deferred[Any] | None = None
@@ -203,12 +208,6 @@ class DeliveryService(service.MultiService):
             return result
 
         return d.addCallback(running)
-
-    def _status(self) -> dict[str, Any]:
-        """The default data of C{GET /api/v1/status}: L{status.status_data}
-        without a history (give C{status=} for the page's series)."""
-        return status_data(None, admin=self.admin, config=self.config,
-                           started=self.started_at, now=self.reactor.seconds())
 
     def wait_delivering(self) -> defer.Deferred[None]:
         """A Deferred firing once delivery runs (at once if it does); it
@@ -267,6 +266,7 @@ class DeliveryService(service.MultiService):
             log.warn("cannot write the pid into {queue}/lock: {err}", queue=self.queue.path,
                      err=e.strerror or e)
         self.started_at = self.reactor.seconds()
+        self.observability.start()
         log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
                  mode=f"relay {self.config.relay}" if self.config.relay else
                  f"MX routing, port {self.config.mx_port}")
@@ -303,6 +303,7 @@ class DeliveryService(service.MultiService):
         d = super().stopService()  # pickup first, then the scheduler
 
         def done(_: object) -> None:
+            self.observability.stop()
             self.queue.unlock()
             self.locked = False
             log.info("mailout stopped: {counts}", counts=self.scheduler.counts)

@@ -293,6 +293,11 @@ class Queue:
         out.sort(key=lambda s: s.split("/", 1)[1])
         return out
 
+    def backlog(self) -> int:
+        """Files listed by the last pickup and not yet picked up (no I/O:
+        the C{incoming} count of the metrics between two pickups)."""
+        return len(self._backlog)
+
     def pickup(self, limit: int | None = None) -> Pickup:
         """Pick up what waits in C{new/} and C{cur/}, in arrival order.
 
