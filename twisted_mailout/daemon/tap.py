@@ -85,6 +85,12 @@ class Options(usage.Options):
         ["destination-failure-memory", None, 60.0, "Seconds a destination whose every host "
          "failed is not tried again; its mail is deferred at once (at most --retry-base).",
          _seconds],
+        ["log-format", None, "text", "text: the Postfix-style log only (default); json: also one "
+         "JSON record a line per recipient outcome and operator action, to --json-log "
+         "(docs/operations.md)."],
+        ["json-log", None, None, "File of the JSON records (created mode 0600, rotated at 100 MB, "
+         "10 kept; '-' for standard output). Implies --log-format json; the default with "
+         "--log-format json is mailout.json in the working folder, beside twistd.log."],
         ["delay-warning", None, None, "Seconds after arrival when the sender of mail still "
          "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
         ["http-token-file", None, None, "File whose first line is the bearer token of the "
@@ -133,6 +139,12 @@ class Options(usage.Options):
 
         @raise usage.UsageError: a missing or invalid value.
         """
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
+        if self["json-log"] is not None:
+            self["log-format"] = "json"
+        elif self["log-format"] == "json":
+            self["json-log"] = "mailout.json"
         try:
             self["config"] = config_from_options(self)
         except ConfigError as e:
@@ -202,8 +214,20 @@ def makeService(options: Options) -> DeliveryService:
         used.
     """
     try:
-        return _make(options["config"])
+        service = _make(options["config"])
     except QueueError as e:
         raise SystemExit(f"mailout: {e}") from None
     except (OSError, ValueError) as e:  # e.g. an unreadable or empty --cafile
         raise SystemExit(f"mailout: cannot start: {e}") from None
+    if options.get("log-format") == "json":
+        # For the life of the process (not a child service): outcomes that
+        # finish during the shutdown's wait are still written.
+        from twisted_mailout.daemon import jsonlog
+
+        try:
+            jsonlog.install(options["json-log"])
+        except OSError as e:
+            service.queue.unlock()
+            raise SystemExit(f"mailout: cannot open the JSON log {options['json-log']}: "
+                             f"{e.strerror or e}") from None
+    return service
