@@ -75,7 +75,7 @@ class Config:
     @ivar http: Twisted server endpoint strings the HTTP API is served on
         (C{--http}, repeatable), besides the default Unix socket. A TCP (or
         SSL) endpoint must name a loopback C{interface=} unless
-        C{http_token_file} is given (docs/operations-api.md).
+        C{http_token_file} is given (docs/operations.md).
     @ivar http_default: serve the API on the default Unix socket,
         C{DIR/control.sock}, mode 0600 (C{--no-http} turns it off).
     @ivar http_token_file: a file whose first line is the API's bearer token

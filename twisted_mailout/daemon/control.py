@@ -1,6 +1,6 @@
 """A small blocking client of the daemon's HTTP API, for C{mailout queue}.
 
-The daemon advertises its API in C{DIR/control.json} (docs/operations-api.md):
+The daemon advertises its API in C{DIR/control.json} (docs/operations.md):
 C{{"pid", "endpoints": ["unix:/abs/DIR/control.sock", "tcp:127.0.0.1:PORT",
 ...], "token_file", "started"}}. L{find_daemon} reads it and returns a
 L{ControlClient} for the best endpoint (the Unix socket, which needs no

@@ -96,7 +96,7 @@ class Options(usage.Options):
         ["http-token-file", None, None, "File whose first line is the bearer token of the "
          "HTTP API (mode 0600; refused when every user may read it). With it, every /api/ "
          "request not made through a Unix socket needs 'Authorization: Bearer TOKEN', and "
-         "--http may listen beyond loopback (docs/operations-api.md)."],
+         "--http may listen beyond loopback (docs/operations.md)."],
     ]
 
     optFlags = [
