@@ -37,25 +37,50 @@ import json
 import math
 import os
 import re
-import socket
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from twisted.python.failure import Failure
-
+from twisted_mailout.daemon.queueback import (
+    ACTIONS,
+    EX_CANTCREAT,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    ApiBackend,
+    Backend,
+    CommandError,
+    OfflineBackend,
+    fired,
+)
+from twisted_mailout.daemon.queueprint import (
+    _ProgressBar,
+    _Spinner,
+    _stamp,
+    print_action,
+    print_detail,
+    print_ndjson,
+    print_summary,
+    print_suspensions,
+    print_table,
+)
 from twisted_mailout.queue.model import EntryNotFound
 from twisted_mailout.queue.store import Queue, QueueError, QueueLocked
 
 if TYPE_CHECKING:
-    from twisted.internet import defer
-
-    from twisted_mailout.admin import QueueAdmin, Selector
+    from twisted_mailout.admin import Selector
 
 # The admin layer (and the delivery layer under it) is imported when a
 # subcommand runs, not when the parser is built: `mailout sendmail` builds
 # the same parser and should not pay for it.
+#
+# The backends (the folder, the daemon's API) live in queueback, the
+# printing and the progress display in queueprint; their names are
+# imported here so that they stay importable from this module.
 
 __all__ = [
     "ACTIONS",
@@ -71,19 +96,6 @@ __all__ = [
     "run",
 ]
 
-EX_OK = 0
-EX_USAGE = 64
-EX_NOINPUT = 66
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-
-#: The actions on messages, with the word that says what happened.
-ACTIONS = {"hold": "held", "release": "released", "delete": "deleted", "bounce": "bounced",
-           "flush": "flushed", "requeue": "requeued"}
-
 #: Commands that change nothing.
 READ_ONLY = frozenset({"list", "show", "summary", "suspensions"})
 
@@ -93,21 +105,6 @@ _EMPTY_QUEUE_NAMES = frozenset({*Queue.SUBDIRS, "lock"})
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*", re.IGNORECASE)
-
-T = TypeVar("T")
-
-
-class CommandError(Exception):
-    """A failure the command reports in one line and an exit status.
-
-    @ivar message: the text after C{mailout queue: }.
-    @ivar status: the sysexits(3) exit status.
-    """
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def parse_duration(text: str) -> float:
@@ -138,303 +135,7 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def fired(d: defer.Deferred[T]) -> T:
-    """The result of a Deferred that has already fired (the command's store
-    work runs through C{inline_io}, which fires at once: no reactor).
-
-    @param d: the Deferred.
-    @return: its result.
-    @raise Exception: the error it failed with.
-    @raise RuntimeError: it has not fired.
-    """
-    out: list[Any] = []
-    d.addBoth(out.append)
-    if not out:
-        raise RuntimeError("the operation did not finish at once (it needs a reactor)")
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    result: T = out[0]
-    return result
-
-
-class _Clock:
-    """The wall clock, as QueueAdmin wants it (C{seconds()})."""
-
-    def seconds(self) -> float:
-        return time.time()
-
-
-# -- the two ways in ----------------------------------------------------------------
-
-
-class Backend(Protocol):
-    """What the subcommands need, offered by the store (L{OfflineBackend})
-    and by the daemon's API (L{ApiBackend}). Every method blocks."""
-
-    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
-        """The C{list --json} rows (L{views.row}) of the selected messages,
-        as they are read. @raise EntryNotFound, SelectorError, ControlError."""
-
-    def show(self, qid: str, body: bool) -> dict[str, Any]:
-        """One message in full (L{views.detail})."""
-
-    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
-        """The queue's shape (L{views.summary})."""
-
-    def act(self, action: str, selector: Selector, reason: str,
-            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
-        """Run one of L{ACTIONS}; returns C{ActionResult.to_json()}."""
-
-    def suspensions(self) -> list[dict[str, Any]]:
-        """The suspensions in force (their JSON forms)."""
-
-    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
-        """Suspend a destination; returns the suspension."""
-
-    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
-        """End a suspension; returns it."""
-
-    def close(self) -> None:
-        """Let go of the folder's lock or the connection."""
-
-
-class OfflineBackend:
-    """The operations on the folder itself, no daemon running.
-
-    @param store: the queue folder, or L{None} for a folder that exists but
-        is empty or not yet initialised (an empty queue).
-    @param locked: this process holds C{store}'s lock (released by L{close}).
-    @param progress: passed to L{QueueAdmin} as its progress callback.
-    """
-
-    def __init__(self, store: Queue | None, locked: bool = False) -> None:
-        self.store = store
-        self.locked = locked
-        self.clock = _Clock()
-        self._admin: QueueAdmin | None = None
-        self._log_observer: Any = None
-        self._progress: Callable[[int, int], object] | None = None
-
-    def _get_admin(self) -> QueueAdmin:
-        assert self.store is not None
-        if self._admin is None:
-            from twisted_mailout.admin import QueueAdmin
-
-            self._admin = QueueAdmin(self.store, self.clock, source="cli",
-                                     reporting_mta=socket.getfqdn() or "localhost",
-                                     progress=self._report)
-            fired(self._admin.start())
-            self._install_admin_log()
-        return self._admin
-
-    def _install_admin_log(self) -> None:
-        """With no daemon to log them, the command's changes are logged to
-        C{DIR/admin.log} (mode 0600, appended; one line per message, as the
-        daemon's log has them), so every operator action leaves a record."""
-        from twisted.logger import formatEvent, globalLogPublisher
-
-        assert self.store is not None
-        path = os.path.join(self.store.path, "admin.log")
-
-        def observer(event: dict[str, Any]) -> None:
-            if event.get("log_namespace") != "twisted_mailout.admin":
-                return
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                  time.localtime(event.get("log_time", time.time())))
-            line = f"{stamp} mailout-queue[{os.getpid()}]: {formatEvent(event)}\n"
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                             0o600)
-                try:
-                    os.write(fd, line.encode("utf-8", "replace"))
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                print(f"mailout queue: cannot write {path}: {e.strerror or e}",
-                      file=sys.stderr)
-
-        # a plain callable is an ILogObserver (twisted.logger documents it)
-        globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
-        self._log_observer = observer
-
-    def _report(self, done: int, total: int) -> None:
-        if self._progress is not None:
-            self._progress(done, total)
-
-    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
-        """See L{Backend.rows}."""
-        if self.store is None:
-            if selector.ids:
-                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
-            return iter(())
-        return self._get_admin().iter_rows(selector, self.clock.seconds())
-
-    def show(self, qid: str, body: bool) -> dict[str, Any]:
-        """See L{Backend.show}."""
-        if self.store is None:
-            _check_qid(qid)
-            raise EntryNotFound(f"no message {qid} in the queue")
-        return fired(self._get_admin().show(qid, body))
-
-    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
-        """See L{Backend.summary}."""
-        if self.store is None:
-            if selector.ids:
-                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
-            from twisted_mailout.admin import views
-
-            return views.summary([], self.clock.seconds(), by, top)
-        return fired(self._get_admin().summary(by, selector, top))
-
-    def act(self, action: str, selector: Selector, reason: str,
-            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
-        """See L{Backend.act}."""
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}")
-        if self.store is None:
-            if action != "flush":
-                selector.require(action)
-            if selector.ids:
-                raise EntryNotFound("not in the queue: " + ", ".join(selector.ids))
-            return {"action": action, "matched": 0, "changed": 0, "queue_ids": [],
-                    "skipped": {}, "dsn_queue_ids": []}
-        admin = self._get_admin()
-        # flush with no selector means all deferred mail: QueueAdmin.flush's
-        # default, which it applies to None (an empty Selector is truthy)
-        chosen = None if action == "flush" and selector.is_empty else selector
-        self._progress = progress
-        try:
-            method: Callable[[Selector | None, str], defer.Deferred[Any]] = getattr(
-                admin, action)
-            return fired(method(chosen, reason)).to_json()
-        finally:
-            self._progress = None
-
-    def suspensions(self) -> list[dict[str, Any]]:
-        """See L{Backend.suspensions}."""
-        if self.store is None:
-            return []
-        return self._get_admin().list_suspensions()
-
-    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
-        """See L{Backend.suspend}.
-
-        @raise CommandError: the folder is not initialised (exit 66).
-        """
-        if self.store is None:
-            raise CommandError("the queue folder is not initialised yet (no new/ in it): "
-                               "start the daemon on it once, or queue mail to it first",
-                               EX_NOINPUT)
-        return fired(self._get_admin().suspend(domain, duration, reason))
-
-    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
-        """See L{Backend.cancel_suspension}."""
-        if self.store is None:
-            raise EntryNotFound(f"no suspension {sid!r} in force")
-        return fired(self._get_admin().cancel_suspension(sid, reason))
-
-    def close(self) -> None:
-        """Release the folder's lock if held."""
-        obs = self._log_observer
-        if obs is not None:
-            from twisted.logger import globalLogPublisher
-
-            globalLogPublisher.removeObserver(obs)
-            self._log_observer = None
-        if self.store is not None and self.locked:
-            self.store.unlock()
-            self.locked = False
-
-
-def _check_qid(qid: str) -> None:
-    """@raise SelectorError: C{qid} cannot be a queue id."""
-    from twisted_mailout.admin import Selector
-
-    Selector(ids=(qid,))
-
-
-def _selector_params(selector: Selector) -> dict[str, str]:
-    """The API's query parameters for a selector (api_contract.md)."""
-    out: dict[str, str] = {}
-    if selector.ids:
-        out["ids"] = ",".join(selector.ids)
-    if selector.all:
-        out["all"] = "1"
-    for key in ("domain", "sender", "recipient", "state"):
-        v = getattr(selector, key)
-        if v is not None:
-            out[key] = v
-    if selector.older_than is not None:
-        out["older_than"] = f"{selector.older_than:g}"
-    return out
-
-
-class ApiBackend:
-    """The operations through the running daemon's HTTP API.
-
-    @param client: a L{twisted_mailout.daemon.control.ControlClient} (its
-        C{get}, C{post}, C{delete} and C{iter_ndjson} block and raise
-        C{ControlError(status, code, message)}).
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
-        """See L{Backend.rows} (streamed: the client asks for C{format=ndjson})."""
-        rows: Iterator[dict[str, Any]] = self.client.iter_ndjson(
-            "/api/v1/messages", _selector_params(selector))
-        return rows
-
-    def show(self, qid: str, body: bool) -> dict[str, Any]:
-        """See L{Backend.show}."""
-        _check_qid(qid)  # a bad id is a usage error here, not a path to send
-        got: dict[str, Any] = self.client.get(f"/api/v1/messages/{qid}",
-                                              {"body": "1"} if body else {})
-        return got
-
-    def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
-        """See L{Backend.summary}."""
-        params = {**_selector_params(selector), "by": by}
-        if top is not None:
-            params["top"] = str(top)
-        got: dict[str, Any] = self.client.get("/api/v1/summary", params)
-        return got
-
-    def act(self, action: str, selector: Selector, reason: str,
-            progress: Callable[[int, int], object] | None) -> dict[str, Any]:
-        """See L{Backend.act} (C{progress} is not called: the daemon does
-        the work in one request)."""
-        if action != "flush":
-            selector.require(action)
-        got: dict[str, Any] = self.client.post(
-            f"/api/v1/actions/{action}", {"selector": selector.to_json(), "reason": reason})
-        return got
-
-    def suspensions(self) -> list[dict[str, Any]]:
-        """See L{Backend.suspensions}."""
-        got: list[dict[str, Any]] = self.client.get("/api/v1/suspensions", {})["suspensions"]
-        return got
-
-    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
-        """See L{Backend.suspend}."""
-        got: dict[str, Any] = self.client.post(
-            "/api/v1/suspensions", {"domain": domain, "duration": duration, "reason": reason})
-        return got
-
-    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
-        """See L{Backend.cancel_suspension}."""
-        if not sid or not sid.isascii() or not sid.isalnum():
-            raise EntryNotFound(f"no suspension {sid!r} in force")
-        got: dict[str, Any] = self.client.delete(f"/api/v1/suspensions/{sid}",
-                                                 {"reason": reason})
-        return got
-
-    def close(self) -> None:
-        """Close the client's connection, if it has one to close."""
-        close = getattr(self.client, "close", None)
-        if close is not None:
-            close()
+# -- choosing the way in ------------------------------------------------------------
 
 
 def _control() -> Any:
@@ -592,251 +293,6 @@ def open_backend(queue: str | None, api: str | None = None, token_file: str | No
         store.unlock()
         return OfflineBackend(store)
     return OfflineBackend(store, locked=True)
-
-
-# -- printing -------------------------------------------------------------------------
-
-
-def _when(t: float | None) -> str:
-    """An epoch time as mailq prints it (local time): C{Tue Dec  3 05:09:01}."""
-    if t is None:
-        return "-"
-    lt = time.localtime(t)
-    return time.strftime("%a %b ", lt) + f"{lt.tm_mday:2d}" + time.strftime(" %H:%M:%S", lt)
-
-
-def _stamp(t: float | None) -> str:
-    """An epoch time as an ISO date and time (local time)."""
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-_MARK = {"active": "*", "hold": "!"}
-_QID_WIDTH = 24
-
-
-def print_table(rows: Iterator[dict[str, Any]], out: TextIO) -> int:
-    """Print the rows as mailq does (one block per message: id with C{*}
-    active or C{!} held, size, arrival, sender; then each recipient with
-    its state, attempts, next attempt and last reply), streaming, then a
-    C{-- N Kbytes in M requests.} line (or C{Mail queue is empty}).
-
-    @param rows: L{views.row} objects.
-    @param out: where to print.
-    @return: how many messages were printed.
-    """
-    count = 0
-    size = 0
-    for row in rows:
-        if count == 0:
-            out.write(f"{'-Queue ID-':<{_QID_WIDTH}} --Size-- ----Arrival Time---- "
-                      "-Sender/Recipient-------\n")
-        count += 1
-        size += row.get("message_size") or 0
-        qid = row["queue_id"] + _MARK.get(row["queue_name"], "")
-        out.write(f"{qid:<{_QID_WIDTH}} {row.get('message_size') or 0:>8} "
-                  f"{_when(row['arrival_time']):>20}  {row['sender'] or 'MAILER-DAEMON'}\n")
-        if row["queue_name"] == "hold":
-            out.write(f"{'':8}(on hold since {_when(row.get('held_since'))})\n")
-        for r in row["recipients"]:
-            line = f"{'':8}{r['address']}  {r['state']}  attempts={r['attempts']}"
-            if r.get("next_attempt") is not None and r["state"] == "deferred":
-                line += f"  next={_when(r['next_attempt'])}"
-            out.write(line + "\n")
-            if r.get("last_reply"):
-                reply = " ".join(str(r["last_reply"]).split())
-                out.write(f"{'':10}({reply})\n")
-        out.write("\n")
-        if count == 1:
-            out.flush()
-    if count == 0:
-        out.write("Mail queue is empty\n")
-    else:
-        kbytes = (size + 1023) // 1024
-        out.write(f"-- {kbytes} Kbytes in {count} request{'s' if count != 1 else ''}.\n")
-    return count
-
-
-def print_ndjson(rows: Iterator[dict[str, Any]], out: TextIO) -> int:
-    """Print one JSON object a line (C{postqueue -j}), the first at once.
-
-    @return: how many rows were printed.
-    """
-    count = 0
-    for row in rows:
-        out.write(json.dumps(row, separators=(",", ":")) + "\n")
-        count += 1
-        if count == 1:
-            out.flush()
-    return count
-
-
-def print_summary(s: dict[str, Any], out: TextIO) -> None:
-    """Print a L{views.summary} as qshape does: a header of age buckets
-    (minutes), a C{TOTAL} row, then one row per domain, every column right
-    aligned.
-
-    @param s: the summary object (C{buckets}, C{total}, C{rows}).
-    @param out: where to print.
-    """
-    header = ["", "T", *s["buckets"]]
-    table = [header, ["TOTAL", str(s["total"]["total"]), *map(str, s["total"]["counts"])]]
-    for row in s["rows"]:
-        table.append([row["domain"] or "<>", str(row["total"]), *map(str, row["counts"])])
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        out.write(" ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
-                  .rstrip() + "\n")
-
-
-def print_detail(d: dict[str, Any], out: TextIO) -> None:
-    """Print one message (L{views.detail}) for people: the envelope, each
-    recipient with its history, the headers and, when present, the message.
-
-    @param d: the detail object.
-    @param out: where to print.
-    """
-    lines = [
-        f"Queue ID:     {d['queue_id']}",
-        f"Queue:        {d['queue_name']}",
-        f"Sender:       {d['sender'] or '<> (MAILER-DAEMON)'}",
-        f"Arrival:      {_stamp(d['arrival_time'])}",
-        f"Size:         {d.get('message_size') if d.get('message_size') is not None else '?'}"
-        " bytes",
-        f"Origin:       {d.get('origin')}",
-    ]
-    if d.get("held_since") is not None:
-        lines.append(f"Held since:   {_stamp(d['held_since'])}")
-    if d.get("held_total"):
-        lines.append(f"Held before:  {d['held_total']:.0f} s (not counted in its lifetime)")
-    if d.get("next_due") is not None:
-        lines.append(f"Next due:     {_stamp(d['next_due'])}")
-    lines.append("Recipients:")
-    for r in d["recipients"]:
-        line = f"  {r['address']}  {r['state']}  attempts={r['attempts']}"
-        if r.get("next_attempt") is not None and r["state"] == "deferred":
-            line += f"  next={_stamp(r['next_attempt'])}"
-        if r.get("relay"):
-            line += f"  relay={r['relay']}"
-        lines.append(line)
-        for h in r.get("history") or []:
-            local = " (local)" if h.get("local") else ""
-            relay = f" via {h['relay']}" if h.get("relay") else ""
-            text = " ".join(str(h.get("text", "")).split())
-            lines.append(f"    {_stamp(h.get('time'))}  {h.get('state')}  "
-                         f"{h.get('code')} {text}{local}{relay}")
-    headers = d.get("headers")
-    if headers is None:
-        lines.append("Headers:      (not available)")
-    else:
-        lines.append("Headers:")
-        lines.extend(f"  {k}: {' '.join(str(v).split())}" for k, v in headers)
-    out.write("\n".join(lines) + "\n")
-    if d.get("message") is not None:
-        out.write("\n" + d["message"].replace("\r\n", "\n"))
-        if not d["message"].endswith("\n"):
-            out.write("\n")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def print_action(result: dict[str, Any], out: TextIO) -> None:
-    """Print what an action did: C{N messages held} (etc.), then each
-    message skipped and why, then the failure reports queued (bounce).
-
-    @param result: C{ActionResult.to_json()}.
-    @param out: where to print.
-    """
-    verb = ACTIONS.get(result["action"], result["action"])
-    changed = result["changed"]
-    n = changed if isinstance(changed, int) else len(changed)
-    out.write(f"{_plural(n, 'message')} {verb}\n")
-    for qid, why in sorted(result.get("skipped", {}).items()):
-        out.write(f"{qid}: not {verb}: {why}\n")
-    dsns = result.get("dsn_queue_ids") or []
-    if dsns:
-        out.write(f"{_plural(len(dsns), 'failure report')} queued to the senders: "
-                  f"{', '.join(dsns)}\n")
-
-
-def print_suspensions(items: Sequence[dict[str, Any]], out: TextIO) -> None:
-    """Print the suspensions as a table (id, domain, until, reason).
-
-    @param items: suspension JSON forms (C{id}, C{domain}, C{reason},
-        C{created}, C{until}).
-    @param out: where to print.
-    """
-    if not items:
-        out.write("No destination is suspended\n")
-        return
-    width = max(4, *(len(s["domain"]) for s in items))
-    idw = max(2, *(len(s["id"]) for s in items))
-    out.write(f"{'ID':<{idw}}  {'DOMAIN':<{width}}  {'UNTIL':<19}  REASON\n")
-    for s in items:
-        line = (f"{s['id']:<{idw}}  {s['domain']:<{width}}  {_stamp(s['until']):<19}  "
-                f"{' '.join(str(s.get('reason') or '').split())}")
-        out.write(line.rstrip() + "\n")
-
-
-# -- progress ------------------------------------------------------------------------
-
-
-class _ProgressBar:
-    """A C{rich} progress bar on standard error for a bulk offline action,
-    shown only when standard error is a terminal and more than one message
-    is changed; silent otherwise (and when C{rich} is not installed)."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 1:
-            return
-        if self._bar is None:
-            try:
-                from rich.console import Console
-                from rich.progress import Progress
-            except ImportError:
-                self.enabled = False
-                return
-            self._bar = Progress(console=Console(stderr=True), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=total)
-        self._bar.update(self._task, completed=done, total=total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-class _Spinner:
-    """A C{rich} spinner on standard error while the daemon works on a
-    request (online actions), when standard error is a terminal."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self._status: Any = None
-        if enabled:
-            try:
-                from rich.console import Console
-            except ImportError:
-                return
-            self._status = Console(stderr=True).status(label)
-
-    def __enter__(self) -> _Spinner:
-        if self._status is not None:
-            self._status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
 
 
 # -- the subcommands -------------------------------------------------------------------
