@@ -1,6 +1,6 @@
 """The daemon's HTTP server: the admin API (C{/api/v1}), C{/healthz}, C{/readyz}.
 
-The contract is docs/operations-api.md (and C{openapi.json} beside this
+The contract is docs/operations.md (and C{openapi.json} beside this
 module). Every operation is L{twisted_mailout.admin.QueueAdmin}'s; this module
 only turns requests into its calls and its answers and errors into JSON:
 
