@@ -102,3 +102,53 @@ def test_metrics_status_and_page_of_a_live_daemon(base, monkeypatch):
     finally:
         d.stop()
         sink.stop()
+
+
+def test_json_log_of_a_live_daemon_and_its_report(base):
+    import subprocess
+    import sys
+
+    from tests.support.daemon import env
+
+    sink = AiosmtpdSink("127.0.0.1").start()
+    q = base / "q"
+    jlog = base / "records.json"
+    d = Daemon(q, f"--relay=127.0.0.1:{sink.port}", "--tls=none", "--resolver=127.0.0.1:53",
+               f"--json-log={jlog}", log=base / "daemon.log").start()
+    try:
+        wait_for(lambda: (q / "control.json").exists(), 20, what="control.json", detail=d.log)
+        api = ControlClient(f"unix:{q / 'control.sock'}", None, timeout=10)
+        wait_for(lambda: api.get("/readyz").get("status") == "ready", 20, what="ready",
+                 detail=d.log)
+        ids = [enqueue(str(q), "a@origin.test", ["u@dest.test"], MSG % i) for i in range(2)]
+        wait_for(lambda: len(sink.messages) == 2, 30, what="2 messages", detail=d.log)
+        api.post("suspensions", {"domain": "slow.test", "duration": 600, "reason": "x"})
+        held = enqueue(str(q), "a@origin.test", ["u@slow.test"], MSG % 7)
+        wait_for(lambda: [r["queue_id"] for r in api.iter_ndjson("messages")] == [held], 20,
+                 what="picked up", detail=d.log)
+        api.post("actions/delete", {"selector": {"ids": [held]}, "reason": "not wanted"})
+
+        def records():
+            lines = [json.loads(x) for x in jlog.read_text().splitlines()] \
+                if jlog.exists() else []
+            return len(lines) >= 4 and lines
+
+        recs = wait_for(records, 20, what="4 JSON records", detail=d.log)
+    finally:
+        d.stop()
+        sink.stop()
+    assert jlog.stat().st_mode & 0o777 == 0o600
+    deliveries = [r for r in recs if r["type"] == "Delivery"]
+    assert sorted(r["queue_id"] for r in deliveries) == sorted(ids)
+    assert all(r["reply"]["code"] == 250 and r["recipient"] == "u@dest.test"
+               and r["sender"] == "a@origin.test" for r in deliveries)
+    deleted = [r for r in recs if r.get("action") == "delete"]
+    assert [(r["queue_id"], r["reason"], r["source"]) for r in deleted] == [
+        (held, "not wanted", "api")]
+    out = subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "report",
+                          "--json", str(jlog)], env=env(), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    summary = json.loads(out)
+    assert summary["totals"]["delivered"] == {"messages": 2, "recipients": 2}
+    assert [x["delivered"] for x in summary["destinations"]] == [2]
+    assert {"action": "delete", "events": 1, "messages": 1} in summary["admin_actions"]
