@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env, message  # noqa: E402
+from benchmarks.common import env, message
 
 DOMAINS = 100
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     Daemon,
     Sink,
     Workdir,
@@ -30,7 +30,7 @@ from benchmarks.common import (  # noqa: E402
     message,
     wait_queue_empty,
 )
-from benchmarks.run import fill_queue, fill_queue_fast  # noqa: E402
+from benchmarks.run import fill_queue, fill_queue_fast
 
 
 class Scraper(threading.Thread):
@@ -49,7 +49,7 @@ class Scraper(threading.Thread):
             for path, times in self.times.items():
                 t0 = time.perf_counter()
                 try:
-                    with urllib.request.urlopen(self.base + path, timeout=10) as r:  # noqa: S310
+                    with urllib.request.urlopen(self.base + path, timeout=10) as r:
                         r.read()
                     times.append(time.perf_counter() - t0)
                 except OSError:
@@ -103,7 +103,7 @@ def held_queue(base: Path | None, sink: Sink, n: int) -> Scraper:
             base_url = f"http://127.0.0.1:{port}"
             while time.monotonic() < deadline:
                 try:
-                    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:  # noqa: S310
+                    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
                         text = r.read().decode()
                     if f'mailout_messages_enqueued_total {float(n)}' in text:
                         break
