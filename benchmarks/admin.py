@@ -123,7 +123,7 @@ def main() -> int:
         dt, _ = timed(mailout(q, "hold", "ALL"))
         figures["hold_all"] = dt
         rows.append(("hold ALL (picked up already)", f"{dt:.1f} s"))
-        dt, out = timed(mailout(q, "delete", "--domain", "d7.test", "--reason", "bench"))
+        dt, _out = timed(mailout(q, "delete", "--domain", "d7.test", "--reason", "bench"))
         figures["delete_domain"] = dt
         rows.append((f"delete --domain d7.test ({a.messages // DOMAINS:,} messages)",
                      f"{dt:.1f} s"))
