@@ -114,7 +114,7 @@ def main() -> int:
         figures.update(list_first=first, list_total=total)
         rows.append(("list --json", f"first line {first * 1000:.0f} ms, "
                                     f"all {lines:,} in {total:.1f} s"))
-        dt, out = timed(mailout(q, "summary"))
+        dt, _ = timed(mailout(q, "summary"))
         figures["summary"] = dt
         rows.append(("summary", f"{dt:.1f} s"))
         dt, _ = timed(mailout(q, "release", "ALL"))
