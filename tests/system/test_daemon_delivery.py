@@ -144,13 +144,16 @@ def test_accepted_refused_and_deferred_recipients_and_the_bounce(tmp_path, dns_s
         headers = report.get_payload()[2].get_payload()
         assert message_id(data) in headers
         # the queue keeps the message for the deferred recipient, with its state
-        entries = wait_for(lambda: [e for e in queue_list(q) if e["queue_id"] == qid], 10)
+        # (views.detail: each recipient's last reply as an object)
+        entries = wait_for(
+            lambda: [e for e in queue_list(q, detail=True) if e["queue_id"] == qid], 10)
         states = {r["address"]: r for r in entries[0]["recipients"]}
         assert states["ok@dest.test"]["state"] == "delivered"
         assert states["refused@dest.test"]["state"] == "bounced"
         later = states["later@dest.test"]
         assert later["state"] == "deferred" and later["attempts"] == 1
         assert later["reply"]["code"] == 451 and later["next_attempt"]
+        assert later["last_reply"].startswith("451 ")  # the row's one-line form
         log = d.log()
         assert "to=<ok@dest.test>" in log and "status=sent" in log
         assert "to=<refused@dest.test>" in log and "status=bounced" in log
@@ -226,7 +229,7 @@ def test_null_mx_and_nxdomain_bounce_at_once_servfail_defers(tmp_path, dns_serve
         blocks = email.message_from_bytes(bounce["data"]).get_payload()[1].get_payload()
         got = {b["Final-Recipient"]: b["Status"] for b in blocks[1:]}
         assert got == {"rfc822; a@nullmx.test": "5.1.10", "rfc822; b@nowhere.test": "5.1.2"}
-        [entry] = [e for e in queue_list(q) if e["queue_id"] == qid]
+        [entry] = [e for e in queue_list(q, detail=True) if e["queue_id"] == qid]
         c = [r for r in entry["recipients"] if r["address"] == "c@broken.test"][0]
         assert c["state"] == "deferred" and "SERVFAIL" in c["reply"]["text"]
     finally:
