@@ -3,7 +3,7 @@
 One set of operations (L{twisted_mailout.admin.QueueAdmin}), two ways in:
 
 - when a daemon runs on the queue folder (it holds the folder's lock), the
-  command asks the daemon's HTTP API (docs/operations-api.md), found through
+  command asks the daemon's HTTP API (docs/operations.md), found through
   C{DIR/control.json} (L{twisted_mailout.daemon.control.find_daemon}), so the
   daemon's schedule changes at once;
 - when none runs, the command works on the folder itself: actions hold the
