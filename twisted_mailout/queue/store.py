@@ -495,6 +495,9 @@ class Queue:
         @raise OSError: a write failed; every entry not yet renamed keeps
             its old state.
         """
+        if len(entries) >= self.BULK_SYNC:
+            self._save_bulk(entries)
+            return
         for entry in entries:
             path = self._path("state", entry.qid + ".json")
             tmp = path + ".tmp"
@@ -502,6 +505,44 @@ class Queue:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             write_durably(tmp, data)
+            os.rename(tmp, path)
+        fsync_dir(self._path("state"))
+
+    #: From this many entries on, L{save_many} writes every temporary file,
+    #: makes them all durable with one C{syncfs(2)}, then renames them (an
+    #: operator's action on 100,000 messages, a busy group commit).
+    BULK_SYNC = 16
+
+    def _save_bulk(self, entries: Sequence[QueueEntry]) -> None:
+        """L{save_many} with one file-system sync for the batch (one fsync
+        per file where C{syncfs(2)} is missing), before any rename.
+
+        @raise OSError: a write or the sync failed: no state was replaced
+            (every temporary file is removed); or a rename failed: the
+            entries renamed before it have their new state.
+        """
+        tmps: list[tuple[str, str]] = []
+        try:
+            for entry in entries:
+                path = self._path("state", entry.qid + ".json")
+                tmp = path + ".tmp"
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                write_durably(tmp, json.dumps(entry.to_json(), separators=(",", ":"))
+                              .encode("utf-8"), sync=False)
+                tmps.append((tmp, path))
+            synced = syncfs(self._path("state"))
+        except BaseException:
+            for tmp, _ in tmps:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            raise
+        if not synced:
+            for tmp, _ in tmps:
+                fsync_file(tmp)
+        for tmp, path in tmps:
             os.rename(tmp, path)
         fsync_dir(self._path("state"))
 

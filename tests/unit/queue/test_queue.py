@@ -333,3 +333,24 @@ def test_a_failed_quarantine_is_logged_and_the_file_stays(tmp_path, monkeypatch)
     [line] = [formatEvent(e) for e in events if e.get("log_level").name == "error"]
     assert "cannot move" in line and "0bad" in line and "Input/output error" in line
     assert files(q.path, "new") == ["0bad"] and files(q.path, "corrupt") == []
+
+
+def test_bulk_save_replaces_every_state_with_one_sync(tmp_path, monkeypatch):
+    """An operator's action on many messages saves them in one batch: every
+    state is replaced, through one syncfs(2), and no temporary file stays."""
+    import twisted_mailout.queue.store as store_mod
+
+    q = Queue(str(tmp_path / "q"))
+    ids = [q.enqueue("a@example.com", [f"r{i}@example.org"], b"Subject: s\r\n\r\nb\r\n")
+           for i in range(Queue.BULK_SYNC + 4)]
+    q.pickup()
+    syncs = []
+    real = store_mod.syncfs
+    monkeypatch.setattr(store_mod, "syncfs", lambda p: syncs.append(p) or real(p))
+    entries = [q.load(i) for i in ids]
+    for e in entries:
+        e.hold(1000.0)
+    q.save_many(entries)
+    assert len(syncs) == 1
+    assert all(q.load(i).held for i in ids)
+    assert not [n for n in os.listdir(tmp_path / "q" / "state") if n.endswith(".tmp")]
