@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -31,13 +31,15 @@ from twisted.logger import Logger
 from twisted_mailout.admin import views
 from twisted_mailout.admin.selector import Selector, SelectorError
 from twisted_mailout.delivery.bounce import enqueue_dsn
-from twisted_mailout.delivery.commit import RunBlocking
-from twisted_mailout.delivery.scheduler import Scheduler, inline_io
+from twisted_mailout.delivery.commit import RunBlocking, inline_io
 from twisted_mailout.delivery.suspend import Suspensions, domain_of
 from twisted_mailout.envelope import FINAL_STATES, RecipientState, Reply
 from twisted_mailout.errors import MailoutError
 from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import EntryNotFound, ListedEntry, QueueEntry, Suspension
+
+if TYPE_CHECKING:  # the scheduler (and the SMTP code below it) loads only in the daemon
+    from twisted_mailout.delivery.scheduler import Scheduler
 
 __all__ = ["ActionResult", "AdminConflict", "QueueAdmin"]
 

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-__all__ = ["GroupCommit", "RunBlocking"]
+__all__ = ["GroupCommit", "RunBlocking", "inline_io"]
 
 T = TypeVar("T")
 
@@ -80,3 +80,13 @@ class GroupCommit(Generic[T]):
                 self._run()
 
         self.run_blocking(self.func, [item for item, _ in batch]).addBoth(done)
+
+
+def inline_io(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
+    """C{run_blocking} that runs file work at once (tests, tools): a L{RunBlocking}.
+
+    @param f: the blocking function, called with C{args} and C{kw}.
+    @return: a Deferred already fired with C{f}'s result, or failed with its
+        error.
+    """
+    return defer.maybeDeferred(f, *args, **kw)

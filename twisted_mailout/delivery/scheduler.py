@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mailout.delivery.bounce import enqueue_dsn
-from twisted_mailout.delivery.commit import GroupCommit, RunBlocking
+from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io
 from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
@@ -82,16 +82,6 @@ def thread_io(reactor: Any) -> RunBlocking:
         return threads.deferToThreadPool(reactor, pool, f, *args, **kw)
 
     return run
-
-
-def inline_io(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
-    """C{run_blocking} that runs file work at once (tests, tools): a L{RunBlocking}.
-
-    @param f: the blocking function, called with C{args} and C{kw}.
-    @return: a Deferred already fired with C{f}'s result, or failed with its
-        error.
-    """
-    return defer.maybeDeferred(f, *args, **kw)
 
 
 @dataclass(frozen=True)
