@@ -65,7 +65,7 @@ class Suspensions:
         @raise ValueError: an empty domain or a duration not above 0.
         """
         d = domain.strip().lower().rstrip(".")
-        if not d or "@" in d or any(c.isspace() for c in d):
+        if not d or "@" in d or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in d):
             raise ValueError(f"not a domain: {domain!r}")
         if not duration > 0:
             raise ValueError(f"the duration must be more than 0 seconds, not {duration!r}")

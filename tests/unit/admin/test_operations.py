@@ -287,7 +287,8 @@ def test_suspension_ends_by_itself(store):
 
 def test_bad_suspension_requests(store):
     h = Harness(store, live=False)
-    for domain, duration in [("", 60), ("a b", 60), ("x@example.org", 60),
+    for domain, duration in [("", 60), ("a b", 60), ("x@example.org", 60), ("a\0b", 60),
+                             ("a\x7fb", 60),
                              ("example.org", 0), ("example.org", -5)]:
         with pytest.raises(SelectorError):
             result_of(h.admin.suspend(domain, duration))
