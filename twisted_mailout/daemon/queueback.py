@@ -9,6 +9,8 @@ Everything here is importable from L{twisted_mailout.daemon.queuecli} too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import sys
@@ -307,6 +309,28 @@ def _selector_params(selector: Selector) -> dict[str, str]:
     return out
 
 
+def _merge_summaries(parts: list[dict[str, Any]], top: int | None) -> dict[str, Any]:
+    """One C{qshape} summary from several over disjoint sets of messages
+    (columns added, rows of the same domain added, then sorted as
+    L{views.summary<twisted_mailout.admin.views.summary>} sorts them)."""
+    out = dict(parts[0])
+    width = len(out["total"]["counts"])
+    total = [0] * width
+    rows: dict[str, list[int]] = {}
+    for part in parts:
+        total = [a + b for a, b in zip(total, part["total"]["counts"], strict=True)]
+        for r in part["rows"]:
+            acc = rows.setdefault(r["domain"], [0] * width)
+            rows[r["domain"]] = [a + b for a, b in zip(acc, r["counts"], strict=True)]
+    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    if top is not None:
+        ordered = ordered[:top]
+    out["total"] = {"total": sum(total), "counts": total}
+    out["rows"] = [{"domain": k, "total": sum(v), "counts": v} for k, v in ordered]
+    out["messages"] = sum(p.get("messages", 0) for p in parts)
+    return out
+
+
 class ApiBackend:
     """The operations through the running daemon's HTTP API.
 
@@ -318,11 +342,29 @@ class ApiBackend:
     def __init__(self, client: Any) -> None:
         self.client = client
 
+    #: Queue ids per GET: the API takes at most 2000 characters of ids in
+    #: its query (Twisted's request line is bounded), so more are sent in
+    #: several requests (ids are 23 characters and a comma).
+    IDS_PER_REQUEST = 80
+
+    def _id_chunks(self, selector: Selector) -> list[Selector]:
+        ids = selector.ids
+        if len(ids) <= self.IDS_PER_REQUEST:
+            return [selector]
+        return [dataclasses.replace(selector, ids=ids[i:i + self.IDS_PER_REQUEST])
+                for i in range(0, len(ids), self.IDS_PER_REQUEST)]
+
     def rows(self, selector: Selector) -> Iterator[dict[str, Any]]:
-        """See L{Backend.rows} (streamed: the client asks for C{format=ndjson})."""
-        rows: Iterator[dict[str, Any]] = self.client.iter_ndjson(
-            "/api/v1/messages", _selector_params(selector))
-        return rows
+        """See L{Backend.rows} (streamed: the client asks for C{format=ndjson};
+        many ids go in several requests, every id checked before any row is
+        printed)."""
+        chunks = self._id_chunks(selector)
+        if len(chunks) > 1:
+            # an unknown id must fail the command before it prints anything
+            for chunk in chunks:
+                self.client.get("/api/v1/summary", _selector_params(chunk))
+        for chunk in chunks:
+            yield from self.client.iter_ndjson("/api/v1/messages", _selector_params(chunk))
 
     def show(self, qid: str, body: bool) -> dict[str, Any]:
         """See L{Backend.show}."""
@@ -333,11 +375,16 @@ class ApiBackend:
 
     def summary(self, by: str, top: int | None, selector: Selector) -> dict[str, Any]:
         """See L{Backend.summary}."""
-        params = {**_selector_params(selector), "by": by}
-        if top is not None:
-            params["top"] = str(top)
-        got: dict[str, Any] = self.client.get("/api/v1/summary", params)
-        return got
+        chunks = self._id_chunks(selector)
+        parts: list[dict[str, Any]] = []
+        for chunk in chunks:
+            params = {**_selector_params(chunk), "by": by}
+            if top is not None and len(chunks) == 1:
+                params["top"] = str(top)
+            parts.append(self.client.get("/api/v1/summary", params))
+        if len(parts) == 1:
+            return parts[0]
+        return _merge_summaries(parts, top)
 
     def act(self, action: str, selector: Selector, reason: str,
             progress: Callable[[int, int], object] | None) -> dict[str, Any]:

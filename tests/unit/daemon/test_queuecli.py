@@ -744,3 +744,41 @@ def test_offline_actions_are_logged_in_the_queue_folder(q, capsys):
     assert os.stat(Path(q.path) / "admin.log").st_mode & 0o777 == 0o600
     mailout(capsys, "-q", q.path, "list")  # reading logs nothing
     assert (Path(q.path) / "admin.log").read_text() == log
+
+
+def test_many_ids_through_the_api_go_in_several_requests():
+    """The API takes at most ~2000 characters of ids per GET: a listing or a
+    summary of 200 ids is split, every id checked before any row prints, and
+    the summaries merged."""
+    from twisted_mailout.admin import Selector
+    from twisted_mailout.daemon.queueback import ApiBackend
+
+    ids = [f"{i:023X}" for i in range(1, 201)]
+
+    class Client:
+        def __init__(self):
+            self.calls = []
+
+        def get(self, path, params):
+            self.calls.append((path, params))
+            n = len(params["ids"].split(","))
+            assert len(params["ids"]) <= 2000
+            return {"by": "domain", "buckets": ["5"], "messages": n,
+                    "total": {"total": n, "counts": [n]},
+                    "rows": [{"domain": "example.org", "total": n, "counts": [n]}]}
+
+        def iter_ndjson(self, path, params):
+            self.calls.append((path, params))
+            for qid in params["ids"].split(","):
+                yield {"queue_id": qid}
+
+    c = Client()
+    backend = ApiBackend(c)
+    got = [r["queue_id"] for r in backend.rows(Selector(ids=tuple(ids)))]
+    assert got == ids
+    assert [p for p, _ in c.calls] == ["/api/v1/summary"] * 3 + ["/api/v1/messages"] * 3
+    c.calls.clear()
+    s = backend.summary("domain", None, Selector(ids=tuple(ids)))
+    assert len(c.calls) == 3
+    assert s["total"] == {"total": 200, "counts": [200]} and s["messages"] == 200
+    assert s["rows"] == [{"domain": "example.org", "total": 200, "counts": [200]}]
