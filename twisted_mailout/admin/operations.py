@@ -50,6 +50,14 @@ admin_log = Logger(namespace="twisted_mailout.admin")
 BATCH = 500
 
 
+def bounce_text(reason: str) -> str:
+    """The diagnostic of an operator's bounce (after the code 550).
+
+    @param reason: the operator's reason, or C{""}.
+    """
+    return "5.0.0 bounced by the operator" + (f": {reason}" if reason else "")
+
+
 class AdminConflict(MailoutError):
     """The action conflicts with the queue's state (the API answers 409):
     a domain already suspended, for instance."""
@@ -74,6 +82,7 @@ class ActionResult:
     @ivar skipped: C{{queue id: why}} for messages chosen but left alone
         (already held, nothing deferred, busy writing an outcome).
     @ivar dsns: queue ids of the failure reports queued (C{bounce}).
+    @ivar bounced: C{{queue id: [recipient addresses returned]}} (C{bounce}).
     """
 
     action: str
@@ -81,6 +90,7 @@ class ActionResult:
     changed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     dsns: list[str] = field(default_factory=list)
+    bounced: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The API's JSON form: C{{"action", "matched", "changed" (count),
@@ -336,7 +346,8 @@ class QueueAdmin:
         sender gets an RFC 3464 failure report with C{reason} as the
         diagnostic (KumoMTA's admin bounce), then the message leaves the
         queue. A bounce itself (null sender) is only removed."""
-        text = "5.0.0 bounced by the operator" + (f": {reason}" if reason else "")
+        text = bounce_text(reason)
+        returned: dict[str, list[str]] = {}
 
         def change(e: QueueEntry, now: float) -> _Change:
             reply = Reply(550, text, local=True)
@@ -344,9 +355,14 @@ class QueueAdmin:
                 if r.state not in FINAL_STATES:
                     r.move(RecipientState.BOUNCED, reply)
                     r.record(now, reply)
+                    returned.setdefault(e.qid, []).append(r.address)
             return "bounce", None, ""
 
-        return self._act("bounce", selector, reason, change)
+        def keep(result: ActionResult) -> None:
+            result.bounced = {q: returned.get(q, []) for q in result.changed}
+
+        return self._act("bounce", selector, reason, change, annotate=keep)
+
 
     def _forget(self, entries: Sequence[QueueEntry]) -> None:
         if self.connector is None:
@@ -362,6 +378,7 @@ class QueueAdmin:
     def _act(self, action: str, selector: Selector, reason: str,
              change: Callable[[QueueEntry, float], _Change], allow_empty: bool = False,
              before: Callable[[Sequence[QueueEntry]], None] | None = None,
+             annotate: Callable[[ActionResult], None] | None = None,
              ) -> defer.Deferred[ActionResult]:
         if not allow_empty:
             try:
@@ -369,11 +386,13 @@ class QueueAdmin:
             except SelectorError as e:
                 return defer.fail(e)
         return defer.Deferred.fromCoroutine(
-            self._act_async(action, selector, reason, change, before))
+            self._act_async(action, selector, reason, change, before, annotate))
 
     async def _act_async(self, action: str, selector: Selector, reason: str,
                          change: Callable[[QueueEntry, float], _Change],
-                         before: Callable[[Sequence[QueueEntry]], None] | None) -> ActionResult:
+                         before: Callable[[Sequence[QueueEntry]], None] | None,
+                         annotate: Callable[[ActionResult], None] | None = None,
+                         ) -> ActionResult:
         result = ActionResult(action)
         # Mail not yet picked up is picked up first, so that every message
         # is acted on in one place (the active queue).
@@ -426,10 +445,16 @@ class QueueAdmin:
                     held.add(qid)
                 elif action in ("release", "delete", "bounce"):
                     held.discard(qid)
+        if annotate is not None:
+            annotate(result)
         for qid in result.changed:
+            extra = {}
+            if action == "bounce":  # who was returned, and with what (metrics, status page)
+                extra = {"recipients": result.bounced.get(qid, []),
+                         "reply": f"550 {bounce_text(reason)}"}
             admin_log.info("{qid}: {action} by the operator ({source}){why}", qid=qid,
                            action=action, reason=reason, source=self.source,
-                           why=f": {reason}" if reason else "")
+                           why=f": {reason}" if reason else "", **extra)
         return result
 
     def _pickup_all(self) -> None:

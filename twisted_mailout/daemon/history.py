@@ -168,6 +168,9 @@ class History:
             C{destination} (the recipient's domain when absent), C{reply}
             (the reply on one line) and C{code}.
         """
+        if event.get("log_namespace") == "twisted_mailout.admin":
+            self._admin_bounce(event)
+            return
         if event.get("log_namespace") != OUTCOME_NAMESPACE:
             return
         try:
@@ -177,6 +180,19 @@ class History:
                         code=event.get("code"), outcome=event.get("outcome"))
         except Exception:  # noqa: BLE001 - a log observer must never raise
             log.failure("status history: outcome event not recorded")
+
+    def _admin_bounce(self, event: Mapping[str, Any]) -> None:
+        """An operator's bounce (C{twisted_mailout.admin}, action
+        C{bounce}): one bounce per recipient it returned, with the
+        operator's reply. Never raises."""
+        if event.get("action") != "bounce":
+            return
+        try:
+            for rcpt in event.get("recipients") or ():
+                self.record("bounced", qid=event.get("qid"), recipient=str(rcpt),
+                            reply=event.get("reply"), code=550, outcome="admin-bounce")
+        except Exception:  # noqa: BLE001 - a log observer must never raise
+            log.failure("status history: admin bounce not recorded")
 
     def record(self, status: str, *, qid: str | None = None, recipient: str = "",
                destination: str | None = None, reply: str | None = None,

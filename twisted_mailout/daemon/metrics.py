@@ -113,6 +113,10 @@ DELAY_BUCKETS: tuple[float, ...] = (
 
 _STATUSES = ("delivered", "deferred", "bounced", "expired")
 _FINAL = ("delivered", "bounced", "expired")
+_ADMIN_ACTIONS = ("hold", "release", "delete", "bounce", "flush", "requeue", "suspend",
+                  "cancel-suspension")
+#: The operators' actions (twisted_mailout.admin.operations).
+ADMIN_NAMESPACE = "twisted_mailout.admin"
 _CODE_CLASSES = ("2xx", "4xx", "5xx", "local")
 _TLS_RESULTS = frozenset({"tls", "plaintext", *tlsrpt.RESULT_TYPES})
 _TLS_LEVELS = frozenset(LEVELS)
@@ -403,6 +407,10 @@ class Metrics:
         self._dns = Counter(
             "mailout_dns_failures", "Failed DNS lookups (MX or address), by kind",
             ["kind"], registry=r)
+        self._admin = Counter(
+            "mailout_admin_actions",
+            "Messages changed by an operator's action (hold, release, delete, bounce, flush, "
+            "requeue), and suspensions made or cancelled", ["action"], registry=r)
         self._errors = Counter(
             "mailout_metrics_errors",
             "Log events the metrics could not read (event), failed reads of the live "
@@ -428,6 +436,7 @@ class Metrics:
             TLSRPT_NAMESPACE: self._on_tlsrpt,
             SESSION_NAMESPACE: self._on_session,
             DNS_NAMESPACE: self._on_dns,
+            ADMIN_NAMESPACE: self._on_admin,
         }
 
     # -- events ---------------------------------------------------------------
@@ -487,6 +496,18 @@ class Metrics:
         if isinstance(destination, str) and destination:
             label = self.destination_labels.label(destination)
             self._dest_recipients.labels(label, status).inc()
+
+    def _on_admin(self, event: Mapping[str, Any]) -> None:
+        """An operator's action (namespace C{twisted_mailout.admin}): counted
+        by action; the recipients of an admin bounce count as bounced."""
+        action = event.get("action")
+        if action not in _ADMIN_ACTIONS:
+            return
+        self._admin.labels(action).inc()
+        if action == "bounce":
+            recipients = event.get("recipients")
+            if isinstance(recipients, list) and recipients:
+                self._recipients.labels("bounced").inc(len(recipients))
 
     def _on_pickup(self, event: Mapping[str, Any]) -> None:
         if "origin" not in event or "qid" not in event:
