@@ -31,6 +31,7 @@ from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io
 from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
+from twisted_mailout.delivery.signing import MessageSigner, PrefixedBody, signature_for
 from twisted_mailout.delivery.suspend import Suspensions, domain_of
 from twisted_mailout.envelope import (
     Address,
@@ -179,6 +180,11 @@ class Scheduler:
     @param suspensions: the L{Suspensions} in force (the operator's
         C{mailout queue suspend}); recipients of a suspended domain are not
         attempted, and their attempts not counted, until it ends.
+    @param signer: a L{MessageSigner} (DKIM): each message is signed once,
+        in a thread, before its first attempt; the signature is kept in its
+        state (L{QueueEntry.dkim}) and sent in front of it on every attempt.
+        A message that cannot be signed is deferred with the reason, never
+        sent unsigned.
     """
 
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
@@ -194,7 +200,8 @@ class Scheduler:
                  observers: Iterable[Callable[[RecipientResult], object]] = (),
                  rng: _random.Random | None = None,
                  delay_warning: float | None = None,
-                 suspensions: Suspensions | None = None) -> None:
+                 suspensions: Suspensions | None = None,
+                 signer: MessageSigner | None = None) -> None:
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -207,6 +214,7 @@ class Scheduler:
         self.rng = rng or _random.Random()
         self.delay_warning = delay_warning
         self.suspensions = suspensions if suspensions is not None else Suspensions()
+        self.signer = signer
         self._heap: list[tuple[float, int, str]] = []
         #: queue id -> the sequence number of its live heap item (items whose
         #: number differs are stale: taken by the operator or rescheduled).
@@ -651,13 +659,32 @@ class Scheduler:
         flags = {k: utf8 or any(a.needs_smtputf8 for a, _ in pairs)
                  for k, pairs in by_dest.items()}
 
+        unsigned: Reply | None = None
+        if self.signer is not None and entry.dkim is None:
+            try:
+                # kept in memory and saved with the first outcome: a message
+                # finished at its first attempt needs no extra write
+                entry.dkim = await self.run_blocking(signature_for, self.queue, entry,
+                                                     self.signer)
+            except OSError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any signing failure defers, with why
+                unsigned = Reply(451, f"4.7.0 message not signed: {e}", local=True)
+                log.error("{qid}: cannot sign: {err}; deferred", qid=entry.qid, err=e)
+        prefix = entry.dkim.encode("ascii") if entry.dkim else b""
+        size += len(prefix)
+
         def opener() -> IO[bytes]:
-            return self.queue.open_body(entry)  # the connector closes it
+            body = self.queue.open_body(entry)  # the connector closes it
+            return cast(IO[bytes], PrefixedBody(prefix, body)) if prefix else body
 
         keys = list(groups)
-        if len(keys) == 1:  # the usual case: no DeferredList to build
+        results: list[Attempt]
+        if unsigned is not None:
+            results = [Attempt({form: unsigned for form in groups[k]}, None) for k in keys]
+        elif len(keys) == 1:  # the usual case: no DeferredList to build
             k = keys[0]
-            results: list[Attempt] = [await self.connector.deliver(
+            results = [await self.connector.deliver(
                 k, sender, list(groups[k]), opener, size, flags[k], entry.eightbit)]
         else:
             results = await defer.gatherResults([

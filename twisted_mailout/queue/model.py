@@ -387,6 +387,10 @@ class QueueEntry:
         L{None} when not held.
     @ivar held_total: seconds it has spent on hold before, which do not
         count towards its queue lifetime.
+    @ivar dkim: the DKIM-Signature header fields made for it before its
+        first attempt (text, CRLF line ends; C{""} when no key applied), sent
+        in front of the stored bytes on every attempt; L{None} before
+        signing, or when the daemon does not sign.
     @ivar size: bytes of the message after the envelope line when the store
         knows it (pickup and load set it), else L{None}; not stored.
     @ivar lease: the lease under which this store's owner holds the entry,
@@ -405,6 +409,7 @@ class QueueEntry:
     held: bool = False
     held_since: float | None = None
     held_total: float = 0.0
+    dkim: str | None = None
     size: int | None = field(default=None, compare=False)
     lease: Lease | None = field(default=None, compare=False)
 
@@ -487,6 +492,8 @@ class QueueEntry:
             d["held_since"] = self.held_since
         if self.held_total:
             d["held_total"] = self.held_total
+        if self.dkim is not None:
+            d["dkim"] = self.dkim
         return d
 
     def _base_json(self) -> dict[str, Any]:
@@ -526,6 +533,7 @@ class QueueEntry:
                 held_since=(float(d["held_since"]) if d.get("held_since") is not None
                             else None),
                 held_total=float(d.get("held_total", 0.0)),
+                dkim=str(d["dkim"]) if d.get("dkim") is not None else None,
             )
             if not entry.recipients:
                 raise ValueError("no recipients")
