@@ -165,13 +165,42 @@ def _as_attachment(item: Any, inline: bool) -> Attachment:
                        f"tuple, not {item!r:.60}")
 
 
+def _list_unsubscribe(msg: EmailMessage, url: str | None, mailto: str | None) -> None:
+    """Add C{List-Unsubscribe} (RFC 2369 3.2) and, for an HTTPS URL,
+    C{List-Unsubscribe-Post} (RFC 8058 3.1).
+
+    @raise MessageError: a URL that is not C{https://}, or a value with
+        spaces, controls or angle brackets.
+    """
+    uris = []
+    if url is not None:
+        if not url.lower().startswith("https://") or len(url) <= len("https://"):
+            raise MessageError(f"unsubscribe_url must be an https:// URL (RFC 8058 3.1), "
+                               f"not {url!r}")
+        uris.append(url)
+    if mailto is not None:
+        uri = mailto if mailto.lower().startswith("mailto:") else "mailto:" + mailto
+        if "@" not in uri:
+            raise MessageError(f"unsubscribe_mailto must be an address, not {mailto!r}")
+        uris.append(uri)
+    for uri in uris:
+        if not uri.isascii() or any(c.isspace() or ord(c) < 32 or c in "<>\"" for c in uri):
+            raise MessageError(f"not usable in List-Unsubscribe: {uri!r} (spaces, controls, "
+                               "quotes and angle brackets must be percent-encoded)")
+    if uris:
+        msg["List-Unsubscribe"] = ", ".join(f"<{u}>" for u in uris)
+    if url is not None:
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+
+
 def build_message(*, sender: AddressInput, to: Addresses = (), subject: str = "",
                   text: str | None = None, html: str | None = None, cc: Addresses = (),
                   bcc: Addresses = (), reply_to: Addresses | None = None,
                   attachments: Iterable[Any] = (), inline: Iterable[Any] = (),
                   headers: dict[str, str] | Iterable[tuple[str, str]] | None = None,
                   message_id: str | bool = True, date: bool | datetime.datetime = True,
-                  smtputf8: bool = False) -> EmailMessage:
+                  smtputf8: bool = False, unsubscribe_url: str | None = None,
+                  unsubscribe_mailto: str | None = None) -> EmailMessage:
     """Build a message.
 
     @param sender: the From field: C{"Name <addr>"}, C{"addr"}, a C{(name,
@@ -196,6 +225,13 @@ def build_message(*, sender: AddressInput, to: Addresses = (), subject: str = ""
     @param smtputf8: allow non-ASCII local parts and keep U-label domains
         (RFC 6532; serialise with C{email.policy.SMTPUTF8}, deliver to servers
         offering SMTPUTF8).
+    @param unsubscribe_url: an C{https://} URL that unsubscribes the
+        recipient when POSTed to: written into C{List-Unsubscribe} (RFC 2369)
+        with C{List-Unsubscribe-Post: List-Unsubscribe=One-Click} (RFC 8058
+        one-click unsubscribe, which Gmail and Yahoo ask of bulk senders).
+        Both fields are signed when the daemon signs with DKIM.
+    @param unsubscribe_mailto: an address (or C{mailto:} URI) that
+        unsubscribes by mail, also listed in C{List-Unsubscribe}.
     @return: an C{email.message.EmailMessage} with C{email.policy.SMTP}
         (7-bit transfer encodings: the bytes are ASCII) or C{SMTPUTF8}:
         C{as_bytes()} gives CRLF line ends.
@@ -227,6 +263,7 @@ def build_message(*, sender: AddressInput, to: Addresses = (), subject: str = ""
             domain=parse_address(from_addr.addr_spec).ascii_domain)
     elif message_id:
         msg["Message-ID"] = message_id
+    _list_unsubscribe(msg, unsubscribe_url, unsubscribe_mailto)
     items = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
     for name, value in items:
         if not isinstance(name, str) or not name.isascii() or ":" in name or not name.strip():

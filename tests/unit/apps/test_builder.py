@@ -145,3 +145,26 @@ def test_missing_attachment_path(tmp_path):
     with pytest.raises(OSError):
         build_message(sender="a@origin.test", to="b@dest.test", text="x",
                       attachments=[tmp_path / "nope.pdf"])
+
+
+def test_one_click_unsubscribe_fields_rfc_8058():
+    url = "https://example.com/unsub?u=" + "a" * 80
+    msg = build_message(sender="news@example.com", to="b@example.org", text="hi",
+                        unsubscribe_url=url, unsubscribe_mailto="unsub@example.com")
+    parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+    assert parsed["List-Unsubscribe"] == f"<{url}>, <mailto:unsub@example.com>"
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert all(len(line) <= 998 for line in msg.as_bytes().split(b"\r\n"))
+
+    only_mail = build_message(sender="a@example.com", to="b@example.org", text="hi",
+                              unsubscribe_mailto="mailto:u@example.com?subject=stop")
+    assert only_mail["List-Unsubscribe"] == "<mailto:u@example.com?subject=stop>"
+    assert only_mail["List-Unsubscribe-Post"] is None  # one-click needs an HTTPS URI
+
+    for bad in [dict(unsubscribe_url="http://example.com/u"),
+                dict(unsubscribe_url="https://"),
+                dict(unsubscribe_url="https://example.com/a b"),
+                dict(unsubscribe_url="https://example.com/>\r\nBcc: x@evil.test"),
+                dict(unsubscribe_mailto="nobody")]:
+        with pytest.raises(MessageError):
+            build_message(sender="a@example.com", to="b@example.org", text="hi", **bad)
