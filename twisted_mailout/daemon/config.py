@@ -49,6 +49,8 @@ class Config:
     @ivar mta_sts: apply MTA-STS (RFC 8461) policies to MX delivery.
     @ivar dnssec_resolvers: C{["HOST[:PORT]", ...]} validating resolvers:
         when given, DANE (RFC 7672) applies to C{may}/C{dane} destinations.
+    @ivar source_addresses: local addresses outgoing SMTP connections are
+        made from (C{--source-address}), at most one IPv4 and one IPv6.
     @ivar max_connections: open SMTP connections at most.
     @ivar max_per_destination: open connections to one destination at most.
     @ivar poll_interval: seconds between scans of C{new/} (inotify makes
@@ -118,6 +120,7 @@ class Config:
     mta_sts: bool = False
     dnssec_resolvers: tuple[str, ...] = ()
     http: tuple[str, ...] = ()
+    source_addresses: tuple[str, ...] = ()
     http_default: bool = True
     http_token_file: str | None = None
 
@@ -169,6 +172,15 @@ class Config:
             raise ConfigError("--delay-warning must be positive")
         if self.retry_max < self.retry_base:
             raise ConfigError("--retry-max must not be less than --retry-base")
+        families = []
+        for addr in self.source_addresses:
+            try:
+                families.append(ipaddress.ip_address(addr).version)
+            except ValueError:
+                raise ConfigError(f"--source-address {addr!r}: expected an IPv4 or IPv6 "
+                                  "address") from None
+        if len(families) != len(set(families)):
+            raise ConfigError("--source-address: give at most one IPv4 and one IPv6 address")
         if self.http_token_file is not None:
             read_token_file(self.http_token_file)
         for desc in self.http:

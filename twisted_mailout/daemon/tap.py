@@ -111,6 +111,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["resolvers"] = []
+        self["source-addresses"] = []
         self["dnssec-resolvers"] = []
         self["http"] = []
 
@@ -128,6 +129,11 @@ class Options(usage.Options):
         bit: enables DANE (RFC 7672) for destinations at the may, dane and dane-only
         levels."""
         self["dnssec-resolvers"].append(value)
+
+    def opt_source_address(self, value: str) -> None:
+        """Local address outgoing SMTP connections are made from (IPv4 or IPv6;
+        repeatable: at most one of each family). Default: the system's choice."""
+        self["source-addresses"].append(value)
 
     def opt_resolver(self, value: str) -> None:
         """DNS server to ask, HOST[:PORT] (IPv4; repeatable). When given, no other
@@ -197,6 +203,7 @@ def config_from_options(o: Options) -> Config:
         auth_plaintext=bool(o["auth-plaintext"]),
         mta_sts=bool(o["mta-sts"]),
         dnssec_resolvers=tuple(o["dnssec-resolvers"]),
+        source_addresses=tuple(o.get("source-addresses", ())),
         http=tuple(o["http"]),
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],

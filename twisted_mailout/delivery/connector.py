@@ -131,6 +131,9 @@ class ConnectorSettings:
     @ivar failure_memory: seconds a destination whose every host failed is
         not tried again (its mail is deferred at once).
     @ivar pipelining: use PIPELINING (RFC 2920) when offered.
+    @ivar source_addresses: local addresses to connect from, at most one
+        IPv4 and one IPv6 (each connection uses the one of its
+        destination's family; none: the system's choice).
     """
 
     helo: str = "localhost"
@@ -149,6 +152,7 @@ class ConnectorSettings:
     tls_fallback_memory: float = 3600.0
     dane: DNSSECResolver | None = None
     mta_sts: MTASTS | None = None
+    source_addresses: tuple[str, ...] = ()
 
     def pool_limits(self) -> PoolLimits:
         """The connection pool's share of these settings."""
@@ -552,8 +556,10 @@ class Connector:
             C{IOpenSSLClientConnectionCreator} the connection is wrapped with
             (C{wrapClientTLS}, as the MTA-STS fetch does); L{None} for TCP.
         """
+        v6 = ":" in addr
+        source = next((s for s in self.settings.source_addresses if (":" in s) == v6), None)
         endpoint: Any = tcp_endpoint(self.reactor, addr, port,
-                                     timeout=self.settings.timeouts.connect)
+                                     timeout=self.settings.timeouts.connect, source=source)
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
         d: defer.Deferred[Any] = endpoint.connect(factory)

@@ -314,7 +314,8 @@ async def _lookup_addresses(resolver: Any, host: str) -> AddressAnswer:
     return out
 
 
-def tcp_endpoint(reactor: Any, address: str, port: int, timeout: float = 30
+def tcp_endpoint(reactor: Any, address: str, port: int, timeout: float = 30,
+                 source: str | None = None,
                  ) -> endpoints.TCP4ClientEndpoint | endpoints.TCP6ClientEndpoint:
     """The TCP client endpoint for an address literal: C{TCP6ClientEndpoint}
     for IPv6, C{TCP4ClientEndpoint} otherwise (connections go to addresses
@@ -324,8 +325,13 @@ def tcp_endpoint(reactor: Any, address: str, port: int, timeout: float = 30
     @param address: an IPv4 or IPv6 address literal (no brackets).
     @param port: the TCP port.
     @param timeout: the connect timeout, in seconds.
+    @param source: the local address to connect from (of the same family
+        as C{address}), or L{None} for the system's choice.
     @return: an C{IStreamClientEndpoint}.
     """
+    bind = (source, 0) if source else None
     if isIPv6Address(address):
-        return endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
-    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+        return endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout,
+                                            bindAddress=bind)
+    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout,
+                                        bindAddress=bind)
