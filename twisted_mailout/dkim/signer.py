@@ -1,0 +1,210 @@
+"""The DKIM signer: which keys sign a message, and the DKIM-Signature fields.
+
+L{Signer.sign} is pure CPU work over keys loaded already (no I/O), so the
+delivery layer runs it in a thread. It signs the message as it goes on the
+wire: every line end CRLF (the SMTP session converts bare LF and CR, see
+C{smtp/dotstuff.py}), relaxed/relaxed (RFC 6376 3.4.2, 3.4.4).
+"""
+
+from __future__ import annotations
+
+import re
+
+import dkim as dkimpy
+
+from twisted_mailout.dkim import SigningError
+from twisted_mailout.dkim.keys import KeyEntry, KeyTable
+from twisted_mailout.message import MessageError, header_addresses, split_headers
+
+__all__ = ["SIGNED_HEADERS", "Signer", "wire_form"]
+
+#: The header fields signed when present, in this order (RFC 6376 5.4.1);
+#: From is also signed once more than it occurs (over-signed), so that no
+#: From field can be added without breaking the signature.
+SIGNED_HEADERS: tuple[str, ...] = (
+    "From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type",
+    "Reply-To", "List-Unsubscribe", "List-Unsubscribe-Post",
+)
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+def wire_form(message: bytes) -> bytes:
+    """The message as the SMTP session sends it (before dot-stuffing, which
+    the receiver undoes): every CRLF, bare LF or bare CR becomes CRLF, and a
+    last line without a line end gets one (RFC 5321 2.3.8, 4.1.1.4).
+
+    @param message: the message bytes, any line ends.
+    @return: the CRLF form.
+    """
+    out = _LINE_END.sub(b"\r\n", message)
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+def _domain_of(address: str) -> str:
+    """The lower-case A-label domain of an address (C{""} when none)."""
+    _, at, domain = address.rpartition("@")
+    if not at:
+        return ""
+    domain = domain.strip().rstrip(".")
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return domain.lower()
+
+
+def _map_key(address: str) -> str:
+    """An address as the signing map's keys are written: lower case, A-label domain."""
+    local, at, _ = address.rpartition("@")
+    return f"{local.lower()}@{_domain_of(address)}" if at else ""
+
+
+class Signer:
+    """Signs messages with the keys of a L{KeyTable}.
+
+    @ivar table: the key table.
+    @ivar required: when true, a message no key applies to is a
+        L{SigningError} (deferred, never sent unsigned); when false it is
+        sent as it is.
+    """
+
+    def __init__(self, table: KeyTable, required: bool = False) -> None:
+        """
+        @param table: the loaded key table.
+        @param required: refuse to pass a message no key applies to.
+        """
+        self.table = table
+        self.required = required
+
+    def choose(self, message: bytes, sender: str | None = None) -> list[KeyEntry]:
+        """The keys that sign a message.
+
+        The explicit map (C{[signing]}) is asked first, in this order: the
+        envelope sender's address, C{@} its domain, the From address, C{@}
+        its domain. Without a match, the From domain's own keys sign.
+
+        @param message: the message bytes.
+        @param sender: the envelope sender (MAIL FROM), C{""} or L{None} for
+            the null sender (a bounce: only the From field chooses).
+        @return: the keys (several for dual signing), or an empty list.
+        @raise SigningError: the From field is missing, repeated, unreadable
+            or without a domain, while C{required} or while the envelope
+            sender chose keys.
+        """
+        candidates: list[str] = []
+        if sender:
+            key = _map_key(sender)
+            if key:
+                candidates += [key, "@" + key.rpartition("@")[2]]
+        for who in candidates:
+            if who in self.table.signing:
+                self._from_address(message)  # committed to signing: From must be readable
+                return self.table.keys_for(self.table.signing[who])
+        try:
+            author = self._from_address(message)
+        except SigningError:
+            if self.required:
+                raise
+            return []
+        key = _map_key(author)
+        for who in (key, "@" + key.rpartition("@")[2]):
+            if who in self.table.signing:
+                return self.table.keys_for(self.table.signing[who])
+        return self.table.keys_for(_domain_of(author))
+
+    @staticmethod
+    def _from_address(message: bytes) -> str:
+        """The author address of a message (RFC 5322 3.6.2).
+
+        @return: the first From address (all of a multi-author From share one
+            domain).
+        @raise SigningError: no From field, more than one, an unreadable one,
+            no address or no domain, or authors of several domains.
+        """
+        lines, _ = split_headers(message)
+        count = 0
+        for line in lines:
+            m = _FIELD.match(line)
+            count += m is not None and m.group(1).lower() == b"from"
+        if count == 0:
+            raise SigningError("cannot be DKIM signed: the message has no From header field")
+        if count > 1:
+            raise SigningError(f"cannot be DKIM signed: the message has {count} From header "
+                               f"fields (RFC 5322 3.6 allows one)")
+        try:
+            authors = header_addresses(message, ["From"])
+        except MessageError as e:
+            raise SigningError(f"cannot be DKIM signed: {e}") from None
+        if not authors:
+            raise SigningError("cannot be DKIM signed: the From header field holds no address")
+        domains = {_domain_of(a) for a in authors}
+        if "" in domains:
+            raise SigningError(f"cannot be DKIM signed: the From address {authors[0]!r} has "
+                               f"no domain")
+        if len(domains) > 1:
+            raise SigningError(f"cannot be DKIM signed: the From header field names authors "
+                               f"of {len(domains)} domains ({', '.join(sorted(domains))})")
+        return authors[0]
+
+    @staticmethod
+    def _header_list(message: bytes) -> list[bytes]:
+        """The C{h=} list: each of L{SIGNED_HEADERS} as often as it occurs,
+        and From once more (over-signed)."""
+        lines, _ = split_headers(message)
+        counts: dict[bytes, int] = {}
+        for line in lines:
+            m = _FIELD.match(line)
+            if m is not None:
+                name = m.group(1).lower()
+                counts[name] = counts.get(name, 0) + 1
+        names: list[bytes] = []
+        for header in SIGNED_HEADERS:
+            name = header.lower().encode("ascii")
+            extra = 1 if name == b"from" else 0
+            names += [name] * (counts.get(name, 0) + extra)
+        return names
+
+    def sign(self, message: bytes, sender: str | None = None) -> bytes:
+        """The DKIM-Signature header field(s) of a message.
+
+        Every key L{choose} gives signs (rsa-sha256 and/or ed25519-sha256,
+        relaxed/relaxed, C{d=} the key's domain, C{h=} see
+        L{SIGNED_HEADERS}), over the message's wire form (L{wire_form}).
+
+        @param message: the message bytes as queued, LF or CRLF line ends.
+        @param sender: the envelope sender, for the signing map; L{None} or
+            C{""} for none.
+        @return: the field(s) to prepend to the message, with CRLF line ends
+            and folded lines; C{b""} when no key applies and signing is not
+            required.
+        @raise SigningError: signing is required and no key applies, the
+            From field cannot be read (see L{choose}), or a signature could
+            not be made; the message says why.
+        """
+        keys = self.choose(message, sender)
+        if not keys:
+            if self.required:
+                author = self._from_address(message)
+                raise SigningError(
+                    f"cannot be DKIM signed: no key for the From domain "
+                    f"{_domain_of(author)} (or for the sender) in the key table, and "
+                    f"signing is required")
+            return b""
+        data = wire_form(message)
+        include = self._header_list(data)
+        out: list[bytes] = []
+        for key in keys:
+            try:
+                field = dkimpy.sign(
+                    data, key.selector.encode("ascii"), key.domain.encode("ascii"),
+                    key.private, canonicalize=(b"relaxed", b"relaxed"),
+                    signature_algorithm=key.algorithm.encode("ascii"),
+                    include_headers=include, linesep=b"\r\n")
+            except dkimpy.DKIMException as e:
+                raise SigningError(f"cannot be DKIM signed with {key.selector} of "
+                                   f"{key.domain}: {e}") from None
+            out.append(field if field.endswith(b"\r\n") else field + b"\r\n")
+        return b"".join(out)
