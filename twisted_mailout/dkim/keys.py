@@ -37,7 +37,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted_mailout.dkim import DNSUnavailable
 from twisted_mailout.errors import ConfigError
 
-__all__ = ["KEY_TYPES", "MIN_RSA_BITS", "KeyEntry", "KeyTable", "check", "keygen", "txt_record"]
+__all__ = [
+    "KEY_TYPES", "MIN_RSA_BITS", "KeyEntry", "KeyFileError", "KeyTable", "check", "keygen",
+    "txt_record",
+]
 
 #: The key types and the signature algorithm each signs with (RFC 6376 3.3,
 #: RFC 8463 3).
@@ -52,6 +55,11 @@ _UNSAFE_MODE = 0o077
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _KEY_FIELDS = ("domain", "selector", "type", "private_key")
+
+
+class KeyFileError(ConfigError):
+    """L{keygen} could not create a file: the key file exists already (it is
+    never overwritten), or a folder cannot be written."""
 
 
 def _domain_name(value: str) -> str | None:
@@ -433,7 +441,9 @@ def keygen(table_path: str | os.PathLike[str], domain: str, selector: str,
         record line to publish (see L{txt_record}).
     @raise ConfigError: a bad domain, selector or type; the table exists and
         cannot be read or parsed, or already has that selector for the
-        domain; the key file exists already; a file cannot be written.
+        domain.
+    @raise KeyFileError: the key file exists already, or a file cannot be
+        written (a L{ConfigError} too).
     """
     table = Path(table_path).absolute()
     d = _domain_name(domain)
@@ -477,10 +487,10 @@ def keygen(table_path: str | os.PathLike[str], domain: str, selector: str,
     try:
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise ConfigError(f"{key_path} exists already; it is never overwritten (choose "
+        raise KeyFileError(f"{key_path} exists already; it is never overwritten (choose "
                           f"another selector)") from None
     except OSError as e:
-        raise ConfigError(f"{key_path} cannot be created: {e.strerror or e}") from None
+        raise KeyFileError(f"{key_path} cannot be created: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
@@ -498,7 +508,7 @@ def keygen(table_path: str | os.PathLike[str], domain: str, selector: str,
     except BaseException as e:
         key_path.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise ConfigError(f"DKIM key table {table} cannot be written: "
+            raise KeyFileError(f"DKIM key table {table} cannot be written: "
                               f"{e.strerror or e}") from None
         raise
     return key_path, txt_record(s, d, key_type, _public_value(key))
