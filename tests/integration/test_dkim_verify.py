@@ -27,16 +27,22 @@ from twisted_mailout.dkim.signer import Signer, wire_form
 
 OPENDKIM_TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
 
+# Every message has From and Date, the fields RFC 5322 3.6 requires: libopendkim
+# refuses a message without them ("dkim_chunk(): Syntax error"); the queue
+# adds Date to any message that lacks it, so these are what the daemon sends.
 MESSAGES = {
     "plain": b"From: Alice <alice@example.test>\nTo: bob@example.org\nSubject: hi\n"
              b"Date: Mon, 02 Feb 2026 10:00:00 +0000\nMessage-ID: <1@example.test>\n\nHello.\n",
     "8bit": ("From: =?utf-8?q?J=C3=BCrgen?= <j@example.test>\nTo: b@example.org\n"
+             "Date: Mon, 02 Feb 2026 10:00:00 +0000\n"
              "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\nMIME-Version: 1.0\n"
              "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
              "Grüße aus Köln, 東京 ✓   \n\n\n").encode(),
-    "long": b"From: a@example.test\nTo: b@example.org\nSubject: long\n\n" +
+    "long": b"From: a@example.test\nTo: b@example.org\nSubject: long\n"
+            b"Date: Mon, 02 Feb 2026 10:00:00 +0000\n\n" +
             (b"y" * 997 + b"\n") * 20,
     "multipart": b"From: a@example.test\nTo: b@example.org\nSubject: mp\nMIME-Version: 1.0\n"
+                 b"Date: Mon, 02 Feb 2026 10:00:00 +0000\n"
                  b'Content-Type: multipart/mixed; boundary="B"\n'
                  b"List-Unsubscribe: <https://example.test/u/1>\n"
                  b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\n\n"
@@ -129,8 +135,6 @@ def test_opendkim_testmsg_verifies(keyset: tuple[KeyTable, dict], tmp_path: Path
     (tmp_path / "zone.json").write_text(json.dumps(zone_doc))
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
     expected: dict[str, int] = {}
-    # the probe: an unsigned message, which a working opendkim-testmsg passes (no signature)
-    (tmp_path / "probe.eml").write_bytes(b"From: a@example.test\nSubject: probe\n\nbody\n")
     for key_type in ("rsa", "ed25519"):
         signer = Signer(only(table, key_type))
         for name, msg in MESSAGES.items():
@@ -143,9 +147,6 @@ def test_opendkim_testmsg_verifies(keyset: tuple[KeyTable, dict], tmp_path: Path
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     subprocess.run(["unshare", "-rnm", "sh", "-c", NAMESPACE_SCRIPT], env=env, check=True,
                    timeout=120)
-    probe = (tmp_path / "probe.eml.out").read_text()
-    if (tmp_path / "probe.eml.rc").read_text().strip() != "0":
-        pytest.xfail(f"this opendkim-testmsg cannot read even an unsigned message: {probe}")
     for name in expected:
         rc = (tmp_path / f"{name}.eml.rc").read_text().strip()
         assert rc == "0", f"{name}: {(tmp_path / f'{name}.eml.out').read_text()}"
