@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from twisted_mailout.errors import ConfigError  # one hierarchy (still a ValueError)
 from twisted_mailout.routing.router import parse_hostport, parse_relay
@@ -51,6 +52,10 @@ class Config:
         when given, DANE (RFC 7672) applies to C{may}/C{dane} destinations.
     @ivar source_addresses: local addresses outgoing SMTP connections are
         made from (C{--source-address}), at most one IPv4 and one IPv6.
+    @ivar dkim_keys: the DKIM key table file (C{--dkim-keys}), or L{None}
+        for no signing.
+    @ivar dkim_required: defer mail whose From domain has no key, rather
+        than send it unsigned.
     @ivar max_connections: open SMTP connections at most.
     @ivar max_per_destination: open connections to one destination at most.
     @ivar poll_interval: seconds between scans of C{new/} (inotify makes
@@ -121,6 +126,8 @@ class Config:
     dnssec_resolvers: tuple[str, ...] = ()
     http: tuple[str, ...] = ()
     source_addresses: tuple[str, ...] = ()
+    dkim_keys: str | None = None
+    dkim_required: bool = False
     http_default: bool = True
     http_token_file: str | None = None
 
@@ -181,6 +188,8 @@ class Config:
                                   "address") from None
         if len(families) != len(set(families)):
             raise ConfigError("--source-address: give at most one IPv4 and one IPv6 address")
+        if self.dkim_required and self.dkim_keys is None:
+            raise ConfigError("--dkim-required needs --dkim-keys FILE")
         if self.http_token_file is not None:
             read_token_file(self.http_token_file)
         for desc in self.http:
@@ -188,6 +197,19 @@ class Config:
                 raise ConfigError(
                     f"--http {desc!r} may be reached from other hosts: listen on loopback "
                     "(for example tcp:8025:interface=127.0.0.1) or give --http-token-file")
+
+    def signer(self) -> Any:
+        """The DKIM L{Signer<twisted_mailout.dkim.Signer>} of C{dkim_keys}
+        (keys read now), or L{None} without a key table.
+
+        @raise ConfigError: the table or a key cannot be used (which line,
+            what is wrong).
+        """
+        if self.dkim_keys is None:
+            return None
+        from twisted_mailout.dkim import KeyTable, Signer
+
+        return Signer(KeyTable.load(self.dkim_keys), required=self.dkim_required)
 
     def credentials(self) -> Credentials | None:
         """The relay's AUTH L{Credentials}, read from the file or the

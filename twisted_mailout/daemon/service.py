@@ -168,6 +168,7 @@ class DeliveryService(service.MultiService):
             reporting_mta=config.helo_name,
             observers=observers,
             delay_warning=config.delay_warning,
+            signer=config.signer(),
         )
         self.admin = QueueAdmin(self.queue, reactor, run_blocking=thread_io(reactor),
                                 scheduler=self.scheduler, reporting_mta=config.helo_name,

@@ -85,6 +85,9 @@ class Options(usage.Options):
         ["destination-failure-memory", None, 60.0, "Seconds a destination whose every host "
          "failed is not tried again; its mail is deferred at once (at most --retry-base).",
          _seconds],
+        ["dkim-keys", None, None, "DKIM key table (TOML; docs/deliverability.md): mail is "
+         "signed with the keys of its From domain (rsa-sha256 and/or ed25519-sha256) once, "
+         "before its first attempt."],
         ["log-format", None, "text", "text: the Postfix-style log only (default); json: also one "
          "JSON record a line per recipient outcome and operator action, to --json-log "
          "(docs/operations.md)."],
@@ -102,6 +105,8 @@ class Options(usage.Options):
     optFlags = [
         ["auth-plaintext", None, "Allow AUTH over a connection that is not encrypted "
          "(off: credentials are only sent under TLS)."],
+        ["dkim-required", None, "With --dkim-keys: defer mail that cannot be signed (no key "
+         "for its From domain) instead of sending it unsigned."],
         ["mta-sts", None, "Apply MTA-STS policies (RFC 8461) of recipient domains: fetch, "
          "cache under the queue folder, enforce."],
         ["no-http", None, "Do not serve the HTTP API on the default Unix socket, "
@@ -204,6 +209,8 @@ def config_from_options(o: Options) -> Config:
         mta_sts=bool(o["mta-sts"]),
         dnssec_resolvers=tuple(o["dnssec-resolvers"]),
         source_addresses=tuple(o.get("source-addresses", ())),
+        dkim_keys=o.get("dkim-keys"),
+        dkim_required=bool(o.get("dkim-required")),
         http=tuple(o["http"]),
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],
