@@ -713,11 +713,16 @@ class Queue:
         path = self._path("suspensions.json")
         data = json.dumps({"v": 1, "suspensions": [s.to_json() for s in suspensions]},
                           indent=1).encode("utf-8")
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # never a stale one's name
         try:
-            write_durably(path + ".tmp", data)
-            os.rename(path + ".tmp", path)
+            write_durably(tmp, data)
+            os.rename(tmp, path)
             fsync_dir(self.path)
         except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # never written, or already renamed
             raise QueueError(f"cannot write {path}: {e.strerror or e}") from e
 
 
