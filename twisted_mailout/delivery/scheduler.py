@@ -238,6 +238,7 @@ class Scheduler:
         self._stopping = False
         self._picking = False
         self._pick_again = False
+        self._pick_waiters: list[defer.Deferred[int]] = []
         #: outcomes so far by L{Status} value (C{delivered}, C{deferred}, ...).
         self.counts = {s.value: 0 for s in (Status.DELIVERED, Status.DEFERRED,
                                             Status.BOUNCED, Status.EXPIRED)}
@@ -355,8 +356,12 @@ class Scheduler:
         @return: Deferred firing with the number of messages picked up.
         """
         if self._picking:
+            # another pass follows the running one; the caller learns when
+            # it is over (an operator's action must see the mail just dropped)
             self._pick_again = True
-            return defer.succeed(0)
+            w: defer.Deferred[int] = defer.Deferred()
+            self._pick_waiters.append(w)
+            return w
         self._picking = True
         return defer.Deferred.fromCoroutine(self._pickup())
 
@@ -392,6 +397,9 @@ class Scheduler:
                     break
         finally:
             self._picking = False
+            waiters, self._pick_waiters = self._pick_waiters, []
+            for w in waiters:
+                w.callback(0)
         return total
 
     # -- scheduling ---------------------------------------------------------
@@ -421,7 +429,9 @@ class Scheduler:
         taken: list[str] = []
         waits: list[defer.Deferred[None]] = []
         for qid in qids:
-            if qid in self._unsaved or qid in self._taken:
+            if qid in self._taken or (qid in self._unsaved and qid not in self._inflight):
+                # (an attempt writing its outcome is waited for below; only
+                # an outcome whose write failed and is being retried is busy)
                 continue
             self._taken.add(qid)
             self._queued.pop(qid, None)  # its heap item is now stale
@@ -666,8 +676,10 @@ class Scheduler:
                 # finished at its first attempt needs no extra write
                 entry.dkim = await self.run_blocking(signature_for, self.queue, entry,
                                                      self.signer)
-            except OSError:
-                raise
+            except OSError as e:  # the message cannot be read: a deferral like any other
+                unsigned = Reply(451, f"4.3.0 cannot read the queued message to sign it: "
+                                 f"{e.strerror or e}", local=True)
+                log.error("{qid}: cannot read it to sign: {err}; deferred", qid=entry.qid, err=e)
             except Exception as e:  # noqa: BLE001 - any signing failure defers, with why
                 unsigned = Reply(451, f"4.7.0 message not signed: {e}", local=True)
                 log.error("{qid}: cannot sign: {err}; deferred", qid=entry.qid, err=e)
