@@ -140,6 +140,8 @@ class QueueAdmin:
         self.connector = connector
         self.source = source
         self.progress = progress
+        #: suspension saves one at a time, each writing the set as it is then
+        self._saving = defer.DeferredLock()
 
     def start(self) -> defer.Deferred[int]:
         """Load the saved suspensions into L{suspensions}.
@@ -420,8 +422,10 @@ class QueueAdmin:
                     if kind == "skip":
                         result.skipped[qid] = why
                     elif kind == "gone":
+                        # give it back due now: if it did leave, the scheduler
+                        # says so; if a pickup was moving it, it is not lost
                         result.skipped[qid] = why
-                        dues[qid] = None
+                        dues[qid] = self.clock.seconds()
                     else:
                         result.changed.append(qid)
                         if kind.startswith("dsn:"):
@@ -511,6 +515,9 @@ class QueueAdmin:
             return "remove"
         dsn = enqueue_dsn(self.store, e, unreported, self.reporting_mta, now)
         e.bounced_reported.extend(r.address for r in unreported)
+        # recorded at once: should the removal fail or the process die before
+        # it, the message is only removed later, never reported twice
+        self.store.save_many([e])
         return "dsn:" + dsn
 
     # -- suspensions ---------------------------------------------------------------
@@ -546,7 +553,6 @@ class QueueAdmin:
             s = self.suspensions.new(domain, float(duration), reason, now)
         except (ValueError, TypeError) as e:
             return defer.fail(SelectorError(str(e)))
-        items = self.suspensions.active(now)
 
         def saved(_: object) -> dict[str, Any]:
             admin_log.info("suspended {domain} until {until:.0f} by the operator ({source})"
@@ -559,8 +565,7 @@ class QueueAdmin:
             self.suspensions.cancel(s.id)
             return f
 
-        return self.run_blocking(self.store.save_suspensions, items).addCallbacks(
-            saved, failed)
+        return self._save_suspensions().addCallbacks(saved, failed)
 
     def cancel_suspension(self, sid: str, reason: str = "") -> defer.Deferred[dict[str, Any]]:
         """End a suspension now; its domain's mail is due at once.
@@ -574,7 +579,6 @@ class QueueAdmin:
         if s is None or s.until <= now:
             return defer.fail(EntryNotFound(f"no suspension {sid!r} in force"))
         self.suspensions.cancel(sid)
-        items = self.suspensions.active(now)
 
         def saved(_: object) -> defer.Deferred[dict[str, Any]]:
             admin_log.info("suspension of {domain} cancelled by the operator ({source}){why}",
@@ -590,8 +594,16 @@ class QueueAdmin:
             self.suspensions.add(s)
             return f
 
-        return self.run_blocking(self.store.save_suspensions, items).addCallbacks(
-            saved, failed)
+        return self._save_suspensions().addCallbacks(saved, failed)
+
+    def _save_suspensions(self) -> defer.Deferred[None]:
+        """Save the suspensions in force, one save at a time (a later save
+        never overtakes an earlier one)."""
+        def save() -> defer.Deferred[None]:
+            return self.run_blocking(self.store.save_suspensions,
+                                     self.suspensions.active(self.clock.seconds()))
+
+        return self._saving.run(save)
 
     def _reschedule_domain(self, domain: str) -> defer.Deferred[None]:
         assert self.scheduler is not None
