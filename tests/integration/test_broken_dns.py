@@ -376,7 +376,13 @@ def test_daemon_resolver_down_defers_within_the_dns_timeout(tmp_path):
         wait_for(lambda: "to=<x@example.test>" in d.log(), 30, what="the outcome line")
         elapsed = time.monotonic() - start
         log = d.log()
-        [entry] = queue_list(q, detail=True)
+
+        def saved():  # the outcome is logged first, then written (group commit)
+            rows = queue_list(q, detail=True)
+            return (len(rows) == 1 and rows[0]["recipients"][0]["state"] != "pending"
+                    and rows)
+
+        [entry] = wait_for(saved, 10, what="the outcome written", detail=d.log)
     finally:
         d.stop()
     line = outcome_line(log, "x@example.test")
