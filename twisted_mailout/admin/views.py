@@ -13,7 +13,7 @@ import email.policy
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from twisted_mailout.envelope import FINAL_STATES, RecipientState
+from twisted_mailout.envelope import FINAL_STATES, RecipientState, Reply
 from twisted_mailout.queue.model import ListedEntry
 
 __all__ = ["AGE_BUCKETS", "detail", "queue_name", "row", "summary"]
@@ -46,10 +46,8 @@ def queue_name(listed: ListedEntry, in_flight: Collection[str] = ()) -> str:
     return "active"
 
 
-def _last_reply(reply: Any) -> str | None:
-    if reply is None:
-        return None
-    return str(reply.one_line())  # "451 4.3.0 text", on one line
+def _last_reply(reply: Reply | None) -> str | None:
+    return None if reply is None else reply.one_line()  # "451 4.3.0 text", one line
 
 
 def row(listed: ListedEntry, name: str) -> dict[str, Any]:
@@ -119,14 +117,7 @@ def detail(listed: ListedEntry, name: str, headers: bytes | None,
 def _headers(block: bytes) -> list[list[str]]:
     msg = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(
         block + b"\r\n")
-    out = []
-    for k, v in msg.items():
-        try:
-            value = str(v)
-        except Exception:  # noqa: BLE001 - a header the policy cannot decode: raw
-            value = msg.get(k, failobj="")  # pragma: no cover
-        out.append([k, value])
-    return out
+    return [[k, str(v)] for k, v in msg.items()]
 
 
 def _age_column(age_seconds: float) -> int:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-__all__ = ["GroupCommit", "RunBlocking", "inline_io"]
+__all__ = ["GroupCommit", "RunBlocking", "inline_io", "thread_io"]
 
 T = TypeVar("T")
 
@@ -90,3 +90,19 @@ def inline_io(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[An
         error.
     """
     return defer.maybeDeferred(f, *args, **kw)
+
+
+def thread_io(reactor: Any) -> RunBlocking:
+    """C{run_blocking} that runs blocking file work in the reactor's thread pool.
+
+    @param reactor: the reactor (C{IReactorThreads}; Twisted's reactor is
+        untyped).
+    @return: a L{RunBlocking}: C{run_blocking(f, *args, **kw)} returns a
+        Deferred firing with C{f}'s result, or failing with its error.
+    """
+    pool = reactor.getThreadPool()
+
+    def run(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(reactor, pool, f, *args, **kw)
+
+    return run

@@ -18,27 +18,25 @@ import heapq
 import random as _random
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, cast
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mailout.delivery.bounce import enqueue_dsn
-from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io
+from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io, thread_io
 from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
+from twisted_mailout.delivery.retry import RetryPolicy, outcome_for
 from twisted_mailout.delivery.signing import MessageSigner, PrefixedBody, signature_for
 from twisted_mailout.delivery.suspend import Suspensions, domain_of
 from twisted_mailout.envelope import (
     Address,
-    FINAL_STATES,
     RecipientState,
     Reply,
-    check_transition,
     parse_address,
     parse_sender,
 )
@@ -58,61 +56,8 @@ __all__ = ["GroupCommit", "Outcome", "RetryPolicy", "Scheduler", "inline_io", "o
 log = Logger()
 outcome_log = Logger(namespace="twisted_mailout.outcome")
 
-class _Random(Protocol):
-    """A source of random numbers in [0, 1): the C{random} module or a
-    C{random.Random}."""
-
-    def random(self) -> float: ...
-
-
 _PICKUP_LINE = "{}: from=<{}>, nrcpt={} (queue active, {})"
 _OUTCOME_LINE = "{}: to=<{}>, relay={}, delay={:.2f}, attempts={}, dsn={}, status={} ({})"
-
-
-def thread_io(reactor: Any) -> RunBlocking:
-    """C{run_blocking} that runs blocking file work in the reactor's thread pool.
-
-    @param reactor: the reactor (C{IReactorThreads}; Twisted's reactor is
-        untyped).
-    @return: a L{RunBlocking}: C{run_blocking(f, *args, **kw)} returns a
-        Deferred firing with C{f}'s result, or failing with its error.
-    """
-    pool = reactor.getThreadPool()
-
-    def run(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
-        return threads.deferToThreadPool(reactor, pool, f, *args, **kw)
-
-    return run
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When deferred mail is tried again, and when it gives up.
-
-    @ivar base: seconds before the first retry.
-    @ivar max: the longest wait between attempts, in seconds.
-    @ivar lifetime: seconds after arrival when deferred mail is bounced.
-    @ivar bounce_lifetime: the same for bounces (null sender), which are then
-        dropped with a log line.
-    @ivar jitter: fraction by which a delay is randomly shortened (0..1), so
-        retries of many messages spread out.
-    """
-
-    base: float = 300.0
-    max: float = 4000.0
-    lifetime: float = 5 * 86400.0
-    bounce_lifetime: float = 5 * 86400.0
-    jitter: float = 0.1
-
-    def delay(self, attempts: int, rng: _Random = _random) -> float:
-        """Seconds to wait after the C{attempts}-th failed attempt (1-based):
-        C{base * 2**(attempts-1)}, at most C{max}, less up to C{jitter}.
-
-        @param attempts: failed attempts so far, 1-based.
-        @param rng: the C{random} module or a C{random.Random}.
-        """
-        d = min(self.max, self.base * (2 ** max(0, min(attempts - 1, 30))))
-        return d * (1.0 - self.jitter * rng.random())
 
 
 #: The daemon's per-recipient outcome is the package's one result type: a
@@ -122,36 +67,6 @@ Outcome = RecipientResult
 
 def _first(pair: tuple[Address, RecipientStatus]) -> Address:
     return pair[0]
-
-
-def outcome_for(rs: RecipientStatus, reply: Reply, now: float, arrival: float,
-                policy: RetryPolicy, null_sender: bool, rng: _Random = _random) -> Status:
-    """Apply one reply to one recipient (the state machine's only writer).
-
-    2xx: delivered. 5xx: bounced. Anything else: deferred with the next
-    attempt time from C{policy}, or bounced when the queue lifetime is over.
-
-    @return: the L{Status}: C{DELIVERED}, C{BOUNCED}, C{DEFERRED} or
-        C{EXPIRED} (bounced because the lifetime is over).
-    @raise InvalidTransition: the recipient was already final.
-    """
-    if rs.state in FINAL_STATES:
-        check_transition(rs.state, RecipientState.DEFERRED)  # raises: nothing changes
-    rs.attempts += 1
-    if reply.is_positive:
-        rs.move(RecipientState.DELIVERED, reply)
-        return Status.DELIVERED
-    if reply.is_permanent:
-        rs.move(RecipientState.BOUNCED, reply)
-        return Status.BOUNCED
-    lifetime = policy.bounce_lifetime if null_sender else policy.lifetime
-    if now - arrival >= lifetime:
-        expired = Reply(reply.code, f"{reply.text} (delivery time expired after "
-                        f"{(now - arrival) / 86400:.1f} days)", reply.local)
-        rs.move(RecipientState.BOUNCED, expired)
-        return Status.EXPIRED
-    rs.move(RecipientState.DEFERRED, reply, now + policy.delay(rs.attempts, rng))
-    return Status.DEFERRED
 
 
 class Scheduler:
