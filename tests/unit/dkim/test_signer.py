@@ -4,11 +4,14 @@ published keys; key choice, over-signing, line ends, required signing."""
 from __future__ import annotations
 
 import re
+import time
 
 import dkim
+import dkim.crypto
 import pytest
 
 from twisted_mailout.dkim import SigningError
+from twisted_mailout.dkim import signer as signer_module
 from twisted_mailout.dkim.keys import KeyTable
 from twisted_mailout.dkim.signer import Signer, wire_form
 
@@ -180,3 +183,50 @@ def test_envelope_map_with_malformed_from_is_an_error(table: KeyTable) -> None:
     t = KeyTable(table.keys, {"bulk@example.org": "example.net"}, table.path)
     with pytest.raises(SigningError, match="no From"):
         Signer(t).sign(b"To: x@example.org\n\nbody\n", "bulk@example.org")
+
+
+# -- RSA through OpenSSL (signer._FastDKIM) ----------------------------------
+
+
+def test_fast_rsa_is_active_for_this_dkimpy() -> None:
+    # A dkimpy that no longer looks these names up would silently fall back
+    # to its pure-Python RSA (about 12 times slower): say so here.
+    assert signer_module.FAST_RSA
+
+
+def test_openssl_rsa_gives_dkimpys_bytes(table: KeyTable, dnsfunc: object,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # the same t= for both
+    msg = MESSAGE.replace(b"\n", b"\r\n")
+    rsa_key, = [k for k in table.keys if k.type == "rsa" and k.domain == "example.com"]
+    ours = Signer(only(table, "rsa")).sign(msg)
+    theirs = dkim.sign(msg, rsa_key.selector.encode(), rsa_key.domain.encode(), rsa_key.private,
+                       canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=b"rsa-sha256",
+                       include_headers=Signer._header_list(msg), linesep=b"\r\n")
+    assert ours == theirs  # PKCS#1 v1.5 is deterministic: the same signature, bit for bit
+    assert dkim.verify(ours + msg, dnsfunc=dnsfunc)
+
+
+def test_openssl_rsa_does_not_use_or_change_dkimpys_rsa(
+        table: KeyTable, dnsfunc: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    def pure_python(*args: object) -> bytes:
+        raise AssertionError("dkimpy's pure-Python RSA was called")
+
+    monkeypatch.setattr(dkim.crypto, "RSASSA_PKCS1_v1_5_sign", pure_python)
+    monkeypatch.setattr(dkim.crypto, "parse_pem_private_key", pure_python)
+    fields = Signer(only(table, "rsa")).sign(MESSAGE)
+    monkeypatch.undo()
+    assert dkim.verify(fields + wire_form(MESSAGE), dnsfunc=dnsfunc)
+    # dkimpy's own names are untouched for its other users
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim.crypto.RSASSA_PKCS1_v1_5_sign
+    assert dkim.DKIM.gen_header is not signer_module._FastDKIM.gen_header
+    assert dkim.DKIM.gen_header.__globals__ is vars(dkim)
+
+
+def test_the_fast_path_falls_back_for_pem_text(table: KeyTable, dnsfunc: object) -> None:
+    # _FastDKIM given PEM text (not a loaded key) signs with dkimpy's own RSA
+    key, = [k for k in table.keys if k.type == "rsa" and k.domain == "example.com"]
+    d = signer_module._FastDKIM(wire_form(MESSAGE), signature_algorithm=b"rsa-sha256")
+    field = d.sign(key.selector.encode(), key.domain.encode(), key.private,
+                   canonicalize=(b"relaxed", b"relaxed"), include_headers=[b"from"])
+    assert dkim.verify(field + wire_form(MESSAGE), dnsfunc=dnsfunc)
