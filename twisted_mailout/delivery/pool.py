@@ -10,7 +10,10 @@ tested with C{twisted.internet.task.Clock}.
 The rules:
 
   - At most C{max_connections} connections are open in all, and at most
-    C{max_per_destination} to one destination. A connection counts from the
+    C{max_per_destination} to one destination (or the destination's own
+    limit, L{ConnectionPool.shape}); destinations put in a group (a
+    provider's domains, issue 12's traffic shaping) share the group's limit
+    too. A connection counts from the
     moment its opening starts until it is closed (or, when the pool gives it
     up on purpose, until it is told to go).
   - A connection given back in a reusable state goes, in this order: to a
@@ -202,6 +205,16 @@ class _Waiter:
             self.d.errback(Failure(exc))
 
 
+class _Group:
+    """Destinations sharing one connection limit (a provider's domains)."""
+
+    def __init__(self, key: str, limit: int):
+        self.key = key
+        self.limit = limit
+        self.conns = 0  # the members' counted connections together
+        self.members: list[_Dest] = []
+
+
 class _Dest:
     """The pool's record of one destination."""
 
@@ -211,6 +224,9 @@ class _Dest:
         self.idle: list[Lease[Any]] = []
         self.waiters: deque[_Waiter] = deque()
         self.down: DestinationDown | None = None
+        self.limit: int | None = None  # its own limit (None: max_per_destination)
+        self.max_messages: int | None = None  # (None: the pool's max_messages)
+        self.group: _Group | None = None
 
 
 class ConnectionPool(Generic[S]):
@@ -239,6 +255,7 @@ class ConnectionPool(Generic[S]):
         self._dests: dict[str, _Dest] = {}
         self._total = 0
         self._blocked: deque[_Dest] = deque()  # destinations waiting on the global limit
+        self._groups: dict[str, _Group] = {}
         self._closing = False
 
     # -- what tests and operators may read ------------------------------------
@@ -272,6 +289,56 @@ class ConnectionPool(Generic[S]):
         dest = self._dests.get(key)
         return len(dest.waiters) if dest is not None else 0
 
+    def group_connections(self, group: str) -> int:
+        """Connections counted against the limit of group C{group}."""
+        g = self._groups.get(group)
+        return g.conns if g is not None else 0
+
+    def shape(self, key: str, limit: int | None = None, group: str | None = None,
+              group_limit: int | None = None, max_messages: int | None = None) -> None:
+        """Set destination C{key}'s own limits (traffic shaping); callers
+        set them before L{acquire}, and may set them again at any time.
+
+        @param limit: connections to C{key} at most (L{None}:
+            C{max_per_destination}).
+        @param group: a group C{key} belongs to (a provider's shaping key),
+            or L{None}; its connections count in the group's.
+        @param group_limit: the group's connections at most, all members
+            together (required with C{group}; the last value given wins).
+        @param max_messages: transactions per connection to C{key} at most
+            (L{None}: the pool's C{max_messages}).
+        @raise ValueError: a limit below 1, or a group without a limit.
+        """
+        if (limit is not None and limit < 1) or (group is not None and (
+                group_limit is None or group_limit < 1)):
+            raise ValueError("connection limits must be at least 1")
+        dest = self._dest(key)
+        dest.limit, dest.max_messages = limit, max_messages
+        old = dest.group
+        new = None
+        if group is not None:
+            assert group_limit is not None
+            new = self._groups.get(group)
+            if new is None:
+                new = self._groups[group] = _Group(group, group_limit)
+            new.limit = group_limit
+        if new is not old:
+            if old is not None:
+                old.conns -= dest.conns
+                old.members.remove(dest)
+            if new is not None:
+                new.conns += dest.conns
+                new.members.append(dest)
+            dest.group = new
+            if dest.waiters:
+                self._slot_freed(dest)  # a larger limit may let a waiter open now
+
+    def _room(self, dest: _Dest) -> bool:
+        """Whether C{dest} may open one more connection (its own and its
+        group's limits; the global limit is checked apart)."""
+        own = dest.limit if dest.limit is not None else self.limits.max_per_destination
+        return dest.conns < own and (dest.group is None or dest.group.conns < dest.group.limit)
+
     # -- acquire ----------------------------------------------------------------
 
     def acquire(self, key: str) -> defer.Deferred[Lease[S]]:
@@ -303,7 +370,7 @@ class ConnectionPool(Generic[S]):
         waiter = _Waiter(dest)
         d: defer.Deferred[Lease[S]] = waiter.d
         limits = self.limits
-        if dest.conns < limits.max_per_destination:
+        if self._room(dest):
             if self._total >= limits.max_connections:
                 self._close_one_idle()
             if self._total < limits.max_connections:
@@ -332,7 +399,7 @@ class ConnectionPool(Generic[S]):
         while dest.waiters:
             if dest.waiters.popleft().give(lease):
                 return
-        if self._someone_blocked():
+        if self._someone_blocked() or self._group_waits(dest):
             # Other destinations wait for a slot under the global limit:
             # give this one up now rather than keep it idle.
             self._quit(lease)
@@ -384,8 +451,11 @@ class ConnectionPool(Generic[S]):
 
     def _reusable(self, lease: Lease[S]) -> bool:
         limits, session = self.limits, lease.session
+        dest = self._dests.get(lease.key)
+        most = (dest.max_messages if dest is not None and dest.max_messages is not None
+                else limits.max_messages)
         return (session.usable and not self._closing
-                and session.transactions < limits.max_messages
+                and session.transactions < most
                 and self.clock.seconds() - session.created < limits.max_age)
 
     def _quit(self, lease: Lease[S]) -> defer.Deferred[None]:
@@ -397,9 +467,14 @@ class ConnectionPool(Generic[S]):
             return False
         lease._counted = False
         dest = self._dests[lease.key]
-        dest.conns -= 1
-        self._total -= 1
+        self._count(dest, -1)
         return True
+
+    def _count(self, dest: _Dest, n: int) -> None:
+        dest.conns += n
+        self._total += n
+        if dest.group is not None:
+            dest.group.conns += n
 
     def _stop_idle_timer(self, lease: Lease[S]) -> None:
         timer, lease._idle_timer = lease._idle_timer, None
@@ -444,6 +519,13 @@ class ConnectionPool(Generic[S]):
             self._slot_freed(dest)
         return len(idle)
 
+    def _group_waits(self, dest: _Dest) -> bool:
+        """Whether another member of C{dest}'s group waits while the group
+        is at its limit (a connection given back should then go)."""
+        g = dest.group
+        return (g is not None and g.conns >= g.limit
+                and any(m.waiters for m in g.members if m is not dest))
+
     def _someone_blocked(self) -> bool:
         """Whether a destination waits for a slot under the global limit;
         forgets destinations whose waiters were served or withdrew."""
@@ -473,11 +555,17 @@ class ConnectionPool(Generic[S]):
         limits = self.limits
         if self._closing:
             return
-        candidates = ([dest] if dest is not None else []) + list(self._blocked)
+        candidates = ([dest] if dest is not None else [])
+        if dest is not None and dest.group is not None:
+            candidates += [m for m in dest.group.members if m is not dest and m.waiters]
+        candidates += list(self._blocked)
+        if dest is None:  # a slot of some group may be free: any waiting member
+            candidates += [m for g in self._groups.values() if g.conns < g.limit
+                           for m in g.members if m.waiters]
         for cand in candidates:
             if self._total >= limits.max_connections:
                 return
-            if cand.waiters and cand.conns < limits.max_per_destination:
+            if cand.waiters and self._room(cand):
                 waiter = cand.waiters.popleft()
                 if not cand.waiters and cand in self._blocked:
                     self._blocked.remove(cand)
@@ -486,8 +574,7 @@ class ConnectionPool(Generic[S]):
 
     def _open(self, dest: _Dest, waiter: _Waiter) -> None:
         """Count a slot for C{dest} and open a connection for C{waiter}."""
-        dest.conns += 1
-        self._total += 1
+        self._count(dest, 1)
         try:
             opening = self._opener(dest.key)
         except BaseException:  # noqa: BLE001 - becomes the Deferred's failure
@@ -513,8 +600,7 @@ class ConnectionPool(Generic[S]):
 
     def _open_failed(self, failure: Failure, dest: _Dest, waiter: _Waiter) -> None:
         waiter.opening = None
-        dest.conns -= 1
-        self._total -= 1
+        self._count(dest, -1)
         exc = failure.value
         if failure.check(defer.CancelledError) or waiter.d.called:
             # The caller withdrew: not a verdict on the destination.

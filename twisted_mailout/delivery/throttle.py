@@ -1,59 +1,97 @@
-"""Automatic throttling: rules that suspend a destination when its replies
-say the sender goes too fast (issue 12 item 3; KumoMTA's automation rules).
+"""Automatic throttling: rules that act when a destination's replies say the
+sender goes too fast (issue 12 item 3; KumoMTA's automation rules).
 
 A L{Rule} is a regular expression over a reply (C{"CODE ENHANCED TEXT"}, as
 the outcome events carry it), a threshold (C{"2/h"}: that many matching
-replies from one destination within that period), and an action: suspend the
-destination for a duration, with a reason. L{ThrottleRules} counts matching
-replies per rule and destination over a sliding window and, past the
-threshold, adds a suspension to the daemon's L{Suspensions}: its mail stays
-queued (nothing is bounced, no attempt counted) and flows again by itself
-when the suspension ends.
+replies from one destination within that period), and an action for a
+duration, with a reason:
 
-Pure and clock-driven: C{observe} is called with each outcome (a
-L{RecipientResult} and its destination), no I/O.
+  - C{suspend}: add a suspension of the destination (C{scope =
+    "destination"}) or of its whole provider (C{scope = "provider"}) to the
+    daemon's L{Suspensions}: its mail stays queued (nothing is bounced, no
+    attempt counted) and flows again by itself when the suspension ends;
+  - C{rate}: lower the message rate of the destination's shaping key
+    (L{twisted_mailout.delivery.shaping.Shaper.lower_rate}) for the duration.
 
-Not yet wired into the daemon: the shaping file that will carry the rules
-(C{--shaping FILE}, issue 12 item 2) does not exist yet; L{DEFAULT_RULES}
-are the rules it will ship.
+L{ThrottleRules} counts matching replies per rule and destination over a
+sliding window. Pure and clock-driven: C{observe} is called with each
+outcome, no I/O. The rules come from the shaping file (C{[[rule]]}; the
+shipped presets hold the rules for Google's, Microsoft's and Yahoo's
+throttling replies).
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.logger import Logger
 
 from twisted_mailout.delivery.suspend import Suspensions
+from twisted_mailout.queue.model import Suspension
 
-__all__ = ["DEFAULT_RULES", "Rule", "ThrottleRules", "parse_rate"]
+__all__ = ["Rule", "ThrottleRules", "parse_duration", "parse_rate"]
 
 log = Logger()
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ALIASES = {"sec": "s", "second": "s", "min": "m", "minute": "m", "hr": "h", "hour": "h",
+            "day": "d"}
 
 
 def parse_rate(text: str) -> tuple[int, float]:
     """C{"2/h"} -> C{(2, 3600.0)}: a count per period.
 
-    @param text: C{COUNT/UNIT} with UNIT one of s, m, h, d (or a number of
-        seconds: C{"5/30"}).
+    @param text: C{COUNT/PERIOD}; PERIOD is a unit (s, m, h, d, or sec,
+        min, hour, day), a duration (C{"10m"}) or a number of seconds
+        (C{"5/30"}).
     @return: C{(count, seconds)}.
     @raise ValueError: malformed, or a count or period not above 0.
     """
     count_s, _, unit = text.strip().partition("/")
+    unit = _ALIASES.get(unit, unit)
     try:
         count = int(count_s)
-        period = _UNITS[unit] if unit in _UNITS else float(unit)
+        period = _UNITS[unit] if unit in _UNITS else parse_duration(unit)
     except (ValueError, KeyError):
-        raise ValueError(f"a rate is COUNT/UNIT (s, m, h, d), such as '2/h', not {text!r}")
-    if count < 1 or not period > 0:
+        raise ValueError(f"a rate is COUNT/PERIOD (s, m, h, d, or a duration such as 10m), "
+                         f"such as '2/h', not {text!r}") from None
+    if count < 1:
         raise ValueError(f"a rate needs a count and a period above 0, not {text!r}")
     return count, period
+
+
+def parse_duration(value: object) -> float:
+    """A duration: a number of seconds, or text such as C{"90m"}, C{"2h"},
+    C{"30s"}, C{"1d"}, C{"45"}.
+
+    @return: seconds, above 0.
+    @raise ValueError: malformed, or not above 0.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"a duration such as \"90m\" or a number of seconds, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        unit = text[-1] if text[-1] in _UNITS else ""
+        try:
+            seconds = float(text[:-1] if unit else text) * (_UNITS[unit] if unit else 1.0)
+        except ValueError:
+            raise ValueError(f"a duration such as \"90m\" or a number of seconds, "
+                             f"not {value!r}") from None
+    else:
+        raise ValueError(f"a duration such as \"90m\" or a number of seconds, not {value!r}")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"a duration must be above 0 seconds, not {value!r}")
+    return seconds
+
+
+ACTIONS = ("suspend", "rate")
+SCOPES = ("destination", "provider")
 
 
 @dataclass(frozen=True)
@@ -64,8 +102,15 @@ class Rule:
     @ivar pattern: a regular expression searched in C{"CODE ENHANCED TEXT"}.
     @ivar threshold: C{(count, seconds)}: that many matches within that many
         seconds from one destination trigger the action.
-    @ivar duration: seconds the destination is suspended.
-    @ivar reason: the suspension's reason (the rule's name when empty).
+    @ivar duration: seconds the action lasts.
+    @ivar reason: the suspension's or throttle's reason (the rule's name
+        when empty).
+    @ivar action: C{"suspend"} or C{"rate"}.
+    @ivar scope: C{"destination"} (the recipient domain) or C{"provider"}
+        (every domain of the destination's provider; the destination alone
+        when it has none).
+    @ivar rate: for C{action = "rate"}: the lowered message rate,
+        C{(count, seconds)}.
     """
 
     name: str
@@ -73,13 +118,20 @@ class Rule:
     threshold: tuple[int, float]
     duration: float
     reason: str = ""
+    action: str = "suspend"
+    scope: str = "destination"
+    rate: tuple[int, float] | None = None
 
     @classmethod
     def make(cls, name: str, pattern: str, threshold: str, duration: float,
-             reason: str = "") -> Rule:
-        """A rule from its text form (as the shaping file will give it).
+             reason: str = "", action: str = "suspend", scope: str = "destination",
+             rate: str | None = None) -> Rule:
+        """A rule from its text form (as the shaping file gives it).
 
-        @raise ValueError: a bad regular expression, rate or duration.
+        @param rate: C{"10/m"}: the lowered rate, required with
+            C{action = "rate"} and refused otherwise.
+        @raise ValueError: a bad regular expression, rate, duration, action
+            or scope.
         """
         try:
             compiled = re.compile(pattern)
@@ -87,66 +139,110 @@ class Rule:
             raise ValueError(f"rule {name!r}: bad pattern {pattern!r}: {e}") from None
         if not duration > 0:
             raise ValueError(f"rule {name!r}: the duration must be above 0 seconds")
-        return cls(name, compiled, parse_rate(threshold), float(duration), reason)
-
-
-#: The throttling replies of the large providers (their postmaster pages:
-#: Google's "421 4.7.28 ... unusual rate of unsolicited mail", Microsoft's
-#: "451 4.7.650 ... temporarily rate limited due to IP reputation", Yahoo's
-#: "421 4.7.0 [TSS04] Messages from ... temporarily deferred due to unexpected
-#: volume or user complaints").
-DEFAULT_RULES = (
-    Rule.make("google-rate", r"^421 4\.7\.28\b", "2/h", 3600.0,
-              "Google: 421 4.7.28 (unusual rate), suspended for an hour"),
-    Rule.make("microsoft-rate", r"^451 4\.7\.650\b", "2/h", 3600.0,
-              "Microsoft: 451 4.7.650 (rate limited), suspended for an hour"),
-    Rule.make("yahoo-tss04", r"^421 4\.7\.0 .*\[TSS04\]", "2/h", 3600.0,
-              "Yahoo: 421 4.7.0 [TSS04], suspended for an hour"),
-)
+        if action not in ACTIONS:
+            raise ValueError(f"rule {name!r}: unknown action {action!r}; expected one of "
+                             f"{', '.join(ACTIONS)}")
+        if scope not in SCOPES:
+            raise ValueError(f"rule {name!r}: unknown scope {scope!r}; expected one of "
+                             f"{', '.join(SCOPES)}")
+        if (action == "rate") != (rate is not None):
+            raise ValueError(f"rule {name!r}: max_message_rate goes with action = \"rate\" "
+                             f"(and only with it)")
+        return cls(name, compiled, parse_rate(threshold), float(duration), reason, action,
+                   scope, parse_rate(str(rate)) if rate is not None else None)
 
 
 class _Clock(Protocol):
     def seconds(self) -> float: ...
 
 
+class _Shape(Protocol):
+    key: str
+    provider: str | None
+
+
+class _Shaper(Protocol):
+    def lower_rate(self, key: str, rate: tuple[int, float], until: float, rule: str,
+                   reason: str) -> None: ...
+
+
 class ThrottleRules:
-    """Counts matching replies per rule and destination; suspends past the
+    """Counts matching replies per rule and destination; acts past the
     threshold.
 
     @param rules: the L{Rule}s, tried in order (the first that matches a
         reply counts it).
-    @param suspensions: where a triggered rule adds its suspension (the
-        scheduler's L{Suspensions}).
+    @param suspensions: where a triggered C{suspend} rule adds its
+        suspension (the scheduler's L{Suspensions}).
     @param clock: has C{seconds()}.
+    @param shaper: the L{twisted_mailout.delivery.shaping.Shaper} a C{rate}
+        rule lowers rates in (L{None}: C{rate} rules do nothing).
+    @param on_suspend: called with each L{Suspension} a rule makes (the
+        daemon saves it so it outlives a restart).
     """
 
-    def __init__(self, rules: Iterable[Rule], suspensions: Suspensions, clock: _Clock) -> None:
+    def __init__(self, rules: Iterable[Rule], suspensions: Suspensions, clock: _Clock,
+                 shaper: _Shaper | None = None,
+                 on_suspend: Callable[[Suspension], object] | None = None) -> None:
         self.rules = list(rules)
         self.suspensions = suspensions
         self.clock = clock
+        self.shaper = shaper
+        self.on_suspend = on_suspend
         self._hits: dict[tuple[str, str], deque[float]] = {}
+        #: C{{key: until}} of the C{rate} rules in force (to act once each).
+        self._lowered: dict[str, float] = {}
 
-    def observe(self, destination: str, reply: str) -> Rule | None:
+    def observe(self, destination: str, reply: str, shape: _Shape | None = None) -> Rule | None:
         """Count one reply from C{destination}.
 
         @param destination: the recipient domain (what a suspension names).
         @param reply: C{"CODE ENHANCED TEXT"} on one line.
-        @return: the rule that suspended the destination now, or L{None}.
+        @param shape: the destination's shape (its provider and shaping
+            key), or L{None} when shaping is off.
+        @return: the rule that acted now, or L{None}.
         """
         now = float(self.clock.seconds())
         for rule in self.rules:
             if not rule.pattern.search(reply):
                 continue
+            target = destination
+            if rule.scope == "provider" and shape is not None and shape.provider:
+                target = shape.key
             count, period = rule.threshold
-            hits = self._hits.setdefault((rule.name, destination), deque())
+            hits = self._hits.setdefault((rule.name, target), deque())
             hits.append(now)
             while hits and hits[0] <= now - period:
                 hits.popleft()
-            if len(hits) < count or self.suspensions.until(destination, now) is not None:
+            if len(hits) < count:
+                return None
+            reason = rule.reason or rule.name
+            if rule.action == "rate":
+                key = shape.key if shape is not None else destination
+                if self.shaper is None or self._lowered.get(key, 0.0) > now:
+                    return None
+                assert rule.rate is not None
+                hits.clear()
+                until = now + rule.duration
+                self._lowered[key] = until
+                self.shaper.lower_rate(key, rule.rate, until, rule.name, reason)
+                log.warn("{destination}: throttled by rule {rule} ({reason}): message rate "
+                         "of {key} lowered to {count}/{period:g}s until {until:.0f}",
+                         destination=destination, rule=rule.name, reason=reason, key=key,
+                         count=rule.rate[0], period=rule.rate[1], until=until,
+                         throttled=True)
+                return rule
+            if self.suspensions.until(target, now) is not None:
                 return None
             hits.clear()
-            s = self.suspensions.new(destination, rule.duration, rule.reason or rule.name, now)
-            log.warn("{destination}: throttled by rule {rule} ({reason}) until {until:.0f}",
-                     destination=destination, rule=rule.name, reason=s.reason, until=s.until)
+            s = self.suspensions.new(target, rule.duration, reason, now)
+            log.warn("{destination}: throttled by rule {rule} ({reason}): {target} suspended "
+                     "until {until:.0f}", destination=destination, rule=rule.name,
+                     reason=s.reason, target=target, until=s.until, throttled=True)
+            if self.on_suspend is not None:
+                try:
+                    self.on_suspend(s)
+                except Exception:  # noqa: BLE001 - an observer must not stop delivery
+                    log.failure("saving the suspension {sid} failed", sid=s.id)
             return rule
         return None

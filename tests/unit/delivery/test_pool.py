@@ -333,3 +333,77 @@ def test_close_quits_idle_fails_waiters_and_refuses_new_callers() -> None:
     pool.release(busy_lease, reusable=True)  # not kept: the pool is closing
     assert busy_session.quits == 1 and pool.open_connections == 0
     assert clock.getDelayedCalls() == []
+
+
+# -- traffic shaping: a destination's own limits, and groups (providers) -----------
+
+
+def test_a_destination_limit_replaces_max_per_destination() -> None:
+    clock, opener, pool = make(PoolLimits(max_per_destination=4))
+    pool.shape("slow.test", limit=1)
+    first = pool.acquire("slow.test")
+    second = pool.acquire("slow.test")
+    assert pool.connections_to("slow.test") == 1 and not second.called
+    opener.succeed()
+    lease = result(first)
+    pool.release(lease, reusable=True)
+    assert result(second) is lease  # the one connection, handed over
+    # others keep the pool's limit
+    ds = [pool.acquire("other.test") for _ in range(5)]
+    assert pool.connections_to("other.test") == 4 and not any(d.called for d in ds)
+
+
+def test_a_group_limit_holds_across_its_destinations() -> None:
+    clock, opener, pool = make(PoolLimits(max_per_destination=4, max_connections=20))
+    for key in ("a.test", "b.test", "c.test"):
+        pool.shape(key, group="provider:big", group_limit=2)
+    da, db, dc = pool.acquire("a.test"), pool.acquire("b.test"), pool.acquire("c.test")
+    assert pool.group_connections("provider:big") == 2 and len(opener.pending) == 2
+    assert pool.waiting_for("c.test") == 1
+    opener.succeed()
+    opener.succeed()
+    la = result(da)
+    result(db)
+    # a.test's connection given back while c.test waits at the group limit:
+    # it goes (QUIT), and c.test opens its own
+    pool.release(la, reusable=True)
+    assert la.session.quits == 1 and pool.idle_to("a.test") == 0
+    assert len(opener.pending) == 1 and opener.pending[0][0] == "c.test"
+    assert pool.group_connections("provider:big") == 2
+    opener.succeed()
+    assert result(dc).key == "c.test"
+
+
+def test_a_closed_member_frees_a_group_slot_for_another_member() -> None:
+    clock, opener, pool = make(PoolLimits())
+    for key in ("a.test", "b.test"):
+        pool.shape(key, group="g", group_limit=1)
+    da, db = pool.acquire("a.test"), pool.acquire("b.test")
+    session = opener.succeed()
+    result(da)
+    assert opener.pending == []
+    session.lose()  # the server went away: its slot goes to b.test at once
+    assert [k for k, _ in opener.pending] == ["b.test"]
+    assert pool.group_connections("g") == 1 and pool.connections_to("a.test") == 0
+    opener.succeed()
+    result(db)
+
+
+def test_max_messages_per_destination() -> None:
+    clock, opener, pool = make(PoolLimits(max_messages=100))
+    pool.shape("few.test", max_messages=2)
+    d = pool.acquire("few.test")
+    session = opener.succeed()
+    lease = result(d)
+    session.transactions = 2
+    pool.release(lease, reusable=True)
+    assert session.quits == 1  # not reused past two transactions
+    assert pool.idle_to("few.test") == 0
+
+
+def test_a_group_limit_below_one_is_refused() -> None:
+    clock, opener, pool = make(PoolLimits())
+    with pytest.raises(ValueError):
+        pool.shape("a.test", group="g")
+    with pytest.raises(ValueError):
+        pool.shape("a.test", limit=0)

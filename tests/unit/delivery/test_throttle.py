@@ -1,12 +1,16 @@
 """The throttling rule engine on a task.Clock: past its threshold a rule
-suspends the destination for its duration, nothing else; the suspension ends
-by itself; replies that do not match count nothing."""
+suspends the destination (or its provider) for its duration, or lowers its
+message rate, nothing else; both end by themselves; replies that do not match
+count nothing. The rules are the shipped presets'."""
 
 import pytest
 from twisted.internet import task
 
+from twisted_mailout.delivery.shaping import Shape, ShapeSettings, Shaper, ShapingConfig
 from twisted_mailout.delivery.suspend import Suspensions
-from twisted_mailout.delivery.throttle import DEFAULT_RULES, Rule, ThrottleRules, parse_rate
+from twisted_mailout.delivery.throttle import Rule, ThrottleRules, parse_duration, parse_rate
+
+DEFAULT_RULES = ShapingConfig.presets().rules
 
 GMAIL = "421 4.7.28 Our system has detected an unusual rate of unsolicited mail"
 
@@ -22,6 +26,7 @@ def test_threshold_suspends_for_the_duration_then_it_ends():
     clock, s, rules = engine()
     assert rules.observe("gmail.com", GMAIL) is None  # 1 of 2
     clock.advance(600)
+    # without a provider (shaping off, or no MX matched) the destination itself
     fired = rules.observe("gmail.com", GMAIL)
     assert fired is not None and fired.name == "google-rate"
     now = clock.seconds()
@@ -47,6 +52,7 @@ def test_other_replies_and_destinations_count_apart():
     assert rules.observe("googlemail.com", GMAIL) is None
     assert rules.observe("outlook.com", "451 4.7.650 The mail server [192.0.2.1] has been "
                          "temporarily rate limited due to IP reputation") is None
+    assert rules.observe("outlook.com", "451 4.7.650 again") is None  # a rate rule: no shaper
     assert rules.observe("yahoo.com", "421 4.7.0 [TSS04] Messages from 192.0.2.1 "
                          "temporarily deferred") is None
     assert rules.observe("yahoo.com", "421 4.7.0 [TSS04] Messages from 192.0.2.1 "
@@ -64,3 +70,65 @@ def test_rates_and_bad_rules():
         Rule.make("x", "(", "1/h", 60)
     with pytest.raises(ValueError, match="duration"):
         Rule.make("x", "421", "1/h", 0)
+
+
+def test_provider_scope_suspends_every_domain_of_the_provider():
+    clock, s, rules = engine()
+    google = Shape("example.org", "provider:google", "google", ShapeSettings())
+    rules.observe("example.org", GMAIL, google)
+    # another Workspace domain counts with it: the threshold is per provider
+    fired = rules.observe("gmail.com", GMAIL, Shape("gmail.com", "provider:google", "google",
+                                                    ShapeSettings()))
+    assert fired is not None and fired.name == "google-rate"
+    now = clock.seconds()
+    assert s.until("provider:google", now) == now + 3600
+    assert s.until("gmail.com", now) is None and s.until("example.org", now) is None
+
+
+def test_rate_rule_lowers_the_rate_then_it_comes_back():
+    clock, s, _ = engine()
+    config = ShapingConfig.presets()
+    shaper = Shaper(config, router=None, clock=clock)
+    saved = []
+    rules = ThrottleRules(config.rules, s, clock, shaper=shaper, on_suspend=saved.append)
+    ms = config.shape("outlook.com", ["outlook-com.olc.protection.outlook.com"])
+    assert ms.key == "provider:microsoft" and shaper.message_rate(ms, clock.seconds()) is None
+    reply = "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited"
+    assert rules.observe("outlook.com", reply, ms) is None
+    fired = rules.observe("outlook.com", reply, ms)
+    assert fired is not None and fired.action == "rate"
+    now = clock.seconds()
+    assert shaper.message_rate(ms, now) == (1, 60.0)
+    assert [t.key for t in shaper.throttles(now)] == ["provider:microsoft"]
+    assert len(s) == 0 and saved == []  # a rate rule suspends nothing
+    # slots are a minute apart while it lasts
+    assert shaper.message_slot(ms, now) == now
+    assert shaper.message_slot(ms, now) == now + 60
+    clock.advance(90 * 60)
+    assert shaper.message_rate(ms, clock.seconds()) is None
+    assert shaper.throttles(clock.seconds()) == []
+
+
+def test_a_suspending_rule_reports_the_suspension():
+    clock, s, _ = engine()
+    saved = []
+    rules = ThrottleRules(DEFAULT_RULES, s, clock, on_suspend=saved.append)
+    rules.observe("gmail.com", GMAIL)
+    rules.observe("gmail.com", GMAIL)
+    assert [x.domain for x in saved] == ["gmail.com"]
+
+
+def test_durations_and_rule_forms():
+    assert parse_duration("90m") == 5400 and parse_duration(30) == 30
+    assert parse_duration("2h") == 7200 and parse_duration("1d") == 86400
+    for bad in ("", "0s", "-1", "x", True, "5w"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(ValueError, match="unknown action"):
+        Rule.make("x", "421", "1/h", 60, action="bounce")
+    with pytest.raises(ValueError, match="unknown scope"):
+        Rule.make("x", "421", "1/h", 60, scope="tenant")
+    with pytest.raises(ValueError, match="max_message_rate"):
+        Rule.make("x", "421", "1/h", 60, action="rate")
+    with pytest.raises(ValueError, match="max_message_rate"):
+        Rule.make("x", "421", "1/h", 60, rate="1/m")
