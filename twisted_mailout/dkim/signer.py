@@ -13,6 +13,7 @@ package (OpenSSL) rather than by dkimpy's pure-Python C{pow}, which cost about
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from twisted_mailout.dkim import SigningError
 from twisted_mailout.dkim.keys import KeyEntry, KeyTable
 from twisted_mailout.message import MessageError, header_addresses, split_headers
 
-__all__ = ["FAST_RSA", "SIGNED_HEADERS", "Signer", "wire_form"]
+__all__ = ["FAST_RSA", "SIGNED_HEADERS", "Signer", "prepend_signature", "wire_form"]
 
 #: The header fields signed when present, in this order (RFC 6376 5.4.1);
 #: From is also signed once more than it occurs (over-signed), so that no
@@ -53,6 +54,26 @@ def wire_form(message: bytes) -> bytes:
     if out and not out.endswith(b"\r\n"):
         out += b"\r\n"
     return out
+
+
+def prepend_signature(fields: bytes, message: bytes) -> bytes:
+    """The message with its DKIM-Signature fields in front, written with the
+    message's own line ends: CRLF fields before a message that has CRLF line
+    ends, LF fields before one that has only LF. The signature covers the
+    wire form (L{wire_form}), which is the same either way, so a message kept
+    in a file or an outbox stays in one line-end convention and still
+    verifies once sent.
+
+    @param fields: what L{Signer.sign} returned (CRLF line ends; C{b""}
+        when no key applied).
+    @param message: the message that was signed.
+    @return: the signed message (C{message} itself when C{fields} is empty).
+    """
+    if not fields:
+        return message
+    if b"\r\n" not in message and b"\n" in message:
+        fields = fields.replace(b"\r\n", b"\n")
+    return fields + message
 
 
 # -- RSA through OpenSSL, for this signer only ---------------------------------
@@ -133,6 +154,20 @@ class _FastDKIM(dkimpy.DKIM):
         sign = _rebound(dkimpy.DKIM.sign, {"parse_pem_private_key": _load_rsa})
         gen_header = _rebound(dkimpy.DKIM.gen_header,
                               {"RSASSA_PKCS1_v1_5_sign": _sign_rsa})
+
+
+@functools.lru_cache(maxsize=1024)
+def _authors(field: bytes) -> tuple[str, ...]:
+    """The addresses of one From field, read by the strict parser
+    (L{header_addresses}); memoized, because bulk mail repeats its From field
+    and the RFC 5322 parser of C{email.headerregistry} cost as much CPU as
+    the signature itself (a failure is not memoized).
+
+    @param field: the raw field, its continuation lines included.
+    @return: the addr-specs.
+    @raise MessageError: the field is not a valid, unambiguous address list.
+    """
+    return tuple(header_addresses(field, ["From"]))
 
 
 def _domain_of(address: str) -> str:
@@ -225,16 +260,25 @@ class Signer:
         """
         lines, _ = split_headers(message)
         count = 0
+        field: list[bytes] = []
+        in_from = False
         for line in lines:
+            if line[:1] in (b" ", b"\t"):  # a continuation line (RFC 5322 2.2.3)
+                if in_from:
+                    field.append(line)
+                continue
             m = _FIELD.match(line)
-            count += m is not None and m.group(1).lower() == b"from"
+            in_from = m is not None and m.group(1).lower() == b"from"
+            if in_from:
+                count += 1
+                field.append(line)
         if count == 0:
             raise SigningError("cannot be DKIM signed: the message has no From header field")
         if count > 1:
             raise SigningError(f"cannot be DKIM signed: the message has {count} From header "
                                f"fields (RFC 5322 3.6 allows one)")
         try:
-            authors = header_addresses(message, ["From"])
+            authors = _authors(b"".join(field))
         except MessageError as e:
             raise SigningError(f"cannot be DKIM signed: {e}") from None
         if not authors:

@@ -230,3 +230,23 @@ def test_the_fast_path_falls_back_for_pem_text(table: KeyTable, dnsfunc: object)
     field = d.sign(key.selector.encode(), key.domain.encode(), key.private,
                    canonicalize=(b"relaxed", b"relaxed"), include_headers=[b"from"])
     assert dkim.verify(field + wire_form(MESSAGE), dnsfunc=dnsfunc)
+
+
+def test_the_from_field_is_parsed_once_per_distinct_field(table: KeyTable,
+                                                          dnsfunc: object) -> None:
+    signer = Signer(only(table, "ed25519"))
+    signer_module._authors.cache_clear()
+    for i in range(3):
+        signer.sign(MESSAGE.replace(b"hello", f"hello {i}".encode()))
+    assert signer_module._authors.cache_info().hits == 2
+    # a folded From field is read whole (its continuation line too)
+    folded = MESSAGE.replace(b"From: Alice <alice@example.com>\n",
+                             b"From: Alice\n <alice@example.net>\n")
+    fields = Signer(table).sign(folded)
+    assert {s["d"] for s in signatures(fields)} == {"example.net"}
+    assert dkim.verify(fields + wire_form(folded), dnsfunc=dnsfunc)
+    # failures are not remembered as answers
+    bad = MESSAGE.replace(b"From: Alice <alice@example.com>", b"From: a@x.org<b@y.org>")
+    for _ in range(2):
+        with pytest.raises(SigningError, match="cannot be DKIM signed"):
+            Signer(table, required=True).sign(bad)
