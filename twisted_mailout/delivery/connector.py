@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
@@ -60,6 +60,7 @@ from twisted_mailout.delivery.pool import (
     PoolClosed,
     PoolLimits,
 )
+from twisted_mailout.delivery.shaping import Shape, Shaper
 from twisted_mailout.envelope import Reply
 from twisted_mailout.routing.dnssec import DNSSECResolver
 from twisted_mailout.routing.resolver import tcp_endpoint
@@ -236,9 +237,18 @@ class Connector:
         C{open_connections}, C{connections_to(key)}, C{idle_to(key)},
         C{waiting_for(key)}).
     @ivar security: the L{SecurityResolver} deciding each host's TLS level.
+    @ivar shaper: the L{Shaper} of traffic shaping (C{--shaping}), or L{None}.
+        With one, each destination is classified (its MX hosts decide its
+        provider) before its first delivery, and its settings apply: the
+        connection limit (its own, or its provider's across all the
+        provider's domains), transactions per connection, recipients per
+        transaction, message and connection rates (a rate delays, never
+        defers), the TLS level where the policy table has no entry, and the
+        source address and EHLO name.
     """
 
-    def __init__(self, reactor: Any, router: IRouter, settings: ConnectorSettings):
+    def __init__(self, reactor: Any, router: IRouter, settings: ConnectorSettings,
+                 shaper: Shaper | None = None):
         self.reactor = reactor
         # Any: mypy cannot see zope interfaces' methods (no mypy-zope plugin).
         self.router: Any = router
@@ -251,12 +261,15 @@ class Connector:
             reactor, self._opener, settings.pool_limits(),
             remember=(SessionError, RouteError))
         self._plaintext_until: dict[tuple[str, str, int], float] = {}
+        self.shaper = shaper
+        self._applied: dict[str, Shape] = {}
 
     # -- public -------------------------------------------------------------
 
     def deliver(self, dest: str, sender: str, recipients: list[str],
                 open_source: Callable[[], IO[bytes]], size: int | None = None,
-                smtputf8: bool = False, eightbit: bool = False) -> defer.Deferred[Attempt]:
+                smtputf8: bool = False, eightbit: bool = False,
+                paced: bool = False) -> defer.Deferred[Attempt]:
         """Deliver one message to the recipients of one destination.
 
         @param dest: the destination key: an A-label domain (routed by MX) or
@@ -268,6 +281,11 @@ class Connector:
         @param size: message size in bytes for SIZE (RFC 1870), or L{None}.
         @param smtputf8: the envelope needs SMTPUTF8 (RFC 6531).
         @param eightbit: the message has 8-bit bytes (BODY=8BITMIME, RFC 6152).
+        @param paced: the caller has already taken the message-rate slot of
+            the first transaction (the scheduler does, so that mail waiting
+            for its slot does not hold a place in flight); further
+            transactions (recipients beyond C{max_recipients_per_message},
+            452 continuations) still wait for theirs.
         @return: Deferred firing with an L{Attempt}; it does not fail for
             network, DNS or server trouble, which become replies. Recipients
             refused with 452 (too many recipients) while others were accepted
@@ -278,30 +296,38 @@ class Connector:
             accepted before is not reported.
         """
         return defer.Deferred.fromCoroutine(
-            self._deliver(dest, sender, recipients, open_source, size, smtputf8, eightbit))
+            self._deliver(dest, sender, recipients, open_source, size, smtputf8, eightbit,
+                          paced))
 
     async def _deliver(self, dest: str, sender: str, recipients: list[str],
                        open_source: Callable[[], IO[bytes]], size: int | None,
-                       smtputf8: bool, eightbit: bool) -> Attempt:
+                       smtputf8: bool, eightbit: bool, paced: bool = False) -> Attempt:
         replies: dict[str, Reply] = {}
         relay = None
         tls = None
-        remaining = list(recipients)
-        while remaining:
+        shape = await self.shape(dest) if self.shaper is not None else None
+        most = (shape.settings.max_recipients_per_message if shape is not None else None
+                ) or len(recipients)
+        queue = list(recipients)
+        while queue:
+            remaining, queue = queue[:most], queue[most:]
+            if shape is not None and not paced:
+                await self._pace(shape)
+            paced = False
             try:
                 lease = await self.pool.acquire(dest)
             except DestinationDown as e:
                 # The opening failed (now, or within failure_memory seconds):
                 # its reply stands for every recipient.
                 assert isinstance(e.error, (SessionError, RouteError))
-                replies.update((r, e.error.reply) for r in remaining)
+                replies.update((r, e.error.reply) for r in remaining + queue)
                 break
             except PoolClosed:
-                replies.update((r, _shutting_down()) for r in remaining)
+                replies.update((r, _shutting_down()) for r in remaining + queue)
                 break
             except defer.CancelledError:
                 log.info("{dest}: delivery cancelled before a connection was ready; "
-                         "{n} recipients not tried", dest=dest, n=len(remaining))
+                         "{n} recipients not tried", dest=dest, n=len(remaining) + len(queue))
                 raise
             session, relay = lease.session, lease.label
             tls = tls_version(session)
@@ -311,7 +337,7 @@ class Connector:
                 self.pool.release(lease, session.usable)
                 r = Reply(451, f"4.3.0 cannot read the queued message: {e.strerror}",
                           local=True)
-                replies.update((rc, r) for rc in remaining)
+                replies.update((rc, r) for rc in remaining + queue)
                 break
             try:
                 result = await session.transaction(sender, remaining, source, size, smtputf8,
@@ -334,11 +360,45 @@ class Connector:
             # RFC 5321 4.5.3.1.10: "452 too many recipients" asks for the rest
             # in another transaction, at once; go on while each one makes progress.
             more = [r for r in remaining if result.replies[r].code == 452]
-            if not more or len(more) == len(remaining) or not any(
+            if more and len(more) < len(remaining) and any(
                     result.replies[r].is_positive for r in remaining):
-                break
-            remaining = more
+                queue = more + queue
         return Attempt(replies, relay, tls)
+
+    def shape(self, dest: str) -> defer.Deferred[Shape]:
+        """The traffic shape of C{dest} (classified by its MX hosts on first
+        use), with its connection limits given to the pool.
+
+        @param dest: the destination key.
+        @return: a Deferred firing with a L{Shape}; it does not fail.
+        @raise AssertionError: no shaper.
+        """
+        assert self.shaper is not None
+        cached = self.shaper.cached(dest)
+        if cached is not None:
+            if self._applied.get(dest) is not cached:
+                self._apply(cached)
+            return defer.succeed(cached)
+        return self.shaper.classify(dest).addCallback(self._apply)
+
+    def _apply(self, shape: Shape) -> Shape:
+        s = shape.settings
+        if shape.provider is not None and s.connection_limit is not None:
+            self.pool.shape(shape.destination, None, shape.key, s.connection_limit,
+                            s.max_deliveries_per_connection)
+        else:
+            self.pool.shape(shape.destination, s.connection_limit if shape.provider is None
+                            else None, max_messages=s.max_deliveries_per_connection)
+        self._applied[shape.destination] = shape
+        return shape
+
+    async def _pace(self, shape: Shape) -> None:
+        """Wait for a message-rate slot of C{shape}'s key."""
+        assert self.shaper is not None
+        now = self.reactor.seconds()
+        slot = self.shaper.message_slot(shape, now)
+        if slot > now:
+            await task.deferLater(self.reactor, slot - now, lambda: None)
 
     def forget(self, dest: str) -> None:
         """Forget what is cached about destination C{dest} (C{mailout queue
@@ -352,6 +412,9 @@ class Connector:
         forget = getattr(self.router, "forget", None)
         hosts = set(forget(dest) if forget is not None else ()) | {dest}
         self.pool.forget(dest)
+        if self.shaper is not None:
+            self.shaper.forget(dest)
+            self._applied.pop(dest, None)
         for memo in [m for m in self._plaintext_until if m[0] in hosts]:
             del self._plaintext_until[memo]
         mta_sts = getattr(self.security, "mta_sts", None)
@@ -411,9 +474,19 @@ class Connector:
             _log_dns_failure(key, None, e)
             raise
         opening.check()
+        shape = self.shaper.cached(key) if self.shaper is not None else None
+        fallback = None
+        if shape is not None:
+            now = self.reactor.seconds()
+            slot = self.shaper.connection_slot(shape, now)  # type: ignore[union-attr]
+            if slot > now:
+                await task.deferLater(self.reactor, slot - now, lambda: None)
+                opening.check()
+            if shape.settings.tls is not None:
+                fallback = TLSPolicy(shape.settings.tls, source=f"shaping ({shape.key})")
         relay = self.router.name if self.router.relay else None
         try:
-            dsec = await self.security.for_destination(key, relay)
+            dsec = await self.security.for_destination(key, relay, fallback)
         except SecurityRefused as e:
             raise SessionError(e.reply, Stage(e.mechanism)) from None
         opening.check()
@@ -451,7 +524,7 @@ class Connector:
                 seen.add(tag)
                 label = f"{hop.host}[{addr}]:{hop.port}"
                 try:
-                    session = await self._connect_secured(hop, addr, security, opening)
+                    session = await self._connect_secured(hop, addr, security, opening, shape)
                 except SessionError as e:
                     if e.stage in (Stage.TLS, Stage.STARTTLS) and security.report is not None:
                         self.security.report(security.report, key, hop.host, addr, TLSResult(
@@ -484,7 +557,7 @@ class Connector:
         raise SessionError(reply, Stage.CONNECT)
 
     async def _connect_secured(self, hop: NextHop, addr: str, security: HostSecurity,
-                               opening: _Opening) -> ESMTPSession:
+                               opening: _Opening, shape: Shape | None = None) -> ESMTPSession:
         """Connect under C{security}; under C{may}, a host whose TLS handshake
         fails is tried again at once in plaintext, and sent plaintext for
         C{tls_fallback_memory} seconds (Postfix does the same)."""
@@ -496,7 +569,7 @@ class Connector:
         if opportunistic and self._plaintext_until.get(memo, 0) > now:
             level = "none"
         try:
-            return await self._connect_one(hop, addr, level, security, implicit, opening)
+            return await self._connect_one(hop, addr, level, security, implicit, opening, shape)
         except SessionError as e:
             if not (opportunistic and level != "none" and e.stage == Stage.TLS
                     and self.settings.tls_fallback_memory > 0):
@@ -506,15 +579,21 @@ class Connector:
                      port=hop.port, why=e.reply.one_line(),
                      memory=self.settings.tls_fallback_memory)
             self._plaintext_until[memo] = now + self.settings.tls_fallback_memory
-            return await self._connect_one(hop, addr, "none", None, False, opening)
+            return await self._connect_one(hop, addr, "none", None, False, opening, shape)
 
     async def _connect_one(self, hop: NextHop, addr: str, level: str,
                            security: HostSecurity | None, implicit: bool,
-                           opening: _Opening) -> ESMTPSession:
+                           opening: _Opening, shape: Shape | None = None) -> ESMTPSession:
         s = self.settings
         creator = security.creator if security is not None else None
+        helo = s.helo
+        sources = s.source_addresses
+        if shape is not None:
+            helo = shape.settings.ehlo or helo
+            if shape.settings.source_address is not None:
+                sources = shape.settings.source_address
         session = ESMTPSession(
-            helo=s.helo, clock=self.reactor, tls=level,
+            helo=helo, clock=self.reactor, tls=level,
             tls_creator=(lambda _host: creator) if creator is not None else None,
             hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining,
             implicit_tls=implicit,
@@ -523,7 +602,7 @@ class Connector:
         factory: Any = _Factory(session)
         tls: Any = (creator or opportunistic_tls(hop.host)) if implicit else None
         try:
-            await self._tcp_connect(addr, hop.port, factory, tls=tls)
+            await self._tcp_connect(addr, hop.port, factory, tls=tls, sources=sources)
         except (defer.CancelledError, error.ConnectingCancelledError):
             raise defer.CancelledError() from None
         except Exception as e:  # noqa: BLE001 - every connect failure becomes a reply
@@ -548,7 +627,8 @@ class Connector:
 
 
     def _tcp_connect(self, addr: str, port: int, factory: Any,
-                     tls: Any = None) -> defer.Deferred[Any]:
+                     tls: Any = None, sources: tuple[str, ...] | None = None
+                     ) -> defer.Deferred[Any]:
         """Connect to C{addr}:C{port} (an address literal) with C{factory};
         cancelling the Deferred stops the attempt.
 
@@ -557,7 +637,9 @@ class Connector:
             (C{wrapClientTLS}, as the MTA-STS fetch does); L{None} for TCP.
         """
         v6 = ":" in addr
-        source = next((s for s in self.settings.source_addresses if (":" in s) == v6), None)
+        if sources is None:
+            sources = self.settings.source_addresses
+        source = next((s for s in sources if (":" in s) == v6), None)
         endpoint: Any = tcp_endpoint(self.reactor, addr, port,
                                      timeout=self.settings.timeouts.connect, source=source)
         if tls is not None:

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_mailout.delivery.admission import Admission
 from twisted_mailout.delivery.bounce import enqueue_dsn
 from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io, thread_io
 from twisted_mailout.delivery.connector import Attempt, Connector
@@ -32,7 +33,8 @@ from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
 from twisted_mailout.delivery.retry import RetryPolicy, outcome_for
 from twisted_mailout.delivery.signing import MessageSigner, PrefixedBody, signature_for
-from twisted_mailout.delivery.suspend import Suspensions, domain_of
+from twisted_mailout.delivery.suspend import Suspensions
+from twisted_mailout.delivery.throttle import ThrottleRules
 from twisted_mailout.envelope import (
     Address,
     RecipientState,
@@ -100,6 +102,10 @@ class Scheduler:
         state (L{QueueEntry.dkim}) and sent in front of it on every attempt.
         A message that cannot be signed is deferred with the reason, never
         sent unsigned.
+    @param throttle: the L{ThrottleRules} every reply of a failed attempt is
+        shown to, or L{None}. With traffic shaping (the connector's
+        C{shaper}), each destination's retry schedule and message rate apply
+        too (L{Admission}).
     """
 
     PICKUP_BATCH = 1000  # files picked up (and fsynced) at a time
@@ -116,7 +122,8 @@ class Scheduler:
                  rng: _random.Random | None = None,
                  delay_warning: float | None = None,
                  suspensions: Suspensions | None = None,
-                 signer: MessageSigner | None = None) -> None:
+                 signer: MessageSigner | None = None,
+                 throttle: ThrottleRules | None = None) -> None:
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -130,6 +137,9 @@ class Scheduler:
         self.delay_warning = delay_warning
         self.suspensions = suspensions if suspensions is not None else Suspensions()
         self.signer = signer
+        self.throttle = throttle
+        self.shaper = getattr(connector, "shaper", None)
+        self.admission = Admission(self.suspensions, self.shaper, relay)
         self._heap: list[tuple[float, int, str]] = []
         #: queue id -> the sequence number of its live heap item (items whose
         #: number differs are stale: taken by the operator or rescheduled).
@@ -464,6 +474,8 @@ class Scheduler:
 
     def _done(self, result: float | Failure | None, qid: str) -> None:
         self._inflight.pop(qid, None)
+        if result is None:
+            self.admission.forget((qid,))
         if isinstance(result, float) and not self._stopping:
             self._schedule(qid, result)  # not when the operator has taken it
         for w in self._finished.pop(qid, []):
@@ -524,12 +536,15 @@ class Scheduler:
         size = entry.size if entry.size is not None else 0  # set by load and pickup
         now = self.clock.seconds()
         due = entry.due(now)
-        if due and len(self.suspensions):
-            due = [rs for rs in due
-                   if self.suspensions.until(domain_of(rs.address), now) is None]
+        paced = False
+        if due and self.admission.active:
+            waiting = len(due)
+            due, paced = await self.admission.admit(qid, due, now)
+            if len(due) < waiting and entry.size is not None:
+                self._preloaded[qid] = entry  # it comes back soon: keep it loaded
         try:
             if due:
-                await self._attempt(entry, due, size)
+                await self._attempt(entry, due, size, paced)
                 self._unsaved.add(qid)
             # When the message is finished, removing it is the record of its
             # outcome: a state write just before it would only cost an fsync.
@@ -557,9 +572,9 @@ class Scheduler:
         return None if na is None else float(na)
 
     def _next_attempt(self, entry: QueueEntry, now: float) -> float | None:
-        """L{QueueEntry.next_attempt}, with recipients of a suspended domain
-        due when their suspension ends."""
-        if not len(self.suspensions) or entry.held:
+        """L{QueueEntry.next_attempt}, with recipients held back by
+        L{Admission} (a suspension, a rate slot) due when they may go."""
+        if not self.admission.active or entry.held:
             return entry.next_attempt()
         times = []
         for r in entry.recipients:
@@ -569,11 +584,12 @@ class Scheduler:
                 t = r.next_attempt or 0.0
             else:
                 continue
-            until = self.suspensions.until(domain_of(r.address), now)
+            until = self.admission.until(entry.qid, r.address, now)
             times.append(t if until is None else max(t, until))
         return min(times) if times else None
 
-    async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int) -> None:
+    async def _attempt(self, entry: QueueEntry, due: list[RecipientStatus], size: int,
+                       paced: bool = False) -> None:
         sender_addr = parse_sender(entry.sender)
         sender = sender_addr.smtp_form() if sender_addr else ""
         utf8 = bool(sender_addr and sender_addr.needs_smtputf8)
@@ -606,25 +622,30 @@ class Scheduler:
             return cast(IO[bytes], PrefixedBody(prefix, body)) if prefix else body
 
         keys = list(groups)
+        extra = {"paced": True} if paced else {}  # (the fakes of older tests lack it)
         results: list[Attempt]
         if unsigned is not None:
             results = [Attempt({form: unsigned for form in groups[k]}, None) for k in keys]
         elif len(keys) == 1:  # the usual case: no DeferredList to build
             k = keys[0]
             results = [await self.connector.deliver(
-                k, sender, list(groups[k]), opener, size, flags[k], entry.eightbit)]
+                k, sender, list(groups[k]), opener, size, flags[k], entry.eightbit, **extra)]
         else:
             results = await defer.gatherResults([
                 self.connector.deliver(k, sender, list(groups[k]), opener, size, flags[k],
-                                       entry.eightbit)
+                                       entry.eightbit, **extra)
                 for k in keys], consumeErrors=True)
         now = self.clock.seconds()
         for key, attempt in zip(keys, results, strict=True):
+            shape = self.shaper.cached(key) if self.shaper is not None else None
+            retry = shape.settings.retry_policy(self.retry) if shape is not None else self.retry
             for form, rs in groups[key].items():
                 reply = attempt.replies.get(form) or Reply(
                     451, "4.3.0 no reply recorded for this recipient", local=True)
                 rs.relay = attempt.relay
-                status = outcome_for(rs, reply, now, entry.lifetime_start, self.retry,
+                if self.throttle is not None and not reply.is_positive and not reply.local:
+                    self.throttle.observe(key, reply.one_line(), shape)
+                status = outcome_for(rs, reply, now, entry.lifetime_start, retry,
                                      not entry.sender, self.rng)
                 final = rs.reply or reply  # outcome_for recorded it (expiry notes added)
                 rs.record(now, final, attempt.relay)

@@ -164,7 +164,8 @@ class SecurityResolver:
         self.dane = dane
         self.mta_sts = mta_sts
 
-    def for_destination(self, key: str, relay: str | None = None
+    def for_destination(self, key: str, relay: str | None = None,
+                        fallback: TLSPolicy | None = None
                         ) -> defer.Deferred[DestinationSecurity]:
         """The decision common to the hosts of one destination.
 
@@ -172,16 +173,25 @@ class SecurityResolver:
             when delivering through a relay.
         @param relay: the relay's name as the operator wrote it (the policy
             table's key), or L{None} for MX delivery.
+        @param fallback: the policy for a destination the policy table has
+            no entry for, instead of the table's default (the shaping
+            file's C{tls}), or L{None}.
         @return: a Deferred firing with a L{DestinationSecurity}, or failing
             with L{SecurityRefused} (a bogus MX RRset under DNSSEC; the
             C{dane-only} level without DNSSEC).
         """
-        return defer.Deferred.fromCoroutine(self._for_destination(key, relay))
+        return defer.Deferred.fromCoroutine(self._for_destination(key, relay, fallback))
 
-    async def _for_destination(self, key: str, relay: str | None) -> DestinationSecurity:
+    async def _for_destination(self, key: str, relay: str | None,
+                               fallback: TLSPolicy | None = None) -> DestinationSecurity:
         if relay is not None:
-            return DestinationSecurity(key, None, self.policy.lookup(relay))
+            policy = self.policy.lookup(relay)
+            if fallback is not None and policy is self.policy.default:
+                policy = fallback
+            return DestinationSecurity(key, None, policy)
         policy = self.policy.lookup(key)
+        if fallback is not None and policy is self.policy.default:
+            policy = fallback
         mx_secure = False
         if self.dane is not None and policy.level in ("may", "dane", "dane-only"):
             mx_secure = await self._mx_secure(key, policy)
