@@ -14,17 +14,25 @@ default pool::
         ...
     await client.close()
 
-L{enqueue} (re-exported from the queue layer) needs no reactor at all.
+With C{dkim=} (a key table path, the file C{twistd mailout --dkim-keys}
+reads, or a loaded L{Signer<twisted_mailout.dkim.Signer>}) the client signs
+each message once, in the reactor's thread pool, before its first
+transaction; every destination gets the same signed bytes (RFC 6376, see
+C{docs/deliverability.md}).
+
+L{enqueue} (re-exported from the queue layer) needs no reactor at all; queued
+mail is signed by the daemon that delivers it.
 """
 
 from __future__ import annotations
 
 import inspect
 import io
+import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeAlias
 
 from twisted.internet import defer, threads
 from twisted.python import threadable
@@ -32,7 +40,8 @@ from twisted.python import threadable
 from twisted_mailout.delivery.build import build_connector
 from twisted_mailout.delivery.connector import Attempt, Connector, ConnectorSettings
 from twisted_mailout.delivery.destinations import RELAY_KEY, group_by_destination
-from twisted_mailout.envelope import Address, AddressError, parse_address, parse_sender
+from twisted_mailout.delivery.signing import MessageSigner
+from twisted_mailout.envelope import Address, AddressError, Reply, parse_address, parse_sender
 from twisted_mailout.message import coerce_message, prepare_message
 from twisted_mailout.outcome import DeliveryReport, RecipientResult, Status
 from twisted_mailout.queue.store import enqueue
@@ -46,6 +55,7 @@ from twisted_mailout.tls.policy import PolicyTable, TLSPolicy
 __all__ = [
     "RELAY_KEY",
     "ClientRegistry",
+    "DKIMSetting",
     "DeliveryReport",
     "RecipientResult",
     "SMTPClient",
@@ -56,8 +66,17 @@ __all__ = [
     "default_reactor",
     "enqueue",
     "group_by_destination",
+    "load_signer",
     "sendmail",
+    "sign_in_thread",
+    "unsigned_reply",
 ]
+
+#: What C{dkim=} takes: the path of a DKIM key table (the TOML file of
+#: C{twistd mailout --dkim-keys}), a loaded signer (an object with
+#: C{sign(message, sender) -> bytes}, such as L{Signer}), or L{None} for no
+#: signing.
+DKIMSetting: TypeAlias = "str | os.PathLike[str] | MessageSigner | None"
 
 def default_reactor(reactor: Any = None) -> Any:
     """C{reactor}, or the global reactor when it is L{None} (treq's
@@ -96,6 +115,80 @@ def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
             "Deferred); from a program without one, use queue:// (the daemon delivers) or "
             "sendmail://")
     return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
+
+
+def load_signer(dkim: DKIMSetting, required: bool = False) -> MessageSigner | None:
+    """The signer a C{dkim=} setting names: the one place where the API and
+    the applications turn a key table path into a L{Signer}. Blocking (it
+    reads the table and the keys): call it where blocking is fine.
+
+    @param dkim: see L{DKIMSetting}.
+    @param required: refuse to pass a message no key applies to (as
+        C{--dkim-required}). With a L{Signer} that is not required, a
+        required copy of it is returned.
+    @return: the signer, or L{None} for C{dkim=None}.
+    @raise ConfigError: the table or a key is unusable (the message names the
+        file and the line); a C{ValueError}.
+    @raise ValueError: C{required} without C{dkim}, or a signer that
+        cannot be made required.
+    @raise TypeError: C{dkim} is of another type.
+    """
+    from twisted_mailout.dkim.signer import Signer  # dkimpy loads on first use
+
+    if dkim is None:
+        if required:
+            raise ValueError("dkim_required needs dkim= (a key table path or a Signer)")
+        return None
+    if isinstance(dkim, (str, os.PathLike)):
+        from twisted_mailout.dkim.keys import KeyTable
+
+        return Signer(KeyTable.load(dkim), required=required)
+    if not callable(getattr(dkim, "sign", None)):
+        raise TypeError(f"dkim must be a key table path or a Signer, not "
+                        f"{type(dkim).__name__}")
+    if required and not getattr(dkim, "required", False):
+        if isinstance(dkim, Signer):
+            return Signer(dkim.table, required=True)
+        raise ValueError("dkim_required=True with a signer that has no 'required' attribute "
+                         "set: make the signer refuse unsigned mail itself")
+    return dkim
+
+
+def unsigned_reply(error: BaseException | str) -> Reply:
+    """The reply given for every recipient of a message that could not be
+    signed (the daemon defers such mail with the same text).
+
+    @param error: the signer's error, or its text.
+    @return: a local C{451 4.7.0 message not signed: ...}.
+    """
+    return Reply(451, f"4.7.0 message not signed: {error}", local=True)
+
+
+def sign_in_thread(reactor: Any, signer: MessageSigner, message: bytes,
+                   sender: str | None) -> defer.Deferred[bytes]:
+    """Sign a message off the reactor thread: C{signer.sign} runs in the
+    reactor's thread pool (a reactor without threads, such as the memory
+    reactor of L{twisted_mailout.testing.memory}, signs at once).
+
+    @param reactor: the reactor (C{IReactorThreads} when it has
+        C{getThreadPool}).
+    @param signer: the signer.
+    @param message: the message bytes, LF or CRLF line ends.
+    @param sender: the envelope sender (C{""}/L{None} for the null sender),
+        for the signing map.
+    @return: a Deferred firing with the message with its DKIM-Signature
+        fields in front (L{prepend_signature}; the message as it is when no
+        key applies), or failing with the signer's error (C{SigningError}).
+    """
+    from twisted_mailout.dkim.signer import prepend_signature
+
+    def sign() -> bytes:
+        return prepend_signature(signer.sign(message, sender), message)
+
+    get_pool = getattr(reactor, "getThreadPool", None)
+    if get_pool is None:
+        return defer.maybeDeferred(sign)
+    return threads.deferToThreadPool(reactor, get_pool(), sign)
 
 
 class SMTPClient:
@@ -146,7 +239,19 @@ class SMTPClient:
         (RFC 8461) to MX delivery (cached in memory), or an C{MTASTS} to use.
     @param connector: a ready L{Connector} to deliver through instead of one
         built from the arguments above (tests, L{twisted_mailout.testing.memory}).
+    @param dkim: DKIM signing (RFC 6376, RFC 8463): the path of a key table
+        (the file of C{twistd mailout --dkim-keys}; read here, with its keys)
+        or a loaded L{Signer<twisted_mailout.dkim.Signer>}; see
+        L{DKIMSetting}. Each message is signed once, in the reactor's thread
+        pool, before its first transaction, and every destination gets the
+        same bytes.
+    @param dkim_required: a message that cannot be signed (no key for its
+        From domain, an unreadable From field) is not sent: every recipient
+        gets L{unsigned_reply} (451 4.7.0, deferred). Without it such a
+        message is sent unsigned.
+    @ivar signer: the L{MessageSigner}, or L{None}.
     @raise ValueError: a bad TLS level, relay, resolver, timeout or policy file.
+    @raise ConfigError: an unusable DKIM key table or key (a C{ValueError}).
     @raise TypeError: C{auth} of another shape.
     @raise AuthError: unusable credentials (a C{ConfigError}, a C{ValueError}).
     @raise OSError: an unreadable C{cafile}.
@@ -159,9 +264,11 @@ class SMTPClient:
                  auth: tuple[str, str] | Credentials | None = None,
                  auth_plaintext: bool = False, timeout: float = 60.0, connections: int = 4,
                  idle_timeout: float = 2.0, dnssec_resolver: str | Sequence[str] | None = None,
-                 mta_sts: Any = False, connector: Connector | None = None) -> None:
+                 mta_sts: Any = False, connector: Connector | None = None,
+                 dkim: DKIMSetting = None, dkim_required: bool = False) -> None:
         self.reactor = default_reactor(reactor)
         self.relay = relay
+        self.signer = load_signer(dkim, dkim_required)
         if connector is not None:
             self.connector = connector
             return
@@ -222,7 +329,8 @@ class SMTPClient:
             bytes are sent as given, Message-ID and Date added when missing.
         @return: a Deferred firing with a L{DeliveryReport}, one
             L{RecipientResult} per recipient in the order given: delivered
-            (2xx), bounced (5xx) or deferred (4xx, or no server reached; not
+            (2xx), bounced (5xx) or deferred (4xx, or no server reached, or
+            with C{dkim_required} not signable: L{unsigned_reply}; not
             retried). It fails only for bad arguments (L{AddressError},
             C{MessageError}); a refused or unreachable recipient is a result,
             not a failure. Cancelling it ends the transactions in flight.
@@ -265,8 +373,17 @@ class SMTPClient:
 
     async def _send(self, snd: Address | None, addrs: list[Address],
                     data: bytes) -> DeliveryReport:
-        groups = group_by_destination(addrs, lambda a: a, self.relay is not None)
         sender = snd.smtp_form() if snd else ""
+        if self.signer is not None:
+            try:
+                data = await sign_in_thread(self.reactor, self.signer, data, sender)
+            except defer.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any signing failure: nothing is sent
+                reply = unsigned_reply(e)
+                return DeliveryReport([RecipientResult.from_reply(str(a), reply)
+                                       for a in addrs])
+        groups = group_by_destination(addrs, lambda a: a, self.relay is not None)
         utf8 = bool(snd and snd.needs_smtputf8)
         eightbit = not data.isascii()
         keys = list(groups)
@@ -432,7 +549,11 @@ def sendmail(sender: str | None, recipients: str | Iterable[str], message: bytes
     @param settings: the keyword arguments of L{SMTPClient}: C{relay},
         C{resolver}, C{mx_port}, C{helo}, C{tls}, C{cafile}, C{tls_match},
         C{tls_policy}, C{auth}, C{auth_plaintext}, C{timeout},
-        C{connections}, C{dnssec_resolver}, C{mta_sts}.
+        C{connections}, C{dnssec_resolver}, C{mta_sts}, C{dkim},
+        C{dkim_required}. A C{dkim} key table path is read when the shared
+        client is made, on the calling (reactor) thread, so with C{linger=0}
+        on every call: load a L{Signer} once at start-up
+        (C{Signer(KeyTable.load(path))}) and pass that instead.
     @return: a Deferred firing with a L{DeliveryReport}. It fails only for
         bad arguments (L{AddressError}, C{MessageError}, C{ValueError}); a
         refused or unreachable recipient is a result, not a failure.

@@ -24,6 +24,13 @@ per-recipient results.
 
 L{get_delivery} turns a URL, a dict or a delivery into a delivery.
 
+DKIM: L{SMTPDelivery} signs with C{dkim=} (a key table path or a loaded
+L{Signer<twisted_mailout.dkim.Signer>}) and C{dkim_required=}, or the URL
+parameters C{?dkim=/etc/mailout/dkim/keys.toml&dkim_required=yes}; a
+L{Mailer<twisted_mailout.apps.mailer.Mailer>} with C{dkim=} signs for any
+delivery. Queued mail (C{queue://}) is signed by the daemon that delivers it
+(C{twistd mailout --dkim-keys FILE}), so L{QueueDelivery} refuses C{dkim=}.
+
 This module holds the queue and direct SMTP deliveries and the configuration;
 the interface is in L{twisted_mailout.apps.base}, the deliveries that need no
 network in L{twisted_mailout.apps.local}. Every name is importable from here.
@@ -39,7 +46,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from twisted.internet import defer
 
 from twisted_mailout import api
-from twisted_mailout.api import DeliveryReport, RecipientResult, SMTPClient, default_reactor
+from twisted_mailout.api import (
+    DeliveryReport,
+    DKIMSetting,
+    RecipientResult,
+    SMTPClient,
+    default_reactor,
+    load_signer,
+)
 from twisted_mailout.apps.base import (
     Delivery,
     Envelope,
@@ -95,6 +109,11 @@ __all__ = [
 #: The TLS levels a delivery accepts: the one list (it used to lack dane, dane-only).
 TLS_CHOICES = LEVELS
 
+#: Why C{dkim=} is refused for the queue.
+QUEUE_SIGNING = ("queue:// mail is DKIM signed by the daemon that delivers it: give the key "
+                 "table to the daemon (twistd mailout --dkim-keys FILE [--dkim-required]), "
+                 "not to the queue delivery")
+
 
 # -- queue -------------------------------------------------------------------
 
@@ -105,12 +124,19 @@ class QueueDelivery(Delivery):
     thread or process. This is how web applications should send.
 
     @param path: the queue folder (created, mode 0700, when missing).
+    @param dkim: must be L{None}: queued mail is signed by the daemon that
+        delivers it (C{twistd mailout --dkim-keys FILE [--dkim-required]}),
+        once, before its first attempt; taken only to refuse it clearly.
+    @param dkim_required: must be false, likewise.
     @raise QueueError: the folder cannot be created.
+    @raise ValueError: C{dkim} or C{dkim_required} given.
     """
 
     scheme = "queue"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, dkim: DKIMSetting = None, dkim_required: bool = False):
+        if dkim is not None or dkim_required:
+            raise ValueError(QUEUE_SIGNING)
         if not path:
             raise ValueError("queue delivery needs a folder path (queue:///var/spool/mailout)")
         self.queue = Queue(path)
@@ -177,7 +203,17 @@ class SMTPDelivery(Delivery):
     @param client: an L{SMTPClient} to send with instead of the clients
         L{twisted_mailout.api.sendmail} shares (the other arguments are then
         ignored); e.g. the client of L{twisted_mailout.testing.memory.StubSMTP}.
-    @raise ValueError: a bad TLS level, timeout or port.
+    @param dkim: DKIM signing: a key table path (read here, once) or a loaded
+        L{Signer<twisted_mailout.dkim.Signer>} (see
+        L{twisted_mailout.api.DKIMSetting}); each message is signed once, in
+        the reactor's thread pool, before its first transaction. Not with
+        C{client}: give C{dkim=} to that L{SMTPClient}.
+    @param dkim_required: do not send a message that cannot be signed (each
+        recipient deferred, 451 4.7.0, see L{twisted_mailout.api.unsigned_reply}).
+    @ivar signer: the signer, or L{None}.
+    @raise ValueError: a bad TLS level, timeout or port; C{dkim} with
+        C{client}; C{dkim_required} without C{dkim}.
+    @raise ConfigError: an unusable key table or key (a C{ValueError}).
     """
 
     scheme = "smtp"
@@ -186,7 +222,8 @@ class SMTPDelivery(Delivery):
     def __init__(self, relay: str | None = None, *, auth: tuple[str, str] | None = None,
                  tls: str = "may", cafile: str | None = None, timeout: float = 60.0,
                  helo: str | None = None, resolver: str | None = None, mx_port: int = 25,
-                 reactor: Any = None, client: SMTPClient | None = None) -> None:
+                 reactor: Any = None, client: SMTPClient | None = None,
+                 dkim: DKIMSetting = None, dkim_required: bool = False) -> None:
         if tls not in TLS_CHOICES:
             raise ValueError(f"tls must be one of {', '.join(TLS_CHOICES)}, not {tls!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -196,6 +233,9 @@ class SMTPDelivery(Delivery):
                     and all(isinstance(x, str) for x in auth)):
                 raise ValueError("auth must be (username, password), two str")
             auth = (auth[0], auth[1])
+        if client is not None and (dkim is not None or dkim_required):
+            raise ValueError("dkim= with client=: give dkim= to that SMTPClient")
+        self.signer = load_signer(dkim, dkim_required)
         self.client = client
         if client is not None:
             relay, reactor = client.relay, client.reactor
@@ -221,7 +261,8 @@ class SMTPDelivery(Delivery):
         if self.relay:
             host = self.relay.split("://", 1)[-1]
         user = f"{self._auth[0]}:***@" if self._auth else ""
-        return f"{self.scheme}://{user}{host}?tls={self.tls}"
+        signed = "&dkim=on" if self.signer is not None else ""
+        return f"{self.scheme}://{user}{host}?tls={self.tls}{signed}"
 
     def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
              message_id: str | None = None) -> defer.Deferred[DeliveryReport]:
@@ -245,6 +286,8 @@ class SMTPDelivery(Delivery):
             kwargs["mx_port"] = self.mx_port
         if self._auth is not None:
             kwargs["auth"] = self._auth
+        if self.signer is not None:
+            kwargs["dkim"] = self.signer  # loaded once: shared clients key on it
         return api.sendmail(env.sender, env.recipients, env.data, **kwargs)
 
     def send_blocking(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
@@ -294,6 +337,17 @@ def _number(text: str, name: str, url: str, kind: type = float) -> Any:
     return value
 
 
+def _flag(text: str, name: str, url: str) -> bool:
+    """A yes/no URL parameter: C{yes}, C{true}, C{on}, C{1} or C{no},
+    C{false}, C{off}, C{0} (any case). @raise ValueError: anything else."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{_safe(url)}: {name} must be yes or no, not {text!r}")
+
+
 def _safe(url: str) -> str:
     """C{url} with any password replaced by C{***}, for messages."""
     try:
@@ -313,7 +367,8 @@ def parse_url(url: str) -> dict[str, Any]:
     @param url: see the module docstring. Paths are absolute: three slashes
         (C{file:///tmp/mail}). C{smtp} takes C{tls}, C{cafile}, C{timeout}
         (seconds), C{helo}, C{resolver} (the only DNS server to ask, for
-        relay names and MX routing) and without a host C{mx_port}; the port
+        relay names and MX routing), C{dkim} (a DKIM key table path) and
+        C{dkim_required} (C{yes}/C{no}), and without a host C{mx_port}; the port
         is 587 for C{smtp} and 465 for C{smtps} when not given (RFC 8314);
         C{sendmail} takes C{timeout} and repeated C{arg}; C{console} takes
         C{stream=stdout|stderr}. User name and password are percent-decoded.
@@ -366,6 +421,12 @@ def parse_url(url: str) -> dict[str, Any]:
                 out["resolver"] = _one(params, name, url)
             elif name == "mx_port" and not host:
                 out["mx_port"] = _number(_one(params, name, url), name, url, int)
+            elif name == "dkim":
+                out["dkim"] = _one(params, name, url)
+                if not out["dkim"]:
+                    raise ValueError(f"{_safe(url)}: dkim needs the path of a key table")
+            elif name == "dkim_required":
+                out["dkim_required"] = _flag(_one(params, name, url), name, url)
         if "tls" not in out and scheme == "smtps":
             out["tls"] = "verify"
     else:
@@ -398,6 +459,8 @@ def parse_url(url: str) -> dict[str, Any]:
                 out["stream"] = sys.stderr if name == "stderr" else None
         elif path not in ("", "/"):
             raise ValueError(f"{url}: {scheme}:// takes no path")
+    if scheme == "queue" and ("dkim" in params or "dkim_required" in params):
+        raise ValueError(f"{_safe(url)}: {QUEUE_SIGNING}")
     if params:
         raise ValueError(f"{_safe(url)}: unknown parameter(s) "
                          f"{', '.join(sorted(params))} for {scheme}://")

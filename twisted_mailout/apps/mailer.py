@@ -15,7 +15,14 @@ daemon's per-recipient outcomes and the results of L{twisted_mailout.sendmail} a
 the same L{RecipientResult<twisted_mailout.outcome.RecipientResult>}s (one
 L{Status} vocabulary); they convert with L{event_from_outcome} and
 L{event_from_result}. Observers never break delivery: their exceptions are
-logged and dropped. (The event types live in L{twisted_mailout.apps.events},
+logged and dropped.
+
+With C{dkim=} (a DKIM key table path or a loaded
+L{Signer<twisted_mailout.dkim.Signer>}) the mailer signs each message once,
+before handing it to the delivery: a direct (asynchronous) delivery signs in
+the reactor's thread pool, a synchronous one in the thread that delivers. A
+queue mailer does not sign: the daemon signs queued mail (C{twistd mailout
+--dkim-keys}). (The event types live in L{twisted_mailout.apps.events},
 so that send-on-commit can report without importing the mailer; they are
 documented here and importable from here.)
 """
@@ -28,9 +35,17 @@ from typing import Any, cast
 
 from twisted.internet import defer, threads
 
-from twisted_mailout.api import blocking_call, default_reactor
+from twisted_mailout.api import (
+    DKIMSetting,
+    blocking_call,
+    default_reactor,
+    load_signer,
+    sign_in_thread,
+    unsigned_reply,
+)
 from twisted_mailout.apps.builder import format_address
 from twisted_mailout.apps.deliveries import (
+    QUEUE_SIGNING,
     Delivery,
     DeliveryError,
     MessageInput,
@@ -66,7 +81,7 @@ from twisted_mailout.message import (
     recipients_from_headers,
     remove_headers,
 )
-from twisted_mailout.outcome import DeliveryReport
+from twisted_mailout.outcome import DeliveryReport, RecipientResult
 
 __all__ = [
     "EVENT_TYPES",
@@ -138,14 +153,36 @@ class Mailer:
     @param transaction_manager: the C{transaction} manager; the thread-local
         C{transaction.manager} when L{None}.
     @param observers: callables receiving each L{MailEvent}.
-    @raise ValueError, TypeError: a bad delivery configuration or default.
+    @param dkim: DKIM signing (RFC 6376): a key table path (read here, once;
+        the file of C{twistd mailout --dkim-keys}) or a loaded
+        L{Signer<twisted_mailout.dkim.Signer>}. Each message is signed once,
+        before it is handed to the delivery (a direct delivery: in the
+        reactor's thread pool), so every recipient gets the same bytes. Not
+        for a queue delivery (the daemon signs) nor a delivery that signs
+        itself (C{SMTPDelivery(dkim=...)}).
+    @param dkim_required: a message that cannot be signed is not handed to
+        the delivery: a synchronous delivery raises L{DeliveryError}
+        (deferred, 451 4.7.0), a direct one reports every recipient deferred
+        with that reply; the observers hear of it either way.
+    @ivar signer: the signer, or L{None}.
+    @raise ValueError, TypeError: a bad delivery configuration or default;
+        C{dkim} with a queue delivery or one that signs itself.
+    @raise ConfigError: an unusable DKIM key table or key (a C{ValueError}).
     """
 
     def __init__(self, delivery: str | dict[str, Any] | Delivery, *, sender: str | None = None,
                  headers: dict[str, str] | Iterable[tuple[str, str]] | None = None,
                  transactional: bool = False, transaction_manager: Any = None,
-                 observers: Iterable[Observer] = ()) -> None:
+                 observers: Iterable[Observer] = (), dkim: DKIMSetting = None,
+                 dkim_required: bool = False) -> None:
         self.delivery: Delivery = get_delivery(delivery)
+        if dkim is not None or dkim_required:
+            if isinstance(self.delivery, QueueDelivery):
+                raise ValueError(QUEUE_SIGNING)
+            if getattr(self.delivery, "signer", None) is not None:
+                raise ValueError(f"{self.delivery.url()} signs already (its dkim=): give "
+                                 f"dkim= to the Mailer or to the delivery, not both")
+        self.signer = load_signer(dkim, dkim_required)
         self.sender = sender
         if sender is not None:
             self._from_field = format_address(sender)
@@ -290,15 +327,23 @@ class Mailer:
     def deliver(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
                 message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
         """Hand a prepared message to C{delivery} now and report the outcome
-        to the observers (used by L{send} and at commit).
+        to the observers (used by L{send} and at commit). With a signer the
+        message is signed first (see the C{dkim} parameter of L{Mailer}).
 
         @return: as L{send}.
         """
         mid = message_id or new_message_id()
         source = delivery.url()
+        signer = None if isinstance(delivery, QueueDelivery) else self.signer
         if delivery.asynchronous:
-            d = cast("defer.Deferred[DeliveryReport]",
-                     delivery.send(sender, recipients, data, message_id=mid))
+            if signer is None:
+                d = cast("defer.Deferred[DeliveryReport]",
+                         delivery.send(sender, recipients, data, message_id=mid))
+            else:
+                reactor = default_reactor(getattr(delivery, "reactor", None))
+                d = defer.Deferred.fromCoroutine(
+                    self._sign_then_send(reactor, signer, delivery, sender, recipients, data,
+                                         mid))
 
             def report(rep: DeliveryReport) -> DeliveryReport:
                 for r in rep:
@@ -307,6 +352,8 @@ class Mailer:
 
             return d.addCallback(report)
         try:
+            if signer is not None:
+                data = self._sign_here(signer, sender, recipients, data)
             mid = cast(str, delivery.send(sender, recipients, data, message_id=mid))
         except DeliveryError as e:
             for r in e.recipients or recipients:
@@ -316,6 +363,41 @@ class Mailer:
             raise
         self.notify_accepted(delivery, mid, sender, recipients)
         return mid
+
+    @staticmethod
+    def _sign_here(signer: Any, sender: str, recipients: list[str], data: bytes) -> bytes:
+        """Sign in this thread (a synchronous delivery's).
+
+        @return: the signed message.
+        @raise DeliveryError: it cannot be signed (deferred, 451 4.7.0).
+        """
+        from twisted_mailout.dkim.signer import prepend_signature
+
+        try:
+            return prepend_signature(signer.sign(data, sender), data)
+        except Exception as e:  # any signing failure: nothing is handed on
+            raise DeliveryError(unsigned_reply(e), recipients) from e
+
+    @staticmethod
+    async def _sign_then_send(reactor: Any, signer: Any, delivery: Delivery, sender: str,
+                              recipients: list[str], data: bytes,
+                              mid: str) -> DeliveryReport:
+        """Sign in the reactor's thread pool, then hand to a direct delivery.
+
+        @return: the delivery's report; when the message cannot be signed,
+            every recipient deferred with L{unsigned_reply} (nothing sent).
+        """
+        try:
+            signed = await sign_in_thread(reactor, signer, data, sender)
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any signing failure: nothing is sent
+            reply = unsigned_reply(e)
+            return DeliveryReport([RecipientResult.from_reply(r, reply) for r in recipients])
+        report: DeliveryReport = await cast(
+            "defer.Deferred[DeliveryReport]",
+            delivery.send(sender, recipients, signed, message_id=mid))
+        return report
 
     def notify_accepted(self, delivery: Delivery, mid: str, sender: str,
                         recipients: Iterable[str]) -> None:
