@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
@@ -325,6 +326,7 @@ class _AiosmtpdHandler:
             "rcpt_options": list(envelope.rcpt_options),
             "helo": session.host_name,
             "peer": session.peer,
+            "time": time.monotonic(),  # when the end of the data arrived
         }
         reply = self.sink.data_reply(record) if self.sink.data_reply else None
         if reply:
@@ -379,6 +381,7 @@ class AiosmtpdSink:
         self._messages: list[dict[str, Any]] = []
         self._refused: list[dict[str, Any]] = []
         self._open_sessions = 0
+        self._peak_sessions = 0
         self._controller: Any = None
 
     @property
@@ -399,10 +402,17 @@ class AiosmtpdSink:
         with self._lock:
             return self._open_sessions
 
+    @property
+    def peak_sessions(self) -> int:
+        """The most SMTP sessions served at once so far (int)."""
+        with self._lock:
+            return self._peak_sessions
+
     def _session_started(self, task: Any) -> None:
         """Count C{task} (aiosmtpd's asyncio task for one session) until it is done."""
         with self._lock:
             self._open_sessions += 1
+            self._peak_sessions = max(self._peak_sessions, self._open_sessions)
         task.add_done_callback(self._session_ended)
 
     def _session_ended(self, task: Any) -> None:

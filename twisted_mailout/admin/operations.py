@@ -596,6 +596,17 @@ class QueueAdmin:
 
         return self._save_suspensions().addCallbacks(saved, failed)
 
+    def save_suspensions(self) -> defer.Deferred[None]:
+        """Save the suspensions in force now (after one was added outside
+        L{suspend}: a throttling rule's). Errors are logged, not raised.
+
+        @return: a Deferred firing (with L{None}) once saved or failed.
+        """
+        def failed(f: Any) -> None:
+            log.failure("cannot save the destination suspensions", f)
+
+        return self._save_suspensions().addErrback(failed)
+
     def _save_suspensions(self) -> defer.Deferred[None]:
         """Save the suspensions in force, one save at a time (a later save
         never overtakes an earlier one)."""

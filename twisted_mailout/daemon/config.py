@@ -52,6 +52,8 @@ class Config:
         when given, DANE (RFC 7672) applies to C{may}/C{dane} destinations.
     @ivar source_addresses: local addresses outgoing SMTP connections are
         made from (C{--source-address}), at most one IPv4 and one IPv6.
+    @ivar shaping: the traffic shaping file (C{--shaping}, TOML), or L{None}
+        for no shaping (nor throttling rules).
     @ivar dkim_keys: the DKIM key table file (C{--dkim-keys}), or L{None}
         for no signing.
     @ivar dkim_required: defer mail whose From domain has no key, rather
@@ -128,6 +130,7 @@ class Config:
     source_addresses: tuple[str, ...] = ()
     dkim_keys: str | None = None
     dkim_required: bool = False
+    shaping: str | None = None
     http_default: bool = True
     http_token_file: str | None = None
 
@@ -190,6 +193,7 @@ class Config:
             raise ConfigError("--source-address: give at most one IPv4 and one IPv6 address")
         if self.dkim_required and self.dkim_keys is None:
             raise ConfigError("--dkim-required needs --dkim-keys FILE")
+        self.shaping_config()
         if self.http_token_file is not None:
             read_token_file(self.http_token_file)
         for desc in self.http:
@@ -197,6 +201,24 @@ class Config:
                 raise ConfigError(
                     f"--http {desc!r} may be reached from other hosts: listen on loopback "
                     "(for example tcp:8025:interface=127.0.0.1) or give --http-token-file")
+
+    def shaping_config(self) -> Any:
+        """The loaded shaping file (a
+        L{ShapingConfig<twisted_mailout.delivery.shaping.ShapingConfig>},
+        presets included unless it says C{presets = false}), or L{None}
+        without C{--shaping}.
+
+        @raise ConfigError: the file cannot be read or has a mistake (the
+            file, section and setting are named).
+        """
+        if self.shaping is None:
+            return None
+        from twisted_mailout.delivery.shaping import ShapingConfig, ShapingError
+
+        try:
+            return ShapingConfig.load(self.shaping)
+        except ShapingError as e:
+            raise ConfigError(f"--shaping: {e}") from None
 
     def signer(self) -> Any:
         """The DKIM L{Signer<twisted_mailout.dkim.Signer>} of C{dkim_keys}

@@ -26,6 +26,7 @@ from twisted_mailout.queue.store import Queue
 from twisted_mailout.routing.router import make_resolver
 from twisted_mailout.smtp.auth import Credentials
 from twisted_mailout.delivery.scheduler import RetryPolicy, Scheduler, thread_io
+from twisted_mailout.delivery.throttle import ThrottleRules
 from twisted_mailout.tls.creators import load_trust_root
 from twisted_mailout.tls.mtasts import MTASTS
 from twisted_mailout.tls.policy import PolicyTable
@@ -77,7 +78,8 @@ def build_connector(config: Config, reactor: Any, resolver: Any = None,
         dnssec_resolvers=config.dnssec_resolvers, dns_timeout=config.dns_timeout,
         mta_sts=mta_sts if mta_sts is not None else config.mta_sts,
         mta_sts_cache=None if config.queue == "-" else os.path.join(config.queue, "mta-sts"),
-        mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0))
+        mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
+        shaping=config.shaping_config())
 
 
 class DeliveryService(service.MultiService):
@@ -173,6 +175,13 @@ class DeliveryService(service.MultiService):
         self.admin = QueueAdmin(self.queue, reactor, run_blocking=thread_io(reactor),
                                 scheduler=self.scheduler, reporting_mta=config.helo_name,
                                 connector=self.connector, source="api")
+        shaper = self.connector.shaper
+        if shaper is not None and shaper.config.rules:
+            # the throttling rules of the shaping file; their suspensions are
+            # saved like the operator's, so they outlive a restart
+            self.scheduler.throttle = ThrottleRules(
+                shaper.config.rules, self.scheduler.suspensions, reactor, shaper=shaper,
+                on_suspend=lambda _s: self.admin.save_suspensions())
         self.token = (read_token_file(config.http_token_file)
                       if config.http_token_file is not None else None)
         from twisted_mailout.daemon.live import Observability

@@ -88,6 +88,11 @@ class Options(usage.Options):
         ["dkim-keys", None, None, "DKIM key table (TOML; docs/deliverability.md): mail is "
          "signed with the keys of its From domain (rsa-sha256 and/or ed25519-sha256) once, "
          "before its first attempt."],
+        ["shaping", None, None, "Traffic shaping file (TOML; docs/deliverability.md): "
+         "connection limits, message and connection rates, deliveries per connection and "
+         "more, per destination and per provider (matched by MX host names), with presets "
+         "for Google, Yahoo, Microsoft and Apple, and throttling rules that suspend or slow "
+         "a destination on its throttling replies."],
         ["log-format", None, "text", "text: the Postfix-style log only (default); json: also one "
          "JSON record a line per recipient outcome and operator action, to --json-log "
          "(docs/operations.md)."],
@@ -211,6 +216,7 @@ def config_from_options(o: Options) -> Config:
         source_addresses=tuple(o.get("source-addresses", ())),
         dkim_keys=o.get("dkim-keys"),
         dkim_required=bool(o.get("dkim-required")),
+        shaping=o.get("shaping"),
         http=tuple(o["http"]),
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],

@@ -74,6 +74,17 @@ class Admission:
                     until = p if until is None else max(until, p)
         return until
 
+    def held(self, dest: str, now: float) -> bool:
+        """Whether destination C{dest} (or its provider) is suspended at
+        C{now} (the connector's last check before a transaction)."""
+        if not len(self.suspensions):
+            return False
+        if self.suspensions.until(dest, now) is not None:
+            return True
+        shape = self.shaper.cached(dest) if self.shaper is not None else None
+        return (shape is not None and shape.provider is not None
+                and self.suspensions.until(shape.key, now) is not None)
+
     def until(self, qid: str, address: str, now: float) -> float | None:
         """When recipient C{address} of message C{qid} may be attempted, or
         L{None} when nothing holds it back at C{now}."""

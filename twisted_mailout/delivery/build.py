@@ -22,6 +22,7 @@ from twisted_mailout.routing.router import (
     parse_hostport,
     parse_relay,
 )
+from twisted_mailout.delivery.shaping import Shaper, ShapingConfig
 from twisted_mailout.tls.mtasts import MTASTS
 
 __all__ = ["build_connector", "build_router"]
@@ -51,7 +52,8 @@ def build_connector(reactor: Any, resolver: Any, settings: ConnectorSettings, *,
                     relay: str | None = None, mx_port: int = 25,
                     dnssec_resolvers: Sequence[str] = (), dns_timeout: float = 15.0,
                     mta_sts: bool | MTASTS = False, mta_sts_cache: str | None = None,
-                    mta_sts_timeout: float = 45.0, mta_sts_port: int = 443) -> Connector:
+                    mta_sts_timeout: float = 45.0, mta_sts_port: int = 443,
+                    shaping: ShapingConfig | None = None) -> Connector:
     """The connector delivering through C{relay} or by MX.
 
     Builds nothing that reads files except what C{settings} already holds
@@ -74,6 +76,8 @@ def build_connector(reactor: Any, resolver: Any, settings: ConnectorSettings, *,
         runs, or L{None} for memory only.
     @param mta_sts_timeout: seconds a policy fetch may take in all.
     @param mta_sts_port: the HTTPS port policies are fetched from (tests).
+    @param shaping: a loaded shaping file (L{ShapingConfig}): the connector
+        gets a L{Shaper} over it and the router; L{None}: no shaping.
     @return: a L{Connector}.
     @raise ValueError: a malformed relay or resolver.
     @raise OSError: C{mta_sts_cache} cannot be created.
@@ -91,4 +95,5 @@ def build_connector(reactor: Any, resolver: Any, settings: ConnectorSettings, *,
             sts = MTASTS(reactor, resolver, mta_sts_cache, trust_root=settings.trust_root,
                          timeout=mta_sts_timeout, https_port=mta_sts_port)
     settings = dataclasses.replace(settings, dane=dane, mta_sts=sts)
-    return Connector(reactor, router, settings)
+    shaper = Shaper(shaping, router, reactor) if shaping is not None else None
+    return Connector(reactor, router, settings, shaper)

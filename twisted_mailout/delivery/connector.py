@@ -174,11 +174,14 @@ class Attempt:
     @ivar tls: how that session was protected: the TLS protocol version
         (L{tls_version}, e.g. C{"TLSv1.3"}), or L{None} for plaintext or
         when no host was reached.
+    @ivar untried: recipients not tried because their destination was
+        suspended while they waited (L{Connector.hold}); they have no reply.
     """
 
     replies: dict[str, Reply]
     relay: str | None
     tls: str | None = None
+    untried: list[str] = field(default_factory=list)
 
 
 def _shutting_down() -> Reply:
@@ -263,6 +266,11 @@ class Connector:
         self._plaintext_until: dict[tuple[str, str, int], float] = {}
         self.shaper = shaper
         self._applied: dict[str, Shape] = {}
+        #: C{hold(dest) -> bool}: whether C{dest} is suspended now (the
+        #: scheduler sets it); a delivery that waited for its rate slot or a
+        #: connection checks it before its transaction, and leaves its
+        #: recipients untried when a suspension began meanwhile.
+        self.hold: Callable[[str], bool] | None = None
 
     # -- public -------------------------------------------------------------
 
@@ -303,6 +311,7 @@ class Connector:
                        open_source: Callable[[], IO[bytes]], size: int | None,
                        smtputf8: bool, eightbit: bool, paced: bool = False) -> Attempt:
         replies: dict[str, Reply] = {}
+        untried: list[str] = []
         relay = None
         tls = None
         shape = await self.shape(dest) if self.shaper is not None else None
@@ -329,6 +338,11 @@ class Connector:
                 log.info("{dest}: delivery cancelled before a connection was ready; "
                          "{n} recipients not tried", dest=dest, n=len(remaining) + len(queue))
                 raise
+            if self.hold is not None and self.hold(dest):
+                # suspended (a throttling rule) while this one waited
+                self.pool.release(lease, lease.session.usable)
+                untried += remaining + queue
+                break
             session, relay = lease.session, lease.label
             tls = tls_version(session)
             try:
@@ -363,7 +377,7 @@ class Connector:
             if more and len(more) < len(remaining) and any(
                     result.replies[r].is_positive for r in remaining):
                 queue = more + queue
-        return Attempt(replies, relay, tls)
+        return Attempt(replies, relay, tls, untried)
 
     def shape(self, dest: str) -> defer.Deferred[Shape]:
         """The traffic shape of C{dest} (classified by its MX hosts on first

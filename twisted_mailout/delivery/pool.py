@@ -399,7 +399,13 @@ class ConnectionPool(Generic[S]):
         while dest.waiters:
             if dest.waiters.popleft().give(lease):
                 return
-        if self._someone_blocked() or self._group_waits(dest):
+        if self._group_waits(dest):
+            # Another domain of its group waits at the group's limit: this
+            # one goes, and stays counted until it is closed (so the server
+            # never sees more than the limit), then its slot goes over.
+            self._quit(lease)
+            return
+        if self._someone_blocked():
             # Other destinations wait for a slot under the global limit:
             # give this one up now rather than keep it idle.
             self._quit(lease)

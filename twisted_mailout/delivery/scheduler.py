@@ -140,6 +140,8 @@ class Scheduler:
         self.throttle = throttle
         self.shaper = getattr(connector, "shaper", None)
         self.admission = Admission(self.suspensions, self.shaper, relay)
+        if hasattr(connector, "hold") and not relay:
+            connector.hold = lambda dest: self.admission.held(dest, self.clock.seconds())
         self._heap: list[tuple[float, int, str]] = []
         #: queue id -> the sequence number of its live heap item (items whose
         #: number differs are stale: taken by the operator or rescheduled).
@@ -639,7 +641,10 @@ class Scheduler:
         for key, attempt in zip(keys, results, strict=True):
             shape = self.shaper.cached(key) if self.shaper is not None else None
             retry = shape.settings.retry_policy(self.retry) if shape is not None else self.retry
+            untried = set(getattr(attempt, "untried", ()))
             for form, rs in groups[key].items():
+                if form in untried:
+                    continue  # suspended while it waited: no attempt made
                 reply = attempt.replies.get(form) or Reply(
                     451, "4.3.0 no reply recorded for this recipient", local=True)
                 rs.relay = attempt.relay
