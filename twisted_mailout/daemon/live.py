@@ -75,6 +75,16 @@ class LiveView:
         """Destinations suspended now."""
         return len(self.admin.suspensions.active(self.clock.seconds()))
 
+    def throttled(self) -> tuple[int, int]:
+        """C{(suspended, slowed)}: destinations or providers the throttling
+        rules hold suspended, and those whose message rate they lowered."""
+        throttle = getattr(self.scheduler, "throttle", None)
+        if throttle is None:
+            return 0, 0
+        held = throttle.in_force(self.clock.seconds())
+        return (sum(1 for t in held if t["kind"] == "suspend"),
+                sum(1 for t in held if t["kind"] == "rate"))
+
 
 class Observability:
     """The metrics, history and status page of one daemon.
@@ -112,9 +122,11 @@ class Observability:
 
     def status(self) -> dict[str, Any]:
         """The data of C{GET /api/v1/status} (L{status_data}), now."""
+        now = self.reactor.seconds()
+        throttle = getattr(self.live.scheduler, "throttle", None)
         return status_data(self.history, admin=self.admin, config=self.config,
                            queue_counts=self.live.queue_counts(), started=self.started_at,
-                           now=self.reactor.seconds())
+                           now=now, throttles=throttle.in_force(now) if throttle else None)
 
     def start(self) -> None:
         """Observe the log and start sampling (when the service starts)."""

@@ -160,6 +160,12 @@ class LiveState(Protocol):
         @return: a count.
         """
 
+    def throttled(self) -> tuple[int, int]:
+        """Destinations held by the throttling rules now.
+
+        @return: C{(suspended, slowed)}: counts.
+        """
+
 
 @dataclass(frozen=True)
 class LiveSnapshot:
@@ -171,6 +177,7 @@ class LiveSnapshot:
     @ivar active: active connections.
     @ivar idle: idle connections.
     @ivar suspended: suspended destinations.
+    @ivar throttled: C{(suspended, slowed)} by the throttling rules.
     """
 
     queue: Mapping[str, int]
@@ -178,6 +185,7 @@ class LiveSnapshot:
     active: int
     idle: int
     suspended: int
+    throttled: tuple[int, int] = (0, 0)
 
 
 class BoundedLabels:
@@ -286,6 +294,11 @@ class _LiveCollector(Collector):
                                   labels=["state"])
         suspended = GaugeMetricFamily("mailout_suspended_destinations",
                                       "Destinations suspended by an operator")
+        throttled = GaugeMetricFamily("mailout_throttled_destinations",
+                                      "Destinations (or providers) the throttling rules of "
+                                      "the shaping file hold now, by action (suspend: "
+                                      "suspended; rate: message rate lowered)",
+                                      labels=["action"])
         if snap is not None:
             names = list(QUEUE_NAMES) + sorted(set(snap.queue) - set(QUEUE_NAMES))
             for name in names:
@@ -294,7 +307,9 @@ class _LiveCollector(Collector):
             conns.add_metric(["active"], snap.active)
             conns.add_metric(["idle"], snap.idle)
             suspended.add_metric([], snap.suspended)
-        yield from (queue, oldest, conns, suspended)
+            throttled.add_metric(["suspend"], snap.throttled[0])
+            throttled.add_metric(["rate"], snap.throttled[1])
+        yield from (queue, oldest, conns, suspended, throttled)
 
 
 class _MetricsPage(Resource):
@@ -567,7 +582,8 @@ class Metrics:
             snap = LiveSnapshot(
                 queue={str(k): int(v) for k, v in live.queue_counts().items()},
                 oldest_age=max(0.0, self.seconds() - oldest) if oldest is not None else 0.0,
-                active=int(active), idle=int(idle), suspended=int(live.suspended()))
+                active=int(active), idle=int(idle), suspended=int(live.suspended()),
+                throttled=_throttled(live))
         except Exception:  # noqa: BLE001 - a scrape must answer anyway
             log.failure("metrics: reading the live state failed")
             self._errors.labels("live").inc()
@@ -622,3 +638,12 @@ class Metrics:
 def _count(value: Any) -> int:
     """A session count from a TLS-RPT event (1 when missing or bad)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def _throttled(live: object) -> tuple[int, int]:
+    """C{live.throttled()}, or C{(0, 0)} for a live state without it."""
+    throttled = getattr(live, "throttled", None)
+    if throttled is None:
+        return 0, 0
+    held, slowed = throttled()
+    return int(held), int(slowed)

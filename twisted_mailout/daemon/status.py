@@ -129,7 +129,8 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
                 config: Config | None = None, queue_counts: Mapping[str, int] | None = None,
                 started: float | None = None, now: float | None = None,
                 settings: Mapping[str, Any] | None = None,
-                version: str = VERSION) -> dict[str, Any]:
+                version: str = VERSION,
+                throttles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The JSON of C{GET /api/v1/status}: everything the status page shows.
 
     Pure and fast (no I/O: milliseconds whatever the queue's size); call it
@@ -150,6 +151,9 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
         reactor), else C{time.time()}.
     @param settings: more settings to show (L{redacted_settings}'s C{extra}).
     @param version: the version shown.
+    @param throttles: what the throttling rules hold in force
+        (L{ThrottleRules.in_force<twisted_mailout.delivery.throttle.ThrottleRules.in_force>}),
+        or L{None} for none.
     @return: a dict with these keys (L{STATUS_SCHEMA} is its JSON Schema)::
 
         {"version": str, "now": float epoch seconds,
@@ -172,6 +176,8 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
          "bounces": [{"time", "queue_id", "recipient", "destination",
                       "reply", "code", "outcome"}] (newest first, <= 50),
          "suspensions": [{"id", "domain", "reason", "created", "until"}],
+         "throttles": [{"key", "kind" ("suspend" or "rate"), "rule",
+                        "reason", "until", and "rate" for kind rate}],
          "settings": {name: value}}
     """
     if now is None:
@@ -189,6 +195,7 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
         "queue": queue,
         **snap,
         "suspensions": admin.list_suspensions() if admin is not None else [],
+        "throttles": list(throttles or []),
         "settings": redacted_settings(config, settings),
     }
 
@@ -208,7 +215,7 @@ STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["version", "now", "started", "uptime", "queue", "window", "bucket",
                  "outcomes", "totals", "since_start", "depth", "destinations", "bounces",
-                 "suspensions", "settings"],
+                 "suspensions", "throttles", "settings"],
     "properties": {
         "version": {"type": "string"},
         "now": {"type": "number"},
@@ -250,6 +257,11 @@ STATUS_SCHEMA: dict[str, Any] = {
             "properties": {"id": {"type": "string"}, "domain": {"type": "string"},
                            "reason": {"type": "string"}, "created": {"type": "number"},
                            "until": {"type": "number"}}}},
+        "throttles": {"type": "array", "items": {
+            "type": "object", "required": ["key", "kind", "rule", "reason", "until"],
+            "properties": {"key": {"type": "string"}, "kind": {"enum": ["suspend", "rate"]},
+                           "rule": {"type": "string"}, "reason": {"type": "string"},
+                           "until": {"type": "number"}, "rate": {"type": "string"}}}},
         "settings": {"type": "object"},
     },
 }

@@ -192,6 +192,29 @@ class ThrottleRules:
         self._hits: dict[tuple[str, str], deque[float]] = {}
         #: C{{key: until}} of the C{rate} rules in force (to act once each).
         self._lowered: dict[str, float] = {}
+        #: C{{suspension id: rule name}} of the suspensions rules made.
+        self.made: dict[str, str] = {}
+
+    def in_force(self, now: float) -> list[dict[str, object]]:
+        """What the rules hold in force at C{now}, for the status page and
+        metrics: C{[{"key", "kind", "rule", "reason", "until"}]} with
+        C{kind} C{"suspend"} (C{key} the suspended domain or
+        C{"provider:NAME"}) or C{"rate"} (also C{"rate"}: C{"COUNT/SECONDSs"}),
+        ordered by C{until}.
+        """
+        out: list[dict[str, object]] = []
+        for s in self.suspensions.active(now):
+            rule = self.made.get(s.id)
+            if rule is not None:
+                out.append({"key": s.domain, "kind": "suspend", "rule": rule,
+                            "reason": s.reason, "until": s.until})
+        throttles = getattr(self.shaper, "throttles", None)
+        for t in throttles(now) if throttles is not None else ():
+            out.append({"key": t.key, "kind": "rate", "rule": t.rule, "reason": t.reason,
+                        "until": t.until, "rate": f"{t.rate[0]}/{t.rate[1]:g}s"})
+        for sid in [k for k in self.made if self.suspensions.get(k) is None]:
+            del self.made[sid]  # ended or cancelled
+        return sorted(out, key=lambda d: float(d["until"]))  # type: ignore[arg-type]
 
     def observe(self, destination: str, reply: str, shape: _Shape | None = None) -> Rule | None:
         """Count one reply from C{destination}.
@@ -236,6 +259,7 @@ class ThrottleRules:
                 return None
             hits.clear()
             s = self.suspensions.new(target, rule.duration, reason, now)
+            self.made[s.id] = rule.name
             log.warn("{destination}: throttled by rule {rule} ({reason}): {target} suspended "
                      "until {until:.0f}", destination=destination, rule=rule.name,
                      reason=s.reason, target=target, until=s.until, throttled=True)

@@ -90,6 +90,7 @@ class FakeLive:
         self.oldest: float | None = None
         self.conns = (0, 0)
         self.suspensions = 0
+        self.throttles = (0, 0)
         self.fail = False
         self.reads = 0
 
@@ -107,6 +108,9 @@ class FakeLive:
 
     def suspended(self) -> int:
         return self.suspensions
+
+    def throttled(self) -> tuple[int, int]:
+        return self.throttles
 
 
 # -- outcomes, from the real scheduler ---------------------------------------
@@ -386,6 +390,7 @@ def test_live_gauges_are_read_at_every_scrape() -> None:
     live.oldest = now[0] - 90
     live.conns = (2, 5)
     live.suspensions = 1
+    live.throttles = (2, 1)
     got = samples(m)
     assert {name: value(got, "mailout_queue_messages", queue_name=name)
             for name in QUEUE_NAMES} == {"incoming": 0, "active": 3, "deferred": 7, "hold": 0}
@@ -393,6 +398,8 @@ def test_live_gauges_are_read_at_every_scrape() -> None:
     assert value(got, "mailout_connections", state="active") == 2
     assert value(got, "mailout_connections", state="idle") == 5
     assert value(got, "mailout_suspended_destinations") == 1
+    assert value(got, "mailout_throttled_destinations", action="suspend") == 2
+    assert value(got, "mailout_throttled_destinations", action="rate") == 1
     live.counts = {"hold": 4}
     live.oldest = None
     now[0] += 30

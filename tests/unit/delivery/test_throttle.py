@@ -100,6 +100,9 @@ def test_rate_rule_lowers_the_rate_then_it_comes_back():
     now = clock.seconds()
     assert shaper.message_rate(ms, now) == (1, 60.0)
     assert [t.key for t in shaper.throttles(now)] == ["provider:microsoft"]
+    [held] = rules.in_force(now)
+    assert held == {"key": "provider:microsoft", "kind": "rate", "rule": "microsoft-rate",
+                    "reason": fired.reason, "until": now + 5400, "rate": "1/60s"}
     assert len(s) == 0 and saved == []  # a rate rule suspends nothing
     # slots are a minute apart while it lasts
     assert shaper.message_slot(ms, now) == now
@@ -116,6 +119,12 @@ def test_a_suspending_rule_reports_the_suspension():
     rules.observe("gmail.com", GMAIL)
     rules.observe("gmail.com", GMAIL)
     assert [x.domain for x in saved] == ["gmail.com"]
+    # shown as throttled while it lasts; an operator's suspension is not
+    s.new("other.test", 60, "operator", clock.seconds())
+    [held] = rules.in_force(clock.seconds())
+    assert (held["key"], held["kind"], held["rule"]) == ("gmail.com", "suspend", "google-rate")
+    clock.advance(3600)
+    assert rules.in_force(clock.seconds()) == [] and rules.made == {}
 
 
 def test_durations_and_rule_forms():

@@ -181,6 +181,10 @@
       return [[r.id], [r.domain], [r.reason || "—"], [fmtTime(r.created), "time"],
               [fmtTime(r.until), "time"]];
     });
+    fillTable("throttles", d.throttles || [], function (r) {
+      return [[r.key], [r.kind === "rate" ? "rate " + r.rate : "suspended"], [r.rule],
+              [r.reason || "—"], [fmtTime(r.until), "time"]];
+    });
     fillTable("settings", Object.keys(d.settings).map(function (k) {
       return [k, d.settings[k]];
     }), function (r) { return [[r[0]], [fmtValue(r[1])]]; });
