@@ -164,3 +164,22 @@ def test_throttling_reply_suspends_the_destination_then_delivery_resumes(tmp_pat
     assert first - refused[1] >= 3.5, first - refused[1]
     assert len(got) == n and "status=bounced" not in log
     assert queue_list(q) == []
+
+
+def test_per_provider_source_address_and_ehlo(tmp_path, dns_server):
+    sink, args = _setup(tmp_path, dns_server,
+                        {"big.test": "mx.bigmail.test", "plain.test": "mx.plain.test"},
+                        "presets = false\n[provider.big]\nmx_suffixes = [\".bigmail.test\"]\n"
+                        "source_address = \"127.0.0.3\"\nehlo = \"mta3.mailout.test\"\n")
+    q = tmp_path / "q"
+    enqueue(str(q), "a@origin.test", ["u@big.test"], MSG)
+    enqueue(str(q), "a@origin.test", ["u@plain.test"], MSG)
+    d = Daemon(q, *args, "--source-address=127.0.0.4", log=tmp_path / "daemon.log").start()
+    try:
+        got = sink.wait_for_messages(2, timeout=30)
+    finally:
+        d.stop()
+        sink.stop()
+    seen = {m["rcpt_tos"][0]: (m["peer"][0], m["helo"]) for m in got}
+    assert seen == {"u@big.test": ("127.0.0.3", "mta3.mailout.test"),
+                    "u@plain.test": ("127.0.0.4", "mailout.test")}
