@@ -134,6 +134,9 @@ def test_the_wheel_holds_every_module_the_plugin_and_py_typed(installed):
     assert not extra, f"stale modules in the wheel: {sorted(extra)}"
     assert "twisted_mailout/contrib/django.py" in names  # review F4
     assert "twisted_mailout/py.typed" in names
+    # data files the code reads: the shaping presets, the API document, the page
+    assert {"twisted_mailout/delivery/presets.toml", "twisted_mailout/daemon/openapi.json",
+            "twisted_mailout/daemon/static/index.html"} <= names
     assert "twisted/plugins/mailout_plugin.py" in names
     # Twisted's namespace stays Twisted's: no __init__.py of ours, no cache file
     assert not {"twisted/__init__.py", "twisted/plugins/__init__.py",
