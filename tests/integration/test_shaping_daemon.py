@@ -183,3 +183,25 @@ def test_per_provider_source_address_and_ehlo(tmp_path, dns_server):
     seen = {m["rcpt_tos"][0]: (m["peer"][0], m["helo"]) for m in got}
     assert seen == {"u@big.test": ("127.0.0.3", "mta3.mailout.test"),
                     "u@plain.test": ("127.0.0.4", "mailout.test")}
+
+
+def test_recipients_per_transaction_and_connection_rate(tmp_path, dns_server):
+    sink, args = _setup(tmp_path, dns_server, {"many.test": "mx.many.test"},
+                        "presets = false\n[domain.\"many.test\"]\n"
+                        "max_recipients_per_message = 2\nmax_deliveries_per_connection = 1\n"
+                        "max_connection_rate = \"2/s\"\n")
+    q = tmp_path / "q"
+    enqueue(str(q), "a@origin.test", [f"u{i}@many.test" for i in range(5)], MSG)
+    d = Daemon(q, *args, log=tmp_path / "daemon.log").start()
+    try:
+        got = sink.wait_for_messages(3, timeout=30)
+        wait_for(lambda: queue_list(q) == [], 10, what="the message finished")
+    finally:
+        d.stop()
+        sink.stop()
+    # five recipients in transactions of at most two, one transaction a connection
+    assert sorted(len(m["rcpt_tos"]) for m in got) == [1, 2, 2]
+    assert len({m["peer"] for m in got}) == 3
+    # connections opened at most two a second: three of them span at least 1 s
+    times = sorted(m["time"] for m in got)
+    assert times[-1] - times[0] >= 0.9, times

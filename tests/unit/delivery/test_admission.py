@@ -148,3 +148,33 @@ def test_suspended_while_waiting_leaves_recipients_untried(tmp_path):
     conn.hold_answers = False
     clock.advance(30)
     assert [o.status for o in outcomes] == [Status.DELIVERED]
+
+
+def test_a_destination_retry_schedule(tmp_path):
+    later = Reply(451, "4.3.0 try later")
+
+    class Deferring(ShapedConnector):
+        def deliver(self, dest, sender, recipients, open_source, *a, **kw):
+            open_source().close()
+            return defer.succeed(Attempt({r: later for r in recipients}, "mx[192.0.2.1]:25"))
+
+    clock = task.Clock()
+    clock.advance(time.time())
+    queue = Queue(str(tmp_path / "q"))
+    conn = Deferring(clock, config('[domain."soon.test"]\nretry_interval = "1m"\n'
+                                   'max_retry_interval = "2m"\n'), {})
+    outcomes: list = []
+    sched = Scheduler(queue, conn, clock, observers=[outcomes.append],
+                      retry=RetryPolicy(base=300, max=4000, jitter=0), rng=random.Random(0))
+    queue.enqueue("a@example.com", ["u@soon.test"], MSG)
+    queue.enqueue("a@example.com", ["u@other.test"], MSG)
+    t0 = clock.seconds()
+    sched.start()
+    clock.advance(0)
+    entries = {x.entry.recipients[0].address: x.entry for x in queue.list_entries()}
+    assert entries["u@soon.test"].recipients[0].next_attempt == t0 + 60
+    assert entries["u@other.test"].recipients[0].next_attempt == t0 + 300
+    clock.advance(60)
+    clock.advance(0)
+    entries = {x.entry.recipients[0].address: x.entry for x in queue.list_entries()}
+    assert entries["u@soon.test"].recipients[0].next_attempt == t0 + 60 + 120  # at most 2m
