@@ -588,7 +588,13 @@ class QueueAdmin:
             if self.scheduler is None:
                 return defer.succeed(s.to_json())
             # its mail waits in the schedule until the suspension's end: now
-            return self._reschedule_domain(s.domain).addCallback(lambda _: s.to_json())
+            domains = [s.domain]
+            shaper = getattr(self.scheduler, "shaper", None)
+            if s.domain.startswith("provider:") and shaper is not None:
+                domains = shaper.destinations_of(s.domain)  # a rule's, of a provider
+            ds = [self._reschedule_domain(d) for d in domains]
+            return defer.gatherResults(ds, consumeErrors=True).addCallback(
+                lambda _: s.to_json())
 
         def failed(f: Any) -> Any:
             self.suspensions.add(s)

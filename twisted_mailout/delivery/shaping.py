@@ -460,6 +460,11 @@ class Shaper:
         self._shapes[destination] = shape
         return shape
 
+    def destinations_of(self, key: str) -> list[str]:
+        """The destinations classified under shaping key C{key} so far (a
+        provider's domains), sorted."""
+        return sorted(d for d, s in self._shapes.items() if s.key == key)
+
     def forget(self, destination: str) -> None:
         """Classify C{destination} afresh next time (its MX may have changed)."""
         self._shapes.pop(destination, None)

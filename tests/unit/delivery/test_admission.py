@@ -178,3 +178,23 @@ def test_a_destination_retry_schedule(tmp_path):
     clock.advance(0)
     entries = {x.entry.recipients[0].address: x.entry for x in queue.list_entries()}
     assert entries["u@soon.test"].recipients[0].next_attempt == t0 + 60 + 120  # at most 2m
+
+
+def test_cancelling_a_provider_suspension_sends_its_domains_mail_at_once(tmp_path):
+    from twisted_mailout.admin.operations import QueueAdmin
+
+    clock, queue, conn, sched, outcomes = harness(
+        tmp_path, '[provider.big]\nmx_suffixes = [".big.test"]\n',
+        mx={"a.test": "mx1.big.test", "b.test": "mx2.big.test"})
+    s = sched.suspensions.new("provider:big", 3600, "rule", clock.seconds())
+    for rcpt in ("u@a.test", "u@b.test"):
+        queue.enqueue("a@example.com", [rcpt], MSG)
+    sched.start()
+    clock.advance(0)
+    assert conn.calls == []
+    admin = QueueAdmin(queue, clock, scheduler=sched)
+    done = admin.cancel_suspension(s.id)
+    clock.advance(0)
+    assert done.called
+    clock.advance(0)
+    assert sorted(c[1] for c in conn.calls) == ["a.test", "b.test"]
