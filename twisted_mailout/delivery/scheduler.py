@@ -163,6 +163,7 @@ class Scheduler:
         self._wakeup: DelayedCall | None = None
         self._heartbeat: task.LoopingCall | None = None
         self._stopping = False
+        self._dispatching = False
         self._picking = False
         self._pick_again = False
         self._pick_waiters: list[defer.Deferred[int]] = []
@@ -451,8 +452,15 @@ class Scheduler:
         return None
 
     def _dispatch(self) -> None:
-        if self._stopping:
-            return
+        if self._stopping or self._dispatching:
+            return  # (a message finished at once inside the loop below: it goes on)
+        self._dispatching = True
+        try:
+            self._dispatch_due()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_due(self) -> None:
         now = self.clock.seconds()
         while self._heap and len(self._inflight) < self.max_inflight:
             due, _, qid = self._heap[0]

@@ -198,3 +198,27 @@ def test_cancelling_a_provider_suspension_sends_its_domains_mail_at_once(tmp_pat
     assert done.called
     clock.advance(0)
     assert sorted(c[1] for c in conn.calls) == ["a.test", "b.test"]
+
+
+def test_many_messages_waiting_for_slots_do_not_recurse(tmp_path):
+    """A message set aside for its slot finishes without I/O; thousands of
+    them in one dispatch pass once overflowed the stack (found by
+    benchmarks/shaping.py)."""
+    from twisted_mailout.testing.memorystore import MemoryStore
+
+    clock = task.Clock()
+    clock.advance(time.time())
+    store = MemoryStore(clock=clock.seconds)
+    conn = ShapedConnector(clock, config('[default]\nmax_message_rate = "100/s"\n'), {})
+    outcomes: list = []
+    sched = Scheduler(store, conn, clock, observers=[outcomes.append], max_inflight=5000,
+                      retry=RetryPolicy(base=300, jitter=0), rng=random.Random(0))
+    store.enqueue_many([("a@example.com", [f"u{i}@r.test"], MSG) for i in range(3000)])
+    sched.start()
+    clock.advance(0)
+    for _ in range(31):
+        clock.advance(1.0)
+    assert len(outcomes) == 3000
+    assert all(o.status is Status.DELIVERED and o.attempts == 1 for o in outcomes)
+    times = sorted(t for t, *_ in conn.calls)
+    assert times[-1] - times[0] >= 29.9  # 100 a second
