@@ -1,0 +1,651 @@
+"""The PostgreSQL queue store: one queue that many daemons share (issue 13).
+
+L{PostgresStore} implements L{IQueueStore} over tables in the PostgreSQL
+schema C{mailout}, created and upgraded by L{upgrade} (C{mailout db
+upgrade}), never implicitly. Every method blocks on the database and is
+called through the daemon's thread pool (L{IQueueStore}'s "Threads"); each
+thread has its own connection (psycopg 3, synchronous).
+
+Work is claimed in short committed transactions before any SMTP: L{pickup}
+takes waiting rows with C{SELECT ... FOR UPDATE SKIP LOCKED} (PostgreSQL's
+documented queue idiom) under a lease: the owner, a fencing token from a
+sequence (new at every claim), and an expiry computed from the database's
+clock (C{now() + lease_duration}), extended by L{renew}. A write checks the
+owner and the token in the same statement; a row another daemon claimed
+since (its lease had expired) is not written and L{LeaseLost} names it.
+
+Message bytes are read into memory when an entry is claimed or loaded (in
+the thread pool), so that L{open_body}, which the SMTP session calls in the
+reactor thread, never waits on the database (see L{PostgresStore.body_cache}).
+
+psycopg is imported when a store is made or the schema upgraded: the rest of
+the package does not need it (install C{twisted_mailout[postgresql]}).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+from twisted_mailout.errors import QueueError
+from twisted_mailout.queue.interface import IQueueStore, enqueue_staged
+from twisted_mailout.queue.model import (
+    CorruptEntry,
+    EntryNotFound,
+    Lease,
+    LeaseLost,
+    ListedEntry,
+    Pickup,
+    QueueEntry,
+    Recovery,
+    StagedMessage,
+    Suspension,
+    header_block,
+    new_queue_id,
+    parse_envelope_line,
+    queued_bytes,
+)
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA",
+    "DatabaseUnavailable",
+    "PostgresStore",
+    "SchemaOutOfDate",
+    "is_postgres_uri",
+    "redact_uri",
+    "schema_version",
+    "upgrade",
+]
+
+#: The PostgreSQL schema holding every table and function of the store.
+SCHEMA = "mailout"
+
+#: The numbered migrations: C{(version, name, SQL)}, applied in order, each
+#: in its own transaction, by L{upgrade}. Never edit one that shipped: add
+#: the next.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "the queue", """
+CREATE TABLE mailout.message (
+    qid           text PRIMARY KEY,
+    data          bytea NOT NULL,        -- envelope line, then the message
+    state         jsonb,                 -- NULL until first saved (all pending)
+    incoming      boolean NOT NULL DEFAULT true,  -- published, not yet picked up
+    held          boolean NOT NULL DEFAULT false,
+    owner         text,                  -- the lease: who works on it
+    token         bigint,                -- its fencing token
+    lease_expires timestamptz,           -- and until when (the database's clock)
+    enqueued      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX message_incoming ON mailout.message (qid) WHERE incoming;
+CREATE INDEX message_lease ON mailout.message (lease_expires) WHERE NOT incoming;
+CREATE INDEX message_owner ON mailout.message (owner) WHERE owner IS NOT NULL;
+CREATE SEQUENCE mailout.lease_token;
+CREATE TABLE mailout.quarantine (
+    qid    text PRIMARY KEY,
+    data   bytea NOT NULL,
+    state  jsonb,
+    reason text NOT NULL,
+    at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE mailout.suspension (
+    id       text PRIMARY KEY,
+    position integer NOT NULL,
+    doc      jsonb NOT NULL
+);
+CREATE FUNCTION mailout.notify_new() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('mailout_new', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER message_notify AFTER INSERT ON mailout.message
+    FOR EACH STATEMENT EXECUTE FUNCTION mailout.notify_new();
+"""),
+)
+
+_VERSION_TABLE = """
+CREATE SCHEMA IF NOT EXISTS mailout;
+CREATE TABLE IF NOT EXISTS mailout.schema_version (
+    version integer PRIMARY KEY,
+    name    text NOT NULL,
+    applied timestamptz NOT NULL DEFAULT now()
+)"""
+
+#: Advisory lock key serialising concurrent upgrades ("mailout" in ASCII).
+_UPGRADE_LOCK = 0x6D61696C6F7574
+
+
+class DatabaseUnavailable(QueueError, OSError):
+    """The database cannot be reached or failed the statement now (retried
+    by the caller as any I/O error)."""
+
+
+class SchemaOutOfDate(QueueError):
+    """The database's schema is missing or older than this version of the
+    code: run C{mailout db upgrade --queue URI}."""
+
+
+def is_postgres_uri(queue: str) -> bool:
+    """Whether C{--queue} names a PostgreSQL store (C{postgresql://} or
+    C{postgres://}, a libpq connection URI) rather than a folder."""
+    return queue.startswith(("postgresql://", "postgres://"))
+
+
+def redact_uri(uri: str) -> str:
+    """C{uri} without its password, for logs and C{location}:
+    C{postgresql://USER@HOST:PORT/DB}, or C{postgresql:///DB?host=/SOCKET/DIR}
+    for a Unix socket."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(uri)
+    except Exception:  # noqa: BLE001 - a malformed URI is shown without its userinfo
+        head, _, rest = uri.partition("://")
+        return f"{head}://{rest.rpartition('@')[2]}"
+    host = str(params.get("host") or "")
+    db = str(params.get("dbname") or "")
+    user = params.get("user")
+    port = params.get("port")
+    if not host or host.startswith("/"):
+        query = "&".join(f"{k}={v}" for k, v in (("host", host), ("port", port),
+                                                  ("user", user)) if v)
+        return f"postgresql:///{db}" + (f"?{query}" if query else "")
+    return (f"postgresql://{str(user) + '@' if user else ''}{host}"
+            f"{':' + str(port) if port else ''}/{db}")
+
+
+def _connect(uri: str, password: str | None) -> Any:
+    import psycopg
+
+    kwargs: dict[str, Any] = {"autocommit": True, "application_name": "mailout"}
+    if password is not None:
+        kwargs["password"] = password
+    try:
+        return psycopg.connect(uri, **kwargs)
+    except psycopg.Error as e:
+        raise DatabaseUnavailable(f"cannot connect to {redact_uri(uri)}: "
+                                  f"{str(e).strip()}") from None
+
+
+def schema_version(conn: Any) -> int | None:
+    """The schema version applied in the database of C{conn} (a psycopg
+    connection), or L{None} when the store was never created there."""
+    row = conn.execute("SELECT to_regclass('mailout.schema_version')").fetchone()
+    if row is None or row[0] is None:
+        return None
+    row = conn.execute("SELECT max(version) FROM mailout.schema_version").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def upgrade(uri: str, password: str | None = None) -> list[tuple[int, str]]:
+    """Create or upgrade the store's schema in the database of C{uri}
+    (C{mailout db upgrade}): the migrations not yet applied, in order, each
+    in one transaction, under an advisory lock (two upgrades at once wait
+    for each other).
+
+    @param uri: a libpq connection URI.
+    @param password: the password, when not in C{PGPASSFILE}/C{PGPASSWORD}.
+    @return: C{[(version, name)]} of the migrations applied now (empty when
+        the schema was up to date).
+    @raise DatabaseUnavailable: the database cannot be reached.
+    @raise QueueError: a migration failed (it is rolled back; the message
+        names it).
+    """
+    import psycopg
+
+    conn = _connect(uri, password)
+    applied: list[tuple[int, str]] = []
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            for statement in _VERSION_TABLE.split(";"):
+                conn.execute(statement)
+        for version, name, sql in MIGRATIONS:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+                current = schema_version(conn) or 0
+                if version <= current:
+                    continue
+                try:
+                    conn.execute(sql)
+                except psycopg.Error as e:
+                    raise QueueError(f"migration {version} ({name}) failed: "
+                                     f"{str(e).strip()}") from None
+                conn.execute("INSERT INTO mailout.schema_version (version, name) "
+                             "VALUES (%s, %s)", (version, name))
+                applied.append((version, name))
+    except psycopg.OperationalError as e:
+        raise DatabaseUnavailable(f"{redact_uri(uri)}: {str(e).strip()}") from None
+    finally:
+        conn.close()
+    return applied
+
+
+_ENTRY_COLUMNS = ("qid, substring(data from 1 for 65536), length(data), state, owner, "
+                  "extract(epoch from lease_expires)")
+
+
+class PostgresStore:
+    """A queue in PostgreSQL, shared by any number of daemons (see the
+    module docstring).
+
+    @param uri: a libpq connection URI (C{postgresql://host/db?...}); no
+        password in it when it is shown to anyone (use C{password},
+        C{PGPASSFILE} or C{PGPASSWORD}).
+    @param owner: this daemon's owner id; C{HOST-PID-RANDOM} when L{None}.
+    @param lease_duration: seconds a lease lasts unless renewed.
+    @param password: the password, or L{None}.
+    @param body_cache: bytes of message data kept in memory for
+        L{open_body} (least recently used dropped first).
+    @raise DatabaseUnavailable: the database cannot be reached.
+    @raise SchemaOutOfDate: the schema is missing or older than the code.
+    @ivar location: the URI without its password.
+    """
+
+    def __init__(self, uri: str, owner: str | None = None, lease_duration: float = 60.0,
+                 password: str | None = None, body_cache: int = 64 * 1024 * 1024) -> None:
+        if not lease_duration > 0:
+            raise ValueError("the lease duration must be above 0 seconds")
+        self.uri = uri
+        self.password = password
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.lease_duration: float | None = float(lease_duration)
+        self.location = redact_uri(uri)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._tokens: dict[str, int] = {}  # qid -> our fencing token
+        self._staged: dict[str, bytes] = {}
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._body_bytes = 0
+        self.body_cache = body_cache
+        version = schema_version(self._conn())
+        latest = MIGRATIONS[-1][0]
+        if version is None or version < latest:
+            raise SchemaOutOfDate(
+                f"{self.location}: the queue's schema is "
+                f"{'missing' if version is None else f'at version {version}'}, this code "
+                f"needs version {latest}: run `mailout db upgrade --queue URI`")
+
+    # -- connections ---------------------------------------------------------
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = _connect(self.uri, self.password)
+        return conn
+
+    def _run(self, work: Any) -> Any:
+        """C{work(conn)} in one transaction on this thread's connection;
+        database trouble becomes L{DatabaseUnavailable} (and the connection
+        is dropped, so the next call reconnects)."""
+        import psycopg
+
+        conn = self._conn()
+        try:
+            with conn.transaction():
+                return work(conn)
+        except psycopg.OperationalError as e:
+            try:
+                conn.close()
+            finally:
+                self._local.conn = None
+            raise DatabaseUnavailable(f"{self.location}: {str(e).strip()}") from None
+        except psycopg.Error as e:
+            if conn.closed:
+                self._local.conn = None
+            raise DatabaseUnavailable(f"{self.location}: {str(e).strip()}") from None
+
+    def close(self) -> None:
+        """Close this thread's connection (others close with their threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- bodies ----------------------------------------------------------------
+
+    def _keep_body(self, qid: str, data: bytes) -> None:
+        with self._lock:
+            old = self._bodies.pop(qid, None)
+            if old is not None:
+                self._body_bytes -= len(old)
+            self._bodies[qid] = data
+            self._body_bytes += len(data)
+            while self._body_bytes > self.body_cache and len(self._bodies) > 1:
+                _, dropped = self._bodies.popitem(last=False)
+                self._body_bytes -= len(dropped)
+
+    def _forget(self, qids: Iterable[str]) -> None:
+        with self._lock:
+            for qid in qids:
+                self._tokens.pop(qid, None)
+                data = self._bodies.pop(qid, None)
+                if data is not None:
+                    self._body_bytes -= len(data)
+
+    def _data(self, qid: str) -> bytes:
+        with self._lock:
+            data = self._bodies.get(qid)
+            if data is not None:
+                self._bodies.move_to_end(qid)
+                return data
+        row = self._run(lambda c: c.execute(
+            "SELECT data FROM mailout.message WHERE qid = %s", (qid,)).fetchone())
+        if row is None:
+            raise FileNotFoundError(f"{qid} is not in the queue")
+        data = bytes(row[0])
+        self._keep_body(qid, data)
+        return data
+
+    # -- rows to entries -------------------------------------------------------
+
+    def _entry(self, row: Sequence[Any]) -> QueueEntry:
+        qid, head, length, state, owner, expires = row[:6]
+        head = bytes(head)
+        try:
+            if state is None:
+                entry = QueueEntry.pending(qid, parse_envelope_line(head, time.time()))
+            else:
+                entry = QueueEntry.from_json(state)
+        except CorruptEntry:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"{qid}: {e}") from None
+        entry.size = int(length) - entry.body_offset
+        entry.lease = Lease(owner, float(expires)) if owner and expires is not None else None
+        return entry
+
+    # -- producers ---------------------------------------------------------------
+
+    def enqueue(self, sender: str | None, recipients: Any, message: object) -> str:
+        """See L{IQueueStore.enqueue}: one committed INSERT."""
+        return self.publish([self.stage(sender, recipients, message)])[0]
+
+    def enqueue_many(self, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
+        """See L{IQueueStore.enqueue_many}: one transaction for the batch."""
+        return enqueue_staged(self, items)
+
+    def stage(self, sender: str | None, recipients: Any, message: object,
+              sync: bool = True) -> StagedMessage:
+        """See L{IQueueStore.stage}: the bytes are kept in this object until
+        L{publish} inserts them (a crash leaves nothing behind)."""
+        _, _, data = queued_bytes(sender, recipients, message, time.time())
+        qid = new_queue_id()
+        with self._lock:
+            self._staged[qid] = data
+        return StagedMessage(qid, f"memory:{qid}", len(data))
+
+    def sync_staged(self, staged: Sequence[StagedMessage]) -> None:
+        """See L{IQueueStore.sync_staged}: nothing to do (the commit of
+        L{publish} is the durable step)."""
+
+    def publish(self, staged: Sequence[StagedMessage]) -> list[str]:
+        """See L{IQueueStore.publish}: every staged message inserted in one
+        transaction (its commit makes them durable and visible)."""
+        with self._lock:
+            rows = [(s.qid, self._staged.pop(s.qid)) for s in staged if s.qid in self._staged]
+        if len(rows) != len(staged):
+            raise QueueError("publish: a staged message is missing (published or discarded)")
+
+        def insert(conn: Any) -> None:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO mailout.message (qid, data) VALUES (%s, %s)", rows)
+
+        self._run(insert)
+        return [qid for qid, _ in rows]
+
+    def discard(self, staged: Sequence[StagedMessage]) -> None:
+        """See L{IQueueStore.discard}."""
+        with self._lock:
+            for s in staged:
+                self._staged.pop(s.qid, None)
+
+    # -- the daemon ----------------------------------------------------------------
+
+    def _claimed(self, rows: Sequence[Sequence[Any]], problems: list[str]) -> list[QueueEntry]:
+        entries = []
+        for row in rows:
+            qid, token, data = row[0], int(row[6]), bytes(row[7])
+            try:
+                entry = self._entry((qid, data[:65536], len(data), *row[3:6]))
+            except CorruptEntry as e:
+                self.quarantine(qid, str(e))
+                problems.append(f"{qid}: quarantined: {e}")
+                continue
+            with self._lock:
+                self._tokens[qid] = token
+            self._keep_body(qid, data)
+            entries.append(entry)
+        return entries
+
+    def _claim(self, where: str, limit: int | None, params: dict[str, Any]) -> list[Any]:
+        sql = f"""
+            WITH picked AS (
+                SELECT qid FROM mailout.message WHERE {where}
+                ORDER BY qid {'LIMIT %(limit)s' if limit is not None else ''}
+                FOR UPDATE SKIP LOCKED)
+            UPDATE mailout.message m
+               SET incoming = false, owner = %(me)s, token = nextval('mailout.lease_token'),
+                   lease_expires = now() + make_interval(secs => %(secs)s)
+              FROM picked WHERE m.qid = picked.qid
+            RETURNING m.qid, NULL, NULL, m.state, m.owner,
+                      extract(epoch from m.lease_expires), m.token, m.data, m.held"""
+        args = {"me": self.owner, "secs": self.lease_duration, "limit": limit, **params}
+        return list(self._run(lambda c: c.execute(sql, args).fetchall()))
+
+    def recover(self) -> Recovery:
+        """See L{IQueueStore.recover}: take every picked-up entry that no
+        live owner holds (this owner's from an earlier run included)."""
+        problems: list[str] = []
+        rows = self._claim("NOT incoming AND (owner IS NULL OR owner = %(me)s "
+                           "OR lease_expires <= now())", None, {})
+        due: list[tuple[str, float | None]] = []
+        on_hold: list[str] = []
+        saved = {r[0] for r in rows if r[3] is not None}
+        for entry in self._claimed(rows, problems):
+            if entry.held:
+                on_hold.append(entry.qid)
+            else:
+                due.append((entry.qid, entry.next_attempt() if entry.qid in saved else None))
+        due.sort()
+        return Recovery(due, problems, on_hold)
+
+    def pickup(self, limit: int | None = None) -> Pickup:
+        """See L{IQueueStore.pickup}: new mail, then entries whose lease
+        expired (not held ones: those wait for the operator), oldest first,
+        claimed in one transaction."""
+        problems: list[str] = []
+        rows = self._claim("incoming OR (NOT held AND (owner IS NULL OR "
+                           "(lease_expires <= now() AND owner <> %(me)s)))", limit, {})
+        return Pickup(self._claimed(rows, problems), problems)
+
+    def renew(self) -> float:
+        """See L{IQueueStore.renew}."""
+        def work(conn: Any) -> float:
+            conn.execute("UPDATE mailout.message SET lease_expires = now() + "
+                         "make_interval(secs => %s) WHERE owner = %s AND lease_expires > now()",
+                         (self.lease_duration, self.owner))
+            row = conn.execute("SELECT extract(epoch from now() + make_interval(secs => %s))",
+                               (self.lease_duration,)).fetchone()
+            return float(row[0])
+
+        return float(self._run(work))
+
+    def release(self, qids: Sequence[str]) -> None:
+        """See L{IQueueStore.release}."""
+        if not qids:
+            return
+        self._run(lambda c: c.execute(
+            "UPDATE mailout.message SET owner = NULL, token = NULL, lease_expires = NULL "
+            "WHERE qid = ANY(%s) AND owner = %s", (list(qids), self.owner)))
+        self._forget(qids)
+
+    def load(self, qid: str) -> QueueEntry:
+        """See L{IQueueStore.load}; the message bytes are cached for
+        L{open_body}."""
+        row = self._run(lambda c: c.execute(
+            "SELECT qid, NULL, NULL, state, owner, extract(epoch from lease_expires), "
+            "token, data FROM mailout.message WHERE qid = %s", (qid,)).fetchone())
+        if row is None:
+            raise EntryNotFound(qid)
+        data = bytes(row[7])
+        entry = self._entry((qid, data[:65536], len(data), *row[3:6]))
+        self._keep_body(qid, data)
+        if row[4] == self.owner and row[6] is not None:
+            with self._lock:
+                self._tokens[qid] = int(row[6])
+        return entry
+
+    def _tokens_of(self, qids: Iterable[str]) -> list[tuple[str, int]]:
+        with self._lock:
+            return [(q, self._tokens.get(q, -1)) for q in qids]
+
+    def _lost(self, conn: Any, missing: list[str]) -> set[str]:
+        """Of the rows C{missing} from a fenced write, those still there
+        (held by another owner, or under another token): lost leases."""
+        if not missing:
+            return set()
+        rows = conn.execute("SELECT qid FROM mailout.message WHERE qid = ANY(%s)",
+                            (missing,)).fetchall()
+        return {r[0] for r in rows}
+
+    def save_many(self, entries: Sequence[QueueEntry]) -> None:
+        """See L{IQueueStore.save_many}: one transaction; each row is
+        written only under this owner's lease and fencing token."""
+        if not entries:
+            return
+        by_qid = {e.qid: e for e in entries}
+        fenced = self._tokens_of(by_qid)
+        states = [json.dumps(by_qid[q].to_json()) for q, _ in fenced]
+        held = [bool(by_qid[q].held) for q, _ in fenced]
+
+        def work(conn: Any) -> set[str]:
+            written = conn.execute(
+                "UPDATE mailout.message m SET state = v.state::jsonb, held = v.held "
+                "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::boolean[]) "
+                "AS v(qid, token, state, held) "
+                "WHERE m.qid = v.qid AND m.owner = %s AND m.token = v.token RETURNING m.qid",
+                ([q for q, _ in fenced], [t for _, t in fenced], states, held,
+                 self.owner)).fetchall()
+            done = {r[0] for r in written}
+            return self._lost(conn, [q for q, _ in fenced if q not in done])
+
+        lost = self._run(work)
+        if lost:
+            self._forget(lost)
+            raise LeaseLost(frozenset(lost), f"not saved by {self.owner}")
+
+    def remove_many(self, qids: Sequence[str]) -> None:
+        """See L{IQueueStore.remove_many}: one transaction, fenced as
+        L{save_many}."""
+        if not qids:
+            return
+        fenced = self._tokens_of(dict.fromkeys(qids))
+
+        def work(conn: Any) -> set[str]:
+            gone = conn.execute(
+                "DELETE FROM mailout.message m USING unnest(%s::text[], %s::bigint[]) "
+                "AS v(qid, token) WHERE m.qid = v.qid AND m.owner = %s AND m.token = v.token "
+                "RETURNING m.qid",
+                ([q for q, _ in fenced], [t for _, t in fenced], self.owner)).fetchall()
+            done = {r[0] for r in gone}
+            return self._lost(conn, [q for q, _ in fenced if q not in done])
+
+        lost = self._run(work)
+        self._forget(q for q in qids if q not in lost)
+        if lost:
+            self._forget(lost)
+            raise LeaseLost(frozenset(lost), f"not removed by {self.owner}")
+
+    def quarantine(self, qid: str, why: str) -> None:
+        """See L{IQueueStore.quarantine}: moved to C{mailout.quarantine}."""
+        def work(conn: Any) -> None:
+            conn.execute("INSERT INTO mailout.quarantine (qid, data, state, reason) "
+                         "SELECT qid, data, state, %s FROM mailout.message WHERE qid = %s "
+                         "ON CONFLICT (qid) DO UPDATE SET reason = excluded.reason",
+                         (why, qid))
+            conn.execute("DELETE FROM mailout.message WHERE qid = %s", (qid,))
+
+        try:
+            self._run(work)
+        except QueueError:
+            from twisted.logger import Logger
+
+            Logger().failure("{qid}: cannot quarantine it", qid=qid)
+        self._forget([qid])
+
+    def open_body(self, entry: QueueEntry) -> IO[bytes]:
+        """See L{IQueueStore.open_body}: from the bytes read when the entry
+        was claimed or loaded (in the thread pool). Only when they were
+        dropped from the cache (more than C{body_cache} bytes claimed) are
+        they read here, in the caller's thread."""
+        data = self._data(entry.qid)
+        return io.BytesIO(data[entry.body_offset:])
+
+    def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
+        """See L{IQueueStore.read_headers}."""
+        data = self._data(entry.qid)
+        return header_block(data[entry.body_offset:entry.body_offset + limit])
+
+    # -- administration -----------------------------------------------------------
+
+    def list_entries(self) -> list[ListedEntry]:
+        """See L{IQueueStore.list_entries}."""
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[ListedEntry]:
+        """See L{IQueueStore.iter_entries}: a server-side cursor on a
+        connection of its own, so a listing of 100,000 rows streams."""
+        conn = _connect(self.uri, self.password)
+        try:
+            conn.autocommit = False
+            with conn.cursor(name="mailout_list") as cur:
+                cur.itersize = 500
+                cur.execute(f"SELECT {_ENTRY_COLUMNS}, incoming FROM mailout.message "
+                            "ORDER BY incoming DESC, qid")
+                for row in cur:
+                    try:
+                        entry = self._entry(row)
+                    except CorruptEntry:
+                        continue
+                    if row[6]:
+                        yield ListedEntry(entry, "incoming", row[0])
+                    else:
+                        yield ListedEntry(entry, "active", None,
+                                          entry.lease.owner if entry.lease else None)
+            conn.rollback()
+        finally:
+            conn.close()
+
+    def suspensions(self) -> list[Suspension]:
+        """See L{IQueueStore.suspensions}."""
+        rows = self._run(lambda c: c.execute(
+            "SELECT doc FROM mailout.suspension ORDER BY position").fetchall())
+        try:
+            return [Suspension.from_json(r[0]) for r in rows]
+        except (ValueError, KeyError, TypeError) as e:
+            raise QueueError(f"{self.location}: a saved suspension is malformed: {e}") from None
+
+    def save_suspensions(self, suspensions: Sequence[Suspension]) -> None:
+        """See L{IQueueStore.save_suspensions}: replaced in one transaction."""
+        docs = [(s.id, i, json.dumps(s.to_json())) for i, s in enumerate(suspensions)]
+
+        def work(conn: Any) -> None:
+            conn.execute("DELETE FROM mailout.suspension")
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO mailout.suspension (id, position, doc) "
+                                "VALUES (%s, %s, %s::jsonb)", docs)
+
+        self._run(work)
+
+
+if TYPE_CHECKING:  # mypy proves that PostgresStore implements the interface
+    _implements: IQueueStore = PostgresStore("")
