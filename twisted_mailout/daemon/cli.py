@@ -1,5 +1,5 @@
 """The C{mailout} command: C{sendmail}, C{queue} (L{queuecli}), C{report},
-C{dkim} (L{dkimcli}), C{demo}.
+C{dkim} (L{dkimcli}), C{db} (L{dbcli}), C{demo}.
 
 Exit codes follow sysexits(3), as sendmail(1) does: 64 bad usage or address,
 65 bad message data, 73 queue folder cannot be written, 75 temporary failure.
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from twisted_mailout.daemon import dkimcli  # light: dkimpy loads when a key is used
 
     dkimcli.add_parser(sub)
+    from twisted_mailout.daemon import dbcli  # light: psycopg loads when a URI is used
+
+    dbcli.add_parser(sub)
 
     r = sub.add_parser("report", help="summarise a JSON delivery log (--json-log) as pflogsumm "
                        "does", description="Summarise the JSON delivery log written with "

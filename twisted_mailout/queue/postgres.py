@@ -60,6 +60,7 @@ __all__ = [
     "DatabaseUnavailable",
     "PostgresStore",
     "SchemaOutOfDate",
+    "connect",
     "is_postgres_uri",
     "redact_uri",
     "schema_version",
@@ -162,7 +163,13 @@ def redact_uri(uri: str) -> str:
             f"{':' + str(port) if port else ''}/{db}")
 
 
-def _connect(uri: str, password: str | None) -> Any:
+def connect(uri: str, password: str | None = None) -> Any:
+    """A psycopg connection to C{uri} in autocommit mode (transactions are
+    opened explicitly).
+
+    @raise DatabaseUnavailable: it cannot be made (the message has the URI
+        without its password, and libpq's reason).
+    """
     import psycopg
 
     kwargs: dict[str, Any] = {"autocommit": True, "application_name": "mailout"}
@@ -201,7 +208,7 @@ def upgrade(uri: str, password: str | None = None) -> list[tuple[int, str]]:
     """
     import psycopg
 
-    conn = _connect(uri, password)
+    conn = connect(uri, password)
     applied: list[tuple[int, str]] = []
     try:
         with conn.transaction():
@@ -279,7 +286,7 @@ class PostgresStore:
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = self._local.conn = _connect(self.uri, self.password)
+            conn = self._local.conn = connect(self.uri, self.password)
         return conn
 
     def _run(self, work: Any) -> Any:
@@ -604,7 +611,7 @@ class PostgresStore:
     def iter_entries(self) -> Iterator[ListedEntry]:
         """See L{IQueueStore.iter_entries}: a server-side cursor on a
         connection of its own, so a listing of 100,000 rows streams."""
-        conn = _connect(self.uri, self.password)
+        conn = connect(self.uri, self.password)
         try:
             conn.autocommit = False
             with conn.cursor(name="mailout_list") as cur:
