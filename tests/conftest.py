@@ -25,6 +25,7 @@ from tests.support.peers import (
     DnsServerProcess,
     SmtpSink,
 )
+from tests.support.postgres import PostgresCluster, database_name, require_postgres
 
 
 #: Fixtures shared by several test modules (the DANE test PKI).
@@ -122,3 +123,35 @@ def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
     yield make_smtp_sink
     for sink in sinks:
         sink.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL server for the whole session (started on first use).
+
+    It listens on a Unix socket in a temporary folder and on no TCP address
+    (see :mod:`tests.support.postgres`); ``postgres_cluster.uri`` names its
+    ``mailout`` database.  Skips the test when PostgreSQL or psycopg is
+    missing, except under CI (env CI=true) where that fails it.  Stopped and
+    its folder removed at the end of the session.
+    """
+    bindir = require_postgres()
+    cluster = PostgresCluster(bindir=bindir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_uri(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """The libpq URI (str) of a new, empty database of the session's cluster.
+
+    ``psycopg.connect(pg_uri)`` connects to it as the superuser over the Unix
+    socket.  The database is dropped at teardown (open sessions are ended).  A
+    server left stopped by an earlier test (``stop_server``) is started again.
+    """
+    if not postgres_cluster.running:
+        postgres_cluster.start_server()
+    uri = postgres_cluster.fresh_database()
+    yield uri
+    if postgres_cluster.running:
+        postgres_cluster.drop_database(database_name(uri))
