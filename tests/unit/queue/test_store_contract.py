@@ -1,6 +1,8 @@
-"""The queue-store contract: the folder store and the in-memory store pass
-the same tests of L{IQueueStore}'s documented behaviour; the leases of a
-shared store are tested on the in-memory one."""
+"""The queue-store contract: the folder store, the in-memory store and the
+PostgreSQL store (slow lane: it needs the tests' private cluster) pass the
+same tests of L{IQueueStore}'s documented behaviour; the leases of a shared
+store are tested on the in-memory one here, and on PostgreSQL in
+tests/integration/test_postgres_store.py."""
 
 import inspect
 import os
@@ -49,8 +51,37 @@ class MemoryCase:
         store.inject(name, data)
 
 
-@pytest.fixture(params=[FolderCase, MemoryCase], ids=lambda c: c.name)
+class PostgresCase:
+    """The PostgreSQL store on a fresh database of the tests' private cluster
+    (slow lane). Every store object acts for one owner: a restart of the same
+    daemon, as with the folder."""
+
+    name = "postgresql"
+
+    def __init__(self, tmp_path, uri):
+        from twisted_mailout.queue.postgres import upgrade
+
+        self.uri = uri
+        upgrade(uri)
+
+    def store(self):
+        from twisted_mailout.queue.postgres import PostgresStore
+
+        return PostgresStore(self.uri, owner="daemon-1", lease_duration=60)
+
+    def drop(self, store, name, data):
+        import psycopg
+
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            conn.execute("INSERT INTO mailout.message (qid, data) VALUES (%s, %s)", (name, data))
+
+
+@pytest.fixture(params=[FolderCase, MemoryCase,
+                        pytest.param(PostgresCase, marks=pytest.mark.slow)],
+                ids=lambda c: c.name)
 def case(request, tmp_path):
+    if request.param is PostgresCase:
+        return PostgresCase(tmp_path, request.getfixturevalue("pg_uri"))
     return request.param(tmp_path)
 
 

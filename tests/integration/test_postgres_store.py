@@ -1,0 +1,168 @@
+"""The PostgreSQL store's leases and claims against a real PostgreSQL (the
+tests' private cluster): one owner at a time per entry, expiry on the
+database's clock, renewal, release, fenced writes that refuse only the rows
+another owner took, concurrent claims that never hand one row to two owners,
+quarantine kept with its reason, and a schema that must be upgraded first."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from twisted_mailout.envelope import RecipientState, Reply
+from twisted_mailout.queue import LeaseLost
+from twisted_mailout.queue.postgres import (
+    DatabaseUnavailable,
+    PostgresStore,
+    SchemaOutOfDate,
+    redact_uri,
+    upgrade,
+)
+from tests.support.wait import wait_for
+
+MSG = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def uri(pg_uri):
+    upgrade(pg_uri)
+    return pg_uri
+
+
+def db_now(uri) -> float:
+    with psycopg.connect(uri, autocommit=True) as conn:
+        return float(conn.execute("SELECT extract(epoch from now())").fetchone()[0])
+
+
+def stores(uri, n=2, lease=1.5):
+    return [PostgresStore(uri, owner=f"d{i}", lease_duration=lease) for i in range(n)]
+
+
+def test_the_schema_must_be_upgraded_first_and_upgrading_twice_is_harmless(pg_uri):
+    with pytest.raises(SchemaOutOfDate, match="mailout db upgrade"):
+        PostgresStore(pg_uri)
+    assert upgrade(pg_uri) == [(1, "the queue")]
+    assert upgrade(pg_uri) == []
+    PostgresStore(pg_uri)
+
+
+def test_an_entry_is_held_by_one_owner_until_its_lease_expires(uri):
+    one, two = stores(uri)
+    qid = one.enqueue("a@example.com", ["b@example.org"], MSG)
+    [entry], _ = one.pickup()
+    assert entry.lease.owner == "d0"
+    assert two.pickup() == ([], [])
+    entry.recipients[0].attempts = 1
+    entry.recipients[0].move(RecipientState.DEFERRED, Reply(451, "4.3.0 later"), 1.0)
+    one.save_many([entry])
+    # the lease runs out on the database's clock; then the other owner takes
+    # the entry with its last saved state
+    wait_for(lambda: db_now(uri) > entry.lease.expires, 10, what="the lease's end")
+    [taken], _ = two.pickup()
+    assert taken.qid == qid and taken.recipients[0].attempts == 1
+    assert taken.lease.owner == "d1"
+    # the first owner's writes are refused from now on
+    with pytest.raises(LeaseLost) as e:
+        one.save_many([entry])
+    assert e.value.qids == frozenset({qid})
+    with pytest.raises(LeaseLost):
+        one.remove_many([qid])
+    two.remove_many([qid])
+    assert two.list_entries() == []
+
+
+def test_renewing_keeps_the_lease_and_releasing_gives_it_back(uri):
+    one, two = stores(uri)
+    one.enqueue("a@example.com", ["b@example.org"], MSG)
+    [entry], _ = one.pickup()
+    first = entry.lease.expires
+    wait_for(lambda: db_now(uri) > first - 0.7, 10, what="most of the lease gone")
+    renewed = one.renew()
+    assert renewed > first
+    wait_for(lambda: db_now(uri) > first + 0.2, 10, what="the first expiry passed")
+    assert two.pickup() == ([], [])  # renewed: still held
+    one.release([entry.qid])
+    [taken], _ = two.pickup()  # at once
+    assert taken.qid == entry.qid
+
+
+def test_a_batch_write_refuses_only_the_rows_another_owner_took(uri):
+    one, two = stores(uri)
+    a = one.enqueue("a@example.com", ["a@example.org"], MSG)
+    b = one.enqueue("a@example.com", ["b@example.org"], MSG)
+    entries, _ = one.pickup()
+    wait_for(lambda: db_now(uri) > entries[0].lease.expires, 10, what="the leases' end")
+    one.renew()  # too late: expired leases are not renewed
+    [taken], _ = two.pickup(1)
+    assert taken.qid == a
+    for e in entries:
+        e.recipients[0].attempts = 7
+    with pytest.raises(LeaseLost) as lost:
+        one.save_many(entries)
+    assert lost.value.qids == frozenset({a})
+    # b was written (its lease had expired, but nobody else took it)...
+    assert two.load(b).recipients[0].attempts == 7
+    assert two.load(a).recipients[0].attempts == 0
+    # ...and the same owner that lost a keeps b until someone takes it
+    one.remove_many([b])
+    assert [x.entry.qid for x in two.list_entries()] == [a]
+
+
+def test_concurrent_claims_never_hand_a_row_to_two_owners(uri):
+    owners = stores(uri, n=4, lease=60)
+    owners[0].enqueue_many([("a@example.com", [f"r{i}@example.org"], MSG)
+                            for i in range(400)])
+    got: dict[str, list[str]] = {s.owner: [] for s in owners}
+    start = threading.Barrier(len(owners))
+
+    def claim(store):
+        start.wait()
+        while True:
+            entries, _ = store.pickup(25)
+            if not entries:
+                return
+            got[store.owner] += [e.qid for e in entries]
+
+    threads = [threading.Thread(target=claim, args=(s,)) for s in owners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [q for qids in got.values() for q in qids]
+    assert len(every) == 400 and len(set(every)) == 400
+    assert sum(1 for qids in got.values() if qids) >= 2  # shared out, not serialised
+
+
+def test_quarantine_keeps_the_message_and_the_reason(uri):
+    [one] = stores(uri, n=1)
+    qid = one.enqueue("a@example.com", ["b@example.org"], MSG)
+    one.pickup()
+    one.quarantine(qid, "crashed the daemon 3 times")
+    assert one.list_entries() == []
+    with psycopg.connect(uri, autocommit=True) as conn:
+        reason, data = conn.execute("SELECT reason, data FROM mailout.quarantine "
+                                    "WHERE qid = %s", (qid,)).fetchone()
+    assert reason == "crashed the daemon 3 times" and MSG.split(b"\r\n")[2] in bytes(data)
+
+
+def test_bodies_are_read_off_the_reactor_thread_and_cached(uri):
+    [one] = stores(uri, n=1)
+    one.enqueue("a@example.com", ["b@example.org"], MSG)
+    [entry], _ = one.pickup()
+    calls = []
+    real = one._run
+    one._run = lambda work: calls.append(work) or real(work)  # type: ignore[method-assign]
+    assert one.open_body(entry).read().endswith(b"body\r\n")
+    assert calls == []  # no database round trip from open_body
+    assert b"Subject: s\r\n" in one.read_headers(entry)
+    assert calls == []
+
+
+def test_an_unreachable_database_is_an_io_error_and_the_location_has_no_password(uri):
+    bad = "postgresql://mailout:s3cret@127.0.0.1:1/nowhere?connect_timeout=2"
+    with pytest.raises(DatabaseUnavailable) as e:
+        PostgresStore(bad)
+    assert isinstance(e.value, OSError) and "s3cret" not in str(e.value)
+    assert "s3cret" not in redact_uri(bad)
