@@ -6,10 +6,13 @@ socket only, an empty database per test, and a restart that keeps committed data
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,18 @@ def test_bindir_is_the_highest_installed_version(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(pgsupport.glob, "glob",
                         lambda pattern: [str(f) for f in folders.values()])
     assert pgsupport.find_bindir() == folders["16"].resolve()
+
+
+def test_a_cluster_left_running_is_stopped_at_exit(tmp_path: Path) -> None:
+    pgsupport.require_postgres()
+    script = ("import json\n"
+              "from tests.support.postgres import PostgresCluster\n"
+              "c = PostgresCluster().start()\n"
+              "print(json.dumps([str(c.root), c.postmaster_pid()]), flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    root, pid = json.loads(result.stdout.strip().splitlines()[-1])
+    assert pid > 0
+    assert not Path(root).exists()
+    assert not _alive(pid)
