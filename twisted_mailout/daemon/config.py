@@ -52,6 +52,16 @@ class Config:
         when given, DANE (RFC 7672) applies to C{may}/C{dane} destinations.
     @ivar source_addresses: local addresses outgoing SMTP connections are
         made from (C{--source-address}), at most one IPv4 and one IPv6.
+    @ivar queue_password_file: with a PostgreSQL queue, the file whose
+        first line is the database password (else libpq's C{PGPASSFILE} or
+        C{PGPASSWORD}); never in the URI given on the command line.
+    @ivar owner: with a PostgreSQL queue, this daemon's lease owner name
+        (unique among the daemons sharing the queue, and the same across
+        its restarts, so a restarted daemon takes its own leases back at
+        once); L{None}: C{HOST-PID-RANDOM} (a restart then waits for its old
+        leases to expire).
+    @ivar lease_duration: with a PostgreSQL queue, seconds a claim lasts
+        unless renewed (renewed every third of it).
     @ivar shaping: the traffic shaping file (C{--shaping}, TOML), or L{None}
         for no shaping (nor throttling rules).
     @ivar dkim_keys: the DKIM key table file (C{--dkim-keys}), or L{None}
@@ -131,12 +141,23 @@ class Config:
     dkim_keys: str | None = None
     dkim_required: bool = False
     shaping: str | None = None
+    queue_password_file: str | None = None
+    owner: str | None = None
+    lease_duration: float = 60.0
     http_default: bool = True
     http_token_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.queue:
             raise ConfigError("--queue is required")
+        if self.shared_queue:
+            if not self.lease_duration >= 3:
+                raise ConfigError("--lease-duration must be at least 3 seconds")
+            if self.queue_password_file is not None:
+                self.queue_password()
+        elif self.queue_password_file is not None or self.owner is not None:
+            raise ConfigError("--queue-password-file and --owner apply to a PostgreSQL "
+                              "queue (--queue postgresql://...) only")
         if self.tls not in TLS_LEVELS:
             raise ConfigError(f"--tls must be one of {', '.join(TLS_LEVELS)}, not {self.tls!r}")
         if self.relay is not None:
@@ -201,6 +222,26 @@ class Config:
                 raise ConfigError(
                     f"--http {desc!r} may be reached from other hosts: listen on loopback "
                     "(for example tcp:8025:interface=127.0.0.1) or give --http-token-file")
+
+    @property
+    def shared_queue(self) -> bool:
+        """Whether C{queue} names a PostgreSQL store (a libpq URI), which
+        several daemons may share, rather than a folder."""
+        return self.queue.startswith(("postgresql://", "postgres://"))
+
+    def queue_password(self) -> str | None:
+        """The database password from C{queue_password_file}, or L{None}.
+
+        @raise ConfigError: the file cannot be read or its first line is empty.
+        """
+        if self.queue_password_file is None:
+            return None
+        from twisted_mailout.daemon.dbcli import read_password_file
+
+        try:
+            return read_password_file(self.queue_password_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--queue-password-file: {e}") from None
 
     def shaping_config(self) -> Any:
         """The loaded shaping file (a

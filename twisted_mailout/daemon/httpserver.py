@@ -347,7 +347,7 @@ class HTTPService(service.Service):
     name: str | None = "http"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, site: server.Site, descriptions: list[str],
-                 queue_dir: str, api: ControlAPI, token_file: str | None = None,
+                 queue_dir: str | None, api: ControlAPI, token_file: str | None = None,
                  optional: frozenset[str] = frozenset(),
                  on_failure: Callable[[Failure], object] | None = None,
                  watch: ReactorWatch | None = None) -> None:
@@ -411,8 +411,8 @@ class HTTPService(service.Service):
         return d.addCallback(bound).addErrback(failed)
 
     def _advertise(self, _: object) -> None:
-        if not self.running:
-            return
+        if not self.running or self.queue_dir is None:
+            return  # (a shared queue has no folder: no control.json)
         try:
             write_control_file(self.queue_dir, self.addresses, self.token_file,
                                self.reactor.seconds())
@@ -429,7 +429,7 @@ class HTTPService(service.Service):
         super().stopService()
         if self.watch is not None:
             self.watch.stop()
-        if self._wrote:
+        if self._wrote and self.queue_dir is not None:
             remove_control_file(self.queue_dir)
             self._wrote = False
         self.api.stop()

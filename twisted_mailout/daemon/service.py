@@ -77,7 +77,8 @@ def build_connector(config: Config, reactor: Any, resolver: Any = None,
         reactor, resolver, settings, relay=config.relay, mx_port=config.mx_port,
         dnssec_resolvers=config.dnssec_resolvers, dns_timeout=config.dns_timeout,
         mta_sts=mta_sts if mta_sts is not None else config.mta_sts,
-        mta_sts_cache=None if config.queue == "-" else os.path.join(config.queue, "mta-sts"),
+        mta_sts_cache=(None if config.queue == "-" or config.shared_queue
+                       else os.path.join(config.queue, "mta-sts")),
         mta_sts_timeout=min(config.dns_timeout + config.connect_timeout, 60.0),
         shaping=config.shaping_config())
 
@@ -152,8 +153,17 @@ class DeliveryService(service.MultiService):
         self.config = config
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.reactor = reactor
-        self.queue = Queue(config.queue)
-        self.queue.lock()
+        self.queue: Any
+        if config.shared_queue:
+            from twisted_mailout.queue.postgres import PostgresStore
+
+            # shared: no lock; every entry is claimed under a lease instead
+            self.queue = PostgresStore(config.queue, owner=config.owner,
+                                       lease_duration=config.lease_duration,
+                                       password=config.queue_password())
+        else:
+            self.queue = Queue(config.queue)
+            self.queue.lock()
         self.locked = True
         self.connector = build_connector(config, reactor, resolver)
         self.scheduler = Scheduler(
@@ -259,7 +269,7 @@ class DeliveryService(service.MultiService):
         """
         out = list(self.config.http)
         optional: set[str] = set()
-        if self.config.http_default:
+        if self.config.http_default and not self.config.shared_queue:
             default = http.default_endpoint(self.queue.path)
             if default is not None and default not in out:
                 out.insert(0, default)
@@ -272,13 +282,14 @@ class DeliveryService(service.MultiService):
         # twistd builds the service (and takes the lock) before it daemonizes;
         # the lock, inherited across the fork, now names the process that runs.
         try:
-            self.queue.write_pid()
+            if not self.config.shared_queue:
+                self.queue.write_pid()
         except OSError as e:
             log.warn("cannot write the pid into {queue}/lock: {err}", queue=self.queue.path,
                      err=e.strerror or e)
         self.started_at = self.reactor.seconds()
         self.observability.start()
-        log.info("mailout starting on {queue} ({mode})", queue=self.queue.path,
+        log.info("mailout starting on {queue} ({mode})", queue=self.queue.location,
                  mode=f"relay {self.config.relay}" if self.config.relay else
                  f"MX routing, port {self.config.mx_port}")
         super().startService()
@@ -315,7 +326,8 @@ class DeliveryService(service.MultiService):
 
         def done(_: object) -> None:
             self.observability.stop()
-            self.queue.unlock()
+            if not self.config.shared_queue:
+                self.queue.unlock()
             self.locked = False
             log.info("mailout stopped: {counts}", counts=self.scheduler.counts)
 
@@ -366,6 +378,8 @@ class _PickupService(service.Service):
         self._poller = task.LoopingCall(owner.scheduler.pickup)
         self._poller.clock = owner.reactor
         self._poller.start(owner.config.poll_interval, now=False)
+        if owner.config.shared_queue:
+            return result  # polling (LISTEN/NOTIFY wake-ups: not yet)
         try:
             from twisted.internet import inotify  # Linux only; polling alone elsewhere
 
@@ -422,7 +436,8 @@ class _HTTPChild(service.Service):
         root = http.build_root(self.api, owner.not_ready, owner.http_resources)
         site = http.ControlSite(root, reactor=owner.reactor)
         self.server = http.HTTPService(
-            owner.reactor, site, descriptions, owner.queue.path, self.api,
+            owner.reactor, site, descriptions,
+            None if owner.config.shared_queue else owner.queue.path, self.api,
             token_file=owner.config.http_token_file, optional=optional,
             on_failure=owner._start_failed, watch=owner.watch)
         self.server.startService()

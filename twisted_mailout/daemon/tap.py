@@ -27,7 +27,16 @@ class Options(usage.Options):
         "queue folders are drained too."
     )
     optParameters = [
-        ["queue", "q", None, "Queue folder (created if missing). Required."],
+        ["queue", "q", None, "Queue folder (created if missing), or a PostgreSQL queue "
+         "shared by several daemons: a libpq URI, postgresql://[USER@]HOST[:PORT]/DB "
+         "(docs/postgresql.md; create it with `mailout db upgrade`). Required."],
+        ["queue-password-file", None, None, "PostgreSQL queue: file whose first line is the "
+         "database password (else PGPASSFILE or PGPASSWORD; never in the URI)."],
+        ["owner", None, None, "PostgreSQL queue: this daemon's name among those sharing the "
+         "queue, unique and kept across restarts (default HOST-PID-RANDOM)."],
+        ["lease-duration", None, 60.0, "PostgreSQL queue: seconds a claim on a message lasts "
+         "unless renewed (every third of it); a dead daemon's messages go to the others "
+         "after this.", _seconds],
         ["relay", None, None, "Send all mail to this smarthost instead of to MX hosts: "
          "HOST[:PORT] (port 25, STARTTLS), smtp://HOST[:PORT] (port 587, STARTTLS) or "
          "smtps://HOST[:PORT] (port 465, implicit TLS, RFC 8314)."],
@@ -217,6 +226,9 @@ def config_from_options(o: Options) -> Config:
         dkim_keys=o.get("dkim-keys"),
         dkim_required=bool(o.get("dkim-required")),
         shaping=o.get("shaping"),
+        queue_password_file=o.get("queue-password-file"),
+        owner=o.get("owner"),
+        lease_duration=o.get("lease-duration", 60.0),
         http=tuple(o["http"]),
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],

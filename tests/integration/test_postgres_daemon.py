@@ -1,0 +1,94 @@
+"""Daemons on a PostgreSQL queue (issue 13): `twistd mailout --queue
+postgresql://...` delivers what is in the shared queue to aiosmtpd; several
+daemons share one queue without delivering a message twice; a daemon killed
+with SIGKILL in mid-run leaves its work to the others once its leases expire,
+and the only messages delivered twice are ones the killed daemon had sent
+(its final dot accepted, its outcome not yet committed)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import psycopg
+
+from tests.support.daemon import Daemon
+from tests.support.peers import AiosmtpdSink
+from tests.support.wait import wait_for
+from twisted_mailout.queue.postgres import PostgresStore, upgrade
+
+
+def message(i: int) -> bytes:
+    return (f"From: a@origin.test\r\nTo: u@dest.test\r\nSubject: m{i}\r\n\r\nbody {i}\r\n"
+            ).encode()
+
+
+def subject(record: dict) -> str:
+    m = re.search(rb"^Subject: (m\d+)\r$", record["data"], re.M)
+    assert m, record["data"][:200]
+    return m.group(1).decode()
+
+
+def rows(uri: str) -> int:
+    with psycopg.connect(uri, autocommit=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM mailout.message").fetchone()[0])
+
+
+def fill(uri: str, n: int) -> None:
+    store = PostgresStore(uri)
+    for start in range(0, n, 500):
+        store.enqueue_many([("a@origin.test", [f"u{i}@dest.test"], message(i))
+                            for i in range(start, min(n, start + 500))])
+    store.close()
+
+
+def daemon(tmp_path, uri, sink, name, *extra):
+    return Daemon(uri, f"--relay=127.0.0.1:{sink.port}", "--tls=none", "--no-http",
+                  f"--owner={name}", f"--helo={name}.mailout.test", *extra,
+                  log=tmp_path / f"{name}.log")
+
+
+def test_one_daemon_delivers_a_postgresql_queue(tmp_path, pg_uri):
+    upgrade(pg_uri)
+    fill(pg_uri, 50)
+    sink = AiosmtpdSink("127.0.0.1").start()
+    d = daemon(tmp_path, pg_uri, sink, "d0").start()
+    try:
+        got = sink.wait_for_messages(50, timeout=60)
+        wait_for(lambda: rows(pg_uri) == 0, 30, what="the finished rows removed")
+    finally:
+        d.stop()
+        sink.stop()
+    assert sorted(subject(m) for m in got) == sorted(f"m{i}" for i in range(50))
+    assert "Traceback" not in d.log()
+
+
+def test_three_daemons_share_the_queue_and_one_is_killed(tmp_path, pg_uri):
+    upgrade(pg_uri)
+    n = 1500
+    fill(pg_uri, n)
+    sink = AiosmtpdSink("127.0.0.1").start()
+    ds = [daemon(tmp_path, pg_uri, sink, f"d{i}", "--lease-duration=3",
+                 "--max-connections=3").start() for i in range(3)]
+    try:
+        # kill one while the drain is under way
+        wait_for(lambda: len(sink.messages) >= n // 5, 60, what="a fifth delivered")
+        wait_for(lambda: any(m["helo"] == "d2.mailout.test" for m in sink.messages), 30,
+                 what="d2 delivering")
+        ds[2].kill()
+        wait_for(lambda: rows(pg_uri) == 0, 120, what="the queue drained by d0 and d1")
+    finally:
+        for d in ds:
+            d.stop()
+        sink.stop()
+    got = sink.messages
+    per = Counter(subject(m) for m in got)
+    assert set(per) == {f"m{i}" for i in range(n)}  # every message delivered
+    twice = {s for s, c in per.items() if c > 1}
+    # the only duplicates are messages the killed daemon itself had sent
+    by_killed = {subject(m) for m in got if m["helo"] == "d2.mailout.test"}
+    assert twice <= by_killed, sorted(twice - by_killed)
+    assert all(c <= 2 for c in per.values())
+    helos = Counter(m["helo"] for m in got)
+    assert helos["d0.mailout.test"] and helos["d1.mailout.test"]  # the work was shared
+    print(f"duplicates after SIGKILL: {len(twice)} of {n}; by daemon: {dict(helos)}")
