@@ -61,6 +61,7 @@ __all__ = [
     "PostgresStore",
     "SchemaOutOfDate",
     "connect",
+    "enqueue_in",
     "is_postgres_uri",
     "redact_uri",
     "schema_version",
@@ -109,6 +110,65 @@ BEGIN
 END $$;
 CREATE TRIGGER message_notify AFTER INSERT ON mailout.message
     FOR EACH STATEMENT EXECUTE FUNCTION mailout.notify_new();
+"""),
+    (2, "enqueue() in SQL", r"""
+CREATE FUNCTION mailout.enqueue(sender text, recipients text[], message bytea)
+RETURNS text LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    qid text;
+    arrival double precision := extract(epoch from clock_timestamp());
+    head text;
+    head_end integer;
+    eol text;
+    extra text := '';
+    env jsonb;
+    r text;
+BEGIN
+    IF recipients IS NULL OR cardinality(recipients) = 0 THEN
+        RAISE EXCEPTION 'mailout.enqueue: no recipients' USING ERRCODE = '22023';
+    END IF;
+    IF message IS NULL OR length(message) = 0 THEN
+        RAISE EXCEPTION 'mailout.enqueue: empty message' USING ERRCODE = '22023';
+    END IF;
+    IF coalesce(sender, '') ~ '[[:space:]<>]' AND sender <> '<>' THEN
+        RAISE EXCEPTION 'mailout.enqueue: bad sender %', sender USING ERRCODE = '22023';
+    END IF;
+    FOREACH r IN ARRAY recipients LOOP
+        IF r IS NULL OR r !~ '^[^@[:space:]<>]+@[^@[:space:]<>]+$' THEN
+            RAISE EXCEPTION 'mailout.enqueue: bad recipient %', r USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+    -- the queue id: 13 hex digits of microseconds since the epoch, 10 random
+    qid := upper(lpad(to_hex((arrival * 1000000)::bigint), 13, '0'))
+           || upper(substr(md5(random()::text || clock_timestamp()::text), 1, 10));
+    -- Message-ID and Date when missing (RFC 5322 3.6), as enqueue() adds them;
+    -- the header block is read in bytea's escape form (a line end is \012)
+    head := encode(substring(message for 65536), 'escape');
+    head_end := least(nullif(position('\015\012\015\012' in head), 0),
+                      nullif(position('\012\012' in head), 0));
+    IF head_end IS NOT NULL THEN
+        head := substring(head for head_end);
+    END IF;
+    head := lower(head);
+    eol := CASE WHEN position('\x0d0a'::bytea in message) > 0 THEN chr(13) || chr(10)
+                ELSE chr(10) END;
+    IF NOT (head ~ '(^|\\012)message-id:') THEN
+        extra := extra || 'Message-ID: <' || lower(qid) || '.sql@mailout.invalid>' || eol;
+    END IF;
+    IF NOT (head ~ '(^|\\012)date:') THEN
+        extra := extra || to_char(now() AT TIME ZONE 'UTC',
+                                  '"Date: "Dy, DD Mon YYYY HH24:MI:SS "+0000"') || eol;
+    END IF;
+    env := jsonb_build_object('v', 1, 'sender', coalesce(nullif(sender, '<>'), ''),
+                              'recipients', to_jsonb(recipients), 'arrival', arrival);
+    IF encode(message, 'escape') ~ '\\[23][0-7][0-7]' THEN
+        env := env || '{"8bit": true}'::jsonb;
+    END IF;
+    INSERT INTO mailout.message (qid, data) VALUES (
+        qid,
+        convert_to('X-Mailout-Envelope: ' || env::text || chr(10) || extra, 'UTF8') || message);
+    RETURN qid;
+END $$;
 """),
 )
 
@@ -234,6 +294,38 @@ def upgrade(uri: str, password: str | None = None) -> list[tuple[int, str]]:
     finally:
         conn.close()
     return applied
+
+
+def enqueue_in(conn: Any, sender: str | None, recipients: Any, message: object) -> str:
+    """Enqueue in the caller's own database transaction (the transactional
+    outbox): the message exists if and only if the caller commits.
+
+    @param conn: an open DB-API connection (psycopg 3's, or Django's
+        C{connection}) or a cursor, to a database whose queue schema is up
+        to date. Nothing is committed here: in autocommit mode the INSERT
+        commits at once.
+    @param sender: envelope sender; C{""}, C{"<>"} or L{None} for null.
+    @param recipients: envelope recipients (a C{str} is one).
+    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
+        and Date added when missing.
+    @return: the queue id.
+    @raise AddressError: a bad sender or recipient, or none.
+    @raise MessageError: an empty message.
+    @raise Exception: the database driver's own error when the INSERT fails
+        (the caller's transaction is then aborted, as for any statement).
+    """
+    _, _, data = queued_bytes(sender, recipients, message, time.time())
+    qid = new_queue_id()
+    sql = "INSERT INTO mailout.message (qid, data) VALUES (%s, %s)"
+    if hasattr(conn, "cursor"):
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, (qid, data))
+        finally:
+            cur.close()
+    else:
+        conn.execute(sql, (qid, data))
+    return qid
 
 
 _ENTRY_COLUMNS = ("qid, substring(data from 1 for 65536), length(data), state, owner, "

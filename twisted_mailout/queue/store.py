@@ -726,35 +726,81 @@ class Queue:
             raise QueueError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-def enqueue_many(queue_dir: str, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
-    """Put a batch of messages in the queue folder C{queue_dir} with one
-    file-system sync for the batch (see L{Queue.enqueue_many}); no reactor.
+def _store_for(queue: Any) -> IQueueStore | None:
+    """The store a C{queue} argument names: L{None} for a DB-API connection
+    (the caller's transaction), a L{PostgresStore} for a PostgreSQL URI, else
+    the folder."""
+    if not isinstance(queue, (str, os.PathLike)):
+        return None
+    path = os.fspath(queue)
+    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        from twisted_mailout.queue.postgres import PostgresStore
 
+        return PostgresStore(path)
+    return Queue(str(path))
+
+
+def enqueue_many(queue_dir: Any, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
+    """Put a batch of messages in a queue, all or nothing; no reactor.
+
+    @param queue_dir: the queue folder (one file-system sync for the batch,
+        see L{Queue.enqueue_many}); or a PostgreSQL URI (one transaction); or
+        an open DB-API connection to the PostgreSQL queue's database (the
+        caller's transaction: see L{enqueue}).
     @param items: iterable of C{(sender, recipients, message)} tuples.
     @return: the queue ids, in order.
     @raise AddressError, MessageError: a bad item; nothing is written.
-    @raise QueueError: the folder cannot be created or written; nothing of
-        the batch is left in the queue.
+    @raise QueueError: the queue cannot be written; nothing of the batch is
+        left in it.
     """
-    return Queue(queue_dir).enqueue_many(items)
+    store = _store_for(queue_dir)
+    if store is None:
+        from twisted_mailout.queue.model import check_batch
+        from twisted_mailout.queue.postgres import enqueue_in
+
+        return [enqueue_in(queue_dir, s, r, m) for s, r, m in check_batch(items)]
+    try:
+        return store.enqueue_many(items)
+    finally:
+        _close(store)
 
 
-def enqueue(queue_dir: str, sender: str | None, recipients: Any, message: object) -> str:
-    """Put a message in the queue folder C{queue_dir}; no reactor needed.
+def enqueue(queue_dir: Any, sender: str | None, recipients: Any, message: object) -> str:
+    """Put a message in a queue; no reactor needed.
 
-    Safe from any thread or process. The message is on disk (fsynced, renamed
-    into C{new/}, folder fsynced) before this returns.
+    Safe from any thread or process.
 
-    @param queue_dir: the queue folder (created if missing).
+    @param queue_dir: where the queue is:
+      - a folder (created if missing): the message is on disk (fsynced,
+        renamed into C{new/}, folder fsynced) before this returns;
+      - a PostgreSQL URI (C{postgresql://...}): committed before this returns;
+      - an open DB-API connection to the PostgreSQL queue's database
+        (psycopg 3's, or Django's C{connection}): the transactional outbox.
+        The row is written in the caller's current transaction and nothing
+        is committed here: the mail exists if and only if the caller commits.
     @param sender: envelope sender (MAIL FROM); C{""}/L{None} for null.
     @param recipients: iterable of recipient addresses (RCPT TO).
     @param message: C{bytes}, C{str} or C{email.message.Message}.
     @return: the queue id.
     @raise AddressError: bad sender or recipient address, or no recipients.
     @raise MessageError: empty message.
-    @raise QueueError: the folder cannot be created or written.
+    @raise QueueError: the queue cannot be written.
     """
-    return Queue(queue_dir).enqueue(sender, recipients, message)
+    store = _store_for(queue_dir)
+    if store is None:
+        from twisted_mailout.queue.postgres import enqueue_in
+
+        return enqueue_in(queue_dir, sender, recipients, message)
+    try:
+        return store.enqueue(sender, recipients, message)
+    finally:
+        _close(store)
+
+
+def _close(store: IQueueStore) -> None:
+    close = getattr(store, "close", None)  # a database store's connection
+    if close is not None:
+        close()
 
 
 if TYPE_CHECKING:  # mypy proves that Queue implements the interface

@@ -1,0 +1,96 @@
+"""The transactional outbox (issue 13 item 2) against the tests' private
+PostgreSQL: `twisted_mailout.enqueue(conn, ...)` and the SQL function
+`mailout.enqueue(sender, recipients, message)` write in the caller's
+transaction, so the mail exists if and only if the caller commits; what
+they write is what the daemon picks up (envelope, Message-ID and Date added
+when missing, the 8-bit flag); bad input is refused with a clear error and
+writes nothing."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+import twisted_mailout
+from twisted_mailout.envelope import AddressError
+from twisted_mailout.queue.postgres import PostgresStore, upgrade
+
+
+@pytest.fixture
+def uri(pg_uri):
+    upgrade(pg_uri)
+    return pg_uri
+
+
+def picked(uri):
+    store = PostgresStore(uri)
+    try:
+        entries, problems = store.pickup()
+        assert problems == []
+        return {e.qid: (e, store.open_body(e).read()) for e in entries}
+    finally:
+        store.close()
+
+
+def test_enqueue_in_the_callers_transaction(uri):
+    with psycopg.connect(uri) as conn:
+        kept = twisted_mailout.enqueue(conn, "a@origin.test", ["b@dest.test"],
+                                       b"Subject: kept\r\n\r\nbody\r\n")
+        conn.commit()
+        dropped = twisted_mailout.enqueue(conn, "a@origin.test", ["c@dest.test"],
+                                          b"Subject: dropped\r\n\r\nbody\r\n")
+        # not visible to others before the commit...
+        assert set(picked(uri)) == {kept}
+        conn.rollback()
+        batch = twisted_mailout.enqueue_many(conn, [
+            ("a@origin.test", [f"r{i}@dest.test"], b"Subject: many\r\n\r\nx\r\n")
+            for i in range(3)])
+        conn.commit()
+    got = picked(uri)
+    assert dropped not in got and set(batch) <= set(got)
+    entry, body = got[batch[0]]
+    assert entry.sender == "a@origin.test" and entry.recipients[0].address == "r0@dest.test"
+    assert b"\r\nDate: " in b"\r\n" + body and b"Message-ID: <" in body
+
+
+def test_a_bad_message_is_refused_before_anything_is_written(uri):
+    with psycopg.connect(uri) as conn:
+        with pytest.raises(AddressError):
+            twisted_mailout.enqueue(conn, "a@origin.test", ["not an address"], b"x")
+        conn.commit()
+    assert picked(uri) == {}
+
+
+def test_the_sql_function_writes_in_the_transaction_too(uri):
+    with psycopg.connect(uri) as conn:
+        def sql_enqueue(sender, rcpts, data):
+            return conn.execute("SELECT mailout.enqueue(%s, %s, %s)",
+                                (sender, rcpts, data)).fetchone()[0]
+
+        crlf = sql_enqueue("a@origin.test", ["b@dest.test"],
+                           "Subject: Grüße\r\n\r\nGrüße\r\n".encode())
+        lf = sql_enqueue("<>", ["c@dest.test", "d@dest.test"],
+                         b"Message-ID: <given@origin.test>\nSubject: lf\n\nbody\n")
+        conn.commit()
+        gone = sql_enqueue("a@origin.test", ["e@dest.test"], b"Subject: no\r\n\r\nx\r\n")
+        conn.rollback()
+        for bad, why in (((None, [], b"x"), "no recipients"),
+                         (("a b@x.test", ["b@dest.test"], b"x"), "bad sender"),
+                         (("a@x.test", ["nope"], b"x"), "bad recipient"),
+                         (("a@x.test", ["b@dest.test"], b""), "empty message")):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=why):
+                sql_enqueue(*bad)
+            conn.rollback()
+    got = picked(uri)
+    assert set(got) == {crlf, lf} and gone not in got
+    entry, body = got[crlf]
+    assert entry.eightbit and entry.sender == "a@origin.test"
+    # the fields added use the message's own line ends
+    assert body.startswith(b"Message-ID: <") and b"\r\nDate: " in body
+    assert body.endswith("Grüße\r\n".encode())
+    entry, body = got[lf]
+    assert entry.sender == "" and [r.address for r in entry.recipients] == [
+        "c@dest.test", "d@dest.test"]
+    assert not entry.eightbit
+    assert body.startswith(b"Date: ") and body.count(b"Message-ID:") == 1
+    assert b"\r" not in body
