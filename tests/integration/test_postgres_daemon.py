@@ -92,3 +92,24 @@ def test_three_daemons_share_the_queue_and_one_is_killed(tmp_path, pg_uri):
     helos = Counter(m["helo"] for m in got)
     assert helos["d0.mailout.test"] and helos["d1.mailout.test"]  # the work was shared
     print(f"duplicates after SIGKILL: {len(twice)} of {n}; by daemon: {dict(helos)}")
+
+
+def test_new_mail_wakes_the_daemon_through_notify(tmp_path, pg_uri):
+    """With polling every 60 s, mail published after the start is delivered
+    at once: the INSERT's NOTIFY woke the daemon."""
+    upgrade(pg_uri)
+    sink = AiosmtpdSink("127.0.0.1").start()
+    d = daemon(tmp_path, pg_uri, sink, "d0", "--poll-interval=60").start()
+    try:
+        wait_for(lambda: "mailout starting" in d.log(), 30, what="the daemon started")
+        for i in range(3):
+            # each one after the last was delivered: no start-up pickup takes it,
+            # and 20 s is well within the 60 s poll
+            fill_one = PostgresStore(pg_uri)
+            fill_one.enqueue("a@origin.test", [f"u{i}@dest.test"], message(i))
+            fill_one.close()
+            sink.wait_for_messages(i + 1, timeout=20)
+    finally:
+        d.stop()
+        sink.stop()
+    assert "LISTEN for new mail failed" not in d.log()

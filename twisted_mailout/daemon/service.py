@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -365,6 +366,9 @@ class _PickupService(service.Service):
         self._owner = owner
         self._poller: task.LoopingCall | None = None
         self._notifier: Any = None
+        self._stop_listening: threading.Event | None = None
+        self._listener: threading.Thread | None = None
+        self._wake_pending = False
 
     def startService(self) -> None:
         super().startService()
@@ -379,7 +383,18 @@ class _PickupService(service.Service):
         self._poller.clock = owner.reactor
         self._poller.start(owner.config.poll_interval, now=False)
         if owner.config.shared_queue:
-            return result  # polling (LISTEN/NOTIFY wake-ups: not yet)
+            # LISTEN/NOTIFY wake-ups in a thread of their own (polling stays:
+            # a lost notification, or a pooler in transaction mode, then
+            # costs only latency)
+            self._stop_listening = threading.Event()
+            self._wake_pending = False
+            listener = threading.Thread(
+                target=owner.queue.listen, args=(self._notified_in_thread,
+                                                 self._stop_listening),
+                name="mailout-listen", daemon=True)
+            listener.start()
+            self._listener = listener
+            return result
         try:
             from twisted.internet import inotify  # Linux only; polling alone elsewhere
 
@@ -399,8 +414,22 @@ class _PickupService(service.Service):
         if self.running:
             self._owner.scheduler.pickup()
 
+    def _notified_in_thread(self) -> None:
+        """A NOTIFY arrived (listener thread): one pickup, coalesced."""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        self._owner.reactor.callFromThread(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        if self.running:
+            self._owner.scheduler.pickup()
+
     def stopService(self) -> None:
         super().stopService()
+        if self._stop_listening is not None:
+            self._stop_listening.set()  # the thread ends within a second
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._notifier is not None:

@@ -402,6 +402,43 @@ class PostgresStore:
                 self._local.conn = None
             raise DatabaseUnavailable(f"{self.location}: {str(e).strip()}") from None
 
+    def listen(self, on_new: Any, stop: threading.Event, retry: float = 5.0) -> None:
+        """Call C{on_new()} whenever mail is published (LISTEN on the channel
+        C{mailout_new}, which an INSERT trigger notifies), until C{stop} is
+        set. Blocks: run it in a thread of its own, on its own connection.
+        When the connection fails it reconnects after C{retry} seconds, and
+        calls C{on_new()} once after each (re)connection, for what was
+        published meanwhile; a lost notification only costs the polling
+        interval, so the daemon keeps polling too.
+
+        @param on_new: called in this thread; it must be cheap and
+            thread-safe (the daemon hands it to the reactor).
+        @param stop: set to end the loop (checked at least every second).
+        @param retry: seconds between reconnection attempts.
+        """
+        import psycopg
+        from twisted.logger import Logger
+
+        log = Logger()
+        while not stop.is_set():
+            conn = None
+            try:
+                conn = connect(self.uri, self.password)
+                conn.execute("LISTEN mailout_new")
+                on_new()
+                while not stop.is_set():
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        on_new()
+            except (psycopg.Error, DatabaseUnavailable) as e:
+                log.warn("{where}: LISTEN for new mail failed ({err}); again in {retry:g}s, "
+                         "polling meanwhile", where=self.location,
+                         err=str(e).strip().splitlines()[0] if str(e).strip() else e,
+                         retry=retry)
+                stop.wait(retry)
+            finally:
+                if conn is not None:
+                    conn.close()
+
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""
         conn = getattr(self._local, "conn", None)
