@@ -277,7 +277,8 @@ class Connector:
     def deliver(self, dest: str, sender: str, recipients: list[str],
                 open_source: Callable[[], IO[bytes]], size: int | None = None,
                 smtputf8: bool = False, eightbit: bool = False,
-                paced: bool = False) -> defer.Deferred[Attempt]:
+                paced: bool = False,
+                may_finish: Callable[[], bool] | None = None) -> defer.Deferred[Attempt]:
         """Deliver one message to the recipients of one destination.
 
         @param dest: the destination key: an A-label domain (routed by MX) or
@@ -294,6 +295,9 @@ class Connector:
             for its slot does not hold a place in flight); further
             transactions (recipients beyond C{max_recipients_per_message},
             452 continuations) still wait for theirs.
+        @param may_finish: asked before each final dot (a shared queue's
+            lease guard, L{twisted_mailout.delivery.lease.LeaseGuard}); see
+            L{ESMTPSession.transaction}.
         @return: Deferred firing with an L{Attempt}; it does not fail for
             network, DNS or server trouble, which become replies. Recipients
             refused with 452 (too many recipients) while others were accepted
@@ -305,11 +309,12 @@ class Connector:
         """
         return defer.Deferred.fromCoroutine(
             self._deliver(dest, sender, recipients, open_source, size, smtputf8, eightbit,
-                          paced))
+                          paced, may_finish))
 
     async def _deliver(self, dest: str, sender: str, recipients: list[str],
                        open_source: Callable[[], IO[bytes]], size: int | None,
-                       smtputf8: bool, eightbit: bool, paced: bool = False) -> Attempt:
+                       smtputf8: bool, eightbit: bool, paced: bool = False,
+                       may_finish: Callable[[], bool] | None = None) -> Attempt:
         replies: dict[str, Reply] = {}
         untried: list[str] = []
         relay = None
@@ -355,7 +360,7 @@ class Connector:
                 break
             try:
                 result = await session.transaction(sender, remaining, source, size, smtputf8,
-                                                   eightbit)
+                                                   eightbit, may_finish)
             except BaseException as e:
                 # Cancelled (or a bug): the dialogue is in an unknown state;
                 # drop the connection so the server never takes the message

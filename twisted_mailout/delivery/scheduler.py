@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted_mailout.delivery.admission import Admission
 from twisted_mailout.delivery.bounce import enqueue_dsn
 from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io, thread_io
+from twisted_mailout.delivery.lease import LeaseGuard
 from twisted_mailout.delivery.connector import Attempt, Connector
 from twisted_mailout.delivery.destinations import group_by_destination
 from twisted_mailout.delivery.pool import Clock, DelayedCall
@@ -162,6 +163,7 @@ class Scheduler:
         self._seq = 0
         self._wakeup: DelayedCall | None = None
         self._heartbeat: task.LoopingCall | None = None
+        self.guard: LeaseGuard | None = None
         self._stopping = False
         self._dispatching = False
         self._picking = False
@@ -192,6 +194,7 @@ class Scheduler:
         log.info("queue {path}: {n} messages recovered", path=self.queue.location, n=len(due))
         lease = self.queue.lease_duration
         if lease is not None and not self._stopping:
+            self.guard = LeaseGuard(self.clock, lease)  # no final dot once it lapses
             self._heartbeat = task.LoopingCall(self._renew)
             # LoopingCall's attribute is declared as the whole IReactorTime;
             # it calls only seconds() and callLater(), which a Clock has.
@@ -203,7 +206,11 @@ class Scheduler:
     def _renew(self) -> defer.Deferred[None]:
         """Extend this owner's leases (the heartbeat); a failure is logged and
         the next beat tries again."""
+        guard = self.guard
+        assert guard is not None
+        started = guard.renewing()
         d = self.run_blocking(self.queue.renew)
+        d.addCallback(lambda _: guard.renewed(started))
         d.addErrback(lambda f: log.failure("cannot renew the queue leases of {owner}", f,
                                            owner=self.queue.owner))
         return d
@@ -632,7 +639,9 @@ class Scheduler:
             return cast(IO[bytes], PrefixedBody(prefix, body)) if prefix else body
 
         keys = list(groups)
-        extra = {"paced": True} if paced else {}  # (the fakes of older tests lack it)
+        extra: dict[str, Any] = {"paced": True} if paced else {}  # (older tests' fakes)
+        if self.guard is not None:
+            extra["may_finish"] = self.guard.may_finish
         results: list[Attempt]
         if unsigned is not None:
             results = [Attempt({form: unsigned for form in groups[k]}, None) for k in keys]

@@ -127,13 +127,14 @@ def _local(code: int, text: str) -> Reply:
 class _Pending:
     """The transaction under way: its Deferred, command and message file."""
 
-    __slots__ = ("command", "d", "source")
+    __slots__ = ("command", "d", "may_finish", "source")
 
     def __init__(self, d: defer.Deferred[TransactionResult], command: Transaction,
-                 source: IO[bytes]):
+                 source: IO[bytes], may_finish: Callable[[], bool] | None = None):
         self.d = d
         self.command = command
         self.source = source
+        self.may_finish = may_finish
 
 
 class ESMTPSession(protocol.Protocol):
@@ -526,7 +527,9 @@ class ESMTPSession(protocol.Protocol):
 
     def transaction(self, sender: str, recipients: list[str], source: IO[bytes],
                     size: int | None = None, smtputf8: bool = False,
-                    eightbit: bool = False) -> defer.Deferred[TransactionResult]:
+                    eightbit: bool = False,
+                    may_finish: Callable[[], bool] | None = None
+                    ) -> defer.Deferred[TransactionResult]:
         """Run one mail transaction: MAIL, RCPT for each recipient, DATA
         (pipelined when the server offers PIPELINING, RFC 2920).
 
@@ -540,6 +543,13 @@ class ESMTPSession(protocol.Protocol):
         @param eightbit: the message has 8-bit bytes: C{BODY=8BITMIME} is
             sent when the server offers it (RFC 6152). To a server that does
             not, the message goes as it is (no MIME conversion).
+        @param may_finish: asked just before the final dot is written, or
+            L{None}: when it answers C{False} (a shared queue's lease could
+            not be renewed in time, so another daemon may be sending this
+            message), the final dot is not sent and the connection is
+            dropped, so the server never takes the message (RFC 5321 4.1.1.4:
+            a transaction without its end of data is not delivered); every
+            recipient gets a local 451 4.4.2.
         @return: a Deferred firing with a L{TransactionResult}; it never
             fails for server or network trouble (those are replies). It
             fails with C{ValueError} for CR, LF or NUL in an address.
@@ -565,7 +575,7 @@ class ESMTPSession(protocol.Protocol):
                 return defer.fail(LocalProtocolError("CR, LF or NUL in an SMTP command"))
         if self._tx is not None:
             return defer.fail(LocalProtocolError("a transaction is already under way"))
-        self._tx = _Pending(d, command, source)
+        self._tx = _Pending(d, command, source, may_finish)
         try:
             if self._conn.needs_rset:
                 self._write(self._conn.send(Rset()))
@@ -725,6 +735,8 @@ class _BodyProducer:
             if len(chunk) < CHUNK:  # probably the end: if so, the dot goes in the same write
                 chunk = read(CHUNK)
                 if not chunk:
+                    if self._refused_end():
+                        return
                     write(out + conn.end_data())
                     self._done_writing()
                     return
@@ -733,8 +745,24 @@ class _BodyProducer:
                 write(out)
                 return
             chunk = read(CHUNK)
+        if self._refused_end():
+            return
         write(conn.end_data())
         self._done_writing()
+
+    def _refused_end(self) -> bool:
+        """Whether the transaction's C{may_finish} forbids the final dot; if
+        so, the connection is dropped without it."""
+        tx = self.session._tx
+        if tx is None or tx.may_finish is None or tx.may_finish():
+            return False
+        s = self.session
+        self._transport.unregisterProducer()
+        s._abort()  # first: nothing more may be written, and never the dot
+        self._finish(SessionError(_local(451, f"4.4.2 final dot not sent to {s._who}: the "
+                                         "queue lease could not be renewed in time"),
+                                  Stage.DATA_BLOCK))
+        return True
 
     def _done_writing(self) -> None:
         self._transport.unregisterProducer()

@@ -946,3 +946,39 @@ class EightBitTests(SessionTestBase):
         s2.transaction("f@a.example", ["r@b.example"], io.BytesIO(b"caf\xc3\xa9\r\n"),
                        eightbit=True)
         self.assertEqual(self.take(), b"MAIL FROM:<f@a.example>\r\n")
+
+
+class FinalDotGuardTests(SessionTestBase):
+    """may_finish: a shared queue's lease guard is asked before the final
+    dot; when it says no, the dot is never written and the connection goes."""
+
+    def _to_data(self, s, may_finish):
+        d = s.transaction("f@a.example", ["r@b.example"], io.BytesIO(BODY),
+                          may_finish=may_finish)
+        self.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.take()
+        return d
+
+    def test_no_final_dot_when_the_lease_lapsed(self):
+        s, t = self.start("PIPELINING")
+        asked = []
+        d = self._to_data(s, lambda: asked.append(1) or False)
+        self.pump_body()
+        wire = self.take()
+        self.assertEqual(asked, [1])
+        self.assertFalse(wire.endswith(b"\r\n.\r\n"), wire)
+        self.assertNotIn(b"\r\n.\r\n", wire)
+        self.assertTrue(t.disconnected)  # aborted: the server discards the data
+        result = self.successResultOf(d)
+        reply = result.replies["r@b.example"]
+        self.assertLocal4xx(reply)
+        self.assertIn("final dot not sent", reply.text)
+        self.assertFalse(result.session_usable)
+
+    def test_the_dot_goes_when_the_lease_holds(self):
+        s, t = self.start("PIPELINING")
+        d = self._to_data(s, lambda: True)
+        self.pump_body()
+        self.assertEqual(self.take(), WIRE_BODY)
+        self.feed(b"250 2.0.0 queued\r\n")
+        self.assertEqual(self.successResultOf(d).replies["r@b.example"].code, 250)
