@@ -76,7 +76,7 @@ class ScriptedConnector:
         self.closed = False
 
     def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False,
-                eightbit=False):
+                eightbit=False, paced=False, may_finish=None):
         f = open_source()
         body = f.read()
         f.close()

@@ -48,7 +48,7 @@ class NoServerConnector(ScriptedConnector):
     """Every recipient deferred with a local reply and no relay (DNS failed)."""
 
     def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False,
-                eightbit=False):
+                eightbit=False, **kw):
         self.calls.append((dest, sender, list(recipients), b""))
         reply = Reply(451, "4.4.3 cannot find the MX hosts of " + dest, local=True)
         return defer.succeed(Attempt({r: reply for r in recipients}, None))

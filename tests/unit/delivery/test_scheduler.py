@@ -316,7 +316,7 @@ class HeldConnector:
         self.closed = False
 
     def deliver(self, dest, sender, recipients, open_source, size=None, smtputf8=False,
-                eightbit=False):
+                eightbit=False, **kw):
         with open_source() as f:
             f.read()
         d = defer.Deferred(lambda d: self.cancelled.append(dest))
