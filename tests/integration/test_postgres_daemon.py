@@ -73,7 +73,7 @@ def test_three_daemons_share_the_queue_and_one_is_killed(tmp_path, pg_uri):
     try:
         # kill one while the drain is under way
         wait_for(lambda: len(sink.messages) >= n // 5, 60, what="a fifth delivered")
-        wait_for(lambda: any(m["helo"] == "d2.mailout.test" for m in sink.messages), 30,
+        wait_for(lambda: any(m["helo"] == "d2.mailout.test" for m in sink.messages), 60,
                  what="d2 delivering")
         ds[2].kill()
         wait_for(lambda: rows(pg_uri) == 0, 120, what="the queue drained by d0 and d1")

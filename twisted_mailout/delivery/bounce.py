@@ -18,12 +18,18 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP
+from typing import Any
 
+from twisted.logger import Logger
+
+from twisted_mailout.envelope import RecipientState
 from twisted_mailout.message import split_headers
 from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import QueueEntry, RecipientStatus
 
-__all__ = ["enqueue_dsn", "make_dsn"]
+log = Logger(namespace="twisted_mailout.delivery.scheduler")
+
+__all__ = ["all_reported", "enqueue_dsn", "make_dsn", "report_bounces", "warn_delay"]
 
 
 def _diagnostic(rs: RecipientStatus) -> str | None:
@@ -134,3 +140,63 @@ def enqueue_dsn(store: IQueueStore, entry: QueueEntry, failed: list[RecipientSta
     head, _ = split_headers(store.read_headers(entry))
     dsn = make_dsn(entry, b"".join(head), failed, reporting_mta, now, action)
     return store.enqueue("", [entry.sender], dsn)
+
+
+def all_reported(entry: QueueEntry) -> bool:
+    """Whether every bounced recipient of C{entry} has been reported to the
+    sender (or dropped, for a bounce)."""
+    return all(rs.state is not RecipientState.BOUNCED or rs.address in entry.bounced_reported
+               for rs in entry.recipients)
+
+
+async def warn_delay(store: IQueueStore, run_blocking: Any, entry: QueueEntry, now: float,
+                     delay_warning: float, reporting_mta: str, at: float) -> bool:
+    """Queue the one delay warning (RFC 3464 action C{delayed}) of C{entry}
+    when it is due: C{delay_warning} seconds after arrival, recipients still
+    deferred, a sender to tell, none sent yet; the entry is saved with
+    C{delay_warned} set.
+
+    @param run_blocking: runs blocking store work (a thread in the daemon).
+    @param now: the attempt's time; C{at}: the report's time (seconds).
+    @return: whether a warning was queued (the caller picks it up).
+    """
+    if (entry.delay_warned or not entry.sender or now - entry.arrival < delay_warning):
+        return False
+    deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
+    if not deferred:
+        return False
+    qid = await run_blocking(enqueue_dsn, store, entry, deferred, reporting_mta, at,
+                             "delayed")
+    log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
+    entry.delay_warned = True
+    await run_blocking(store.save_many, [entry])
+    return True
+
+
+async def report_bounces(store: IQueueStore, run_blocking: Any, entry: QueueEntry,
+                         reporting_mta: str, at: float) -> bool:
+    """Report the bounced recipients of C{entry} not yet reported: one DSN to
+    the sender (RFC 3464), or a log line each for a bounce (null sender),
+    which is never bounced again; the entry is saved unless it is done.
+
+    @return: whether a DSN was queued (the caller picks it up).
+    """
+    unreported = [rs for rs in entry.recipients if rs.state is RecipientState.BOUNCED
+                  and rs.address not in entry.bounced_reported]
+    if not unreported:
+        return False
+    queued = False
+    if not entry.sender:
+        for rs in unreported:
+            log.warn("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
+                     qid=entry.qid, rcpt=rs.address,
+                     reply=rs.reply.one_line() if rs.reply else "")
+    else:
+        qid = await run_blocking(enqueue_dsn, store, entry, unreported, reporting_mta, at)
+        log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
+                 dsn_qid=qid)
+        queued = True
+    entry.bounced_reported.extend(rs.address for rs in unreported)
+    if not entry.done:
+        await run_blocking(store.save_many, [entry])
+    return queued

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mailout.delivery.admission import Admission
-from twisted_mailout.delivery.bounce import enqueue_dsn
+from twisted_mailout.delivery.bounce import all_reported, report_bounces, warn_delay
 from twisted_mailout.delivery.commit import GroupCommit, RunBlocking, inline_io, thread_io
 from twisted_mailout.delivery.lease import LeaseGuard
 from twisted_mailout.delivery.connector import Attempt, Connector
@@ -164,6 +164,7 @@ class Scheduler:
         self._wakeup: DelayedCall | None = None
         self._heartbeat: task.LoopingCall | None = None
         self.guard: LeaseGuard | None = None
+        self._more = False  # the last claim of a shared store was full
         self._stopping = False
         self._dispatching = False
         self._picking = False
@@ -305,9 +306,12 @@ class Scheduler:
         try:
             while True:
                 self._pick_again = False
+                # a shared store: claim what can be worked on now, no more,
+                # so the other daemons get the rest (_done asks for more)
+                batch = (max(1, self.max_inflight - len(self._inflight))
+                         if self.guard is not None else self.PICKUP_BATCH)
                 try:
-                    entries, problems = await self.run_blocking(self.queue.pickup,
-                                                                self.PICKUP_BATCH)
+                    entries, problems = await self.run_blocking(self.queue.pickup, batch)
                 except Exception:  # noqa: BLE001 - pickup must survive and run again
                     log.failure("pickup failed; will try again at the next poll")
                     break
@@ -324,11 +328,15 @@ class Scheduler:
                         qid=e.qid, sender=e.sender, n=len(e.recipients), origin=e.origin)
                     if len(self._preloaded) < self.PRELOAD_LIMIT:
                         self._preloaded[e.qid] = e
-                    self._schedule(e.qid, now, dispatch=False)
+                    when = e.next_attempt()  # taken over from a dead daemon: its retry
+                    tried = when is not None and any(r.attempts for r in e.recipients)
+                    self._schedule(e.qid, max(now, when) if tried else now,
+                                   dispatch=False)
                 self._dispatch()
                 total += len(entries)
-                full = len(entries) + len(problems) >= self.PICKUP_BATCH
-                if not (full or self._pick_again) or self._stopping:
+                full = len(entries) + len(problems) >= batch
+                self._more = full and self.guard is not None
+                if not (full or self._pick_again) or self._stopping or self._more:
                     break
         finally:
             self._picking = False
@@ -491,6 +499,9 @@ class Scheduler:
 
     def _done(self, result: float | Failure | None, qid: str) -> None:
         self._inflight.pop(qid, None)
+        if self._more and len(self._inflight) <= self.max_inflight // 2 and not self._stopping:
+            self._more = False
+            self.pickup()  # a shared store had more waiting: claim the next share
         if result is None:
             self.admission.forget((qid,))
         if isinstance(result, float) and not self._stopping:
@@ -565,7 +576,7 @@ class Scheduler:
                 self._unsaved.add(qid)
             # When the message is finished, removing it is the record of its
             # outcome: a state write just before it would only cost an fsync.
-            if qid in self._unsaved and not (entry.done and self._all_reported(entry)):
+            if qid in self._unsaved and not (entry.done and all_reported(entry)):
                 await self._saver.submit(entry)
                 self._unsaved.discard(qid)
             if due:
@@ -711,40 +722,12 @@ class Scheduler:
                 log.failure("outcome observer {obs!r} failed", obs=obs)
 
     async def _warn_delay(self, entry: QueueEntry, now: float) -> None:
-        if (self.delay_warning is None or entry.delay_warned or not entry.sender
-                or now - entry.arrival < self.delay_warning):
-            return
-        deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
-        if not deferred:
-            return
-        qid = await self.run_blocking(enqueue_dsn, self.queue, entry, deferred,
-                                      self.reporting_mta, self.clock.seconds(), "delayed")
-        log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
-        entry.delay_warned = True
-        await self.run_blocking(self.queue.save_many, [entry])
-        self.pickup()
-
-    @staticmethod
-    def _all_reported(entry: QueueEntry) -> bool:
-        return all(rs.state is not RecipientState.BOUNCED or rs.address in entry.bounced_reported
-                   for rs in entry.recipients)
+        if self.delay_warning is not None and await warn_delay(
+                self.queue, self.run_blocking, entry, now, self.delay_warning,
+                self.reporting_mta, self.clock.seconds()):
+            self.pickup()
 
     async def _report_bounces(self, entry: QueueEntry) -> None:
-        unreported = [rs for rs in entry.recipients if rs.state is RecipientState.BOUNCED
-                      and rs.address not in entry.bounced_reported]
-        if not unreported:
-            return
-        if not entry.sender:
-            for rs in unreported:
-                log.warn("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
-                         qid=entry.qid, rcpt=rs.address,
-                         reply=rs.reply.one_line() if rs.reply else "")
-        else:
-            qid = await self.run_blocking(enqueue_dsn, self.queue, entry, unreported,
-                                          self.reporting_mta, self.clock.seconds())
-            log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
-                     dsn_qid=qid)
+        if await report_bounces(self.queue, self.run_blocking, entry, self.reporting_mta,
+                                self.clock.seconds()):
             self.pickup()
-        entry.bounced_reported.extend(rs.address for rs in unreported)
-        if not entry.done:
-            await self.run_blocking(self.queue.save_many, [entry])
