@@ -194,6 +194,11 @@ class SchemaOutOfDate(QueueError):
     code: run C{mailout db upgrade --queue URI}."""
 
 
+def _one_line(e: BaseException) -> str:
+    """libpq's message on one line (it spans several), for logs."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def is_postgres_uri(queue: str) -> bool:
     """Whether C{--queue} names a PostgreSQL store (C{postgresql://} or
     C{postgres://}, a libpq connection URI) rather than a folder."""
@@ -239,7 +244,7 @@ def connect(uri: str, password: str | None = None) -> Any:
         return psycopg.connect(uri, **kwargs)
     except psycopg.Error as e:
         raise DatabaseUnavailable(f"cannot connect to {redact_uri(uri)}: "
-                                  f"{str(e).strip()}") from None
+                                  f"{_one_line(e)}") from None
 
 
 def schema_version(conn: Any) -> int | None:
@@ -285,12 +290,12 @@ def upgrade(uri: str, password: str | None = None) -> list[tuple[int, str]]:
                     conn.execute(sql)
                 except psycopg.Error as e:
                     raise QueueError(f"migration {version} ({name}) failed: "
-                                     f"{str(e).strip()}") from None
+                                     f"{_one_line(e)}") from None
                 conn.execute("INSERT INTO mailout.schema_version (version, name) "
                              "VALUES (%s, %s)", (version, name))
                 applied.append((version, name))
     except psycopg.OperationalError as e:
-        raise DatabaseUnavailable(f"{redact_uri(uri)}: {str(e).strip()}") from None
+        raise DatabaseUnavailable(f"{redact_uri(uri)}: {_one_line(e)}") from None
     finally:
         conn.close()
     return applied
@@ -396,11 +401,11 @@ class PostgresStore:
                 conn.close()
             finally:
                 self._local.conn = None
-            raise DatabaseUnavailable(f"{self.location}: {str(e).strip()}") from None
+            raise DatabaseUnavailable(f"{self.location}: {_one_line(e)}") from None
         except psycopg.Error as e:
             if conn.closed:
                 self._local.conn = None
-            raise DatabaseUnavailable(f"{self.location}: {str(e).strip()}") from None
+            raise DatabaseUnavailable(f"{self.location}: {_one_line(e)}") from None
 
     def listen(self, on_new: Any, stop: threading.Event, retry: float = 5.0) -> None:
         """Call C{on_new()} whenever mail is published (LISTEN on the channel
@@ -432,7 +437,7 @@ class PostgresStore:
             except (psycopg.Error, DatabaseUnavailable) as e:
                 log.warn("{where}: LISTEN for new mail failed ({err}); again in {retry:g}s, "
                          "polling meanwhile", where=self.location,
-                         err=str(e).strip().splitlines()[0] if str(e).strip() else e,
+                         err=_one_line(e),
                          retry=retry)
                 stop.wait(retry)
             finally:
