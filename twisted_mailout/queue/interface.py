@@ -8,7 +8,8 @@ file paths, no C{os} calls. Implementations:
 - L{twisted_mailout.testing.memorystore.MemoryStore}: an in-memory double
   with real leases, for tests (and the executable specification of the
   semantics below);
-- later, a PostgreSQL store, which several daemons may share.
+- L{twisted_mailout.queue.postgres.PostgresStore}: a PostgreSQL database,
+  which several daemons share (docs/postgresql.md).
 
 Shaped after procrastinate's job store (one manager over a connector with an
 in-memory and a PostgreSQL implementation; workers fetch jobs under their id
