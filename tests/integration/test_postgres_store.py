@@ -167,3 +167,22 @@ def test_an_unreachable_database_is_an_io_error_and_the_location_has_no_password
         PostgresStore(bad)
     assert isinstance(e.value, OSError) and "s3cret" not in str(e.value)
     assert "s3cret" not in redact_uri(bad)
+
+
+def test_mailout_queue_reads_a_postgresql_queue_and_refuses_changes_for_now(uri, capsys):
+    import json
+
+    from twisted_mailout.daemon.cli import main
+
+    [one] = stores(uri, n=1, lease=60)
+    qids = [one.enqueue("a@example.com", [f"r{i}@example.org"], MSG) for i in range(3)]
+    one.pickup(1)  # one active (claimed by d0), two incoming
+    assert main(["queue", "--queue", uri, "list", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["queue_id"] for r in rows) == sorted(qids)
+    assert sorted(r["queue_name"] for r in rows) == ["active", "incoming", "incoming"]
+    assert main(["queue", "--queue", uri, "summary"]) == 0
+    assert "example.org" in capsys.readouterr().out
+    assert main(["queue", "--queue", uri, "hold", "ALL"]) == 69
+    assert "not built yet" in capsys.readouterr().err
+    assert len(one.list_entries()) == 3 and not any(x.entry.held for x in one.list_entries())

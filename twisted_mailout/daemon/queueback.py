@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from twisted.python.failure import Failure
 
 from twisted_mailout.queue.model import EntryNotFound
-from twisted_mailout.queue.store import Queue
 
 if TYPE_CHECKING:
     from twisted.internet import defer
@@ -147,7 +146,7 @@ class OfflineBackend:
     @param progress: passed to L{QueueAdmin} as its progress callback.
     """
 
-    def __init__(self, store: Queue | None, locked: bool = False) -> None:
+    def __init__(self, store: Any, locked: bool = False) -> None:
         self.store = store
         self.locked = locked
         self.clock = _Clock()
@@ -164,7 +163,8 @@ class OfflineBackend:
                                      reporting_mta=socket.getfqdn() or "localhost",
                                      progress=self._report)
             fired(self._admin.start())
-            self._install_admin_log()
+            if hasattr(self.store, "path"):  # a folder (a read-only database: nothing)
+                self._install_admin_log()
         return self._admin
 
     def _install_admin_log(self) -> None:

@@ -257,6 +257,28 @@ def _open_folder(path: str) -> Queue | None:
     return None
 
 
+def _open_database(uri: str, writes: bool) -> Backend:
+    """A PostgreSQL queue, read from this process (any machine).
+
+    @raise CommandError: a command that changes the queue (not built yet on
+        a shared queue: 69), or the database cannot be used (69, 75).
+    """
+    if writes:
+        raise CommandError(
+            "changing a PostgreSQL queue from the command line is not built yet (issue 13): "
+            "list, show, summary and suspensions work here; for the messages one daemon "
+            "holds, use that daemon's API (--api URL)", EX_UNAVAILABLE)
+    try:
+        from twisted_mailout.queue.postgres import PostgresStore
+    except ImportError:
+        raise CommandError("psycopg is not installed: pip install "
+                           "'twisted_mailout[postgresql]'", EX_UNAVAILABLE) from None
+    try:
+        return OfflineBackend(PostgresStore(uri, owner=f"mailout-queue-{os.getpid()}"))
+    except QueueError as e:
+        raise CommandError(str(e), EX_UNAVAILABLE) from None
+
+
 def open_backend(queue: str | None, api: str | None = None, token_file: str | None = None,
                  writes: bool = True) -> Backend:
     """Choose the way in: the daemon's API when a daemon holds the queue's
@@ -278,6 +300,8 @@ def open_backend(queue: str | None, api: str | None = None, token_file: str | No
     if queue is None:
         raise CommandError("give the queue folder (--queue DIR) or the API (--api URL)",
                            EX_USAGE)
+    if queue.startswith(("postgresql://", "postgres://")):
+        return _open_database(queue, writes)
     store = _open_folder(queue)
     if store is None:
         return OfflineBackend(None)
