@@ -186,3 +186,27 @@ def test_mailout_queue_reads_a_postgresql_queue_and_refuses_changes_for_now(uri,
     assert main(["queue", "--queue", uri, "hold", "ALL"]) == 69
     assert "not built yet" in capsys.readouterr().err
     assert len(one.list_entries()) == 3 and not any(x.entry.held for x in one.list_entries())
+
+
+def test_a_message_that_kills_every_daemon_is_quarantined(uri):
+    """Claimed again and again with no outcome saved (each daemon died with
+    it): quarantined at the sixth claim; one saved outcome resets the count."""
+    from twisted_mailout.queue.postgres import MAX_CLAIMS
+
+    owners = stores(uri, n=2, lease=1)
+    killer = owners[0].enqueue("a@example.com", ["k@example.org"], MSG)
+    fine = owners[0].enqueue("a@example.com", ["f@example.org"], MSG)
+    for i in range(MAX_CLAIMS):
+        store = owners[i % 2]
+        entries, problems = store.pickup()
+        assert killer in [e.qid for e in entries] and problems == []
+        for e in entries:
+            if e.qid == fine:
+                store.save_many([e])  # this one got an outcome each time
+        wait_for(lambda: db_now(uri) > entries[0].lease.expires, 10, what="the lease's end")
+    entries, problems = owners[1].pickup()
+    assert [e.qid for e in entries] == [fine]
+    assert len(problems) == 1 and killer in problems[0] and "claimed 5 times" in problems[0]
+    with psycopg.connect(uri, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM mailout.quarantine WHERE qid = %s",
+                            (killer,)).fetchone()[0] == 1

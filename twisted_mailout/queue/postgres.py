@@ -170,7 +170,15 @@ BEGIN
     RETURN qid;
 END $$;
 """),
+    (3, "claims without an outcome", """
+ALTER TABLE mailout.message ADD COLUMN claims integer NOT NULL DEFAULT 0;
+"""),
 )
+
+#: A message claimed this many times with no outcome saved in between is
+#: quarantined at its next claim: each daemon that took it died (or hung)
+#: before recording anything, so it may be what kills them.
+MAX_CLAIMS = 5
 
 _VERSION_TABLE = """
 CREATE SCHEMA IF NOT EXISTS mailout;
@@ -555,6 +563,12 @@ class PostgresStore:
         entries = []
         for row in rows:
             qid, token, data = row[0], int(row[6]), bytes(row[7])
+            if row[9] > MAX_CLAIMS:
+                why = (f"claimed {row[9] - 1} times and no daemon recorded an outcome: it "
+                       f"may be what stops them")
+                self.quarantine(qid, why)
+                problems.append(f"{qid}: quarantined: {why}")
+                continue
             try:
                 entry = self._entry((qid, data[:65536], len(data), *row[3:6]))
             except CorruptEntry as e:
@@ -575,10 +589,11 @@ class PostgresStore:
                 FOR UPDATE SKIP LOCKED)
             UPDATE mailout.message m
                SET incoming = false, owner = %(me)s, token = nextval('mailout.lease_token'),
-                   lease_expires = now() + make_interval(secs => %(secs)s)
+                   lease_expires = now() + make_interval(secs => %(secs)s),
+                   claims = m.claims + 1
               FROM picked WHERE m.qid = picked.qid
             RETURNING m.qid, NULL, NULL, m.state, m.owner,
-                      extract(epoch from m.lease_expires), m.token, m.data, m.held"""
+                      extract(epoch from m.lease_expires), m.token, m.data, m.held, m.claims"""
         args = {"me": self.owner, "secs": self.lease_duration, "limit": limit, **params}
         return list(self._run(lambda c: c.execute(sql, args).fetchall()))
 
@@ -670,7 +685,7 @@ class PostgresStore:
 
         def work(conn: Any) -> set[str]:
             written = conn.execute(
-                "UPDATE mailout.message m SET state = v.state::jsonb, held = v.held "
+                "UPDATE mailout.message m SET state = v.state::jsonb, held = v.held, claims = 0 "
                 "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::boolean[]) "
                 "AS v(qid, token, state, held) "
                 "WHERE m.qid = v.qid AND m.owner = %s AND m.token = v.token RETURNING m.qid",
