@@ -14,6 +14,15 @@ Django 6.1 and later (C{MAILERS})::
         },
     }
 
+With a PostgreSQL queue in the site's own database (docs/postgresql.md), the
+delivery C{"django-db"} (or C{"django-db:ALIAS"} for another database alias)
+writes each message through Django's own connection, in the current
+transaction: mail sent inside C{transaction.atomic()} is queued only when the
+block commits, and a rollback leaves no mail (the transactional outbox); in
+autocommit mode it is committed at once::
+
+    MAILOUT_DELIVERY = "django-db"
+
 C{send_messages()} returns how many messages were sent (for the queue: how
 many were durably queued), and with C{fail_silently} counts a failed message
 out instead of raising. With the option C{"on_commit": True} (or the setting
@@ -92,6 +101,20 @@ class EmailBackend(BaseEmailBackend):
             raise ImproperlyConfigured(
                 "twisted_mailout EmailBackend: set MAILOUT_DELIVERY (e.g. "
                 "'queue:///var/spool/mailout') or the 'delivery' option in MAILERS")
+        #: the database alias of the PostgreSQL queue (C{"django-db"}), or L{None}
+        self.db_alias: str | None = None
+        if isinstance(config, str) and (config == "django-db"
+                                        or config.startswith("django-db:")):
+            from django.db import connections
+
+            alias = config.partition(":")[2] or "default"
+            if alias not in connections.settings:
+                raise ImproperlyConfigured(f"twisted_mailout EmailBackend: {config!r}: no "
+                                           f"database {alias!r} in DATABASES")
+            self.db_alias = alias
+            self.on_commit = False  # the INSERT is part of the transaction itself
+            self.using = using
+            return
         try:
             self.mailer = Mailer(config, observers=observers)
         except (ValueError, TypeError) as e:
@@ -120,7 +143,13 @@ class EmailBackend(BaseEmailBackend):
                 sender = parse_display_address(message.from_email)[1]
                 rcpts = [parse_display_address(r)[1] for r in recipients]
                 data = message_bytes(message)
-                if self.on_commit:
+                if self.db_alias is not None:
+                    from django.db import connections
+
+                    from twisted_mailout.queue.postgres import enqueue_in
+
+                    enqueue_in(connections[self.db_alias], sender, rcpts, data)
+                elif self.on_commit:
                     from django.db import transaction
 
                     env = prepare(*self.mailer.prepare(data, sender, rcpts))  # validate now
