@@ -142,3 +142,63 @@ def test_postgresql_down_for_a_while_in_mid_run_loses_nothing(tmp_path, pg_uri,
     log = d.log()
     # the outage was met (and survived): outcomes kept in memory, written later
     assert "kept in memory, writing again" in log, log[-3000:]
+
+
+def test_a_daemon_cut_off_from_postgresql_sends_no_final_dot_after_its_lease(
+        tmp_path, pg_uri, postgres_cluster):
+    """Daemon A reaches PostgreSQL through a TCP proxy that then stops
+    forwarding (a network cut: nothing closed, nothing answered). A cannot
+    renew its leases, so once they lapse it sends no more final dots (its
+    relay, slow on purpose, still had work queued for it). Daemon B, connected
+    directly, takes A's messages over when their leases expire and delivers
+    them; the only duplicates are messages A had sent before the cut took
+    effect."""
+    import time
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.support.tcp_proxy import FreezingProxy
+
+    upgrade(pg_uri)
+    n = 60
+    fill(pg_uri, n)
+    p = conninfo_to_dict(pg_uri)
+    socket_path = f"{p['host']}/.s.PGSQL.{p.get('port', 5432)}"
+    proxy = FreezingProxy(socket_path).start()
+    via_proxy = f"postgresql://postgres@127.0.0.1:{proxy.port}/{p['dbname']}"
+
+    def slow(record):  # A's relay: half a second a message
+        time.sleep(0.5)
+
+    sink_a = AiosmtpdSink("127.0.0.1", data_reply=slow).start()
+    sink_b = AiosmtpdSink("127.0.0.1").start()
+    lease = 3.0
+    a = daemon(tmp_path, via_proxy, sink_a, "a", f"--lease-duration={lease:g}",
+               "--max-connections=1", "--max-per-destination=1")
+    b = daemon(tmp_path, pg_uri, sink_b, "b", f"--lease-duration={lease:g}")
+    try:
+        a.start()
+        sink_a.wait_for_messages(2, timeout=60)
+        proxy.freeze()
+        cut = time.monotonic()
+        b.start()
+        wait_for(lambda: rows(pg_uri) == 0, 120, what="the queue drained by b")
+        wait_for(lambda: "final dot not sent" in a.log(), 30,
+                 what="a refusing to finish a transaction")
+    finally:
+        b.stop()
+        a.stop(timeout=10)
+        sink_a.stop()
+        sink_b.stop()
+        proxy.stop()
+    by_a = list(sink_a.messages)
+    # nothing completed at A's relay after A's lease lapsed (the last renewal
+    # was before the cut)
+    late = [m["time"] - cut for m in by_a if m["time"] > cut + lease]
+    assert late == [], late
+    per = Counter(subject(m) for m in by_a + sink_b.messages)
+    assert set(per) == {f"m{i}" for i in range(n)}
+    twice = {s for s, c in per.items() if c > 1}
+    assert twice <= {subject(m) for m in by_a}
+    print(f"network cut: a sent {len(by_a)}, b {len(sink_b.messages)}, "
+          f"duplicates {len(twice)}")

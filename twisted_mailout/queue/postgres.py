@@ -236,6 +236,11 @@ def redact_uri(uri: str) -> str:
             f"{':' + str(port) if port else ''}/{db}")
 
 
+#: libpq connection parameters used unless the URI sets them.
+_TCP_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                 "keepalives_interval": 3, "keepalives_count": 3, "tcp_user_timeout": 15000}
+
+
 def connect(uri: str, password: str | None = None) -> Any:
     """A psycopg connection to C{uri} in autocommit mode (transactions are
     opened explicitly).
@@ -244,10 +249,22 @@ def connect(uri: str, password: str | None = None) -> Any:
         without its password, and libpq's reason).
     """
     import psycopg
+    from psycopg.conninfo import conninfo_to_dict
 
     kwargs: dict[str, Any] = {"autocommit": True, "application_name": "mailout"}
     if password is not None:
         kwargs["password"] = password
+    try:
+        given = conninfo_to_dict(uri)
+    except psycopg.Error as e:
+        raise DatabaseUnavailable(f"{redact_uri(uri)}: not a connection URI: "
+                                  f"{_one_line(e)}") from None
+    # over TCP, a cut network fails a call in seconds instead of hanging a
+    # thread for the kernel's retransmission time (hours); the URI may say
+    # otherwise
+    for key, value in _TCP_DEFAULTS.items():
+        if key not in given:
+            kwargs[key] = value
     try:
         return psycopg.connect(uri, **kwargs)
     except psycopg.Error as e:
