@@ -94,3 +94,25 @@ def test_the_sql_function_writes_in_the_transaction_too(uri):
     assert not entry.eightbit
     assert body.startswith(b"Date: ") and body.count(b"Message-ID:") == 1
     assert b"\r" not in body
+
+
+def test_mailout_demo_runs_on_a_postgresql_queue(uri, postgres_cluster):
+    """`mailout demo --queue postgresql://...`: the whole demo (loopback DNS,
+    SMTP receivers, MX routing, bounces) on the shared store; a schema that
+    was never upgraded is named, with the command to run."""
+    import subprocess
+    import sys
+
+    from tests.support.daemon import ROOT, env
+
+    def demo(queue):
+        return subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "demo",
+                               "--queue", queue, "--timeout", "60"], capture_output=True,
+                              text=True, timeout=120, env=env(), cwd=str(ROOT))
+
+    run = demo(uri)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "All outcomes as expected" in run.stdout
+    bare = postgres_cluster.fresh_database()
+    run = demo(bare)
+    assert run.returncode == 1 and "mailout db upgrade" in run.stdout, run.stdout

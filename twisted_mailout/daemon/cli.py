@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the delivery service against loopback DNS and SMTP "
                        "servers it starts itself, and print the outcomes")
-    d.add_argument("--queue", metavar="DIR", default=None,
-                   help="queue folder to use (default: a temporary one)")
+    d.add_argument("--queue", metavar="DIR|URI", default=None,
+                   help="queue folder to use (default: a temporary one), or an empty "
+                   "PostgreSQL queue, postgresql://... (after `mailout db upgrade`)")
     d.add_argument("--timeout", type=float, default=60.0,
                    help="give up after this many seconds (default 60)")
     d.set_defaults(func=cmd_demo)

@@ -71,10 +71,27 @@ def _refuse_nobody(rcpt: str) -> tuple[int, str] | None:
 async def run(reactor: Any, queue_dir: str, timeout: float, out: TextIO = sys.stdout) -> int:
     """Run the demo on C{reactor}; print to C{out}.
 
-    @param queue_dir: an empty or new queue folder.
+    @param queue_dir: an empty or new queue folder, or a PostgreSQL queue
+        (C{postgresql://...}) whose schema is up to date and which holds no
+        other mail.
     @param timeout: seconds before giving up.
     @return: 0 when every outcome was the expected one, else 1.
     """
+    if queue_dir.startswith(("postgresql://", "postgres://")):
+        from twisted_mailout.errors import QueueError
+        from twisted_mailout.queue.postgres import PostgresStore
+
+        try:
+            store = PostgresStore(queue_dir)
+        except QueueError as e:
+            print(f"mailout demo: {e}", file=out)
+            return 1
+        waiting = len(store.list_entries())
+        store.close()
+        if waiting:
+            print(f"mailout demo: {store.location} already holds {waiting} messages; give "
+                  "the demo an empty queue", file=out)
+            return 1
     udp, tcp, dns_port = start_dns_server(_zone(), reactor)
     ports = [udp, tcp]
     receivers: dict[str, Any] = {}
