@@ -210,3 +210,13 @@ def test_a_message_that_kills_every_daemon_is_quarantined(uri):
     with psycopg.connect(uri, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM mailout.quarantine WHERE qid = %s",
                             (killer,)).fetchone()[0] == 1
+
+
+def test_backlog_counts_the_shared_queues_unclaimed_mail(uri):
+    one, two = stores(uri, lease=60)
+    for i in range(5):
+        one.enqueue("a@example.com", [f"r{i}@example.org"], MSG)
+    one.pickup(2)
+    assert one.backlog() == 3  # what waits for any daemon, as of that pickup
+    two.pickup(1)
+    assert two.backlog() == 2 and one.backlog() == 3  # no I/O: the last count

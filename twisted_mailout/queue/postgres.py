@@ -394,6 +394,7 @@ class PostgresStore:
         self._staged: dict[str, bytes] = {}
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
         self._body_bytes = 0
+        self._waiting = 0
         self.body_cache = body_cache
         version = schema_version(self._conn())
         latest = MIGRATIONS[-1][0]
@@ -638,7 +639,19 @@ class PostgresStore:
         problems: list[str] = []
         rows = self._claim("incoming OR (NOT held AND (owner IS NULL OR "
                            "(lease_expires <= now() AND owner <> %(me)s)))", limit, {})
-        return Pickup(self._claimed(rows, problems), problems)
+        picked = Pickup(self._claimed(rows, problems), problems)
+        try:
+            self._waiting = int(self._run(lambda c: c.execute(
+                "SELECT count(*) FROM mailout.message WHERE incoming").fetchone()[0]))
+        except DatabaseUnavailable:
+            pass  # the count is for the metrics: the last one stands
+        return picked
+
+    def backlog(self) -> int:
+        """Messages waiting in the shared queue, claimed by no daemon yet, as
+        counted by the last L{pickup} (no I/O: for the metrics and the status
+        page, read in the reactor thread)."""
+        return self._waiting
 
     def renew(self) -> float:
         """See L{IQueueStore.renew}."""
