@@ -116,3 +116,66 @@ def test_mailout_demo_runs_on_a_postgresql_queue(uri, postgres_cluster):
     bare = postgres_cluster.fresh_database()
     run = demo(bare)
     assert run.returncode == 1 and "mailout db upgrade" in run.stdout, run.stdout
+
+
+def _staged_and_visible(uri):
+    with psycopg.connect(uri, autocommit=True) as conn:
+        staged = conn.execute("SELECT count(*) FROM mailout.message "
+                              "WHERE staged IS NOT NULL").fetchone()[0]
+    store = PostgresStore(uri)
+    try:
+        return int(staged), sorted(x.entry.qid for x in store.list_entries())
+    finally:
+        store.close()
+
+
+def test_send_on_commit_with_the_transaction_package(uri):
+    """The `transaction` package's two phases on the PostgreSQL queue: at the
+    vote the mail is a staged row (committed, so durable, yet seen by no
+    daemon); the finish makes it incoming; an abort, or a second resource
+    failing its vote, leaves nothing."""
+    import transaction
+
+    from twisted_mailout.apps.builder import build_message
+    from twisted_mailout.apps.mailer import Mailer
+
+    class Failing:
+        def __init__(self, tm):
+            self.transaction_manager = tm
+
+        def abort(self, txn): pass
+        def tpc_begin(self, txn): pass
+        def commit(self, txn): pass
+        def tpc_abort(self, txn): pass
+        def tpc_finish(self, txn): pass
+        def sortKey(self): return "~~~ after the mail"  # votes after the mail's vote
+
+        def tpc_vote(self, txn):
+            seen.append(_staged_and_visible(uri))  # the mail's vote is done
+            raise RuntimeError("database conflict")
+
+    seen: list = []
+    tm = transaction.TransactionManager(explicit=True)
+    mailer = Mailer(uri, transactional=True, transaction_manager=tm)
+
+    def msg(n):
+        return build_message(sender="a@origin.test", to="b@dest.test", subject=f"order {n}",
+                             text="thanks")
+
+    tm.begin()
+    kept = mailer.send(msg(1))
+    assert _staged_and_visible(uri) == (0, [])  # nothing written before the vote
+    tm.commit()
+    assert _staged_and_visible(uri) == (0, [kept])
+    tm.begin()
+    mailer.send(msg(2))
+    tm.abort()
+    assert _staged_and_visible(uri) == (0, [kept])
+    tm.begin()
+    tm.get().join(Failing(tm))
+    mailer.send(msg(3))
+    with pytest.raises(RuntimeError, match="database conflict"):
+        tm.commit()
+    tm.abort()
+    assert seen == [(1, [kept])]  # staged and durable at the vote, invisible
+    assert _staged_and_visible(uri) == (0, [kept])  # and gone after the abort

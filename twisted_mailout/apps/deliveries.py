@@ -123,7 +123,9 @@ class QueueDelivery(Delivery):
     (C{twistd mailout --queue=PATH}) delivers it. No reactor; safe from any
     thread or process. This is how web applications should send.
 
-    @param path: the queue folder (created, mode 0700, when missing).
+    @param path: the queue folder (created, mode 0700, when missing), or a
+        PostgreSQL queue's URI (C{postgresql://...}, docs/postgresql.md; its
+        schema up to date).
     @param dkim: must be L{None}: queued mail is signed by the daemon that
         delivers it (C{twistd mailout --dkim-keys FILE [--dkim-required]}),
         once, before its first attempt; taken only to refuse it clearly.
@@ -139,10 +141,19 @@ class QueueDelivery(Delivery):
             raise ValueError(QUEUE_SIGNING)
         if not path:
             raise ValueError("queue delivery needs a folder path (queue:///var/spool/mailout)")
-        self.queue = Queue(path)
-        self.path = self.queue.path
+        self.queue: Any
+        if path.startswith(("postgresql://", "postgres://")):
+            from twisted_mailout.queue.postgres import PostgresStore
+
+            self.queue = PostgresStore(path)
+            self.path = self.queue.location
+        else:
+            self.queue = Queue(path)
+            self.path = self.queue.path
 
     def url(self) -> str:
+        if self.path.startswith("postgresql://"):
+            return self.path  # (without its password)
         return f"queue://{self.path}"
 
     def send(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
@@ -308,6 +319,8 @@ class SMTPDelivery(Delivery):
 
 _CLASSES = {
     "queue": QueueDelivery,
+    "postgresql": QueueDelivery,
+    "postgres": QueueDelivery,
     "smtp": SMTPDelivery,
     "smtps": SMTPDelivery,
     "memory": MemoryDelivery,
@@ -384,6 +397,9 @@ def parse_url(url: str) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"bad delivery URL {_safe(url)!r}: {e}") from None
     scheme = parts.scheme.lower()
+    if scheme in ("postgresql", "postgres"):
+        # the PostgreSQL queue: the whole URL is its libpq connection URI
+        return {"scheme": scheme, "path": url}
     if scheme not in _CLASSES:
         raise ValueError(f"unknown delivery {scheme or url!r} in {_safe(url)!r}; one of "
                          f"{', '.join(s + '://' for s in _CLASSES)}")

@@ -173,7 +173,15 @@ END $$;
     (3, "claims without an outcome", """
 ALTER TABLE mailout.message ADD COLUMN claims integer NOT NULL DEFAULT 0;
 """),
+    (4, "durable staging", """
+ALTER TABLE mailout.message ADD COLUMN staged timestamptz;
+CREATE INDEX message_staged ON mailout.message (staged) WHERE staged IS NOT NULL;
+"""),
 )
+
+#: Seconds after which a staged message nobody published or discarded (its
+#: writer died between the two phases) is removed by L{PostgresStore.recover}.
+STAGED_GRACE = 3600.0
 
 #: A message claimed this many times with no outcome saved in between is
 #: quarantined at its next claim: each daemon that took it died (or hung)
@@ -392,6 +400,7 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._tokens: dict[str, int] = {}  # qid -> our fencing token
         self._staged: dict[str, bytes] = {}
+        self._synced: set[str] = set()  # staged rows inserted, not yet published
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
         self._body_bytes = 0
         self._waiting = 0
@@ -542,38 +551,81 @@ class PostgresStore:
 
     def stage(self, sender: str | None, recipients: Any, message: object,
               sync: bool = True) -> StagedMessage:
-        """See L{IQueueStore.stage}: the bytes are kept in this object until
-        L{publish} inserts them (a crash leaves nothing behind)."""
+        """See L{IQueueStore.stage}. With C{sync}, the message is inserted
+        now as a staged row (committed, so durable, and seen by no daemon
+        and no listing); without, it is kept in this object until
+        L{sync_staged} inserts a batch (or L{publish} inserts it visible)."""
         _, _, data = queued_bytes(sender, recipients, message, time.time())
         qid = new_queue_id()
         with self._lock:
             self._staged[qid] = data
-        return StagedMessage(qid, f"memory:{qid}", len(data))
+        s = StagedMessage(qid, f"memory:{qid}", len(data))
+        if sync:
+            self.sync_staged([s])
+            return StagedMessage(qid, f"row:{qid}", len(data))
+        return s
 
     def sync_staged(self, staged: Sequence[StagedMessage]) -> None:
-        """See L{IQueueStore.sync_staged}: nothing to do (the commit of
-        L{publish} is the durable step)."""
-
-    def publish(self, staged: Sequence[StagedMessage]) -> list[str]:
-        """See L{IQueueStore.publish}: every staged message inserted in one
-        transaction (its commit makes them durable and visible)."""
+        """See L{IQueueStore.sync_staged}: the messages still in memory are
+        inserted as staged rows, in one transaction."""
         with self._lock:
-            rows = [(s.qid, self._staged.pop(s.qid)) for s in staged if s.qid in self._staged]
-        if len(rows) != len(staged):
-            raise QueueError("publish: a staged message is missing (published or discarded)")
+            rows = [(s.qid, self._staged[s.qid]) for s in staged if s.qid in self._staged]
+        if not rows:
+            return
 
         def insert(conn: Any) -> None:
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO mailout.message (qid, data) VALUES (%s, %s)", rows)
+                cur.executemany("INSERT INTO mailout.message (qid, data, incoming, staged) "
+                                "VALUES (%s, %s, false, now())", rows)
 
         self._run(insert)
-        return [qid for qid, _ in rows]
+        with self._lock:
+            for qid, _ in rows:
+                self._staged.pop(qid, None)
+                self._synced.add(qid)
+
+    def publish(self, staged: Sequence[StagedMessage]) -> list[str]:
+        """See L{IQueueStore.publish}: in one transaction, staged rows become
+        incoming and messages still in memory are inserted incoming (the
+        commit makes them all visible, and durable)."""
+        with self._lock:
+            rows = [(s.qid, self._staged.pop(s.qid)) for s in staged if s.qid in self._staged]
+            synced = [s.qid for s in staged if s.qid in self._synced]
+            self._synced.difference_update(synced)
+        if len(rows) + len(synced) != len(staged):
+            raise QueueError("publish: a staged message is missing (published or discarded)")
+
+        def work(conn: Any) -> int:
+            with conn.cursor() as cur:
+                if rows:
+                    cur.executemany("INSERT INTO mailout.message (qid, data) VALUES (%s, %s)",
+                                    rows)
+            if not synced:
+                return 0
+            return len(conn.execute(
+                "UPDATE mailout.message SET staged = NULL, incoming = true "
+                "WHERE qid = ANY(%s) AND staged IS NOT NULL RETURNING qid",
+                (synced,)).fetchall())
+
+        if self._run(work) != len(synced):
+            raise QueueError("publish: a staged message was removed before it was published "
+                             f"(staged more than {STAGED_GRACE:g}s ago?)")
+        return [s.qid for s in staged]
 
     def discard(self, staged: Sequence[StagedMessage]) -> None:
-        """See L{IQueueStore.discard}."""
+        """See L{IQueueStore.discard}: staged rows deleted, best effort."""
         with self._lock:
             for s in staged:
                 self._staged.pop(s.qid, None)
+            synced = [s.qid for s in staged if s.qid in self._synced]
+            self._synced.difference_update(synced)
+        if synced:
+            try:
+                self._run(lambda c: c.execute(
+                    "DELETE FROM mailout.message WHERE qid = ANY(%s) AND staged IS NOT NULL",
+                    (synced,)))
+            except QueueError:
+                pass  # recover removes them after the grace period
 
     # -- the daemon ----------------------------------------------------------------
 
@@ -602,7 +654,7 @@ class PostgresStore:
     def _claim(self, where: str, limit: int | None, params: dict[str, Any]) -> list[Any]:
         sql = f"""
             WITH picked AS (
-                SELECT qid FROM mailout.message WHERE {where}
+                SELECT qid FROM mailout.message WHERE staged IS NULL AND ({where})
                 ORDER BY qid {'LIMIT %(limit)s' if limit is not None else ''}
                 FOR UPDATE SKIP LOCKED)
             UPDATE mailout.message m
@@ -619,6 +671,12 @@ class PostgresStore:
         """See L{IQueueStore.recover}: take every picked-up entry that no
         live owner holds (this owner's from an earlier run included)."""
         problems: list[str] = []
+        stale = self._run(lambda c: c.execute(
+            "DELETE FROM mailout.message WHERE staged < now() - make_interval(secs => %s) "
+            "RETURNING qid", (STAGED_GRACE,)).fetchall())
+        if stale:
+            problems.append(f"removed {len(stale)} staged messages never published (their "
+                            f"writer stopped between the two phases)")
         rows = self._claim("NOT incoming AND (owner IS NULL OR owner = %(me)s "
                            "OR lease_expires <= now())", None, {})
         due: list[tuple[str, float | None]] = []
@@ -796,7 +854,7 @@ class PostgresStore:
             with conn.cursor(name="mailout_list") as cur:
                 cur.itersize = 500
                 cur.execute(f"SELECT {_ENTRY_COLUMNS}, incoming FROM mailout.message "
-                            "ORDER BY incoming DESC, qid")
+                            "WHERE staged IS NULL ORDER BY incoming DESC, qid")
                 for row in cur:
                     try:
                         entry = self._entry(row)
