@@ -220,3 +220,60 @@ def test_backlog_counts_the_shared_queues_unclaimed_mail(uri):
     assert one.backlog() == 3  # what waits for any daemon, as of that pickup
     two.pickup(1)
     assert two.backlog() == 2 and one.backlog() == 3  # no I/O: the last count
+
+
+def test_a_report_and_the_state_that_says_it_was_made_are_one_transaction(uri):
+    one, two = stores(uri)
+    qid = one.enqueue("a@example.com", ["b@example.org"], MSG)
+    [entry], _ = one.pickup()
+    entry.bounced_reported.append("b@example.org")
+    dsn = one.save_with_report(entry, "", ["a@example.com"], b"Subject: report\r\n\r\nx\r\n")
+    assert one.load(qid).bounced_reported == ["b@example.org"]
+    assert dsn in [x.entry.qid for x in one.list_entries()]
+    # under a lost lease: neither the state nor the report
+    wait_for(lambda: db_now(uri) > entry.lease.expires, 10, what="the lease's end")
+    taken = [e for e in two.pickup().entries if e.qid == qid]
+    assert taken
+    entry.bounced_reported.append("c@example.org")
+    with pytest.raises(LeaseLost):
+        one.save_with_report(entry, "", ["a@example.com"], b"Subject: again\r\n\r\nx\r\n")
+    assert len(one.list_entries()) == 2  # the message and the first report only
+    assert two.load(qid).bounced_reported == ["b@example.org"]
+
+
+def test_a_bounce_on_a_shared_store_is_made_with_its_state(uri):
+    """The scheduler's bounce path on the PostgreSQL store goes through
+    save_with_report: the DSN exists and the entry is marked reported."""
+    from twisted.internet import defer, task
+
+    from twisted_mailout.delivery.connector import Attempt
+    from twisted_mailout.delivery.scheduler import Scheduler
+
+    calls = []
+
+    class Refusing:
+        def deliver(self, dest, sender, recipients, open_source, *a, **kw):
+            with open_source() as f:
+                calls.append((sender, list(recipients), f.read()))
+            return defer.succeed(Attempt({r: Reply(550, "5.1.1 no such user")
+                                          if r.startswith("gone@") else Reply(250, "2.0.0 ok")
+                                          for r in recipients}, "mx[192.0.2.1]:25"))
+
+        def close(self):
+            return defer.succeed(None)
+
+    [store] = stores(uri, n=1, lease=60)
+    store.enqueue("a@example.com", ["gone@example.org"], MSG)
+    clock = task.Clock()
+    clock.advance(db_now(uri))
+    sched = Scheduler(store, Refusing(), clock)
+    d = sched.start()
+    for _ in range(5):
+        clock.advance(0)  # (everything runs inline: the store calls block here)
+    assert d.called
+    # the message bounced, its report was made once and delivered to the sender
+    assert [(snd, rcpts) for snd, rcpts, _ in calls] == [
+        ("a@example.com", ["gone@example.org"]), ("", ["a@example.com"])]
+    assert b"5.1.1" in calls[1][2]
+    assert store.list_entries() == []  # both finished
+    sched.stop()

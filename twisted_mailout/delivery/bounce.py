@@ -165,6 +165,11 @@ async def warn_delay(store: IQueueStore, run_blocking: Any, entry: QueueEntry, n
     deferred = [rs for rs in entry.recipients if rs.state is RecipientState.DEFERRED]
     if not deferred:
         return False
+    if hasattr(store, "save_with_report"):
+        qid = await run_blocking(_report_atomically, store, entry, deferred, reporting_mta,
+                                 at, "delayed")
+        log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
+        return True
     qid = await run_blocking(enqueue_dsn, store, entry, deferred, reporting_mta, at,
                              "delayed")
     log.info("{qid}: sender delay notification: {dsn_qid}", qid=entry.qid, dsn_qid=qid)
@@ -186,6 +191,14 @@ async def report_bounces(store: IQueueStore, run_blocking: Any, entry: QueueEntr
     if not unreported:
         return False
     queued = False
+    if entry.sender and hasattr(store, "save_with_report"):
+        # a shared store: the report and the entry's "reported" state in one
+        # transaction, so the report exists exactly once
+        qid = await run_blocking(_report_atomically, store, entry, unreported,
+                                 reporting_mta, at, "failed")
+        log.info("{qid}: sender non-delivery notification: {dsn_qid}", qid=entry.qid,
+                 dsn_qid=qid)
+        return True
     if not entry.sender:
         for rs in unreported:
             log.warn("{qid}: bounce to <{rcpt}> undeliverable; dropped ({reply})",
@@ -200,3 +213,23 @@ async def report_bounces(store: IQueueStore, run_blocking: Any, entry: QueueEntr
     if not entry.done:
         await run_blocking(store.save_many, [entry])
     return queued
+
+
+def _report_atomically(store: Any, entry: QueueEntry, rcpts: list[RecipientStatus],
+                       reporting_mta: str, at: float, action: str) -> str:
+    """Blocking: build the DSN and save it with the entry marked as reported
+    (C{store.save_with_report}, one transaction); on any failure the mark
+    is undone, so a retry makes the report again."""
+    head, _ = split_headers(store.read_headers(entry))
+    dsn = make_dsn(entry, b"".join(head), rcpts, reporting_mta, at, action)
+    before = (list(entry.bounced_reported), entry.delay_warned)
+    if action == "delayed":
+        entry.delay_warned = True
+    else:
+        entry.bounced_reported.extend(rs.address for rs in rcpts)
+    try:
+        qid: str = store.save_with_report(entry, "", [entry.sender], dsn)
+    except BaseException:
+        entry.bounced_reported[:], entry.delay_warned = before
+        raise
+    return qid

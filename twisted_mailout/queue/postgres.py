@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from twisted_mailout.errors import QueueError
-from twisted_mailout.queue.interface import IQueueStore, enqueue_staged
+from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import (
     CorruptEntry,
     EntryNotFound,
@@ -48,6 +48,7 @@ from twisted_mailout.queue.model import (
     Recovery,
     StagedMessage,
     Suspension,
+    check_batch,
     header_block,
     new_queue_id,
     parse_envelope_line,
@@ -543,11 +544,20 @@ class PostgresStore:
 
     def enqueue(self, sender: str | None, recipients: Any, message: object) -> str:
         """See L{IQueueStore.enqueue}: one committed INSERT."""
-        return self.publish([self.stage(sender, recipients, message)])[0]
+        return self.publish([self.stage(sender, recipients, message, sync=False)])[0]
 
     def enqueue_many(self, items: Iterable[tuple[Any, Any, Any]]) -> list[str]:
-        """See L{IQueueStore.enqueue_many}: one transaction for the batch."""
-        return enqueue_staged(self, items)
+        """See L{IQueueStore.enqueue_many}: every item checked first, then one
+        INSERT transaction for the batch (no staged rows: the commit is the
+        only durable step)."""
+        staged: list[StagedMessage] = []
+        try:
+            for sender, recipients, message in check_batch(items):
+                staged.append(self.stage(sender, recipients, message, sync=False))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return self.publish(staged)
 
     def stage(self, sender: str | None, recipients: Any, message: object,
               sync: bool = True) -> StagedMessage:
@@ -602,10 +612,12 @@ class PostgresStore:
                                     rows)
             if not synced:
                 return 0
-            return len(conn.execute(
+            n = len(conn.execute(
                 "UPDATE mailout.message SET staged = NULL, incoming = true "
                 "WHERE qid = ANY(%s) AND staged IS NOT NULL RETURNING qid",
                 (synced,)).fetchall())
+            conn.execute("SELECT pg_notify('mailout_new', '')")  # (the trigger is on INSERT)
+            return n
 
         if self._run(work) != len(synced):
             raise QueueError("publish: a staged message was removed before it was published "
@@ -786,6 +798,42 @@ class PostgresStore:
         if lost:
             self._forget(lost)
             raise LeaseLost(frozenset(lost), f"not saved by {self.owner}")
+
+    def save_with_report(self, entry: QueueEntry, sender: str, recipients: list[str],
+                         message: bytes) -> str:
+        """Save C{entry}'s state and enqueue a report about it (a DSN) in one
+        transaction, fenced as L{save_many}: both are written or neither,
+        so a report exists exactly once whichever daemon dies when.
+
+        @param entry: the entry, its state already saying the report is made
+            (C{bounced_reported}, C{delay_warned}).
+        @param sender: the report's envelope sender (C{""}: null).
+        @param recipients: its recipients.
+        @param message: its bytes.
+        @return: the report's queue id.
+        @raise LeaseLost: another owner holds C{entry} now; nothing written.
+        @raise DatabaseUnavailable: nothing written (retried by the caller).
+        """
+        _, _, data = queued_bytes(sender, recipients, message, time.time())
+        qid = new_queue_id()
+        [(_, token)] = self._tokens_of([entry.qid])
+
+        def work(conn: Any) -> bool:
+            written = conn.execute(
+                "UPDATE mailout.message SET state = %s::jsonb, held = %s, claims = 0 "
+                "WHERE qid = %s AND owner = %s AND token = %s RETURNING qid",
+                (json.dumps(entry.to_json()), bool(entry.held), entry.qid, self.owner,
+                 token)).fetchone()
+            if written is None:
+                return False  # (the transaction commits nothing else)
+            conn.execute("INSERT INTO mailout.message (qid, data) VALUES (%s, %s)",
+                         (qid, data))
+            return True
+
+        if not self._run(work):
+            self._forget([entry.qid])
+            raise LeaseLost(frozenset({entry.qid}), f"report not made by {self.owner}")
+        return qid
 
     def remove_many(self, qids: Sequence[str]) -> None:
         """See L{IQueueStore.remove_many}: one transaction, fenced as
