@@ -65,7 +65,7 @@ def test_one_daemon_delivers_a_postgresql_queue(tmp_path, pg_uri):
 
 def test_three_daemons_share_the_queue_and_one_is_killed(tmp_path, pg_uri):
     upgrade(pg_uri)
-    n = 1500
+    n = 5000
     fill(pg_uri, n)
     sink = AiosmtpdSink("127.0.0.1").start()
     ds = [daemon(tmp_path, pg_uri, sink, f"d{i}", "--lease-duration=3",
