@@ -202,3 +202,47 @@ def test_a_daemon_cut_off_from_postgresql_sends_no_final_dot_after_its_lease(
     assert twice <= {subject(m) for m in by_a}
     print(f"network cut: a sent {len(by_a)}, b {len(sink_b.messages)}, "
           f"duplicates {len(twice)}")
+
+
+def test_queue_commands_get_messages_back_from_a_running_daemon(tmp_path, pg_uri):
+    """`mailout queue --queue postgresql://... hold ALL` while a daemon holds
+    deferred messages: the daemon gives them back (its log says so), the
+    command holds them; `release` and `flush` then send them at once, through
+    the daemon, without its 10-minute retry wait."""
+    import subprocess
+    import sys
+
+    from tests.support.daemon import ROOT, env
+
+    upgrade(pg_uri)
+    fill(pg_uri, 3)
+    refuse = [True]
+    sink = AiosmtpdSink("127.0.0.1", data_reply=lambda r: "451 4.3.0 later" if refuse[0]
+                        else None).start()
+    d = daemon(tmp_path, pg_uri, sink, "d0", "--retry-base=600", "--retry-max=600").start()
+
+    def queue(*args):
+        return subprocess.run([sys.executable, "-m", "twisted_mailout.daemon.cli", "queue",
+                               "--queue", pg_uri, *args], capture_output=True, text=True,
+                              timeout=60, env=env(), cwd=str(ROOT))
+
+    def rows_held():
+        with psycopg.connect(pg_uri, autocommit=True) as conn:
+            return conn.execute("SELECT held, owner FROM mailout.message").fetchall()
+
+    try:
+        wait_for(lambda: d.log().count("status=deferred") == 3, 30, what="three deferrals")
+        run = queue("hold", "ALL", "--reason", "audit")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert rows_held() == [(True, None)] * 3
+        wait_for(lambda: "gave 3 of 3 messages back to an operator" in d.log(), 10,
+                 what="the daemon's line")
+        refuse[0] = False
+        for action in ("release", "flush"):
+            run = queue(action, "ALL")
+            assert run.returncode == 0, run.stdout + run.stderr
+        sink.wait_for_messages(3, timeout=30)
+        wait_for(lambda: rows(pg_uri) == 0, 30, what="the queue emptied")
+    finally:
+        d.stop()
+        sink.stop()

@@ -258,23 +258,24 @@ def _open_folder(path: str) -> Queue | None:
 
 
 def _open_database(uri: str, writes: bool) -> Backend:
-    """A PostgreSQL queue, read from this process (any machine).
+    """A PostgreSQL queue, from this process (any machine): read directly;
+    changed through L{SharedBackend}, which gets the messages from the
+    daemons holding them first.
 
-    @raise CommandError: a command that changes the queue (not built yet on
-        a shared queue: 69), or the database cannot be used (69, 75).
+    @raise CommandError: the database cannot be used (69).
     """
-    if writes:
-        raise CommandError(
-            "changing a PostgreSQL queue from the command line is not built yet (issue 13): "
-            "list, show, summary and suspensions work here; for the messages one daemon "
-            "holds, use that daemon's API (--api URL)", EX_UNAVAILABLE)
     try:
         from twisted_mailout.queue.postgres import PostgresStore
     except ImportError:
         raise CommandError("psycopg is not installed: pip install "
                            "'twisted_mailout[postgresql]'", EX_UNAVAILABLE) from None
     try:
-        return OfflineBackend(PostgresStore(uri, owner=f"mailout-queue-{os.getpid()}"))
+        store = PostgresStore(uri, owner=f"mailout-queue-{os.getpid()}")
+        if writes:
+            from twisted_mailout.daemon.queueshared import SharedBackend
+
+            return SharedBackend(store)
+        return OfflineBackend(store)
     except QueueError as e:
         raise CommandError(str(e), EX_UNAVAILABLE) from None
 

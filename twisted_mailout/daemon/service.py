@@ -242,6 +242,30 @@ class DeliveryService(service.MultiService):
         self._waiting.append(w)
         return w
 
+    async def give_back_requested(self) -> int:
+        """Carry out the operators' requests to this daemon on a shared
+        queue (C{mailout queue ACTION --queue postgresql://...}): take the
+        messages out of the schedule (work in flight on them finishes and its
+        outcome is saved first), hand their leases to the command that asked,
+        and mark each request done, so the command can claim them and act.
+
+        @return: how many messages were given back.
+        """
+        run = thread_io(self.reactor)
+        sched, store = self.scheduler, self.queue
+        given = 0
+        for rid, qids in await run(store.pending_requests):
+            taken = await sched.take(qids)
+            # handed to the command (an outcome still being written stays ours)
+            await run(store.finish_request, rid, taken)
+            for qid in taken:
+                sched.give_back(qid, None)
+                sched.on_hold.discard(qid)
+            log.info("gave {n} of {asked} messages back to an operator (request {rid})",
+                     n=len(taken), asked=len(qids), rid=rid)
+            given += len(taken)
+        return given
+
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready (C{/readyz}); empty when it is: the
         queue is recovered, its lock held, and the reactor not stalled.
@@ -391,6 +415,7 @@ class _PickupService(service.Service):
             listener = threading.Thread(
                 target=owner.queue.listen, args=(self._notified_in_thread,
                                                  self._stop_listening),
+                kwargs={"on_admin": self._admin_in_thread},
                 name="mailout-listen", daemon=True)
             listener.start()
             self._listener = listener
@@ -425,6 +450,15 @@ class _PickupService(service.Service):
         self._wake_pending = False
         if self.running:
             self._owner.scheduler.pickup()
+
+    def _admin_in_thread(self) -> None:
+        """An operator asked this daemon for messages (listener thread)."""
+        self._owner.reactor.callFromThread(self._serve_admin)
+
+    def _serve_admin(self) -> None:
+        if self.running:
+            d = defer.Deferred.fromCoroutine(self._owner.give_back_requested())
+            d.addErrback(lambda f: log.failure("an operator's request failed", f))
 
     def stopService(self) -> None:
         super().stopService()

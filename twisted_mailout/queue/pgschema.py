@@ -136,6 +136,17 @@ ALTER TABLE mailout.message ADD COLUMN claims integer NOT NULL DEFAULT 0;
 ALTER TABLE mailout.message ADD COLUMN staged timestamptz;
 CREATE INDEX message_staged ON mailout.message (staged) WHERE staged IS NOT NULL;
 """),
+    (5, "operators' requests", """
+CREATE TABLE mailout.admin_request (
+    id      bigserial PRIMARY KEY,
+    owner   text NOT NULL,          -- the daemon asked to give messages back
+    requester text NOT NULL,        -- to whom (the operator's command)
+    qids    text[] NOT NULL,
+    created timestamptz NOT NULL DEFAULT now(),
+    done    timestamptz
+);
+CREATE INDEX admin_request_pending ON mailout.admin_request (owner) WHERE done IS NULL;
+"""),
 )
 
 

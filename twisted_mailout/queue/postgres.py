@@ -199,7 +199,8 @@ class PostgresStore:
                 self._local.conn = None
             raise DatabaseUnavailable(f"{self.location}: {one_line(e)}") from None
 
-    def listen(self, on_new: Any, stop: threading.Event, retry: float = 5.0) -> None:
+    def listen(self, on_new: Any, stop: threading.Event, retry: float = 5.0,
+               on_admin: Any = None) -> None:
         """Call C{on_new()} whenever mail is published (LISTEN on the channel
         C{mailout_new}, which an INSERT trigger notifies), until C{stop} is
         set. Blocks: run it in a thread of its own, on its own connection.
@@ -212,6 +213,9 @@ class PostgresStore:
             thread-safe (the daemon hands it to the reactor).
         @param stop: set to end the loop (checked at least every second).
         @param retry: seconds between reconnection attempts.
+        @param on_admin: called (in this thread) when an operator asks this
+            owner to give messages back (L{ask_release}), and once after each
+            (re)connection; L{None}: not listened for.
         """
         import psycopg
         from twisted.logger import Logger
@@ -222,10 +226,17 @@ class PostgresStore:
             try:
                 conn = connect(self.uri, self.password)
                 conn.execute("LISTEN mailout_new")
+                if on_admin is not None:
+                    conn.execute("LISTEN mailout_admin")
+                    on_admin()
                 on_new()
                 while not stop.is_set():
-                    for _ in conn.notifies(timeout=1.0, stop_after=1):
-                        on_new()
+                    for n in conn.notifies(timeout=1.0, stop_after=1):
+                        if n.channel == "mailout_admin":
+                            if on_admin is not None and n.payload == self.owner:
+                                on_admin()
+                        else:
+                            on_new()
             except (psycopg.Error, DatabaseUnavailable) as e:
                 log.warn("{where}: LISTEN for new mail failed ({err}); again in {retry:g}s, "
                          "polling meanwhile", where=self.location,
@@ -495,9 +506,13 @@ class PostgresStore:
         """See L{IQueueStore.release}."""
         if not qids:
             return
-        self._run(lambda c: c.execute(
-            "UPDATE mailout.message SET owner = NULL, token = NULL, lease_expires = NULL "
-            "WHERE qid = ANY(%s) AND owner = %s", (list(qids), self.owner)))
+        def work(conn: Any) -> None:
+            conn.execute("UPDATE mailout.message SET owner = NULL, token = NULL, "
+                         "lease_expires = NULL WHERE qid = ANY(%s) AND owner = %s",
+                         (list(qids), self.owner))
+            conn.execute("SELECT pg_notify('mailout_new', '')")  # another daemon may take them
+
+        self._run(work)
         self._forget(qids)
 
     def load(self, qid: str) -> QueueEntry:
@@ -590,6 +605,80 @@ class PostgresStore:
             self._forget([entry.qid])
             raise LeaseLost(frozenset({entry.qid}), f"report not made by {self.owner}")
         return qid
+
+    # -- an operator's hands on a shared queue ---------------------------------
+
+    def seize(self, qids: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+        """Claim C{qids} for this owner (an operator's command) where no live
+        daemon holds them: new mail, released rows, expired leases, and this
+        owner's own.
+
+        @return: C{(seized, held)}: the queue ids now held here, and
+            C{{owner: [queue ids]}} of those a live daemon holds (ask it with
+            L{ask_release}). Unknown ids are in neither.
+        """
+        if not qids:
+            return [], {}
+        problems: list[str] = []
+        rows = self._claim("qid = ANY(%(qids)s) AND (incoming OR owner IS NULL OR "
+                           "owner = %(me)s OR lease_expires <= now())", None,
+                           {"qids": list(qids)})
+        seized = [e.qid for e in self._claimed(rows, problems)]
+        others = self._run(lambda c: c.execute(
+            "SELECT owner, qid FROM mailout.message WHERE qid = ANY(%s) AND owner <> %s "
+            "AND lease_expires > now() ORDER BY qid", (list(qids), self.owner)).fetchall())
+        held: dict[str, list[str]] = {}
+        for owner, qid in others:
+            held.setdefault(owner, []).append(qid)
+        return seized, held
+
+    def ask_release(self, owner: str, qids: Sequence[str]) -> int:
+        """Ask the daemon C{owner} to give C{qids} back (it finishes what it
+        has in flight on them, then releases their leases), through the
+        table C{mailout.admin_request} and a NOTIFY on C{mailout_admin}.
+
+        @return: the request's id (see L{request_done}).
+        """
+        def work(conn: Any) -> int:
+            rid = conn.execute("INSERT INTO mailout.admin_request (owner, requester, qids) "
+                               "VALUES (%s, %s, %s) RETURNING id",
+                               (owner, self.owner, list(qids))).fetchone()[0]
+            conn.execute("SELECT pg_notify('mailout_admin', %s)", (owner,))
+            return int(rid)
+
+        return int(self._run(work))
+
+    def request_done(self, rid: int) -> bool:
+        """Whether request C{rid} has been carried out."""
+        row = self._run(lambda c: c.execute(
+            "SELECT done IS NOT NULL FROM mailout.admin_request WHERE id = %s",
+            (rid,)).fetchone())
+        return bool(row and row[0])
+
+    def pending_requests(self) -> list[tuple[int, list[str]]]:
+        """The operators' requests to this owner not carried out yet:
+        C{[(id, queue ids)]}, oldest first."""
+        rows = self._run(lambda c: c.execute(
+            "SELECT id, qids FROM mailout.admin_request WHERE owner = %s AND done IS NULL "
+            "ORDER BY id", (self.owner,)).fetchall())
+        return [(int(r[0]), list(r[1])) for r in rows]
+
+    def finish_request(self, rid: int, qids: Sequence[str]) -> None:
+        """Carry out request C{rid}: hand this owner's leases on C{qids} to
+        the command that asked (its owner name, for a minute: it claims them
+        at once), so that no daemon, this one included, takes them meanwhile;
+        and mark the request done. One transaction."""
+        def work(conn: Any) -> None:
+            conn.execute(
+                "UPDATE mailout.message m SET owner = r.requester, token = NULL, "
+                "lease_expires = now() + interval '60 seconds' FROM mailout.admin_request r "
+                "WHERE r.id = %s AND m.qid = ANY(%s) AND m.owner = %s",
+                (rid, list(qids), self.owner))
+            conn.execute("UPDATE mailout.admin_request SET done = now() WHERE id = %s",
+                         (rid,))
+
+        self._run(work)
+        self._forget(qids)
 
     def remove_many(self, qids: Sequence[str]) -> None:
         """See L{IQueueStore.remove_many}: one transaction, fenced as
