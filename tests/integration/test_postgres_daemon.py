@@ -243,6 +243,11 @@ def test_queue_commands_get_messages_back_from_a_running_daemon(tmp_path, pg_uri
             assert run.returncode == 0, run.stdout + run.stderr
         sink.wait_for_messages(3, timeout=30)
         wait_for(lambda: rows(pg_uri) == 0, 30, what="the queue emptied")
+        # a suspension made from the command line reaches the running daemon
+        run = queue("suspend", "--domain", "dest.test", "--duration", "1h")
+        assert run.returncode == 0, run.stdout + run.stderr
+        wait_for(lambda: "suspensions reloaded from the shared queue: 1 in force" in d.log(),
+                 10, what="the daemon reloading the suspensions")
     finally:
         d.stop()
         sink.stop()

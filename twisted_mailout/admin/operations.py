@@ -158,6 +158,33 @@ class QueueAdmin:
 
         return self.run_blocking(self.store.suspensions).addCallback(loaded)
 
+    def reload_suspensions(self) -> defer.Deferred[int]:
+        """Replace L{suspensions} with the saved ones (a shared queue's
+        operator changed them from another machine); the mail of a domain
+        whose suspension is gone is due at once.
+
+        @return: Deferred firing with how many are in force.
+        @raise QueueError: (in the Deferred) they cannot be read.
+        """
+        async def run() -> int:
+            items = await self.run_blocking(self.store.suspensions)
+            now = self.clock.seconds()
+            saved = {s.id for s in items if s.until > now}
+            ended = [s for s in self.suspensions.active(now) if s.id not in saved]
+            for s in ended:
+                self.suspensions.cancel(s.id)
+            for s in items:
+                if s.until > now:
+                    self.suspensions.add(s)
+            if self.scheduler is not None:
+                for s in ended:
+                    await self._reschedule_domain(s.domain)
+            n = len(self.suspensions.active(now))
+            log.info("suspensions reloaded from the shared queue: {n} in force", n=n)
+            return n
+
+        return defer.Deferred.fromCoroutine(run())
+
     # -- reading ---------------------------------------------------------------
 
     def _in_flight(self) -> frozenset[str]:

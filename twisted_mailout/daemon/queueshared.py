@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted_mailout.daemon.queueback import EX_UNAVAILABLE, CommandError, OfflineBackend
+from twisted_mailout.daemon.queueback import OfflineBackend
 
 if TYPE_CHECKING:
     from twisted_mailout.admin import Selector
@@ -83,18 +83,6 @@ class SharedBackend(OfflineBackend):
         result["skipped"] = {**result.get("skipped", {}), **skipped}
         return result
 
-    def suspend(self, domain: str, duration: float, reason: str) -> dict[str, Any]:
-        """Refused for now: running daemons read suspensions at start only.
-
-        @raise CommandError: always (69).
-        """
-        raise CommandError("suspending a destination of a PostgreSQL queue from the command "
-                           "line is not built yet (the daemons read suspensions when they "
-                           "start): use a daemon's API (--api URL)", EX_UNAVAILABLE)
-
-    def cancel_suspension(self, sid: str, reason: str) -> dict[str, Any]:
-        """Refused for now, as L{suspend}. @raise CommandError: always (69)."""
-        return self.suspend("", 0, reason)
 
     def close(self) -> None:
         """Close the database connection."""

@@ -451,14 +451,20 @@ class _PickupService(service.Service):
         if self.running:
             self._owner.scheduler.pickup()
 
-    def _admin_in_thread(self) -> None:
-        """An operator asked this daemon for messages (listener thread)."""
-        self._owner.reactor.callFromThread(self._serve_admin)
+    def _admin_in_thread(self, what: str) -> None:
+        """An operator asked this daemon for messages, or changed the
+        suspensions (listener thread)."""
+        self._owner.reactor.callFromThread(self._serve_admin, what)
 
-    def _serve_admin(self) -> None:
-        if self.running:
+    def _serve_admin(self, what: str) -> None:
+        if not self.running:
+            return
+        d: defer.Deferred[Any]
+        if what == "suspensions":
+            d = self._owner.admin.reload_suspensions()
+        else:
             d = defer.Deferred.fromCoroutine(self._owner.give_back_requested())
-            d.addErrback(lambda f: log.failure("an operator's request failed", f))
+        d.addErrback(lambda f: log.failure("an operator's request failed", f))
 
     def stopService(self) -> None:
         super().stopService()

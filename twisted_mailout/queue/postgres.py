@@ -213,9 +213,11 @@ class PostgresStore:
             thread-safe (the daemon hands it to the reactor).
         @param stop: set to end the loop (checked at least every second).
         @param retry: seconds between reconnection attempts.
-        @param on_admin: called (in this thread) when an operator asks this
-            owner to give messages back (L{ask_release}), and once after each
-            (re)connection; L{None}: not listened for.
+        @param on_admin: called (in this thread) as C{on_admin(what)}: with
+            this owner's name when an operator asks it to give messages back
+            (L{ask_release}), with C{"suspensions"} when an operator changed
+            the suspensions (L{save_suspensions}); both once after each
+            (re)connection. L{None}: not listened for.
         """
         import psycopg
         from twisted.logger import Logger
@@ -228,13 +230,15 @@ class PostgresStore:
                 conn.execute("LISTEN mailout_new")
                 if on_admin is not None:
                     conn.execute("LISTEN mailout_admin")
-                    on_admin()
+                    on_admin(self.owner)
+                    on_admin("suspensions")
                 on_new()
                 while not stop.is_set():
                     for n in conn.notifies(timeout=1.0, stop_after=1):
                         if n.channel == "mailout_admin":
-                            if on_admin is not None and n.payload == self.owner:
-                                on_admin()
+                            if on_admin is not None and n.payload in (self.owner,
+                                                                      "suspensions"):
+                                on_admin(n.payload)
                         else:
                             on_new()
             except (psycopg.Error, DatabaseUnavailable) as e:
@@ -780,6 +784,8 @@ class PostgresStore:
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO mailout.suspension (id, position, doc) "
                                 "VALUES (%s, %s, %s::jsonb)", docs)
+            # every daemon on the queue reloads them
+            conn.execute("SELECT pg_notify('mailout_admin', 'suspensions')")
 
         self._run(work)
 
