@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
@@ -111,24 +112,41 @@ def drain_postgres(tmp: Path, sink: Sink, cluster, n: int, daemons: int
     return n / (t1 - t0), cpu / n * 1000, pg / n * 1000
 
 
-def outbox_rate(cluster, n: int) -> float:
-    """Inserts a second, one committed transaction each (psycopg, one client)."""
+def _outbox_client(uri: str, n: int, start: Any) -> None:
     import psycopg
 
     from twisted_mailout import enqueue
+
+    data = message(0, 2048)
+    with psycopg.connect(uri) as conn:
+        start.wait()
+        for _ in range(n):
+            enqueue(conn, SENDER, ["sink@dest.test"], data)
+            conn.commit()
+
+
+def outbox_rate(cluster, n: int, clients: int = 1) -> float:
+    """Inserts a second, one committed transaction each (psycopg), from
+    C{clients} processes enqueueing C{n} messages each."""
+    import multiprocessing
+
     from twisted_mailout.queue.postgres import upgrade
 
     uri = cluster.fresh_database()
     upgrade(uri)
-    data = message(0, 2048)
-    with psycopg.connect(uri) as conn:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            enqueue(conn, SENDER, ["sink@dest.test"], data)
-            conn.commit()
-        t1 = time.perf_counter()
+    start = multiprocessing.Event()
+    procs = [multiprocessing.Process(target=_outbox_client, args=(uri, n, start))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # every client connected
+    t0 = time.perf_counter()
+    start.set()
+    for p in procs:
+        p.join(600)
+    t1 = time.perf_counter()
     cluster.drop_database(uri.split("?")[0].rsplit("/", 1)[1])
-    return n / (t1 - t0)
+    return n * clients / (t1 - t0)
 
 
 def main() -> int:
@@ -157,7 +175,7 @@ def main() -> int:
                 results[case].append(r)
                 print(f"run {run + 1} {case}: {r[0]:.0f} msg/s, daemons {r[1]:.2f} ms CPU/msg, "
                       f"PostgreSQL {r[2]:.2f} ms CPU/msg", flush=True)
-        outbox = outbox_rate(cluster, 2000)
+        outbox = {k: outbox_rate(cluster, 2000, k) for k in (1, 4)}
     finally:
         sink.stop()
         cluster.stop()
@@ -170,7 +188,9 @@ def main() -> int:
         print(f"| {case} | {rate:,.0f} | {rate / base:.2f} | "
               f"{statistics.median(r[1] for r in rows):.2f} | "
               f"{statistics.median(r[2] for r in rows):.2f} |")
-    print(f"\noutbox: {outbox:,.0f} enqueues a second (one client, a commit each)")
+    for k, rate in outbox.items():
+        print(f"outbox: {rate:,.0f} enqueues a second from {k} client process(es), "
+              f"a commit each")
     return 0
 
 
