@@ -287,3 +287,17 @@ def test_a_bounce_on_a_shared_store_is_made_with_its_state(uri):
     assert b"5.1.1" in calls[1][2]
     assert store.list_entries() == []  # both finished
     sched.stop()
+
+
+def test_two_daemons_saving_suspensions_at_once_lose_neither(uri):
+    from twisted_mailout.queue.model import Suspension
+
+    one, two = stores(uri)
+    assert one.suspensions() == [] and two.suspensions() == []
+    a = Suspension("a1", "example.org", "operator", 1.0, 9e9)
+    b = Suspension("b2", "example.net", "rule", 2.0, 9e9)
+    one.save_suspensions([a])      # each saves its own whole set...
+    two.save_suspensions([b])      # ...without having seen the other's
+    assert [s.id for s in one.suspensions()] == ["a1", "b2"]
+    one.save_suspensions([b])      # one cancels its a1 (it knows both now)
+    assert [s.id for s in two.suspensions()] == ["b2"]

@@ -158,6 +158,7 @@ class PostgresStore:
         self._tokens: dict[str, int] = {}  # qid -> our fencing token
         self._staged: dict[str, bytes] = {}
         self._synced: set[str] = set()  # staged rows inserted, not yet published
+        self._known_suspensions: set[str] = set()
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
         self._body_bytes = 0
         self._waiting = 0
@@ -767,27 +768,43 @@ class PostgresStore:
             conn.close()
 
     def suspensions(self) -> list[Suspension]:
-        """See L{IQueueStore.suspensions}."""
+        """See L{IQueueStore.suspensions}; they are remembered as the ones
+        this store object knows (see L{save_suspensions})."""
         rows = self._run(lambda c: c.execute(
-            "SELECT doc FROM mailout.suspension ORDER BY position").fetchall())
+            "SELECT doc FROM mailout.suspension "
+            "ORDER BY (doc->>'created')::double precision, id").fetchall())
         try:
-            return [Suspension.from_json(r[0]) for r in rows]
+            out = [Suspension.from_json(r[0]) for r in rows]
         except (ValueError, KeyError, TypeError) as e:
             raise QueueError(f"{self.location}: a saved suspension is malformed: {e}") from None
+        with self._lock:
+            self._known_suspensions = {s.id for s in out}
+        return out
 
     def save_suspensions(self, suspensions: Sequence[Suspension]) -> None:
-        """See L{IQueueStore.save_suspensions}: replaced in one transaction."""
+        """See L{IQueueStore.save_suspensions}, for a store several daemons
+        write: in one transaction, the suspensions given are written, and
+        those this store object knew (loaded or saved here) and that are not
+        given any more are deleted; a suspension another daemon saved
+        meanwhile, which this one never knew, is kept (no lost update). Every
+        daemon on the queue is told to reload them (NOTIFY)."""
         docs = [(s.id, i, json.dumps(s.to_json())) for i, s in enumerate(suspensions)]
+        given = {s.id for s in suspensions}
+        with self._lock:
+            gone = sorted(self._known_suspensions - given)
 
         def work(conn: Any) -> None:
-            conn.execute("DELETE FROM mailout.suspension")
+            if gone:
+                conn.execute("DELETE FROM mailout.suspension WHERE id = ANY(%s)", (gone,))
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO mailout.suspension (id, position, doc) "
-                                "VALUES (%s, %s, %s::jsonb)", docs)
-            # every daemon on the queue reloads them
+                                "VALUES (%s, %s, %s::jsonb) ON CONFLICT (id) DO UPDATE "
+                                "SET doc = excluded.doc", docs)
             conn.execute("SELECT pg_notify('mailout_admin', 'suspensions')")
 
         self._run(work)
+        with self._lock:
+            self._known_suspensions = given
 
 
 if TYPE_CHECKING:  # mypy proves that PostgresStore implements the interface
