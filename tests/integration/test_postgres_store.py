@@ -230,6 +230,7 @@ def test_backlog_counts_the_shared_queues_unclaimed_mail(uri):
     assert one.backlog() == 3  # what waits for any daemon, as of that pickup
     two.pickup(1)
     assert two.backlog() == 2 and one.backlog() == 3  # no I/O: the last count
+    assert two.shared_counts() == {"incoming": 2, "claimed": 3, "hold": 0, "owners": 2}
 
 
 def test_a_report_and_the_state_that_says_it_was_made_are_one_transaction(uri):

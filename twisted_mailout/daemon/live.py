@@ -60,6 +60,13 @@ class LiveView:
                 "active": shape["active"], "deferred": shape["deferred"],
                 "hold": shape["hold"]}
 
+    def shared_counts(self) -> Mapping[str, int] | None:
+        """The whole queue that several daemons share (a PostgreSQL queue):
+        C{{"incoming", "claimed", "hold", "owners"}} as of the last pickup;
+        L{None} for a queue this daemon holds alone."""
+        counts = getattr(self.scheduler.queue, "shared_counts", None)
+        return counts() if counts is not None else None
+
     def oldest_arrival(self) -> float | None:
         """Arrival (epoch seconds) of the oldest message the scheduler holds."""
         value = self.scheduler.shape(self.clock.seconds())["oldest_arrival"]
@@ -126,7 +133,8 @@ class Observability:
         throttle = getattr(self.live.scheduler, "throttle", None)
         return status_data(self.history, admin=self.admin, config=self.config,
                            queue_counts=self.live.queue_counts(), started=self.started_at,
-                           now=now, throttles=throttle.in_force(now) if throttle else None)
+                           now=now, throttles=throttle.in_force(now) if throttle else None,
+                           shared_queue=self.live.shared_counts())
 
     def start(self) -> None:
         """Observe the log and start sampling (when the service starts)."""

@@ -178,6 +178,8 @@ class LiveSnapshot:
     @ivar idle: idle connections.
     @ivar suspended: suspended destinations.
     @ivar throttled: C{(suspended, slowed)} by the throttling rules.
+    @ivar shared: the whole shared queue (L{LiveView.shared_counts}), or
+        L{None} for a queue held alone.
     """
 
     queue: Mapping[str, int]
@@ -186,6 +188,7 @@ class LiveSnapshot:
     idle: int
     suspended: int
     throttled: tuple[int, int] = (0, 0)
+    shared: Mapping[str, int] | None = None
 
 
 class BoundedLabels:
@@ -294,6 +297,12 @@ class _LiveCollector(Collector):
                                   labels=["state"])
         suspended = GaugeMetricFamily("mailout_suspended_destinations",
                                       "Destinations suspended by an operator")
+        shared = GaugeMetricFamily("mailout_shared_queue_messages",
+                                   "The whole queue several daemons share (PostgreSQL), by "
+                                   "state (incoming: unclaimed; claimed; hold), as of this "
+                                   "daemon's last pickup", labels=["state"])
+        owners = GaugeMetricFamily("mailout_shared_queue_daemons",
+                                   "Daemons holding live leases on the shared queue")
         throttled = GaugeMetricFamily("mailout_throttled_destinations",
                                       "Destinations (or providers) the throttling rules of "
                                       "the shaping file hold now, by action (suspend: "
@@ -309,7 +318,13 @@ class _LiveCollector(Collector):
             suspended.add_metric([], snap.suspended)
             throttled.add_metric(["suspend"], snap.throttled[0])
             throttled.add_metric(["rate"], snap.throttled[1])
+            if snap.shared is not None:
+                for state in ("incoming", "claimed", "hold"):
+                    shared.add_metric([state], snap.shared.get(state, 0))
+                owners.add_metric([], snap.shared.get("owners", 0))
         yield from (queue, oldest, conns, suspended, throttled)
+        if snap is not None and snap.shared is not None:
+            yield from (shared, owners)
 
 
 class _MetricsPage(Resource):
@@ -583,7 +598,8 @@ class Metrics:
                 queue={str(k): int(v) for k, v in live.queue_counts().items()},
                 oldest_age=max(0.0, self.seconds() - oldest) if oldest is not None else 0.0,
                 active=int(active), idle=int(idle), suspended=int(live.suspended()),
-                throttled=_throttled(live))
+                throttled=_throttled(live),
+                shared=getattr(live, "shared_counts", lambda: None)())
         except Exception:  # noqa: BLE001 - a scrape must answer anyway
             log.failure("metrics: reading the live state failed")
             self._errors.labels("live").inc()

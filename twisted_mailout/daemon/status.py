@@ -130,7 +130,8 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
                 started: float | None = None, now: float | None = None,
                 settings: Mapping[str, Any] | None = None,
                 version: str = VERSION,
-                throttles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                throttles: list[dict[str, Any]] | None = None,
+                shared_queue: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The JSON of C{GET /api/v1/status}: everything the status page shows.
 
     Pure and fast (no I/O: milliseconds whatever the queue's size); call it
@@ -151,6 +152,10 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
         reactor), else C{time.time()}.
     @param settings: more settings to show (L{redacted_settings}'s C{extra}).
     @param version: the version shown.
+    @param shared_queue: the whole queue several daemons share (a
+        PostgreSQL queue: C{{"incoming", "claimed", "hold", "owners"}}), or
+        L{None} for a queue this daemon holds alone (C{queue} is then the
+        whole queue; with a shared one it is this daemon's share).
     @param throttles: what the throttling rules hold in force
         (L{ThrottleRules.in_force<twisted_mailout.delivery.throttle.ThrottleRules.in_force>}),
         or L{None} for none.
@@ -176,6 +181,7 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
          "bounces": [{"time", "queue_id", "recipient", "destination",
                       "reply", "code", "outcome"}] (newest first, <= 50),
          "suspensions": [{"id", "domain", "reason", "created", "until"}],
+         "shared_queue": {"incoming", "claimed", "hold", "owners"} or None,
          "throttles": [{"key", "kind" ("suspend" or "rate"), "rule",
                         "reason", "until", and "rate" for kind rate}],
          "settings": {name: value}}
@@ -196,6 +202,7 @@ def status_data(history: History | None, *, admin: _Suspensions | None = None,
         **snap,
         "suspensions": admin.list_suspensions() if admin is not None else [],
         "throttles": list(throttles or []),
+        "shared_queue": dict(shared_queue) if shared_queue is not None else None,
         "settings": redacted_settings(config, settings),
     }
 
@@ -257,6 +264,9 @@ STATUS_SCHEMA: dict[str, Any] = {
             "properties": {"id": {"type": "string"}, "domain": {"type": "string"},
                            "reason": {"type": "string"}, "created": {"type": "number"},
                            "until": {"type": "number"}}}},
+        "shared_queue": {"type": ["object", "null"],
+                         "properties": {k: {"type": "integer", "minimum": 0}
+                                        for k in ("incoming", "claimed", "hold", "owners")}},
         "throttles": {"type": "array", "items": {
             "type": "object", "required": ["key", "kind", "rule", "reason", "until"],
             "properties": {"key": {"type": "string"}, "kind": {"enum": ["suspend", "rate"]},

@@ -161,7 +161,7 @@ class PostgresStore:
         self._known_suspensions: set[str] = set()
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
         self._body_bytes = 0
-        self._waiting = 0
+        self._shared = {"incoming": 0, "claimed": 0, "hold": 0, "owners": 0}
         self.body_cache = body_cache
         version = schema_version(self._conn())
         latest = MIGRATIONS[-1][0]
@@ -483,17 +483,30 @@ class PostgresStore:
                            "(lease_expires <= now() AND owner <> %(me)s)))", limit, {})
         picked = Pickup(self._claimed(rows, problems), problems)
         try:
-            self._waiting = int(self._run(lambda c: c.execute(
-                "SELECT count(*) FROM mailout.message WHERE incoming").fetchone()[0]))
+            row = self._run(lambda c: c.execute(
+                "SELECT count(*) FILTER (WHERE incoming), "
+                "count(*) FILTER (WHERE NOT incoming AND NOT held), "
+                "count(*) FILTER (WHERE held), "
+                "count(DISTINCT owner) FILTER (WHERE lease_expires > now()) "
+                "FROM mailout.message WHERE staged IS NULL").fetchone())
+            self._shared = {"incoming": int(row[0]), "claimed": int(row[1]),
+                            "hold": int(row[2]), "owners": int(row[3])}
         except DatabaseUnavailable:
-            pass  # the count is for the metrics: the last one stands
+            pass  # the counts are for the metrics: the last ones stand
         return picked
 
     def backlog(self) -> int:
         """Messages waiting in the shared queue, claimed by no daemon yet, as
         counted by the last L{pickup} (no I/O: for the metrics and the status
         page, read in the reactor thread)."""
-        return self._waiting
+        return self._shared["incoming"]
+
+    def shared_counts(self) -> dict[str, int]:
+        """The whole shared queue as counted by the last L{pickup} (no I/O):
+        C{{"incoming": unclaimed, "claimed": held by a daemon or released
+        after a claim, "hold": on hold, "owners": daemons holding live
+        leases}}."""
+        return dict(self._shared)
 
     def renew(self) -> float:
         """See L{IQueueStore.renew}."""

@@ -91,6 +91,7 @@ class FakeLive:
         self.conns = (0, 0)
         self.suspensions = 0
         self.throttles = (0, 0)
+        self.shared = None
         self.fail = False
         self.reads = 0
 
@@ -111,6 +112,9 @@ class FakeLive:
 
     def throttled(self) -> tuple[int, int]:
         return self.throttles
+
+    def shared_counts(self):
+        return self.shared
 
 
 # -- outcomes, from the real scheduler ---------------------------------------
@@ -400,6 +404,13 @@ def test_live_gauges_are_read_at_every_scrape() -> None:
     assert value(got, "mailout_suspended_destinations") == 1
     assert value(got, "mailout_throttled_destinations", action="suspend") == 2
     assert value(got, "mailout_throttled_destinations", action="rate") == 1
+    assert "mailout_shared_queue_messages" not in {name for name, _ in got}  # a folder
+    live.shared = {"incoming": 7, "claimed": 5, "hold": 1, "owners": 3}
+    got = samples(m)
+    assert value(got, "mailout_shared_queue_messages", state="incoming") == 7
+    assert value(got, "mailout_shared_queue_messages", state="claimed") == 5
+    assert value(got, "mailout_shared_queue_daemons") == 3
+    live.shared = None
     live.counts = {"hold": 4}
     live.oldest = None
     now[0] += 30
@@ -407,7 +418,7 @@ def test_live_gauges_are_read_at_every_scrape() -> None:
     assert value(got, "mailout_queue_messages", queue_name="hold") == 4
     assert value(got, "mailout_queue_messages", queue_name="active") == 0
     assert value(got, "mailout_queue_oldest_age_seconds") == 0  # empty queue
-    assert live.reads == 2
+    assert live.reads == 3  # one read a scrape
 
 
 def test_a_failing_live_state_leaves_the_gauges_out_and_is_counted() -> None:

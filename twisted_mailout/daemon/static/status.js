@@ -181,6 +181,10 @@
       return [[r.id], [r.domain], [r.reason || "—"], [fmtTime(r.created), "time"],
               [fmtTime(r.until), "time"]];
     });
+    fillTable("shared", d.shared_queue ? [d.shared_queue] : [], function (r) {
+      return [[fmtCount(r.incoming), "num"], [fmtCount(r.claimed), "num"],
+              [fmtCount(r.hold), "num"], [fmtCount(r.owners), "num"]];
+    });
     fillTable("throttles", d.throttles || [], function (r) {
       return [[r.key], [r.kind === "rate" ? "rate " + r.rate : "suspended"], [r.rule],
               [r.reason || "—"], [fmtTime(r.until), "time"]];
