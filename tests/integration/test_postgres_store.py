@@ -302,3 +302,24 @@ def test_two_daemons_saving_suspensions_at_once_lose_neither(uri):
     assert [s.id for s in one.suspensions()] == ["a1", "b2"]
     one.save_suspensions([b])      # one cancels its a1 (it knows both now)
     assert [s.id for s in two.suspensions()] == ["b2"]
+
+
+def test_a_claim_takes_a_run_of_one_destination_first(uri):
+    """New mail for three domains, interleaved: each claim takes the oldest
+    waiting message's destination first (what one daemon's connections to
+    it carry), then fills up by age."""
+    [one] = stores(uri, n=1, lease=60)
+    qids = {d: [] for d in ("a.test", "b.test", "c.test")}
+    for i in range(5):
+        for d in qids:
+            qids[d].append(one.enqueue("x@example.com", [f"r{i}@{d}"], MSG))
+    first, _ = one.pickup(5)
+    assert [e.qid for e in first] == qids["a.test"]
+    second, _ = one.pickup(7)
+    assert [e.qid for e in second][:5] == qids["b.test"]
+    assert [e.qid for e in second][5:] == qids["c.test"][:2]  # then by age
+    with psycopg.connect(uri, autocommit=True) as conn:
+        dest = conn.execute("SELECT mailout.enqueue('x@example.com', ARRAY['u@Mixed.Test'], "
+                            "'Subject: x\r\n\r\nb\r\n'::bytea)").fetchone()[0]
+        assert conn.execute("SELECT dest FROM mailout.message WHERE qid = %s",
+                            (dest,)).fetchone()[0] == "mixed.test"

@@ -147,6 +147,27 @@ CREATE TABLE mailout.admin_request (
 );
 CREATE INDEX admin_request_pending ON mailout.admin_request (owner) WHERE done IS NULL;
 """),
+    (6, "destinations, for claims that keep connections busy", r"""
+ALTER TABLE mailout.message ADD COLUMN dest text;
+CREATE FUNCTION mailout.set_dest() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    nl integer := position('\x0a'::bytea in NEW.data);
+BEGIN
+    -- the domain of the first recipient in the envelope line
+    -- ("X-Mailout-Envelope: " is 20 bytes, then the JSON, then LF)
+    BEGIN
+        NEW.dest := lower(split_part(
+            (convert_from(substring(NEW.data from 21 for nl - 21), 'UTF8')::jsonb
+             -> 'recipients' ->> 0), '@', 2));
+    EXCEPTION WHEN others THEN
+        NEW.dest := NULL;  -- a malformed line: pickup quarantines the message
+    END;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER message_dest BEFORE INSERT ON mailout.message
+    FOR EACH ROW EXECUTE FUNCTION mailout.set_dest();
+CREATE INDEX message_incoming_dest ON mailout.message (dest, qid) WHERE incoming;
+"""),
 )
 
 

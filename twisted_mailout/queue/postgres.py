@@ -435,12 +435,14 @@ class PostgresStore:
             entries.append(entry)
         return entries
 
-    def _claim(self, where: str, limit: int | None, params: dict[str, Any]) -> list[Any]:
-        sql = f"""
-            WITH picked AS (
-                SELECT qid FROM mailout.message WHERE staged IS NULL AND ({where})
-                ORDER BY qid {'LIMIT %(limit)s' if limit is not None else ''}
-                FOR UPDATE SKIP LOCKED)
+    def _claim(self, where: str, limit: int | None, params: dict[str, Any],
+               by_destination: bool = False) -> list[Any]:
+        """Claim rows matching C{where} (oldest first), at most C{limit}, in
+        one transaction. With C{by_destination}, the destination of the
+        oldest waiting message is claimed first, as far as C{limit} allows,
+        and the rest by age: a daemon then gets a run of one destination's
+        mail, which its connections to that destination carry."""
+        update = """
             UPDATE mailout.message m
                SET incoming = false, owner = %(me)s, token = nextval('mailout.lease_token'),
                    lease_expires = now() + make_interval(secs => %(secs)s),
@@ -448,8 +450,30 @@ class PostgresStore:
               FROM picked WHERE m.qid = picked.qid
             RETURNING m.qid, NULL, NULL, m.state, m.owner,
                       extract(epoch from m.lease_expires), m.token, m.data, m.held, m.claims"""
+        bound = "LIMIT %(limit)s" if limit is not None else ""
+        plain = f"""
+            WITH picked AS (
+                SELECT qid FROM mailout.message WHERE staged IS NULL AND ({where})
+                ORDER BY qid {bound} FOR UPDATE SKIP LOCKED) {update}"""
+        first_dest = f"""
+            WITH picked AS (
+                SELECT qid FROM mailout.message
+                 WHERE staged IS NULL AND incoming AND ({where}) AND dest = (
+                       SELECT dest FROM mailout.message WHERE staged IS NULL AND incoming
+                          AND ({where}) ORDER BY qid LIMIT 1)
+                 ORDER BY qid {bound} FOR UPDATE SKIP LOCKED) {update}"""
         args = {"me": self.owner, "secs": self.lease_duration, "limit": limit, **params}
-        return list(self._run(lambda c: c.execute(sql, args).fetchall()))
+
+        def work(conn: Any) -> list[Any]:
+            rows: list[Any] = []
+            if by_destination and limit is not None:
+                rows = list(conn.execute(first_dest, args).fetchall())
+                if len(rows) >= limit:
+                    return rows
+                args["limit"] = limit - len(rows)
+            return rows + list(conn.execute(plain, args).fetchall())
+
+        return list(self._run(work))
 
     def recover(self) -> Recovery:
         """See L{IQueueStore.recover}: take every picked-up entry that no
@@ -480,7 +504,8 @@ class PostgresStore:
         claimed in one transaction."""
         problems: list[str] = []
         rows = self._claim("incoming OR (NOT held AND (owner IS NULL OR "
-                           "(lease_expires <= now() AND owner <> %(me)s)))", limit, {})
+                           "(lease_expires <= now() AND owner <> %(me)s)))", limit, {},
+                           by_destination=True)
         picked = Pickup(self._claimed(rows, problems), problems)
         try:
             row = self._run(lambda c: c.execute(
