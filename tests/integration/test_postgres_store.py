@@ -311,8 +311,8 @@ def test_a_claim_takes_a_run_of_one_destination_first(uri):
     [one] = stores(uri, n=1, lease=60)
     qids = {d: [] for d in ("a.test", "b.test", "c.test")}
     for i in range(5):
-        for d in qids:
-            qids[d].append(one.enqueue("x@example.com", [f"r{i}@{d}"], MSG))
+        for d, ids in qids.items():
+            ids.append(one.enqueue("x@example.com", [f"r{i}@{d}"], MSG))
     first, _ = one.pickup(5)
     assert [e.qid for e in first] == qids["a.test"]
     second, _ = one.pickup(7)
