@@ -10,9 +10,11 @@ driver.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted_mailout.errors import QueueError
+from twisted_mailout.queue.model import new_queue_id, queued_bytes
 
 __all__ = [
     "MIGRATIONS",
@@ -20,7 +22,9 @@ __all__ = [
     "DatabaseUnavailable",
     "SchemaOutOfDate",
     "connect",
+    "enqueue_in",
     "is_postgres_uri",
+    "listen",
     "one_line",
     "redact_uri",
     "schema_version",
@@ -316,3 +320,72 @@ def upgrade(uri: str, password: str | None = None) -> list[tuple[int, str]]:
     finally:
         conn.close()
     return applied
+
+def listen(uri: str, password: str | None, location: str, owner: str, on_new: Any,
+           stop: Any, retry: float = 5.0, on_admin: Any = None) -> None:
+    """The loop of L{PostgresStore.listen<twisted_mailout.queue.postgres.PostgresStore.listen>}
+    (its parameters, and C{uri}, C{password}, C{location} and C{owner} of
+    the store). Blocks until C{stop} (a C{threading.Event}) is set."""
+    import psycopg
+    from twisted.logger import Logger
+
+    log = Logger()
+    while not stop.is_set():
+        conn = None
+        try:
+            conn = connect(uri, password)
+            conn.execute("LISTEN mailout_new")
+            if on_admin is not None:
+                conn.execute("LISTEN mailout_admin")
+                on_admin(owner)
+                on_admin("suspensions")
+            on_new()
+            while not stop.is_set():
+                for n in conn.notifies(timeout=1.0, stop_after=1):
+                    if n.channel == "mailout_admin":
+                        if on_admin is not None and n.payload in (owner,
+                                                                  "suspensions"):
+                            on_admin(n.payload)
+                    else:
+                        on_new()
+        except (psycopg.Error, DatabaseUnavailable) as e:
+            log.warn("{where}: LISTEN for new mail failed ({err}); again in {retry:g}s, "
+                     "polling meanwhile", where=location,
+                     err=one_line(e),
+                     retry=retry)
+            stop.wait(retry)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def enqueue_in(conn: Any, sender: str | None, recipients: Any, message: object) -> str:
+    """Enqueue in the caller's own database transaction (the transactional
+    outbox): the message exists if and only if the caller commits.
+
+    @param conn: an open DB-API connection (psycopg 3's, or Django's
+        C{connection}) or a cursor, to a database whose queue schema is up
+        to date. Nothing is committed here: in autocommit mode the INSERT
+        commits at once.
+    @param sender: envelope sender; C{""}, C{"<>"} or L{None} for null.
+    @param recipients: envelope recipients (a C{str} is one).
+    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
+        and Date added when missing.
+    @return: the queue id.
+    @raise AddressError: a bad sender or recipient, or none.
+    @raise MessageError: an empty message.
+    @raise Exception: the database driver's own error when the INSERT fails
+        (the caller's transaction is then aborted, as for any statement).
+    """
+    _, _, data = queued_bytes(sender, recipients, message, time.time())
+    qid = new_queue_id()
+    sql = "INSERT INTO mailout.message (qid, data) VALUES (%s, %s)"
+    if hasattr(conn, "cursor"):
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, (qid, data))
+        finally:
+            cur.close()
+    else:
+        conn.execute(sql, (qid, data))
+    return qid

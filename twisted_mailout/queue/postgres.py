@@ -42,7 +42,9 @@ from twisted_mailout.queue.pgschema import (
     DatabaseUnavailable,
     SchemaOutOfDate,
     connect,
+    enqueue_in,
     is_postgres_uri,
+    listen,
     one_line,
     redact_uri,
     schema_version,
@@ -89,38 +91,6 @@ STAGED_GRACE = 3600.0
 #: quarantined at its next claim: each daemon that took it died (or hung)
 #: before recording anything, so it may be what kills them.
 MAX_CLAIMS = 5
-
-
-def enqueue_in(conn: Any, sender: str | None, recipients: Any, message: object) -> str:
-    """Enqueue in the caller's own database transaction (the transactional
-    outbox): the message exists if and only if the caller commits.
-
-    @param conn: an open DB-API connection (psycopg 3's, or Django's
-        C{connection}) or a cursor, to a database whose queue schema is up
-        to date. Nothing is committed here: in autocommit mode the INSERT
-        commits at once.
-    @param sender: envelope sender; C{""}, C{"<>"} or L{None} for null.
-    @param recipients: envelope recipients (a C{str} is one).
-    @param message: C{bytes}, C{str} or C{email.message.Message}; Message-ID
-        and Date added when missing.
-    @return: the queue id.
-    @raise AddressError: a bad sender or recipient, or none.
-    @raise MessageError: an empty message.
-    @raise Exception: the database driver's own error when the INSERT fails
-        (the caller's transaction is then aborted, as for any statement).
-    """
-    _, _, data = queued_bytes(sender, recipients, message, time.time())
-    qid = new_queue_id()
-    sql = "INSERT INTO mailout.message (qid, data) VALUES (%s, %s)"
-    if hasattr(conn, "cursor"):
-        cur = conn.cursor()
-        try:
-            cur.execute(sql, (qid, data))
-        finally:
-            cur.close()
-    else:
-        conn.execute(sql, (qid, data))
-    return qid
 
 
 _ENTRY_COLUMNS = ("qid, substring(data from 1 for 65536), length(data), state, owner, "
@@ -220,37 +190,8 @@ class PostgresStore:
             the suspensions (L{save_suspensions}); both once after each
             (re)connection. L{None}: not listened for.
         """
-        import psycopg
-        from twisted.logger import Logger
-
-        log = Logger()
-        while not stop.is_set():
-            conn = None
-            try:
-                conn = connect(self.uri, self.password)
-                conn.execute("LISTEN mailout_new")
-                if on_admin is not None:
-                    conn.execute("LISTEN mailout_admin")
-                    on_admin(self.owner)
-                    on_admin("suspensions")
-                on_new()
-                while not stop.is_set():
-                    for n in conn.notifies(timeout=1.0, stop_after=1):
-                        if n.channel == "mailout_admin":
-                            if on_admin is not None and n.payload in (self.owner,
-                                                                      "suspensions"):
-                                on_admin(n.payload)
-                        else:
-                            on_new()
-            except (psycopg.Error, DatabaseUnavailable) as e:
-                log.warn("{where}: LISTEN for new mail failed ({err}); again in {retry:g}s, "
-                         "polling meanwhile", where=self.location,
-                         err=one_line(e),
-                         retry=retry)
-                stop.wait(retry)
-            finally:
-                if conn is not None:
-                    conn.close()
+        listen(self.uri, self.password, self.location, self.owner, on_new, stop, retry,
+               on_admin)
 
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""
