@@ -23,7 +23,6 @@ part (L{Shaper}) takes its clock and router as arguments.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -46,6 +45,7 @@ __all__ = [
     "Shaper",
     "ShapingConfig",
     "ShapingError",
+    "Throttle",
 ]
 
 log = Logger()
@@ -501,9 +501,3 @@ class Shaper:
         for key in [k for k, t in self._throttles.items() if t.until <= now]:
             del self._throttles[key]
         return sorted(self._throttles.values(), key=lambda t: t.key)
-
-
-def interval(rate: Rate) -> float:
-    """Seconds between two events at C{rate}."""
-    count, period = rate
-    return period / count if count else math.inf

@@ -245,8 +245,6 @@ class PostgresStore:
                 entry = QueueEntry.pending(qid, parse_envelope_line(head, time.time()))
             else:
                 entry = QueueEntry.from_json(state)
-        except CorruptEntry:
-            raise
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptEntry(f"{qid}: {e}") from None
         entry.size = int(length) - entry.body_offset
