@@ -103,6 +103,7 @@ __all__ = [
     "new_message_id",
     "parse_url",
     "prepare",
+    "schemes",
     "sysexit_reply",
 ]
 
@@ -332,6 +333,31 @@ _CLASSES = {
     "mbox": MboxDelivery,
 }
 
+#: Deliveries kept in modules of their own, imported on first use (so that
+#: their optional libraries are needed only by those who use them): scheme ->
+#: C{"module:Class"}. Such a class parses its own URL: a classmethod
+#: C{url_arguments(url: str) -> dict[str, Any]} returning its constructor's
+#: keyword arguments and raising C{ValueError} (without the password) for a
+#: bad URL.
+_LAZY: dict[str, str] = {
+}
+
+
+def _lazy_class(scheme: str) -> type[Delivery] | None:
+    """The class of a delivery in L{_LAZY}, imported now, or L{None}."""
+    target = _LAZY.get(scheme)
+    if target is None:
+        return None
+    module, _, name = target.partition(":")
+    import importlib
+    cls: type[Delivery] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def schemes() -> list[str]:
+    """Every delivery URL scheme this module knows, in a stable order."""
+    return [*_CLASSES, *_LAZY]
+
 
 def _one(params: dict[str, list[str]], name: str, url: str) -> str:
     values = params.pop(name)
@@ -400,9 +426,12 @@ def parse_url(url: str) -> dict[str, Any]:
     if scheme in ("postgresql", "postgres"):
         # the PostgreSQL queue: the whole URL is its libpq connection URI
         return {"scheme": scheme, "path": url}
+    lazy = _lazy_class(scheme)
+    if lazy is not None:
+        return {"scheme": scheme, **lazy.url_arguments(url)}  # type: ignore[attr-defined]
     if scheme not in _CLASSES:
         raise ValueError(f"unknown delivery {scheme or url!r} in {_safe(url)!r}; one of "
-                         f"{', '.join(s + '://' for s in _CLASSES)}")
+                         f"{', '.join(s + '://' for s in schemes())}")
     if parts.fragment:
         raise ValueError(f"{_safe(url)}: a delivery URL has no #fragment")
     params = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
@@ -516,11 +545,10 @@ def get_delivery(config: str | dict[str, Any] | Delivery, **overrides: Any) -> D
                         f"not {type(config).__name__}")
     kwargs.update(overrides)
     scheme = kwargs.pop("scheme")
-    try:
-        cls = _CLASSES[scheme]
-    except KeyError:
+    cls = _CLASSES.get(scheme) or _lazy_class(scheme)
+    if cls is None:
         raise ValueError(f"unknown delivery scheme {scheme!r}; one of "
-                         f"{', '.join(_CLASSES)}") from None
+                         f"{', '.join(schemes())}")
     try:
         return cls(**kwargs)
     except TypeError as e:
