@@ -664,13 +664,9 @@ class Queue:
         except OSError:
             incoming = []
         for name in incoming:
-            try:
-                with open(self._path(name), "rb") as f:
-                    entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f)
-                    entry.size = os.fstat(f.fileno()).st_size - entry.body_offset
-            except (CorruptEntry, OSError):
-                continue
-            yield ListedEntry(entry, "incoming", name)
+            listed = self._listed_incoming(name)
+            if listed is not None:
+                yield listed
         try:
             qids = sorted(os.listdir(self._path("messages")))
         except FileNotFoundError:
@@ -683,6 +679,17 @@ class Queue:
                 except (CorruptEntry, OSError, EntryNotFound):
                     continue
                 yield ListedEntry(entry, "active", None, owner)
+
+    def _listed_incoming(self, name: str) -> ListedEntry | None:
+        """The file C{name} (C{"new/..."}) waiting for pickup, parsed and
+        left in place; L{None} when it is gone or cannot be parsed."""
+        try:
+            with open(self._path(name), "rb") as f:
+                entry, _ = self._parse_dropped(name.split("/", 1)[1], f.read(65536), f)
+                entry.size = os.fstat(f.fileno()).st_size - entry.body_offset
+        except (CorruptEntry, OSError):
+            return None
+        return ListedEntry(entry, "incoming", name)
 
     # -- suspensions --------------------------------------------------------------
 
