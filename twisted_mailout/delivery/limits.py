@@ -167,12 +167,12 @@ class SharedLimits:
         with self._locked():
             if self._sum(self._global)[0] >= global_limit:
                 return False
-            at = self._slot(key, create=True)
+            at = self._new_slot(key)
             if self._sum(at + _HASH.size)[0] >= limit:
                 return False
             gat = None
             if group is not None and group_limit is not None:
-                gat = self._slot("group:" + group, create=True)
+                gat = self._new_slot("group:" + group)
                 if self._sum(gat + _HASH.size)[0] >= group_limit:
                     return False
             self._add(self._global, 1)
@@ -257,6 +257,12 @@ class SharedLimits:
         for i in range(self.slots):
             off = self._slot0 + i * self._slot_size + _HASH.size + col
             self._map[off:off + _PAIR.size] = zero
+
+    def _new_slot(self, key: str) -> int:
+        """The offset of C{key}'s slot, made when it has none."""
+        at = self._slot(key, create=True)
+        assert at is not None
+        return at
 
     def _slot(self, key: str, create: bool) -> int | None:
         """The offset of C{key}'s slot; a new one when C{create} (compacting
