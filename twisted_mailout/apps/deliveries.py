@@ -340,6 +340,8 @@ _CLASSES = {
 #: keyword arguments and raising C{ValueError} (without the password) for a
 #: bad URL.
 _LAZY: dict[str, str] = {
+    "log": "twisted_mailout.apps.logdelivery:LogDelivery",
+    "mock": "twisted_mailout.apps.mock:MockDelivery",
 }
 
 
