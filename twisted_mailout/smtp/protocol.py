@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from OpenSSL import SSL
-from twisted.internet import defer, error, interfaces, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twisted_mailout.envelope import Reply
 from twisted_mailout.smtp import auth as _auth
@@ -46,6 +45,7 @@ from twisted_mailout.smtp.extensions import (
     supports_smtputf8,
     supports_starttls,
 )
+from twisted_mailout.smtp.producers import CHUNK, _BodyProducer, local_reply
 from twisted_mailout.smtp.replies import MAX_LINE, MAX_REPLY_LINES
 from twisted_mailout.smtp.state import (
     Auth,
@@ -84,8 +84,6 @@ __all__ = [
 
 TLS_LEVELS = LEVELS  # the one list, twisted_mailout.tls.levels
 
-CHUNK = 65536  # bytes read from the message file at a time
-
 #: The L{Stage} a failure while waiting for a reply to each command is reported under.
 _STAGES: dict[Verb, Stage] = {
     Verb.GREETING: Stage.GREETING,
@@ -120,8 +118,7 @@ class TransactionResult:
     session_usable: bool
 
 
-def _local(code: int, text: str) -> Reply:
-    return Reply(code, text, local=True)
+_local = local_reply
 
 
 class _Pending:
@@ -690,109 +687,3 @@ def _ssl_text(e: SSL.Error) -> str:
         return ", ".join(parts) or "handshake failed"
     except (TypeError, IndexError, AttributeError):
         return str(e) or "handshake failed"
-
-
-@implementer(interfaces.IPullProducer)
-class _BodyProducer:
-    """Streams the message file to the transport, dot-stuffed on the fly by
-    the state machine (L{ClientConnection.send_body}); each block written
-    must be taken within C{data_block} seconds (RFC 5321 4.5.3.2.5)."""
-
-    def __init__(self, session: ESMTPSession, source: IO[bytes]):
-        self.session = session
-        self.source = source
-        self._conn = session._conn
-        self._transport: Any = session.transport
-        self._timer: DelayedCall | None = None
-        self._done = False
-
-    def _arm(self) -> None:
-        t = self.session.timeouts.data_block
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(t)
-        else:
-            self._timer = self.session.clock.callLater(t, self._timed_out)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        s = self.session
-        t = s.timeouts.data_block
-        s._abort()  # first: whoever is told may not send anything more
-        self._finish(SessionError(_local(421, f"4.4.2 timeout after {t:g}s sending message "
-                                         f"data to {s._who}"), Stage.DATA_BLOCK))
-
-    def resumeProducing(self) -> None:
-        if self._done:
-            return
-        self._arm()
-        conn = self._conn
-        read = self.source.read
-        write = self._transport.write
-        chunk = read(CHUNK)
-        while chunk:
-            out = conn.send_body(chunk)
-            if len(chunk) < CHUNK:  # probably the end: if so, the dot goes in the same write
-                chunk = read(CHUNK)
-                if not chunk:
-                    if self._refused_end():
-                        return
-                    write(out + conn.end_data())
-                    self._done_writing()
-                    return
-                out += conn.send_body(chunk)
-            if out:
-                write(out)
-                return
-            chunk = read(CHUNK)
-        if self._refused_end():
-            return
-        write(conn.end_data())
-        self._done_writing()
-
-    def _refused_end(self) -> bool:
-        """Whether the transaction's C{may_finish} forbids the final dot; if
-        so, the connection is dropped without it."""
-        tx = self.session._tx
-        if tx is None or tx.may_finish is None or tx.may_finish():
-            return False
-        s = self.session
-        self._transport.unregisterProducer()
-        s._abort()  # first: nothing more may be written, and never the dot
-        self._finish(SessionError(_local(451, f"4.4.2 final dot not sent to {s._who}: the "
-                                         "queue lease could not be renewed in time"),
-                                  Stage.DATA_BLOCK))
-        return True
-
-    def _done_writing(self) -> None:
-        self._transport.unregisterProducer()
-        self._stop_timer()
-        self._done = True
-        self.session._body_sent()
-
-    def stopProducing(self) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """The connection went away while sending."""
-        self._finish(SessionError(_local(421, "4.4.2 connection lost while sending message "
-                                         f"data to {self.session._who}"), Stage.DATA_BLOCK))
-
-    def cancel(self) -> None:
-        """The transaction was cancelled: write nothing more."""
-        self._stop_timer()
-        if not self._done:
-            self._done = True
-            self._transport.unregisterProducer()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _finish(self, exc: SessionError) -> None:
-        self._stop_timer()
-        if self._done:
-            return
-        self._done = True
-        self.session._body_failed(exc)
