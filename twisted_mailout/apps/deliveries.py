@@ -342,6 +342,8 @@ _CLASSES = {
 _LAZY: dict[str, str] = {
     "log": "twisted_mailout.apps.logdelivery:LogDelivery",
     "mock": "twisted_mailout.apps.mock:MockDelivery",
+    "ses": "twisted_mailout.apps.ses:SESDelivery",
+    "sendgrid": "twisted_mailout.apps.sendgrid:SendGridDelivery",
 }
 
 
