@@ -27,6 +27,13 @@ Peers (every message 2 KB by default, one recipient, to 127.0.0.1:PORT):
   ``--batch`` (one syncfs and one fsync of ``new/`` per batch).
 * ``raw-fsync``: the floor for one durable file per message: create in
   ``tmp/``, write, fsync, close, rename into ``new/`` (no folder fsync).
+* ``postfix-sendmail``: Postfix's ``sendmail(1)`` run once per message, one
+  at a time, the message on its standard input (LF line ends, as a program
+  hands mail to sendmail); ``--sendmail`` is the instance's command line
+  (``sendmail -C ETC -i``, space-separated). A message counts as accepted
+  when sendmail has exited 0 (postdrop has written it into the maildrop).
+  ``cpu`` is the CPU of the sendmail and postdrop processes
+  (``RUSAGE_CHILDREN``); ``cpu_self`` that of this loop (fork and exec).
 """
 
 from __future__ import annotations
@@ -191,6 +198,24 @@ def peer_raw_fsync(a, msgs):
     _report(start, t0, len(msgs))
 
 
+def peer_postfix_sendmail(a, msgs):
+    import subprocess
+
+    cmd = [*a.sendmail.split(), "-f", SENDER, RECIPIENT]
+    lf = [m.replace(b"\r\n", b"\n") for m in msgs]
+    t0, start = time.time(), _usage()
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for m in lf:
+        r = subprocess.run(cmd, input=m, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            raise SystemExit(f"sendmail exited {r.returncode}: {r.stderr.decode(errors='replace')}")
+    t, cpu = _usage()
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+    print(json.dumps({"seconds": t - start[0], "cpu": children, "cpu_self": cpu - start[1],
+                      "maxrss": _hwm(), "count": len(msgs), "t0": t0}))
+
+
 PEERS = {
     "smtplib": peer_smtplib,
     "twisted": peer_twisted,
@@ -200,6 +225,7 @@ PEERS = {
     "mailout-enqueue": peer_mailout_enqueue,
     "mailout-enqueue-many": peer_mailout_enqueue_many,
     "raw-fsync": peer_raw_fsync,
+    "postfix-sendmail": peer_postfix_sendmail,
 }
 
 
@@ -212,6 +238,8 @@ def main() -> int:
     ap.add_argument("--queue", default="")
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--sendmail", default="/usr/sbin/sendmail -i",
+                    help="postfix-sendmail: the sendmail command line, space-separated")
     a = ap.parse_args()
     msgs = [message(i, a.size) for i in range(a.messages)]
     PEERS[a.peer](a, msgs)

@@ -49,6 +49,79 @@ def message(i: int, size: int, domain: str = "dest.test") -> bytes:
     return head + body
 
 
+def pin_prefix(cpus: str | None) -> list[str]:
+    """The command prefix that pins a sender to ``cpus`` (a taskset(1) CPU
+    list such as ``"0"``), or ``[]`` when ``cpus`` is None or empty: taskset
+    execs the command, so the pid is the command's and every process or
+    thread it starts inherits the affinity."""
+    if not cpus:
+        return []
+    if shutil.which("taskset") is None:
+        raise RuntimeError("taskset(1) not found (package util-linux); run with --no-pin")
+    return ["taskset", "-c", cpus]
+
+
+def _children() -> dict[int, list[int]]:
+    """{ppid: [pid, ...]} of every live process, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and every live process descending from it (from /proc)."""
+    kids = _children()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree: utime + stime + cutime + cstime of
+    ``root`` and of every live descendant. A child that exited and was reaped
+    has its CPU in its parent's cutime/cstime, so workers that come and go
+    stay counted; a process that ends between two readings moves its CPU
+    from its own entry to its parent's, and the sum does not change."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total / ticks
+
+
+def tree_pss(root: int) -> int:
+    """Proportional set size (bytes) summed over a process tree: shared pages
+    split between the processes sharing them, so N workers do not count the
+    interpreter N times."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+
+
 def proc_stats(pid: int) -> tuple[float, int, int]:
     """(CPU seconds, resident bytes, peak resident bytes) of a live process,
     from /proc (user + system time of all its threads; VmRSS; VmHWM)."""
@@ -159,8 +232,9 @@ class Daemon:
     """``twistd -n mailout --queue=Q ...`` run by this interpreter, with the
     benchmark's options; stopped (SIGTERM, then SIGKILL) by :meth:`stop`."""
 
-    def __init__(self, queue: Path, *args: str, log: Path):
+    def __init__(self, queue: Path, *args: str, log: Path, prefix: list[str] | None = None):
         self.queue = queue
+        self.prefix = list(prefix or [])  # e.g. pin_prefix("0")
         self.log_path = log
         self.args = list(args)
         self.proc: subprocess.Popen | None = None
@@ -170,8 +244,9 @@ class Daemon:
     def start(self) -> Daemon:
         # The log goes to stdout, into our file: twistd's own log file would
         # rotate at 1 MB under the reader's feet.
-        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-               "--pidfile=", "--logfile=-", *self.twistd_args, "mailout", f"--queue={self.queue}",
+        cmd = [*self.prefix, sys.executable, "-c",
+               "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+               "--logfile=-", *self.twistd_args, "mailout", f"--queue={self.queue}",
                "--helo=bench.mailout.test", "--shutdown-timeout=5", *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=env(), cwd=str(ROOT), stdin=subprocess.DEVNULL,
@@ -193,15 +268,17 @@ class Daemon:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 60.0) -> tuple[float, float]:
+    def wait_ready(self, timeout: float = 60.0,
+                   marker: bytes = b"mailout starting") -> tuple[float, float]:
         """Wait until the service starts (its "mailout starting" line: the
         interpreter, Twisted and the plugin are loaded; recovery and pickup
-        come next). @return: (perf_counter, daemon CPU seconds) then."""
+        come next). @return: (perf_counter, CPU seconds of the daemon's
+        process tree, see :func:`tree_cpu`) then."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.counter.update()
-            if b"mailout starting" in self.counter.text:
-                return time.perf_counter(), proc_stats(self.pid)[0]
+            if marker in self.counter.text:
+                return time.perf_counter(), tree_cpu(self.pid)
             self.alive()
             time.sleep(0.005)
         raise TimeoutError(f"daemon did not start:\n{self.tail_log()}")
@@ -234,8 +311,39 @@ class Daemon:
         self.stop()
 
 
+def _has_file(folder: str) -> bool:
+    """True at the first regular file anywhere under ``folder`` (stops there:
+    a folder of 100,000 files costs one entry, not a full listing)."""
+    try:
+        it = os.scandir(folder)
+    except FileNotFoundError:
+        return False
+    with it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                if _has_file(e.path):
+                    return True
+            else:
+                return True
+    return False
+
+
+#: Subfolders of a queue folder that hold messages or their state: the
+#: folder store's four, and the names a worker's own folders may start with
+#: (issue 14's sharding). Searched recursively.
+MESSAGE_FOLDERS = ("new", "cur", "messages", "state", "claim", "shard", "worker")
+
+
 def queue_empty(q: Path) -> bool:
-    return not any(os.listdir(q / sub) for sub in ("new", "cur", "messages", "state"))
+    """No message left in the queue folder: no file anywhere under ``new/``,
+    ``cur/``, ``messages/``, ``state/`` or a subfolder whose name starts with
+    one of :data:`MESSAGE_FOLDERS` (so a worker's folders count too).
+    ``tmp/``, ``corrupt/``, caches and files at the top (the lock,
+    control.json, suspensions.json) are not messages."""
+    with os.scandir(q) as it:
+        subs = [e.path for e in it if e.is_dir(follow_symlinks=False)
+                and e.name.startswith(MESSAGE_FOLDERS)]
+    return not any(_has_file(sub) for sub in subs)
 
 
 def wait_queue_empty(q: Path, timeout: float = 60.0) -> float:
@@ -247,10 +355,12 @@ def wait_queue_empty(q: Path, timeout: float = 60.0) -> float:
     return time.perf_counter()
 
 
-def run_client(name: str, *args: str, timeout: float = 600.0) -> dict:
-    """Run ``benchmarks/clients.py NAME ARGS`` in a child process and return
-    the JSON it prints (its own timing of the work, after imports)."""
-    cmd = [sys.executable, str(BENCH / "clients.py"), name, *args]
+def run_client(name: str, *args: str, timeout: float = 600.0,
+               prefix: list[str] | None = None) -> dict:
+    """Run ``benchmarks/clients.py NAME ARGS`` in a child process (after
+    ``prefix``, e.g. :func:`pin_prefix`) and return the JSON it prints (its
+    own timing of the work, after imports)."""
+    cmd = [*(prefix or []), sys.executable, str(BENCH / "clients.py"), name, *args]
     proc = subprocess.Popen(cmd, env=env(), cwd=str(ROOT), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -1,10 +1,16 @@
 """A private Postfix instance for the benchmarks: relays everything to a sink.
 
+    with PostfixInstance(sink_port, concurrency=10, prefix=pin_prefix("0")) as pf:
+        pf.hold("pickup")                 # inject only: mail waits in maildrop/
+        ... sendmail(1) with pf.sendmail_command() ...
+        pf.release()                      # the drain starts (SIGHUP to the master)
+        pf.wait_queued(0, timeout)
+
     with PostfixInstance(sink_port) as pf:
         pf.hold_queue_manager()           # inject only: mail waits in incoming/
         ... inject over SMTP to 127.0.0.1:pf.port ...
         pf.release_queue_manager()        # the drain starts
-        pf.wait_empty(timeout)
+        pf.wait_queued(0, timeout)
 
 Everything lives under one temporary folder: ``etc/`` (``main.cf``,
 ``master.cf``: the instance's config_directory), ``spool/`` (its
@@ -18,11 +24,26 @@ read nor started: the instance is started with ``postfix -c ETC start`` and
 stopped with ``postfix -c ETC stop`` (then its master is killed if still
 there) when the ``with`` block ends, on errors too.
 
-"Inject, then drain": :meth:`hold_queue_manager` rewrites ``master.cf``
-without the ``qmgr`` service and reloads, so that ``cleanup`` files
-incoming mail (fsynced, Postfix's default) but nothing moves it on;
-:meth:`release_queue_manager` puts ``qmgr`` back and reloads, and the queue
-manager starts by scanning the full incoming queue.
+"Inject, then drain": :meth:`hold` rewrites ``master.cf`` without the named
+services and reloads (``postfix reload``), and waits until their processes
+are gone; :meth:`release` puts every service back and sends SIGHUP to the
+master itself (what ``postfix reload`` does, without the ``postsuper`` runs
+its script adds, so the drain's clock starts at the signal). Two holds:
+
+- ``hold("pickup")``: ``sendmail(1)`` (:meth:`sendmail_command`) hands mail
+  to ``postdrop``, which writes it into ``maildrop/`` (the mail is
+  accepted when sendmail returns); nothing picks it up. On release pickup
+  starts at once, and the drain runs through pickup, cleanup (which writes
+  and fsyncs the queue file), qmgr and smtp: the whole of Postfix's path
+  from the program that handed the mail over.
+- ``hold_queue_manager()`` (``hold("qmgr")``): ``cleanup`` files mail that
+  smtpd received (fsynced, Postfix's default) into ``incoming/`` but nothing
+  moves it on; on release the queue manager scans the full incoming queue.
+  That drain starts after cleanup's work is done.
+
+Pinning: with ``prefix`` (e.g. ``["taskset", "-c", "0"]``) every ``postfix``
+command runs under it, so the master and every service it starts inherit
+the CPU affinity.
 
 CPU: :meth:`cpu_seconds` sums utime+stime+cutime+cstime over the master and
 every live process descending from it (from ``/proc``). The master reaps every
@@ -40,11 +61,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import tree_cpu, tree_pids, tree_pss
+
 POSTFIX = "/usr/sbin/postfix"
+SENDMAIL = "/usr/sbin/sendmail"
 
 # service type private unpriv chroot wakeup maxproc command
 _SERVICES = [
@@ -78,6 +104,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat_name(pid: int) -> str | None:
+    """The command name of a live process (``/proc/PID/stat``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.find("(") + 1: raw.rfind(")")]
+
+
 def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,12 +130,16 @@ class PostfixInstance:
         default, 20, unless given).
     :param base: where to make the instance's folder; every folder above it
         must be searchable by the ``postfix`` user.
+    :param prefix: a command prefix for every ``postfix`` command (CPU
+        pinning: ``["taskset", "-c", "0"]``); the services inherit it.
     """
 
     def __init__(self, sink_port: int, concurrency: int | None = None,
-                 base: str | None = None) -> None:
+                 base: str | None = None, prefix: list[str] | None = None) -> None:
         self.sink_port = sink_port
         self.concurrency = concurrency
+        self.prefix = list(prefix or [])
+        self.held: set[str] = set()
         # base: a folder the postfix user can traverse (e.g. /tmp, /var/tmp)
         self.root = Path(tempfile.mkdtemp(prefix="bench-postfix-", dir=base))
         self.etc = self.root / "etc"
@@ -147,26 +187,32 @@ class PostfixInstance:
             lines["default_destination_concurrency_limit"] = str(self.concurrency)
         return "".join(f"{k} = {v}\n" for k, v in lines.items())
 
-    def _master_cf(self, with_qmgr: bool) -> str:
+    def _master_cf(self, without: frozenset[str] | set[str] = frozenset()) -> str:
         out = []
         for row in _SERVICES:
-            if row[0] == "qmgr" and not with_qmgr:
+            if row[0] in without:
                 continue
             name = row[0].format(listen=f"127.0.0.1:{self.port}")
             out.append("  ".join((name, *row[1:])) + "\n")
         return "".join(out)
 
     def _postfix(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run([POSTFIX, "-c", str(self.etc), *args], check=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run([*self.prefix, POSTFIX, "-c", str(self.etc), *args], check=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True)
 
-    def _write_master(self, with_qmgr: bool) -> None:
+    def _write_master(self) -> None:
         path = self.etc / "master.cf"
         tmp = self.etc / "master.cf.tmp"
-        tmp.write_text(self._master_cf(with_qmgr))
+        tmp.write_text(self._master_cf(self.held))
         os.replace(tmp, path)
 
-    def start(self, with_qmgr: bool = True, timeout: float = 30) -> PostfixInstance:
+    def sendmail_command(self) -> list[str]:
+        """The ``sendmail(1)`` command line of this instance, without the
+        recipients (``-C`` names its configuration, so postdrop writes into
+        its maildrop; ``-i``: a lone dot does not end the message)."""
+        return [SENDMAIL, "-C", str(self.etc), "-i"]
+
+    def start(self, timeout: float = 30) -> PostfixInstance:
         if os.geteuid() != 0:
             raise RuntimeError("the private Postfix instance needs root")
         self.etc.mkdir(parents=True, exist_ok=True)
@@ -176,7 +222,7 @@ class PostfixInstance:
         self.root.chmod(0o755)
         self.port = _free_port()
         (self.etc / "main.cf").write_text(self._main_cf())
-        self._write_master(with_qmgr)
+        self._write_master()
         try:
             self._postfix("start", timeout=timeout)
         except subprocess.CalledProcessError as e:
@@ -195,25 +241,39 @@ class PostfixInstance:
         self.stop()
         raise TimeoutError("private postfix did not start listening")
 
-    # -- the queue manager --------------------------------------------------
+    # -- holding services ---------------------------------------------------
+
+    def hold(self, *services: str, timeout: float = 10) -> None:
+        """Run without ``services`` (master.cf rewritten, ``postfix
+        reload``), and wait until their processes have exited.
+
+        :raises TimeoutError: one still runs after ``timeout`` seconds.
+        """
+        self.held |= set(services)
+        self._write_master()
+        self._postfix("reload")
+        deadline = time.monotonic() + timeout
+        while any(cmd in services for _, cmd in self._processes()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postfix: {services} still running after reload")
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Put every held service back: master.cf rewritten, then SIGHUP to
+        the master (its reload starts the services that were missing; a
+        wakeup service such as pickup is triggered at once)."""
+        self.held.clear()
+        self._write_master()
+        assert self.master_pid is not None
+        os.kill(self.master_pid, signal.SIGHUP)
 
     def hold_queue_manager(self) -> None:
         """No qmgr: injected mail stays in the incoming queue."""
-        self._write_master(False)
-        self._postfix("reload")
-        self._wait_no_qmgr()
+        self.hold("qmgr")
 
     def release_queue_manager(self) -> None:
-        """Put qmgr back (it scans incoming/ at start) and poke it."""
-        self._write_master(True)
-        self._postfix("reload")
-
-    def _wait_no_qmgr(self, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not any(cmd.startswith("qmgr") for _, cmd in self._processes()):
-                return
-            time.sleep(0.05)
+        """Put qmgr back (it scans incoming/ at start)."""
+        self.release()
 
     # -- queue ----------------------------------------------------------------
 
@@ -249,53 +309,23 @@ class PostfixInstance:
         """(pid, command name) of the master and its live descendants."""
         if self.master_pid is None:
             return []
-        parent: dict[int, int] = {}
-        names: dict[int, str] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            names[pid] = raw[raw.find("(") + 1: raw.rfind(")")]
-            parent[pid] = int(raw.rsplit(")", 1)[1].split()[1])
         out = []
-        for pid in parent:
-            p = pid
-            while p > 1:
-                if p == self.master_pid:
-                    out.append((pid, names[pid]))
-                    break
-                p = parent.get(p, 0)
+        for pid in tree_pids(self.master_pid):
+            f = _stat_name(pid)
+            if f is not None:
+                out.append((pid, f))
         return out
 
     def cpu_seconds(self) -> float:
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid, _ in self._processes():
-            f = _stat(pid)
-            if f:
-                total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-        return total / ticks
+        """CPU seconds of the master and its descendants, those that exited
+        included (see :func:`common.tree_cpu`)."""
+        return 0.0 if self.master_pid is None else tree_cpu(self.master_pid)
 
     def pss_bytes(self) -> int:
         """Proportional set size summed over the live processes (shared
         pages split between the processes sharing them, so the sum is the
         instance's memory, not N times its libraries)."""
-        total = 0
-        for pid, _ in self._processes():
-            try:
-                with open(f"/proc/{pid}/smaps_rollup") as f:
-                    for line in f:
-                        if line.startswith("Pss:"):
-                            total += int(line.split()[1]) * 1024
-                            break
-            except OSError:
-                pass
-        return total
+        return 0 if self.master_pid is None else tree_pss(self.master_pid)
 
     def log(self) -> str:
         try:
