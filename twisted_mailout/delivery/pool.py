@@ -45,6 +45,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_mailout.delivery.limits import SharedLimits
 from twisted_mailout.errors import ProtocolError
 
 __all__ = [
@@ -242,13 +243,27 @@ class ConnectionPool(Generic[S]):
     @param remember: exception types of a failed opening that mark the
         destination down for C{limits.failure_memory} seconds (others,
         such as programming errors and L{defer.CancelledError}, do not).
+    @param shared: the connection table of the worker processes of one queue
+        (L{SharedLimits}), or L{None} for a single process. With it every
+        limit holds across the workers: a connection is counted there before
+        it is opened; a caller whose slot another worker holds waits, and is
+        looked at again every L{SHARED_TICK} seconds; a finished or idle
+        connection that another worker waits for is closed, not kept.
     """
+
+    #: Seconds between two looks at the shared table while a caller waits
+    #: for a slot another worker holds, or other workers wait for ours.
+    SHARED_TICK = 0.05
 
     def __init__(self, clock: Clock,
                  opener: Callable[[str], defer.Deferred[Opened[S]]],
                  limits: PoolLimits,
-                 remember: tuple[type[BaseException], ...] = (Exception,)):
+                 remember: tuple[type[BaseException], ...] = (Exception,),
+                 shared: SharedLimits | None = None):
         self.clock = clock
+        self.shared = shared
+        self._remote: dict[str, _Dest] = {}  # waiting for a slot another worker holds
+        self._tick: Any = None
         self.limits = limits
         self._opener = opener
         self._remember = remember
@@ -374,7 +389,11 @@ class ConnectionPool(Generic[S]):
             if self._total >= limits.max_connections:
                 self._close_one_idle()
             if self._total < limits.max_connections:
-                self._open(dest, waiter)
+                if self._take(dest):
+                    self._open(dest, waiter)
+                    return d
+                dest.waiters.append(waiter)
+                self._wait_remote(dest)
                 return d
             if dest not in self._blocked:
                 self._blocked.append(dest)
@@ -405,6 +424,13 @@ class ConnectionPool(Generic[S]):
             # never sees more than the limit), then its slot goes over.
             self._quit(lease)
             return
+        if self.shared is not None and (self.shared.others_waiting(lease.key)
+                                        or self.shared.others_waiting()):
+            # another worker waits for a slot this one holds: give it up
+            self._quit(lease)
+            self._uncount(lease)
+            self._slot_freed(None)
+            return
         if self._someone_blocked():
             # Other destinations wait for a slot under the global limit:
             # give this one up now rather than keep it idle.
@@ -415,6 +441,7 @@ class ConnectionPool(Generic[S]):
         lease._idle_timer = self.clock.callLater(self.limits.idle_timeout,
                                                  self._idle_expired, lease)
         dest.idle.append(lease)
+        self._start_tick()  # with workers: give it up if another one waits
 
     def discard(self, lease: Lease[S]) -> None:
         """Forget a connection its caller has aborted (for example because the
@@ -435,6 +462,10 @@ class ConnectionPool(Generic[S]):
         @return: a Deferred firing (with L{None}) when the idle ones are closed.
         """
         self._closing = True
+        self._stop_tick()
+        for dest in self._remote.values():
+            self._want(dest, False)
+        self._remote.clear()
         ds: list[defer.Deferred[None]] = []
         for dest in self._dests.values():
             idle, dest.idle = dest.idle, []
@@ -481,6 +512,82 @@ class ConnectionPool(Generic[S]):
         self._total += n
         if dest.group is not None:
             dest.group.conns += n
+        if n < 0 and self.shared is not None:
+            self.shared.closed(dest.key, dest.group.key if dest.group is not None else None)
+
+    # -- the worker processes' shared table ---------------------------------------
+
+    def _take(self, dest: _Dest) -> bool:
+        """Count a slot for C{dest} in the shared table (always granted
+        without one); the local limits were checked by the caller."""
+        if self.shared is None:
+            return True
+        own = dest.limit if dest.limit is not None else self.limits.max_per_destination
+        g = dest.group
+        if self.shared.try_open(dest.key, own, self.limits.max_connections,
+                                g.key if g is not None else None,
+                                g.limit if g is not None else None):
+            if dest.key in self._remote and not dest.waiters:
+                del self._remote[dest.key]
+                self._want(dest, False)
+            return True
+        return False
+
+    def _want(self, dest: _Dest, waiting: bool) -> None:
+        assert self.shared is not None
+        self.shared.want(dest.key, waiting)
+
+    def _wait_remote(self, dest: _Dest) -> None:
+        """C{dest} has waiters that only another worker's slots keep back."""
+        if dest.key not in self._remote:
+            self._remote[dest.key] = dest
+            self._want(dest, True)
+        self._start_tick()
+
+    def _start_tick(self) -> None:
+        if self.shared is not None and self._tick is None and not self._closing:
+            self._tick = self.clock.callLater(self.SHARED_TICK, self._shared_tick)
+
+    def _stop_tick(self) -> None:
+        tick, self._tick = self._tick, None
+        if tick is not None and tick.active():
+            tick.cancel()
+
+    def _shared_tick(self) -> None:
+        """Look at the shared table again: open for callers whose slot is
+        free now, and give up idle connections other workers wait for."""
+        self._tick = None
+        if self._closing or self.shared is None:
+            return
+        for key, dest in list(self._remote.items()):
+            if not dest.waiters:
+                del self._remote[key]
+                self._want(dest, False)
+                continue
+            if self._room(dest) and self._total < self.limits.max_connections and \
+                    self._take(dest):
+                self._open(dest, dest.waiters.popleft())
+                if not dest.waiters:
+                    self._remote.pop(key, None)
+                    self._want(dest, False)
+        others = self.shared.others_waiting()
+        idle = False
+        for dest in list(self._dests.values()):
+            if not dest.idle:
+                continue
+            idle = True
+            if others and (self.shared.others_waiting(dest.key) or
+                           self.shared.connections() >= self.limits.max_connections):
+                lease = dest.idle.pop(0)  # the oldest
+                self._stop_idle_timer(lease)
+                lease.session.quit()
+                self._uncount(lease)
+        if self._remote or (idle and others):
+            self._start_tick()
+        elif idle:
+            # idle connections: look again now and then, in case another
+            # worker starts waiting for one of them
+            self._tick = self.clock.callLater(self.SHARED_TICK * 4, self._shared_tick)
 
     def _stop_idle_timer(self, lease: Lease[S]) -> None:
         timer, lease._idle_timer = lease._idle_timer, None
@@ -572,6 +679,9 @@ class ConnectionPool(Generic[S]):
             if self._total >= limits.max_connections:
                 return
             if cand.waiters and self._room(cand):
+                if not self._take(cand):
+                    self._wait_remote(cand)
+                    continue
                 waiter = cand.waiters.popleft()
                 if not cand.waiters and cand in self._blocked:
                     self._blocked.remove(cand)
