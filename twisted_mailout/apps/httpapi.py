@@ -312,9 +312,11 @@ class HTTPAPIDelivery(Delivery):
         timer = reactor.callLater(self.timeout, expire)
         try:
             return await work
-        except defer.CancelledError:
+        except Exception as e:
             if timed_out:
                 raise _TimedOut() from None
+            if _cancelled(e):  # the agent wraps a cancellation in ResponseNeverReceived
+                raise defer.CancelledError() from None
             raise
         finally:
             if timer.active():
@@ -396,6 +398,14 @@ class HTTPAPIDelivery(Delivery):
             self.disconnect()
         else:
             reactor.callFromThread(self.disconnect)
+
+
+def _cancelled(e: BaseException) -> bool:
+    """C{e} is a cancellation, or the agent's failure wrapping one."""
+    if isinstance(e, defer.CancelledError):
+        return True
+    reasons = getattr(e, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(defer.CancelledError) for r in reasons)
 
 
 def _is_tls(reason: Any) -> bool:
