@@ -43,7 +43,12 @@ from twisted_mailout.api import (
     sign_in_thread,
     unsigned_reply,
 )
-from twisted_mailout.apps.builder import format_address
+from twisted_mailout.apps.builder import (
+    format_address,
+    message_retries,
+    send_async_with_retries,
+    send_sync_with_retries,
+)
 from twisted_mailout.apps.deliveries import (
     QUEUE_SIGNING,
     Delivery,
@@ -288,7 +293,8 @@ class Mailer:
         if delivery.asynchronous and not in_reactor_thread():
             raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
                                "called in the reactor thread; use send_blocking()")
-        return self.deliver(delivery, sender, recipients, data)
+        return self.deliver(delivery, sender, recipients, data,
+                            retries=message_retries(message))
 
     def send_deferred(self, message: MessageInput, *, sender: str | None = None,
                       recipients: Recipients | None = None,
@@ -315,21 +321,28 @@ class Mailer:
             delivery = self.current_delivery()
             if self.transactional:
                 return defer.succeed(join(self, delivery, sender, recipients, data))
+            retries = message_retries(message)
         except Exception as e:  # noqa: BLE001 - bad input fails the Deferred
             return defer.fail(e)
         deliver: Callable[..., Any] = self.deliver
         if delivery.asynchronous:
-            return defer.maybeDeferred(deliver, delivery, sender, recipients, data)
+            return defer.maybeDeferred(deliver, delivery, sender, recipients, data,
+                                       retries=retries)
         reactor = default_reactor(reactor or getattr(delivery, "reactor", None))
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), deliver, delivery,
-                                         sender, recipients, data)
+                                         sender, recipients, data, retries=retries)
 
     def deliver(self, delivery: Delivery, sender: str, recipients: list[str], data: bytes,
-                message_id: str | None = None) -> str | defer.Deferred[DeliveryReport]:
+                message_id: str | None = None,
+                retries: int = 0) -> str | defer.Deferred[DeliveryReport]:
         """Hand a prepared message to C{delivery} now and report the outcome
         to the observers (used by L{send} and at commit). With a signer the
         message is signed first (see the C{dkim} parameter of L{Mailer}).
 
+        @param retries: how many more times a delivery that fails for now is
+            tried, at once (the message's C{retries}, marrow.mailer's: see
+            L{send_sync_with_retries} and L{send_async_with_retries}); the
+            events and results count the attempts.
         @return: as L{send}.
         """
         mid = message_id or new_message_id()
@@ -337,13 +350,13 @@ class Mailer:
         signer = None if isinstance(delivery, QueueDelivery) else self.signer
         if delivery.asynchronous:
             if signer is None:
-                d = cast("defer.Deferred[DeliveryReport]",
-                         delivery.send(sender, recipients, data, message_id=mid))
+                d = defer.Deferred.fromCoroutine(send_async_with_retries(
+                    delivery, sender, recipients, data, message_id=mid, retries=retries))
             else:
                 reactor = default_reactor(getattr(delivery, "reactor", None))
                 d = defer.Deferred.fromCoroutine(
                     self._sign_then_send(reactor, signer, delivery, sender, recipients, data,
-                                         mid))
+                                         mid, retries))
 
             def report(rep: DeliveryReport) -> DeliveryReport:
                 for r in rep:
@@ -354,14 +367,16 @@ class Mailer:
         try:
             if signer is not None:
                 data = self._sign_here(signer, sender, recipients, data)
-            mid = cast(str, delivery.send(sender, recipients, data, message_id=mid))
+            mid, attempts = send_sync_with_retries(delivery, sender, recipients, data,
+                                                   message_id=mid, retries=retries)
         except DeliveryError as e:
             for r in e.recipients or recipients:
                 self.observers.notify(make_event(
                     e.status, queue_id=mid, recipient=r, code=e.reply.code, text=e.reply.text,
-                    sender=sender, local=e.reply.local, source=source))
+                    sender=sender, local=e.reply.local, source=source,
+                    attempts=getattr(e, "attempts", 1)))
             raise
-        self.notify_accepted(delivery, mid, sender, recipients)
+        self.notify_accepted(delivery, mid, sender, recipients, attempts)
         return mid
 
     @staticmethod
@@ -381,7 +396,7 @@ class Mailer:
     @staticmethod
     async def _sign_then_send(reactor: Any, signer: Any, delivery: Delivery, sender: str,
                               recipients: list[str], data: bytes,
-                              mid: str) -> DeliveryReport:
+                              mid: str, retries: int = 0) -> DeliveryReport:
         """Sign in the reactor's thread pool, then hand to a direct delivery.
 
         @return: the delivery's report; when the message cannot be signed,
@@ -394,15 +409,13 @@ class Mailer:
         except Exception as e:  # noqa: BLE001 - any signing failure: nothing is sent
             reply = unsigned_reply(e)
             return DeliveryReport([RecipientResult.from_reply(r, reply) for r in recipients])
-        report: DeliveryReport = await cast(
-            "defer.Deferred[DeliveryReport]",
-            delivery.send(sender, recipients, signed, message_id=mid))
-        return report
+        return await send_async_with_retries(delivery, sender, recipients, signed,
+                                             message_id=mid, retries=retries)
 
     def notify_accepted(self, delivery: Delivery, mid: str, sender: str,
-                        recipients: Iterable[str]) -> None:
+                        recipients: Iterable[str], attempts: int = 1) -> None:
         """Report a message a synchronous delivery took: L{MailQueued} for a
-        queue, L{MailDelivered} for the others."""
+        queue, L{MailDelivered} for the others (after C{attempts})."""
         queued = isinstance(delivery, QueueDelivery)
         for r in recipients:
             event: MailEvent
@@ -411,7 +424,7 @@ class Mailer:
                                    will_retry=True, attempts=0, source=delivery.url())
             else:
                 event = MailDelivered(mid, r, 250, "2.0.0 delivered", sender, local=True,
-                                      source=delivery.url())
+                                      source=delivery.url(), attempts=attempts)
             self.observers.notify(event)
 
     def send_blocking(self, message: MessageInput, *, sender: str | None = None,
@@ -425,7 +438,8 @@ class Mailer:
         delivery = self.current_delivery()
         if self.transactional:
             return join(self, delivery, sender, recipients, data)
+        retries = message_retries(message)
         if not delivery.asynchronous:
-            return cast(str, self.deliver(delivery, sender, recipients, data))
+            return cast(str, self.deliver(delivery, sender, recipients, data, retries=retries))
         return blocking_call(default_reactor(getattr(delivery, "reactor", None)), self.deliver,
-                             delivery, sender, recipients, data)
+                             delivery, sender, recipients, data, retries=retries)
