@@ -340,6 +340,8 @@ _CLASSES = {
 #: keyword arguments and raising C{ValueError} (without the password) for a
 #: bad URL.
 _LAZY: dict[str, str] = {
+    "imap": "twisted_mailout.apps.imap:IMAPDelivery",
+    "imaps": "twisted_mailout.apps.imap:IMAPDelivery",
     "log": "twisted_mailout.apps.logdelivery:LogDelivery",
     "mock": "twisted_mailout.apps.mock:MockDelivery",
     "ses": "twisted_mailout.apps.ses:SESDelivery",
