@@ -11,6 +11,7 @@ __all__ = [
     "max_size",
     "parse_ehlo",
     "supports_8bitmime",
+    "supports_chunking",
     "supports_pipelining",
     "supports_smtputf8",
     "supports_starttls",
@@ -49,6 +50,11 @@ def parse_ehlo(text: str) -> Extensions:
 def supports_pipelining(extensions: Extensions) -> bool:
     """PIPELINING (RFC 2920) is offered."""
     return "PIPELINING" in extensions
+
+
+def supports_chunking(extensions: Extensions) -> bool:
+    """CHUNKING (RFC 3030 2: the BDAT command) is offered."""
+    return "CHUNKING" in extensions
 
 
 def supports_8bitmime(extensions: Extensions) -> bool:

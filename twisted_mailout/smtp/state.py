@@ -1,4 +1,4 @@
-"""The ESMTP client dialogue as a pure state machine (RFC 5321, 2920, 3207, 4954).
+"""The ESMTP client dialogue as a pure state machine (RFC 5321, 2920, 3030, 3207, 4954).
 
 Sans-IO in the style of h11: bytes in (L{ClientConnection.receive_data}),
 events out (L{ClientConnection.next_event}, L{ClientConnection.next_events});
@@ -24,6 +24,19 @@ what a reply means, lives here:
 A recipient is reported delivered (a 2xx in L{TransactionDone.replies}) only
 after a 2xx to its RCPT and a 2xx to the final dot; the final dot is emitted
 only after a 354 to DATA with at least one recipient accepted.
+
+With CHUNKING (RFC 3030, L{Transaction.chunking}) the message goes in BDAT
+chunks instead of DATA: no 354 and no dot-stuffing, each chunk announced
+with its exact length (line ends made CRLF first, L{LineEnds}). Pipelined,
+the chunks follow MAIL and RCPT without waiting for their replies (the
+server reads and discards a chunk whatever it thinks of the transaction, so
+the dialogue stays in step); unpipelined, each chunk waits for the 250 to
+the one before, and the first for an accepted RCPT. A recipient is then
+reported delivered only after a 2xx to its RCPT, a 250 to every chunk and a
+2xx to C{BDAT LAST}. No chunk is sent after a refused one, after a refused
+MAIL or once every RCPT was refused (RFC 3030 2); the transaction then
+ends once the replies owed for the chunks already sent are in, and RSET
+goes before the next one.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from twisted_mailout.envelope import Reply
-from twisted_mailout.smtp.dotstuff import DotStuffer
+from twisted_mailout.smtp.dotstuff import DotStuffer, LineEnds
 from twisted_mailout.smtp.errors import (
     LocalProtocolError,
     OutOfStep,
@@ -83,6 +96,8 @@ class Verb(enum.Enum):
     RCPT = "RCPT"
     DATA = "DATA"
     END_OF_DATA = "end of DATA"
+    BDAT = "BDAT"  # a chunk other than the last (RFC 3030)
+    BDAT_LAST = "BDAT LAST"  # the last chunk: the end of the data
     RSET = "RSET"
     QUIT = "QUIT"
 
@@ -103,8 +118,13 @@ class State(enum.Enum):
     AUTH_SENT = "AUTH sent"
     AUTH_CHALLENGED = "AUTH challenged"  #: a 334 came: an answer (or "*") to send
     IN_TRANSACTION = "in transaction"  #: MAIL sent; RCPT/DATA replies owed or to send
-    BODY = "body"  #: 354 came: message data, then the final dot
-    DOT_SENT = "dot sent"  #: the final dot sent; its reply owed
+    #: 354 came: message data, then the final dot; or (CHUNKING) BDAT
+    #: chunks may be sent (L{ClientConnection.body_wanted} says when)
+    BODY = "body"
+    DOT_SENT = "dot sent"  #: the final dot (or BDAT LAST) sent; its reply owed
+    #: CHUNKING: no more chunks will be sent (one was refused, or MAIL, or
+    #: every RCPT); the replies to those sent are owed
+    BDAT_STOPPED = "BDAT stopped"
     RSET_SENT = "RSET sent"
     QUIT_SENT = "QUIT sent"
     CLOSED = "closed"  #: the connection is gone
@@ -132,6 +152,8 @@ EXPECTED: dict[Verb, tuple[frozenset[int], frozenset[int]]] = {
     Verb.RCPT: (_2XX, _NONE),
     Verb.DATA: (_NONE, frozenset({354})),
     Verb.END_OF_DATA: (_2XX, _NONE),
+    Verb.BDAT: (frozenset({250}), _NONE),  # RFC 3030 2: 250 to each chunk
+    Verb.BDAT_LAST: (_2XX, _NONE),
     Verb.RSET: (frozenset({250}), _NONE),
     Verb.QUIT: (_2XX, _NONE),
 }
@@ -149,6 +171,8 @@ TIMEOUT_KEYS: dict[Verb, str] = {
     Verb.RCPT: "rcpt",
     Verb.DATA: "data",
     Verb.END_OF_DATA: "data_done",
+    Verb.BDAT: "data_block",  # a chunk taken: as a data block (RFC 5321 4.5.3.2.5)
+    Verb.BDAT_LAST: "data_done",  # as the final dot (4.5.3.2.6)
     Verb.RSET: "helo",
     Verb.QUIT: "quit",
 }
@@ -211,12 +235,18 @@ class Transaction(Command):
     @ivar pipelined: send MAIL, every RCPT and DATA in one write (RFC 2920;
         only when the server offers PIPELINING); else MAIL alone, and
         L{ClientConnection.next_command} gives each next command.
+    @ivar chunking: send the message in BDAT chunks instead of DATA (RFC
+        3030; only when the server offers CHUNKING): no DATA command; with
+        C{pipelined}, the state is L{State.BODY} at once (the chunks may
+        follow MAIL and RCPT in the same write), else a L{SendBody} comes
+        after the RCPT replies when one was accepted.
     """
 
     sender: str
     recipients: tuple[str, ...]
     parameters: str = ""
     pipelined: bool = False
+    chunking: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +313,9 @@ class ReplyEvent(Event):
 class SendBody(Event):
     """DATA was answered 354 with at least one recipient accepted: stream
     the message with L{ClientConnection.send_body}, then
-    L{ClientConnection.end_data}."""
+    L{ClientConnection.end_data}. In an unpipelined CHUNKING transaction:
+    the RCPT replies are in with one accepted, or the last chunk sent was
+    answered 250: send the next chunk (L{ClientConnection.send_chunk})."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +348,7 @@ ALLOWED: dict[State, frozenset[type[Command]]] = {
     State.IN_TRANSACTION: frozenset({Rcpt, Data}),
     State.BODY: frozenset(),
     State.DOT_SENT: frozenset(),
+    State.BDAT_STOPPED: frozenset(),
     State.RSET_SENT: frozenset(),
     State.QUIT_SENT: frozenset(),
     State.CLOSED: frozenset(),
@@ -328,12 +361,14 @@ _NO_QUIT = frozenset({State.BODY, State.CLOSED, State.ERROR})
 class _Transaction:
     """The bookkeeping of the open transaction."""
 
-    __slots__ = ("accepted", "mail_refused", "next_rcpt", "pipelined", "rcpt_replies",
-                 "recipients", "replies")
+    __slots__ = ("accepted", "chunk_refused", "chunking", "mail_refused", "next_rcpt",
+                 "pipelined", "rcpt_replies", "recipients", "replies")
 
     def __init__(self, command: Transaction):
         self.recipients = command.recipients
         self.pipelined = command.pipelined
+        self.chunking = command.chunking
+        self.chunk_refused = False  # a BDAT chunk was refused (RFC 3030 2)
         self.replies: dict[str, Reply] = {}  # final replies, recorded as soon as known
         self.accepted: list[str] = []
         self.mail_refused = False
@@ -373,6 +408,7 @@ class ClientConnection:
         self._events: deque[Event] = deque()
         self._tx: _Transaction | None = None
         self._stuffer: DotStuffer | None = None
+        self._lineends: LineEnds | None = None
 
     # -- input --------------------------------------------------------------
 
@@ -486,6 +522,8 @@ class ClientConnection:
         # Data
         tx = self._tx
         assert tx is not None
+        if tx.chunking:
+            raise LocalProtocolError("DATA in a CHUNKING transaction (RFC 3030 2)")
         if tx.pipelined or tx.rcpt_replies < len(tx.recipients) or not tx.accepted:
             raise LocalProtocolError("DATA without an accepted recipient")
         return self._line("DATA", Verb.DATA)
@@ -498,7 +536,7 @@ class ClientConnection:
             return None
         if tx.next_rcpt < len(tx.recipients):
             return Rcpt(tx.recipients[tx.next_rcpt])
-        return Data()
+        return None if tx.chunking else Data()
 
     def send_body(self, data: bytes) -> bytes:
         """Message data, dot-stuffed (RFC 5321 4.5.2), after L{SendBody}.
@@ -526,6 +564,46 @@ class ClientConnection:
         self._owed.append((Verb.END_OF_DATA, self._parser.received))
         return stuffer.finish()
 
+    def body_wanted(self) -> bool:
+        """Whether message data may be sent now: after L{SendBody} in a DATA
+        transaction (until L{end_data}); in a CHUNKING one, while chunks may
+        go (L{State.BODY}) and, unpipelined, no reply to a chunk is owed."""
+        if self.state is not State.BODY:
+            return False
+        tx = self._tx
+        return tx is not None and (not tx.chunking or tx.pipelined or not self._owed)
+
+    def send_chunk(self, data: bytes, last: bool = False) -> bytes:
+        """One BDAT chunk of the message (RFC 3030 2), in a CHUNKING
+        transaction while L{body_wanted}.
+
+        @param data: the next bytes of the message, any length, any line
+            ends (made CRLF here, L{LineEnds}; the length announced is that
+            of the converted bytes).
+        @param last: this is the end of the message: C{BDAT n LAST}, after
+            which the state is L{State.DOT_SENT}.
+        @return: C{BDAT n[ LAST]} CRLF and the n octets; C{b""} when C{data}
+            converts to nothing and is not the last (a trailing CR is held
+            back until the next chunk): no command, no reply owed.
+        @raise LocalProtocolError: no CHUNKING transaction is sending (see
+            L{body_wanted}).
+        """
+        tx = self._tx
+        conv = self._lineends
+        if conv is None or tx is None or not self.body_wanted():
+            raise LocalProtocolError("BDAT chunk outside a CHUNKING transaction ready for one")
+        out = conv.feed(data)
+        if last:
+            out += conv.finish()
+            self._lineends = None
+            self.state = State.DOT_SENT
+            self._owed.append((Verb.BDAT_LAST, self._parser.received))
+            return b"BDAT %d LAST\r\n%b" % (len(out), out)
+        if not out:
+            return b""
+        self._owed.append((Verb.BDAT, self._parser.received))
+        return b"BDAT %d\r\n%b" % (len(out), out)
+
     def awaiting(self) -> tuple[tuple[Verb, str], ...]:
         """The replies owed, oldest first, each as C{(verb, timeout key)}:
         the driver arms the timeout of the first (a
@@ -549,6 +627,7 @@ class ClientConnection:
         """
         tx, self._tx = self._tx, None
         self._stuffer = None
+        self._lineends = None
         if tx is None:
             return {}
         replies = dict(tx.replies)
@@ -585,19 +664,24 @@ class ClientConnection:
         lines = [f"MAIL FROM:<{command.sender}>{command.parameters}"]
         if command.pipelined:
             lines.extend(f"RCPT TO:<{r}>" for r in command.recipients)
-            lines.append("DATA")
+            if not command.chunking:
+                lines.append("DATA")
         for text in (command.sender, command.parameters, *command.recipients):
             if "\r" in text or "\n" in text or "\0" in text:
                 raise LocalProtocolError("CR, LF or NUL in an SMTP command")
         received = self._parser.received
         owed = self._owed
         owed.append((Verb.MAIL, received))
-        if command.pipelined:
-            owed.extend((Verb.RCPT, received) for _ in command.recipients)
-            owed.append((Verb.DATA, received))
-            tx.next_rcpt = len(command.recipients)
         self._tx = tx
         self.state = State.IN_TRANSACTION
+        if command.pipelined:
+            owed.extend((Verb.RCPT, received) for _ in command.recipients)
+            tx.next_rcpt = len(command.recipients)
+            if command.chunking:  # the chunks may follow at once (RFC 3030 2)
+                self._lineends = LineEnds()
+                self.state = State.BODY
+            else:
+                owed.append((Verb.DATA, received))
         return b"".join(ln.encode("utf-8") + b"\r\n" for ln in lines)
 
     def _on_reply(self, reply: Reply, start: int) -> None:
@@ -670,6 +754,8 @@ class ClientConnection:
                     tx.replies[r] = reply
                 if not tx.pipelined:
                     self._done(tx, rset=True)
+                elif tx.chunking:
+                    self._stop_chunks(tx)
             return
         if verb is Verb.RCPT:
             r = tx.recipients[tx.rcpt_replies]
@@ -680,9 +766,19 @@ class ClientConnection:
                     tx.accepted.append(r)
                 else:
                     tx.replies[r] = reply
-            if (not tx.pipelined and tx.rcpt_replies == len(tx.recipients)
-                    and not tx.accepted):
-                self._done(tx, rset=True)
+            if tx.rcpt_replies == len(tx.recipients):
+                if not tx.accepted:
+                    if not tx.pipelined:
+                        self._done(tx, rset=True)
+                    elif tx.chunking:
+                        self._stop_chunks(tx)  # nothing to send the message for
+                elif tx.chunking and not tx.pipelined:
+                    self._lineends = LineEnds()
+                    self.state = State.BODY
+                    events.append(SendBody())
+            return
+        if verb is Verb.BDAT or verb is Verb.BDAT_LAST:
+            self._on_chunk_reply(tx, verb, reply, ok)
             return
         if verb is Verb.DATA:
             if ok:  # 354
@@ -707,11 +803,47 @@ class ClientConnection:
             tx.replies[r] = reply
         self._done(tx, rset=False)
 
+    def _on_chunk_reply(self, tx: _Transaction, verb: Verb, reply: Reply, ok: bool) -> None:
+        events = self._events
+        events.append(ReplyEvent(verb, reply, ok))
+        if not ok and not tx.chunk_refused:
+            # RFC 3030 2: the transaction failed; no more chunks. The
+            # accepted recipients get this refusal, whatever comes later.
+            tx.chunk_refused = True
+            for r in tx.accepted:
+                tx.replies[r] = reply
+            self._lineends = None
+            if self.state is State.BODY:
+                self.state = State.BDAT_STOPPED
+        if verb is Verb.BDAT_LAST:
+            if not tx.chunk_refused:
+                for r in tx.accepted:
+                    tx.replies[r] = reply
+            self._done(tx, rset=tx.chunk_refused or tx.mail_refused or not tx.accepted)
+            return
+        state = self.state
+        if state is State.BODY:
+            if not tx.pipelined:
+                events.append(SendBody())  # unpipelined: the next chunk may go
+        elif state is State.BDAT_STOPPED and not self._owed:
+            self._done(tx, rset=True)  # every chunk sent is answered
+        # else DOT_SENT: the reply to BDAT LAST is still owed
+
+    def _stop_chunks(self, tx: _Transaction) -> None:
+        """No more BDAT chunks for C{tx}; it ends once the replies owed are in."""
+        self._lineends = None
+        if self.state is State.BODY:
+            self.state = State.BDAT_STOPPED
+        if not self._owed and self.state is State.BDAT_STOPPED:
+            self._done(tx, rset=True)
+
     def _done(self, tx: _Transaction, rset: bool) -> None:
         self._tx = None
+        self._lineends = None
         self.needs_rset = rset
         self.state = State.READY
         self._events.append(TransactionDone(tx.replies, not self.closing))
 
 
-_TX_VERBS = frozenset({Verb.MAIL, Verb.RCPT, Verb.DATA, Verb.END_OF_DATA})
+_TX_VERBS = frozenset({Verb.MAIL, Verb.RCPT, Verb.DATA, Verb.END_OF_DATA, Verb.BDAT,
+                       Verb.BDAT_LAST})

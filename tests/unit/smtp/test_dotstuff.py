@@ -1,4 +1,5 @@
-"""Property tests for the SMTP DATA encoder (DotStuffer / encode_data).
+"""Property tests for the SMTP DATA encoder (DotStuffer / encode_data) and
+the BDAT line-end normaliser (LineEnds / encode_bdat).
 
 A message must never be able to end DATA early (SMTP smuggling,
 CVE-2023-51764), whatever its bytes and whatever the chunking of the file it
@@ -13,7 +14,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twisted_mailout.smtp.dotstuff import DotStuffer, encode_data
+from twisted_mailout.smtp.dotstuff import DotStuffer, LineEnds, encode_bdat, encode_data
 from twisted_mailout.smtp.protocol import CHUNK
 
 SETTINGS = settings(
@@ -217,3 +218,45 @@ def test_crlf_at_16k_and_64k_chunk_boundaries():
                 wire = feed_chunks(chunks)
                 assert wire == expected, (boundary, split_crlf, size)
                 assert_wire_ok(wire)
+
+
+# -- BDAT (RFC 3030): line ends only ---------------------------------------
+
+
+def feed_lineends(chunks: list[bytes]) -> bytes:
+    s = LineEnds()
+    return b"".join(s.feed(c) for c in chunks) + s.finish()
+
+
+@SETTINGS
+@given(chunked_messages())
+def test_bdat_bytes_are_what_data_delivers(msg):
+    # What a server keeps from BDAT chunks is what it keeps from DATA once
+    # it un-stuffs: the same bytes, whatever the chunking of the file.
+    data, chunks = msg
+    assert feed_lineends(chunks) == encode_bdat(data) == normalise(data)
+    assert encode_bdat(data) == unstuff(encode_data(data))
+
+
+@SETTINGS
+@given(MESSAGES)
+def test_bdat_byte_by_byte_and_empty_chunks(data):
+    s = LineEnds()
+    out = s.feed(b"")
+    for i in range(len(data)):
+        out += s.feed(data[i : i + 1]) + s.feed(b"")
+    assert out + s.finish() == encode_bdat(data)
+
+
+def test_bdat_examples():
+    assert encode_bdat(b"") == b""
+    assert encode_bdat(b".\r\n") == b".\r\n"  # no stuffing
+    assert encode_bdat(b"a\n.\nb") == b"a\r\n.\r\nb\r\n"
+    assert encode_bdat(b"a\r\n.\r\nQUIT\r\n") == b"a\r\n.\r\nQUIT\r\n"
+    assert encode_bdat(b"\r\r") == b"\r\n\r\n"
+    assert encode_bdat(b"8-bit \xe9\0\xff") == b"8-bit \xe9\0\xff\r\n"
+
+
+def test_bdat_crlf_input_is_not_copied():
+    chunk = b"Subject: x\r\n\r\nbody\r\n" * 100
+    assert LineEnds().feed(chunk) is chunk
