@@ -19,7 +19,8 @@ It also has marrow.mailer's message features, so that its users can move over:
   - C{organization}: C{Organization} (RFC 1036 2.2.8, registered for mail
     by RFC 4021);
   - C{retries}: how many more times the L{Mailer<twisted_mailout.apps.mailer.Mailer>}
-    tries a delivery that failed for now (L{send_with_retries}).
+    tries a delivery that failed for now (L{send_sync_with_retries},
+    L{send_async_with_retries}).
 """
 
 from __future__ import annotations
