@@ -323,27 +323,24 @@ def _has_file(folder: str) -> bool:
             if e.is_dir(follow_symlinks=False):
                 if _has_file(e.path):
                     return True
-            else:
+            elif e.is_file(follow_symlinks=False):
                 return True
     return False
 
 
-#: Subfolders of a queue folder that hold messages or their state: the
-#: folder store's four, and the names a worker's own folders may start with
-#: (issue 14's sharding). Searched recursively.
-MESSAGE_FOLDERS = ("new", "cur", "messages", "state", "claim", "shard", "worker")
+#: Subfolders of a queue folder that hold messages or their state (searched
+#: recursively). The workers of issue 14 share these (a message's worker is
+#: a function of its queue id, queue/shard.py); ``workers/`` holds their
+#: locks, sockets and shared limits, not messages.
+MESSAGE_FOLDERS = ("new", "cur", "messages", "state")
 
 
 def queue_empty(q: Path) -> bool:
-    """No message left in the queue folder: no file anywhere under ``new/``,
-    ``cur/``, ``messages/``, ``state/`` or a subfolder whose name starts with
-    one of :data:`MESSAGE_FOLDERS` (so a worker's folders count too).
-    ``tmp/``, ``corrupt/``, caches and files at the top (the lock,
-    control.json, suspensions.json) are not messages."""
-    with os.scandir(q) as it:
-        subs = [e.path for e in it if e.is_dir(follow_symlinks=False)
-                and e.name.startswith(MESSAGE_FOLDERS)]
-    return not any(_has_file(sub) for sub in subs)
+    """No message left in the queue folder: no regular file anywhere under
+    ``new/``, ``cur/``, ``messages/`` or ``state/``. ``tmp/``, ``corrupt/``,
+    ``workers/``, caches and files at the top (the lock, control.json,
+    suspensions.json) are not messages."""
+    return not any(_has_file(str(q / sub)) for sub in MESSAGE_FOLDERS)
 
 
 def wait_queue_empty(q: Path, timeout: float = 60.0) -> float:
