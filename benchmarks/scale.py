@@ -3,8 +3,11 @@ of ``run.py``.
 
     python benchmarks/scale.py [--sizes 1000 100000] [--deliver N]
 
-is ``python benchmarks/run.py --only scale --scale-sizes ... --scale-window ...``;
-see run.py and docs/benchmarks.md.
+is ``python benchmarks/run.py --only scale --scale-sizes ... --scale-window ...``
+(the daemon pinned to CPU 0, as in every run.py case but ``workers``): the
+CPU ms per message at each size, their ratio (issue 14: flat, ≤ 1.1, and
+≤ 0.5 ms at each size) and how long the case took; see run.py and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
