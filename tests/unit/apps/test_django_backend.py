@@ -337,3 +337,50 @@ def test_djangos_test_environment_and_our_capture_side_by_side(tmp_path):
             teardown_test_environment()
     assert not hasattr(mail, "outbox")
     assert len(Queue(str(tmp_path)).incoming()) == 1
+
+
+# -- Django 6.1's MAILERS (run where that Django is installed: see the module docstring) --
+
+needs_61 = pytest.mark.skipif(not DJANGO_61, reason="Django >= 6.1 (MAILERS) not installed")
+
+
+@needs_61
+def test_mailers_options_and_the_deprecated_get_connection_kwargs(tmp_path):
+    mailers = {
+        "default": {"BACKEND": OURS, "OPTIONS": {"delivery": f"queue://{tmp_path}"}},
+        "relay": {"BACKEND": OURS, "OPTIONS": {"delivery": f"queue://{tmp_path}",
+                                               "host": "relay.test", "port": 25,
+                                               "use_tls": True, "timeout": 9}},
+    }
+    with override_settings(MAILERS=mailers):
+        relay = mail.mailers["relay"]
+        assert relay.alias == "relay"
+        assert smtp(relay) == ("smtp", "relay.test:25", "verify", None, 9.0)
+        # get_connection(fail_silently=..., username=...) builds MAILERS["default"]
+        conn = connection(None, fail_silently=True)
+        assert conn.fail_silently is True and conn.alias == "default"
+        assert conn.send_messages([mail.EmailMessage("s", "m", None, ["not-an-address"]),
+                                   mail.EmailMessage("s", "m", None, ["b@dest.test"])]) == 1
+        with pytest.raises(RuntimeError, match="not supported with MAILERS"):
+            connection(OURS)  # Django's rule, not ours: name the backend in MAILERS
+        assert mail.send_mail("s", "m", None, ["c@dest.test"], using="default") == 1
+    assert len(Queue(str(tmp_path)).incoming()) == 2
+
+
+@needs_61
+def test_mailers_under_djangos_test_environment(tmp_path):
+    mailers = {"default": {"BACKEND": OURS, "OPTIONS": {"delivery": f"queue://{tmp_path}"}}}
+    with override_settings(MAILERS=mailers):
+        setup_test_environment()
+        try:
+            assert mail.send_mail("to locmem", "m", None, ["b@dest.test"]) == 1
+            assert [(m.subject, m.sent_using) for m in mail.outbox] == [("to locmem", "default")]
+            # our backend made by hand (as a test of the backend itself would) still sends
+            with capture_mail() as outbox:
+                assert EmailBackend(delivery=f"queue://{tmp_path}").send_messages(
+                    [mail.EmailMessage("to ours", "m", None, ["c@dest.test"])]) == 1
+            outbox.assert_sent(1, subject="to ours")
+            assert len(mail.outbox) == 1
+        finally:
+            teardown_test_environment()
+    assert len(Queue(str(tmp_path)).incoming()) == 0
