@@ -506,8 +506,8 @@ class IMAPDelivery(Delivery):
             endpoint = endpoints.wrapClientTLS(self._creator(), endpoint)
         try:
             client = await endpoint.connect(_Factory(self.timeout))
-        except defer.CancelledError:
-            raise
+        except (defer.CancelledError, error.ConnectingCancelledError):
+            raise defer.CancelledError() from None
         except error.DNSLookupError as e:
             raise DeliveryError(Reply(451, f"4.4.3 cannot resolve IMAP server {self.host}: "
                                       f"{e}", True), recipients) from None
