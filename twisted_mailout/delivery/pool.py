@@ -285,6 +285,20 @@ class ConnectionPool(Generic[S]):
         dest = self._dests.get(key)
         return dest.conns if dest is not None else 0
 
+    def limit_for(self, key: str) -> int:
+        """The connections destination C{key} may have open at once: its own
+        limit (L{shape}) or C{max_per_destination}, at most its group's.
+        Cheap, never blocks (the scheduler asks it for each message).
+
+        @param key: a destination key (an unknown one has the default).
+        @return: a count, at least 1.
+        """
+        dest = self._dests.get(key)
+        if dest is None:
+            return self.limits.max_per_destination
+        own = dest.limit if dest.limit is not None else self.limits.max_per_destination
+        return own if dest.group is None else min(own, dest.group.limit)
+
     def idle_to(self, key: str) -> int:
         """Idle connections kept for destination C{key}."""
         dest = self._dests.get(key)
