@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import random as _random
 import socket
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import IO, Any, cast
 
@@ -43,6 +44,7 @@ from twisted_mailout.envelope import (
     parse_address,
     parse_sender,
 )
+from twisted_mailout.errors import AddressError
 from twisted_mailout.outcome import RecipientResult, Status
 from twisted_mailout.queue.interface import IQueueStore
 from twisted_mailout.queue.model import (
@@ -72,6 +74,31 @@ def _first(pair: tuple[Address, RecipientStatus]) -> Address:
     return pair[0]
 
 
+def _destination(address: str) -> str:
+    """The MX routing key of a queued recipient (its domain's A-label form,
+    as L{group_by_destination} makes it)."""
+    try:
+        return parse_address(address).ascii_domain
+    except AddressError:  # (validated at enqueue; the attempt will say what is wrong)
+        return address.rpartition("@")[2].lower()
+
+
+class _Parked:
+    """What L{Scheduler._process} returns for a message set aside because
+    its destination has its share of the messages in flight.
+
+    @ivar dest: the destination that is full.
+    @ivar due: when the message was due (it goes back into the schedule at
+        that time, so it keeps its place).
+    """
+
+    __slots__ = ("dest", "due")
+
+    def __init__(self, dest: str, due: float):
+        self.dest = dest
+        self.due = due
+
+
 class Scheduler:
     """Drives delivery of everything in one queue store.
 
@@ -88,6 +115,17 @@ class Scheduler:
     @param relay: C{True} when every message goes to one relay (one
         destination), C{False} for MX routing by recipient domain.
     @param max_inflight: messages being worked on at once.
+    @param max_inflight_per_destination: with MX routing, the messages one
+        destination may have in flight at once, waiting for a connection or
+        being sent (a message to several destinations counts in each): a
+        due message whose destination has its share waits outside the
+        in-flight set, in arrival order, and goes back into the schedule
+        when one of that destination's deliveries ends. So the mail of a
+        slow destination (a tarpit) cannot take the places of everyone
+        else's (issue 14). L{None} (the default): twice the destination's
+        connection limit, from the connector's pool (C{pool.limit_for}), or
+        no limit with a connector that has none. Never applied with a relay
+        (one destination).
     @param reporting_mta: this host's name, for bounces.
     @param observers: callables receiving each outcome, a L{RecipientResult};
         their errors are logged, never raised.
@@ -124,7 +162,10 @@ class Scheduler:
                  delay_warning: float | None = None,
                  suspensions: Suspensions | None = None,
                  signer: MessageSigner | None = None,
-                 throttle: ThrottleRules | None = None) -> None:
+                 throttle: ThrottleRules | None = None,
+                 max_inflight_per_destination: int | None = None) -> None:
+        if max_inflight_per_destination is not None and max_inflight_per_destination < 1:
+            raise ValueError("max_inflight_per_destination must be at least 1")
         self.queue = queue
         self.connector = connector
         self.clock = clock
@@ -132,6 +173,7 @@ class Scheduler:
         self.retry = retry or RetryPolicy()
         self.relay = relay
         self.max_inflight = max_inflight
+        self.max_inflight_per_destination = max_inflight_per_destination
         self.reporting_mta = reporting_mta or socket.gethostname()
         self.observers = list(observers)
         self.rng = rng or _random.Random()
@@ -155,7 +197,15 @@ class Scheduler:
         self.on_hold: set[str] = set()
         self._shape: tuple[float, dict[str, Any]] | None = None
         #: queue id -> its work (L{None} while the work is being started).
-        self._inflight: dict[str, defer.Deferred[float | None] | None] = {}
+        self._inflight: dict[str, defer.Deferred[float | _Parked | None] | None] = {}
+        #: destination -> messages in flight for it (between the share check
+        #: and the end of the delivery attempt).
+        self._busy: dict[str, int] = {}
+        #: destination -> (due, queue id) set aside while it has its share;
+        #: queue id -> its destination there (items whose queue id maps to
+        #: another destination, or to none, are stale: taken since).
+        self._parked: dict[str, deque[tuple[float, str]]] = {}
+        self._parked_at: dict[str, str] = {}
         self._preloaded: dict[str, QueueEntry] = {}
         self._unsaved: set[str] = set()  # outcomes known but not yet on disk
         self._saver: GroupCommit[QueueEntry] = GroupCommit(run_blocking, queue.save_many)
@@ -269,7 +319,7 @@ class Scheduler:
         def release(_: object) -> defer.Deferred[None] | None:
             # Only what waits: work still in flight may yet finish here; its
             # leases lapse by themselves if it does not.
-            held = list(self._queued) + sorted(self._taken)
+            held = list(self._queued) + list(self._parked_at) + sorted(self._taken)
             if self.queue.lease_duration is None or not held:
                 return None
             return self.run_blocking(self.queue.release, held).addErrback(
@@ -348,7 +398,8 @@ class Scheduler:
     # -- scheduling ---------------------------------------------------------
 
     def _schedule(self, qid: str, due: float, dispatch: bool = True) -> None:
-        if qid in self._queued or qid in self._inflight or qid in self._taken:
+        if (qid in self._queued or qid in self._inflight or qid in self._taken
+                or qid in self._parked_at):
             return
         self._seq += 1
         self._queued[qid] = self._seq
@@ -378,6 +429,7 @@ class Scheduler:
                 continue
             self._taken.add(qid)
             self._queued.pop(qid, None)  # its heap item is now stale
+            self._parked_at.pop(qid, None)  # (and its place in a destination's line)
             self._preloaded.pop(qid, None)
             taken.append(qid)
             if qid in self._inflight:
@@ -435,7 +487,8 @@ class Scheduler:
                 due_now += 1
             else:
                 later += 1
-        for ids in (live, flying, self.on_hold):
+        due_now += len(self._parked_at)  # due, waiting for their destination's share
+        for ids in (live, flying, self._parked_at, self.on_hold):
             for qid in ids:
                 if len(qid) == 23 and qid[0] != "F" and (oldest is None or qid < oldest):
                     oldest = qid
@@ -458,6 +511,9 @@ class Scheduler:
         """When C{qid} is scheduled next (seconds since the epoch), or L{None}
         when it is not in the schedule (in flight, held, taken, unknown).
         Walks the heap: for one message at a time (C{show})."""
+        dest = self._parked_at.get(qid)
+        if dest is not None:
+            return next(due for due, q in self._parked[dest] if q == qid)
         seq = self._queued.get(qid)
         if seq is None:
             return None
@@ -497,8 +553,17 @@ class Scheduler:
             delay = max(0.0, self._heap[0][0] - now)
             self._wakeup = self.clock.callLater(delay, self._dispatch)
 
-    def _done(self, result: float | Failure | None, qid: str) -> None:
+    def _done(self, result: float | _Parked | Failure | None, qid: str) -> None:
         self._inflight.pop(qid, None)
+        if isinstance(result, _Parked):
+            if qid not in self._taken:
+                self._parked_at[qid] = result.dest
+                self._parked.setdefault(result.dest, deque()).append((result.due, qid))
+                self._unpark(result.dest)  # (its share may have freed meanwhile)
+            for w in self._finished.pop(qid, []):
+                w.callback(None)
+            self._dispatch()
+            return
         if self._more and len(self._inflight) <= self.max_inflight // 2 and not self._stopping:
             self._more = False
             self.pickup()  # a shared store had more waiting: claim the next share
@@ -518,12 +583,71 @@ class Scheduler:
 
     def queued(self) -> int:
         """Messages scheduled or in flight."""
-        return len(self._queued) + len(self._inflight)
+        return len(self._queued) + len(self._inflight) + len(self._parked_at)
+
+    # -- each destination's share of the messages in flight -------------------
+
+    def _share(self, dest: str) -> int | None:
+        """The messages C{dest} may have in flight, or L{None} for no limit."""
+        if self.relay:
+            return None
+        if self.max_inflight_per_destination is not None:
+            return self.max_inflight_per_destination
+        limit_for = getattr(getattr(self.connector, "pool", None), "limit_for", None)
+        return None if limit_for is None else 2 * int(limit_for(dest))
+
+    def _reserve(self, due: list[RecipientStatus]) -> tuple[list[str], str | None]:
+        """Count a message to the destinations of C{due} in flight.
+
+        @return: C{(destinations counted, None)}, or C{([], dest)} when
+            C{dest} has its share already (nothing counted).
+        """
+        if self.relay:
+            return [], None
+        keys = list(dict.fromkeys(_destination(rs.address) for rs in due))
+        busy = self._busy
+        for k in keys:
+            share = self._share(k)
+            if share is not None and busy.get(k, 0) >= share:
+                return [], k
+        for k in keys:
+            busy[k] = busy.get(k, 0) + 1
+        return keys, None
+
+    def _unreserve(self, keys: list[str]) -> None:
+        """A delivery attempt to C{keys} has ended: each may let one message
+        it set aside go."""
+        busy = self._busy
+        for k in keys:
+            n = busy.get(k, 0) - 1
+            if n > 0:
+                busy[k] = n
+            else:
+                busy.pop(k, None)
+            self._unpark(k)
+
+    def _unpark(self, dest: str) -> None:
+        """Put the first message set aside for C{dest} back into the schedule,
+        at its old due time, if C{dest} is below its share."""
+        line = self._parked.get(dest)
+        while line and not self._stopping:  # (stopping: stop() gives them back)
+            share = self._share(dest)
+            if share is not None and self._busy.get(dest, 0) >= share:
+                return
+            due, qid = line.popleft()
+            if self._parked_at.get(qid) != dest:
+                continue  # stale: the operator took it
+            del self._parked_at[qid]
+            self._schedule(qid, due)
+            break
+        if line is not None and not line:
+            self._parked.pop(dest, None)
 
     # -- one message ----------------------------------------------------------
 
-    async def _process(self, qid: str) -> float | None:
-        """Work on one message. @return: when it is due next, or L{None}."""
+    async def _process(self, qid: str) -> float | _Parked | None:
+        """Work on one message. @return: when it is due next, L{None}, or
+        L{_Parked} when its destination has its share in flight."""
         try:
             try:
                 return await self._process_inner(qid)
@@ -548,7 +672,7 @@ class Scheduler:
             log.failure("{qid}: internal error; will retry", qid=qid)
             return float(self.clock.seconds() + self.retry.base)
 
-    async def _process_inner(self, qid: str) -> float | None:
+    async def _process_inner(self, qid: str) -> float | _Parked | None:
         entry = self._preloaded.pop(qid, None)
         try:
             if entry is None or entry.size is None:
@@ -565,15 +689,25 @@ class Scheduler:
         now = self.clock.seconds()
         due = entry.due(now)
         paced = False
-        if due and self.admission.active:
-            waiting = len(due)
-            due, paced = await self.admission.admit(qid, due, now)
-            if len(due) < waiting and entry.size is not None:
+        keys: list[str] = []
+        if due and qid not in self._unsaved:
+            keys, full = self._reserve(due)
+            if full is not None:
                 self._preloaded[qid] = entry  # it comes back soon: keep it loaded
+                return _Parked(full, min(now, entry.next_attempt() or now))
         try:
-            if due:
-                await self._attempt(entry, due, size, paced)
-                self._unsaved.add(qid)
+            try:
+                if due and self.admission.active:
+                    waiting = len(due)
+                    due, paced = await self.admission.admit(qid, due, now)
+                    if len(due) < waiting and entry.size is not None:
+                        self._preloaded[qid] = entry  # it comes back soon: keep it loaded
+                if due:
+                    await self._attempt(entry, due, size, paced)
+                    self._unsaved.add(qid)
+            finally:
+                if keys:
+                    self._unreserve(keys)
             # When the message is finished, removing it is the record of its
             # outcome: a state write just before it would only cost an fsync.
             if qid in self._unsaved and not (entry.done and all_reported(entry)):
