@@ -17,7 +17,8 @@ the report of an HTTP delivery as they read an SMTP one:
 | 5xx | deferred | C{451 4.3.0 ...} |
 | no connection, no answer in time | deferred | C{451 4.4.1} / C{4.4.2} / C{4.4.3} (DNS), C{local} |
 | a refusal of the message (400, 413, 422, the provider's own codes) | bounced | C{5xx 5.x.x ...} |
-| credentials or account (401, 403 for SES, 404 ...) | deferred | C{451 4.7.0} / C{4.3.5} |
+| credentials (401, 403 unless the provider says otherwise) | deferred | C{451 4.7.0} |
+| a wrong endpoint (404, 405) | deferred | C{451 4.3.5} |
 
 Each subclass names its provider's refusals (L{HTTPAPIDelivery.interpret}).
 The reply text is one line: the enhanced status code (RFC 3463), the
