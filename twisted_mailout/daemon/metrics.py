@@ -69,6 +69,7 @@ from prometheus_client import (
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -347,6 +348,11 @@ class _MetricsPage(Resource):
         @return: C{NOT_DONE_YET} (the app finishes the request).
         """
         self._metrics.refresh_live()
+        if not hasattr(request.getClientAddress(), "host"):
+            # a Unix socket's peer has no address; twisted.web's WSGI
+            # container needs one for REMOTE_ADDR (it failed with a 500)
+            local = IPv4Address("TCP", "127.0.0.1", 0)
+            request.getClientAddress = lambda: local  # type: ignore[method-assign]
         return self._wsgi.render(request)
 
 
