@@ -33,7 +33,7 @@ from twisted_mailout.envelope import Reply
 from twisted_mailout.smtp.errors import SessionError, Stage
 
 if TYPE_CHECKING:
-    from twisted_mailout.smtp.protocol import ESMTPSession
+    from twisted_mailout.smtp.protocol import ESMTPSession, _Pending
 
 __all__ = ["CHUNK", "local_reply"]
 
@@ -61,6 +61,12 @@ class _Producer:
         self._transport: Any = session.transport
         self._timer: DelayedCall | None = None
         self._done = False
+        self._registered = True  # the session registers it on the transport
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
 
     def _arm(self) -> None:
         t = self.session.timeouts.data_block
@@ -86,7 +92,7 @@ class _Producer:
         if tx is None or tx.may_finish is None or tx.may_finish():
             return False
         s = self.session
-        self._transport.unregisterProducer()
+        self._unregister()
         s._abort()  # first: nothing more may be written, and never the end
         self._finish(SessionError(local_reply(451, f"4.4.2 {what} not sent to {s._who}: the "
                                               "queue lease could not be renewed in time"),
@@ -94,7 +100,7 @@ class _Producer:
         return True
 
     def _done_writing(self) -> None:
-        self._transport.unregisterProducer()
+        self._unregister()
         self._stop_timer()
         self._done = True
         self.session._body_sent()
@@ -114,7 +120,7 @@ class _Producer:
         self._stop_timer()
         if not self._done:
             self._done = True
-            self._transport.unregisterProducer()
+            self._unregister()
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -164,3 +170,93 @@ class _BodyProducer(_Producer):
             return
         write(conn.end_data())
         self._done_writing()
+
+
+@implementer(interfaces.IPullProducer)
+class _ChunkProducer(_Producer):
+    """Streams the message file to the transport in BDAT chunks (RFC 3030
+    2), one per read of L{CHUNK} bytes, each announced with the length of
+    its bytes once their line ends are made CRLF
+    (L{ClientConnection.send_chunk<twisted_mailout.smtp.state.ClientConnection.send_chunk>}).
+    The read after each chunk tells whether it is the last (C{BDAT n LAST}),
+    so a message of up to L{CHUNK} bytes goes in one chunk.
+
+    L{start} writes the first chunk at once (after C{prefix}, the MAIL and
+    RCPT commands of a pipelined transaction, in the same write). Pipelined,
+    the producer is then registered on the transport for the next chunks,
+    and stops early when the state machine says no more may go (a refused
+    chunk, MAIL or every RCPT refused). Unpipelined, one chunk is written
+    and the session makes a new producer after its 250 (the bytes read
+    ahead are kept in the transaction, C{pending.ahead}).
+
+    @param session: the L{ESMTPSession<twisted_mailout.smtp.protocol.ESMTPSession>}.
+    @param source: the message file, positioned after what was read.
+    @param pending: the session's transaction.
+    @param prefix: bytes to write before the first chunk, in the same write.
+    """
+
+    def __init__(self, session: ESMTPSession, source: IO[bytes], pending: _Pending,
+                 prefix: bytes = b""):
+        super().__init__(session, source)
+        self._pending = pending
+        self._prefix = prefix
+        self._registered = False
+
+    def start(self) -> None:
+        """Write the first chunk now; register for the next ones when they
+        may follow at once (pipelined), else hand back to the session."""
+        self._arm()
+        more = self._step()
+        if self._done:  # the lease guard refused BDAT LAST
+            return
+        if more:
+            self._registered = True
+            self._transport.registerProducer(self, False)
+        else:
+            self._done_writing()
+
+    def halt(self) -> None:
+        """No more chunks may go (a refusal came): stop, and let the
+        session time the replies still owed."""
+        if not self._done:
+            self._done_writing()
+
+    def resumeProducing(self) -> None:
+        """C{IPullProducer}: write the next chunk (or stop: no more may go)."""
+        if self._done:
+            return
+        self._arm()
+        more = self._step()
+        if not more and not self._done:
+            self._done_writing()
+
+    def _step(self) -> bool:
+        """Write one chunk (reading on past chunks that convert to nothing).
+
+        @return: whether another chunk may be written at once.
+        """
+        conn = self._conn
+        if not conn.body_wanted():  # stopped meanwhile: only replies are owed
+            return False
+        pending = self._pending
+        read = self.source.read
+        chunk = pending.ahead
+        if chunk is None:
+            chunk = read(CHUNK)
+        pending.ahead = None
+        while True:
+            ahead = read(CHUNK) if chunk else b""
+            last = not ahead
+            if last and self._refused_end("BDAT LAST"):
+                return False
+            out = conn.send_chunk(chunk, last)
+            if out:
+                if self._prefix:
+                    out = self._prefix + out
+                    self._prefix = b""
+                self._transport.write(out)
+                if last:
+                    return False
+                pending.ahead = ahead
+                return conn.body_wanted()  # unpipelined: the 250 comes first
+            chunk = ahead

@@ -41,11 +41,12 @@ from twisted_mailout.smtp.errors import (
 )
 from twisted_mailout.smtp.extensions import (
     mail_parameters,
+    supports_chunking,
     supports_pipelining,
     supports_smtputf8,
     supports_starttls,
 )
-from twisted_mailout.smtp.producers import CHUNK, _BodyProducer, local_reply
+from twisted_mailout.smtp.producers import CHUNK, _BodyProducer, _ChunkProducer, local_reply
 from twisted_mailout.smtp.replies import MAX_LINE, MAX_REPLY_LINES
 from twisted_mailout.smtp.state import (
     Auth,
@@ -96,6 +97,8 @@ _STAGES: dict[Verb, Stage] = {
     Verb.RCPT: Stage.RCPT,
     Verb.DATA: Stage.DATA,
     Verb.END_OF_DATA: Stage.END_OF_DATA,
+    Verb.BDAT: Stage.DATA_BLOCK,
+    Verb.BDAT_LAST: Stage.END_OF_DATA,
     Verb.RSET: Stage.RSET,
     Verb.QUIT: Stage.QUIT,
 }
@@ -122,9 +125,10 @@ _local = local_reply
 
 
 class _Pending:
-    """The transaction under way: its Deferred, command and message file."""
+    """The transaction under way: its Deferred, command and message file
+    (and, between BDAT chunks, the bytes already read ahead)."""
 
-    __slots__ = ("command", "d", "may_finish", "source")
+    __slots__ = ("ahead", "command", "d", "may_finish", "source")
 
     def __init__(self, d: defer.Deferred[TransactionResult], command: Transaction,
                  source: IO[bytes], may_finish: Callable[[], bool] | None = None):
@@ -132,6 +136,7 @@ class _Pending:
         self.command = command
         self.source = source
         self.may_finish = may_finish
+        self.ahead: bytes | None = None
 
 
 class ESMTPSession(protocol.Protocol):
@@ -151,6 +156,12 @@ class ESMTPSession(protocol.Protocol):
     @param hostname: the peer's host name (for TLS and logs).
     @param timeouts: L{Timeouts}.
     @param pipelining: use PIPELINING (RFC 2920) when the server offers it.
+    @param chunking: send messages with BDAT (RFC 3030 CHUNKING) instead of
+        DATA when the server offers it: no dot-stuffing, chunks of L{CHUNK}
+        bytes read (the whole message in one C{BDAT n LAST} when it fits),
+        pipelined with MAIL and RCPT when PIPELINING is used. BINARYMIME is
+        never used: the message goes as it would with DATA (line ends made
+        CRLF), and the server keeps the same bytes.
     @param implicit_tls: the transport is TLS from the first byte (RFC 8314
         submissions port 465): no STARTTLS, the session counts as encrypted.
     @param credentials: L{auth.Credentials<twisted_mailout.smtp.auth.Credentials>}
@@ -183,7 +194,7 @@ class ESMTPSession(protocol.Protocol):
                  tls_creator: Callable[[str | None], Any] | None = None,
                  hostname: str | None = None, timeouts: Timeouts | None = None,
                  pipelining: bool = True, implicit_tls: bool = False,
-                 credentials: _auth.Credentials | None = None):
+                 credentials: _auth.Credentials | None = None, chunking: bool = True):
         if tls not in TLS_LEVELS:
             raise ValueError(f"unknown TLS level {tls!r}; expected one of {TLS_LEVELS}")
         self.implicit_tls = implicit_tls
@@ -196,6 +207,7 @@ class ESMTPSession(protocol.Protocol):
         self.hostname = hostname
         self.timeouts = timeouts or Timeouts()
         self.pipelining = pipelining
+        self.chunking = chunking
         self.ready: defer.Deferred[ESMTPSession] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.relay_label = hostname or "?"
@@ -211,7 +223,7 @@ class ESMTPSession(protocol.Protocol):
         self._timer: DelayedCall | None = None
         self._closed = False
         self._lost_reason: Failure | None = None
-        self._producer: _BodyProducer | None = None
+        self._producer: _BodyProducer | _ChunkProducer | None = None
         self._tls_pending = implicit_tls  # a handshake is under way
 
     @property
@@ -278,7 +290,13 @@ class ESMTPSession(protocol.Protocol):
             elif kind is SendBody:
                 self._send_body()
             elif kind is TransactionDone:
+                if self._producer is not None:  # BDAT: no more chunks will go
+                    self._producer.cancel()
+                    self._producer = None
                 self._finish(ev.replies, ev.usable)
+        producer = self._producer
+        if type(producer) is _ChunkProducer and not self._conn.body_wanted():
+            producer.halt()  # a refused chunk, MAIL or every RCPT: no more chunks
         tx = self._tx
         if tx is not None and not tx.command.pipelined and not self._closed:
             command = self._conn.next_command()
@@ -528,7 +546,9 @@ class ESMTPSession(protocol.Protocol):
                     may_finish: Callable[[], bool] | None = None
                     ) -> defer.Deferred[TransactionResult]:
         """Run one mail transaction: MAIL, RCPT for each recipient, DATA
-        (pipelined when the server offers PIPELINING, RFC 2920).
+        (pipelined when the server offers PIPELINING, RFC 2920), or BDAT
+        chunks instead of DATA when the server offers CHUNKING (RFC 3030)
+        and the session was made with C{chunking}.
 
         @param sender: the MAIL FROM address, already validated, C{""} for
             the null sender.
@@ -540,7 +560,8 @@ class ESMTPSession(protocol.Protocol):
         @param eightbit: the message has 8-bit bytes: C{BODY=8BITMIME} is
             sent when the server offers it (RFC 6152). To a server that does
             not, the message goes as it is (no MIME conversion).
-        @param may_finish: asked just before the final dot is written, or
+        @param may_finish: asked just before the final dot (or the BDAT LAST
+            chunk) is written, or
             L{None}: when it answers C{False} (a shared queue's lease could
             not be renewed in time, so another daemon may be sending this
             message), the final dot is not sent and the connection is
@@ -566,7 +587,8 @@ class ESMTPSession(protocol.Protocol):
             return d
         command = Transaction(sender, tuple(recipients),
                               mail_parameters(extensions, size, eightbit, smtputf8),
-                              self.pipelining and supports_pipelining(extensions))
+                              self.pipelining and supports_pipelining(extensions),
+                              self.chunking and supports_chunking(extensions))
         for text in (sender, *recipients):
             if "\r" in text or "\n" in text or "\0" in text:
                 return defer.fail(LocalProtocolError("CR, LF or NUL in an SMTP command"))
@@ -587,7 +609,11 @@ class ESMTPSession(protocol.Protocol):
         tx = self._tx
         assert tx is not None
         self.transactions += 1
-        self._write(self._conn.send(tx.command))
+        data = self._conn.send(tx.command)
+        if tx.command.chunking and tx.command.pipelined:
+            self._send_body(data)  # MAIL, RCPT and the first chunk in one write
+        else:
+            self._write(data)
 
     def _rset_done(self, ev: ReplyEvent) -> None:
         if ev.ok:
@@ -620,9 +646,15 @@ class ESMTPSession(protocol.Protocol):
             self._producer = None
         self._abort()
 
-    def _send_body(self) -> None:
+    def _send_body(self, prefix: bytes = b"") -> None:
         tx = self._tx
         assert tx is not None
+        if tx.command.chunking:
+            chunks = _ChunkProducer(self, tx.source, tx, prefix)
+            self._producer = chunks
+            self._arm()  # no reply timer while chunks are written: the producer times them
+            chunks.start()
+            return
         producer = _BodyProducer(self, tx.source)
         self._producer = producer
         self._arm()  # no reply timer while the body is sent: the producer times blocks
