@@ -353,6 +353,7 @@ class _MetricsPage(Resource):
             # container needs one for REMOTE_ADDR (it failed with a 500)
             local = IPv4Address("TCP", "127.0.0.1", 0)
             request.getClientAddress = lambda: local  # type: ignore[method-assign]
+            request.getHost = lambda: local  # type: ignore[method-assign]
         return self._wsgi.render(request)
 
 
