@@ -65,6 +65,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from twisted.logger import Logger
 
 from twisted_mailout.api import SMTPClient, blocking_call, default_reactor
+from twisted_mailout.apps.blocking import runner_for
 from twisted_mailout.apps.builder import parse_display_address
 from twisted_mailout.apps.deliveries import (
     Delivery,
@@ -357,8 +358,19 @@ class EmailBackend(BaseEmailBackend):
         return None
 
     def _call(self, reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run C{f} in the reactor thread and wait for its result."""
-        return blocking_call(default_reactor(reactor), f, *args, **kwargs)
+        """Run C{f} in the reactor thread and wait for its result: through
+        L{twisted_mailout.blocking} (the reactor the program runs in a thread,
+        else one run by the library in a thread of its own, started now if
+        needed), or for a reactor no runner drives (a test's own) through
+        L{blocking_call}.
+
+        @raise ReactorThreadError: called in the reactor thread (a
+            C{RuntimeError}).
+        """
+        runner = runner_for(reactor)
+        if runner is None:
+            return blocking_call(default_reactor(reactor), f, *args, **kwargs)
+        return runner.call(f, *args, **kwargs)
 
     def _new_client(self, delivery: SMTPDelivery) -> SMTPClient:
         """An L{SMTPClient} with C{delivery}'s settings, made in the reactor
