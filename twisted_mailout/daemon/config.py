@@ -19,6 +19,11 @@ from twisted_mailout.tls.levels import LEVELS as TLS_LEVELS
 __all__ = ["Config", "ConfigError", "http_endpoint_is_local", "read_token_file"]
 
 
+#: The most worker processes C{--workers} starts (the shared connection
+#: table has a column for each).
+MAX_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the delivery service needs.
@@ -99,6 +104,12 @@ class Config:
         C{DIR/control.sock}, mode 0600 (C{--no-http} turns it off).
     @ivar http_token_file: a file whose first line is the API's bearer token
         (C{--http-token-file}); it must not be readable by every user.
+    @ivar workers: delivery processes sharing the queue folder (C{--workers};
+        1: this process delivers; more: it supervises that many workers,
+        L{twisted_mailout.daemon.workers}).
+    @ivar worker_index: in a worker process, its index (from 0); L{None}
+        elsewhere.
+    @ivar worker_count: in a worker process, how many workers share the folder.
     """
 
     queue: str
@@ -146,10 +157,21 @@ class Config:
     lease_duration: float = 60.0
     http_default: bool = True
     http_token_file: str | None = None
+    workers: int = 1
+    worker_index: int | None = None
+    worker_count: int = 1
 
     def __post_init__(self) -> None:
         if not self.queue:
             raise ConfigError("--queue is required")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be 1 to {MAX_WORKERS}, not {self.workers}")
+        if self.workers > 1 and self.shared_queue:
+            raise ConfigError("--workers applies to a queue folder; with a PostgreSQL queue "
+                              "run more daemons instead (each is a consumer of the shared "
+                              "queue, see docs/postgresql.md)")
+        if self.worker_index is not None and not 0 <= self.worker_index < self.worker_count:
+            raise ConfigError(f"worker {self.worker_index} of {self.worker_count}: out of range")
         if self.shared_queue:
             if not self.lease_duration >= 3:
                 raise ConfigError("--lease-duration must be at least 3 seconds")

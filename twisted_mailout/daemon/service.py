@@ -162,11 +162,25 @@ class DeliveryService(service.MultiService):
             self.queue = PostgresStore(config.queue, owner=config.owner,
                                        lease_duration=config.lease_duration,
                                        password=config.queue_password())
+        elif config.worker_index is not None:
+            from twisted_mailout.queue.shard import ShardQueue
+
+            # one worker of several (--workers): its share of the folder,
+            # under its own lock (the parent holds DIR/lock)
+            self.queue = ShardQueue(config.queue, config.worker_index, config.worker_count)
+            self.queue.lock()
         else:
             self.queue = Queue(config.queue)
             self.queue.lock()
         self.locked = True
         self.connector = build_connector(config, reactor, resolver)
+        if config.worker_index is not None:
+            from twisted_mailout.delivery.limits import SharedLimits
+            from twisted_mailout.queue.shard import workers_dir
+
+            # the limits hold across the workers (the parent made the table)
+            self.connector.pool.shared = SharedLimits(
+                os.path.join(workers_dir(config.queue), "limits"), config.worker_index)
         self.scheduler = Scheduler(
             self.queue,
             self.connector,
@@ -294,7 +308,8 @@ class DeliveryService(service.MultiService):
         """
         out = list(self.config.http)
         optional: set[str] = set()
-        if self.config.http_default and not self.config.shared_queue:
+        if (self.config.http_default and not self.config.shared_queue
+                and self.config.worker_index is None):
             default = http.default_endpoint(self.queue.path)
             if default is not None and default not in out:
                 out.insert(0, default)
@@ -506,7 +521,8 @@ class _HTTPChild(service.Service):
         site = http.ControlSite(root, reactor=owner.reactor)
         self.server = http.HTTPService(
             owner.reactor, site, descriptions,
-            None if owner.config.shared_queue else owner.queue.path, self.api,
+            None if owner.config.shared_queue or owner.config.worker_index is not None
+            else owner.queue.path, self.api,
             token_file=owner.config.http_token_file, optional=optional,
             on_failure=owner._start_failed, watch=owner.watch)
         self.server.startService()

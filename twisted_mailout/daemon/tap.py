@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.python import usage
 
 from twisted_mailout.daemon.config import Config, ConfigError
 from twisted_mailout.daemon.service import DeliveryService
 from twisted_mailout.daemon.service import makeService as _make
 from twisted_mailout.queue import QueueError
+
+if TYPE_CHECKING:
+    from twisted_mailout.daemon.workers import WorkerSupervisor
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
@@ -110,6 +115,13 @@ class Options(usage.Options):
          "--log-format json is mailout.json in the working folder, beside twistd.log."],
         ["delay-warning", None, None, "Seconds after arrival when the sender of mail still "
          "deferred gets one delay warning (RFC 3464 'delayed'); off by default.", _seconds],
+        ["workers", None, "1", "Delivery processes sharing the queue folder: a number, or "
+         "'auto' for one per core this process may use, at most --max-workers. With more "
+         "than one, this process supervises them (restarts one that dies, stops them all on "
+         "SIGTERM, gathers their logs and metrics, serves the API for all); each message "
+         "belongs to one worker, and the connection limits hold across them "
+         "(docs/design.md, 'Workers')."],
+        ["max-workers", None, 8, "The most workers --workers auto starts.", int],
         ["http-token-file", None, None, "File whose first line is the bearer token of the "
          "HTTP API (mode 0600; refused when every user may read it). With it, every /api/ "
          "request not made through a Unix socket needs 'Authorization: Bearer TOKEN', and "
@@ -170,6 +182,18 @@ class Options(usage.Options):
             self["log-format"] = "json"
         elif self["log-format"] == "json":
             self["json-log"] = "mailout.json"
+        if self["workers"] == "auto":
+            from twisted_mailout.daemon.workers import default_workers
+
+            if self["max-workers"] < 1:
+                raise usage.UsageError("--max-workers must be at least 1")
+            self["workers"] = default_workers(self["max-workers"])
+        else:
+            try:
+                self["workers"] = int(self["workers"])
+            except ValueError:
+                raise usage.UsageError(f"--workers is a number or auto, not "
+                                       f"{self['workers']!r}") from None
         try:
             self["config"] = config_from_options(self)
         except ConfigError as e:
@@ -232,10 +256,11 @@ def config_from_options(o: Options) -> Config:
         http=tuple(o["http"]),
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],
+        workers=int(o.get("workers", 1)),
     )
 
 
-def makeService(options: Options) -> DeliveryService:
+def makeService(options: Options) -> DeliveryService | WorkerSupervisor:
     """twistd's entry point: the L{DeliveryService} for C{options}.
 
     @param options: the parsed L{Options} (their C{"config"} is the L{Config}).
@@ -246,7 +271,13 @@ def makeService(options: Options) -> DeliveryService:
         used.
     """
     try:
-        service = _make(options["config"])
+        config = options["config"]
+        if config.workers > 1:
+            from twisted_mailout.daemon.workers import WorkerSupervisor
+
+            service: DeliveryService | WorkerSupervisor = WorkerSupervisor(config)
+        else:
+            service = _make(config)
     except QueueError as e:
         raise SystemExit(f"mailout: {e}") from None
     except (OSError, ValueError) as e:  # e.g. an unreadable or empty --cafile
