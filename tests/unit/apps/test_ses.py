@@ -14,6 +14,7 @@ from typing import Any
 
 from botocore.credentials import Credentials
 from twisted.internet import defer, reactor
+from twisted.python import threadable
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -182,6 +183,21 @@ class RequestTests(Base):
         env = prepare("me@example.com", ["you@example.org"], MESSAGE)
         self.assertIn("Credential=AKIDFILE/", d.build_request(env, env.recipients)
                       .headers["Authorization"])
+
+    @deferred_test
+    async def test_credentials_and_signing_run_off_the_reactor_thread(self) -> None:
+        self.serve()
+        where: list[bool] = []
+
+        class Watched:
+            def get_frozen_credentials(self) -> Any:
+                where.append(threadable.isInIOThread())
+                return Credentials("AKIDTEST", "secret-key")
+
+        report = await self.delivery(credentials=Watched()).send(
+            "me@example.com", ["you@example.org"], MESSAGE)
+        self.assertTrue(report.all_delivered)
+        self.assertEqual(where, [False])
 
     @deferred_test
     async def test_no_credentials_defers_every_recipient(self) -> None:
