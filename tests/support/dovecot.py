@@ -7,8 +7,8 @@ in the foreground (``dovecot -F -c CONF``) with a configuration of its own:
   (sockets, ``master.pid``), ``state_dir``, the log, the users' Maildirs;
 * it listens on 127.0.0.1 only: IMAP (STARTTLS offered) and IMAPS on free
   ports (:attr:`DovecotServer.port`, :attr:`DovecotServer.imaps_port`);
-* TLS with a certificate for ``localhost`` and ``127.0.0.1`` from a
-  ``trustme`` CA (:attr:`DovecotServer.cafile`);
+* TLS with a certificate for ``localhost`` and ``127.0.0.1`` (or the names
+  given) from a ``trustme`` CA (:attr:`DovecotServer.cafile`);
 * users and passwords in a ``passwd-file`` (``{PLAIN}`` scheme), mail in
   ``maildir:~/Maildir`` with ``/`` as the hierarchy separator;
 * plaintext authentication is allowed (the tests also try ``tls=none``),
@@ -144,6 +144,8 @@ class DovecotServer:
 
     :param users: user name to password (the ``passwd-file``); default one
         user ``alice`` with password ``secret``.
+    :param names: the names (host names, IP literals) of the server's
+        certificate; default ``localhost`` and ``127.0.0.1``.
 
     Use::
 
@@ -157,8 +159,10 @@ class DovecotServer:
     :attr:`cafile` (the test CA, PEM), :attr:`logfile`.
     """
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(self, users: dict[str, str] | None = None,
+                 names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
         self.users = dict(users or {"alice": "secret"})
+        self.names = tuple(names)
         self.root: Path | None = None
         self.port = 0
         self.imaps_port = 0
@@ -287,12 +291,12 @@ service anvil {{
 """
 
     def _certificates(self) -> None:
-        """A trustme CA (``ca.pem``) and a certificate for localhost and 127.0.0.1."""
+        """A trustme CA (``ca.pem``) and a certificate for :attr:`names`."""
         import trustme
 
         root = self._root()
         ca = trustme.CA(organization_name="twisted_mailout dovecot test CA")
-        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        leaf = ca.issue_cert(*self.names)
         ca.cert_pem.write_to_path(str(root / "ca.pem"))
         (root / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
         (root / "key.pem").write_bytes(leaf.private_key_pem.bytes())
