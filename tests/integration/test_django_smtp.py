@@ -7,7 +7,8 @@ carries its client's address and port) shows which messages shared a session.
 Scenarios: a plain thread (a view) sends; send_mass_mail reuses one session for
 N messages; ``with connection:`` keeps one session over several send_messages()
 calls and QUITs at the end; fifty threads share one connection and every
-message arrives once; fail_silently matches Django's own SMTP backend on
+message arrives once; open() and close() from many threads between their
+sends lose nothing; fail_silently matches Django's own SMTP backend on
 the relay's refusals, a connection refused and a 4xx after DATA."""
 
 from __future__ import annotations
@@ -75,6 +76,29 @@ elif scenario == "threads":
     for t in threads: t.start()
     for t in threads: t.join(120)
     out["counts"], out["errors"] = counts, errors
+elif scenario == "with_threads":
+    # open() and close() of one connection from many threads, between others' sends
+    conn = mail.get_connection()
+    start = threading.Barrier(20)
+    counts, errors = [], []
+    def worker(i):
+        try:
+            start.wait()
+            if i % 2:
+                with conn:
+                    counts.append(conn.send_messages([msg(i)]))
+                    counts.append(conn.send_messages([msg(100 + i)]))
+            else:
+                counts.append(conn.send_messages([msg(i)]))
+                conn.close()
+                counts.append(conn.send_messages([msg(100 + i)]))
+        except Exception as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads: t.start()
+    for t in threads: t.join(120)
+    out["counts"], out["errors"] = counts, errors
+    out["left_open"] = conn._client is not None
 elif scenario == "fail_silently":
     from twisted_mailout.apps.django import REFUSALS
     def outcome(backend, messages, **kwargs):
@@ -156,6 +180,17 @@ def test_fifty_threads_share_one_connection_and_every_message_arrives_once(sink,
     assert subjects == Counter({f"m{i}": 1 for i in range(50)})
     # the connection's sessions are shared: a few for fifty messages
     assert len(sessions(got)) <= 4 and sink.peak_sessions <= 4
+
+
+def test_open_and_close_from_many_threads_between_their_sends(sink, tmp_path):
+    out = run_child(tmp_path, sink.port, "with_threads")
+    assert out["errors"] == [] and out["counts"] == [1] * 40
+    assert out["left_open"] is False  # the last user closed the sessions
+    got = sink.wait_idle()
+    subjects = Counter(line.split(b":", 1)[1].strip().decode()
+                       for m in got for line in m["data"].splitlines()
+                       if line.startswith(b"Subject:"))
+    assert subjects == Counter({f"m{i}": 1 for i in [*range(20), *range(100, 120)]})
 
 
 def test_fail_silently_matches_djangos_smtp_backend_on_the_relays_refusals(
