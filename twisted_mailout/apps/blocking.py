@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -78,6 +79,7 @@ __all__ = [
     "send",
     "submit",
     "submit_call",
+    "waiting_runner",
 ]
 
 T = TypeVar("T")
@@ -496,6 +498,43 @@ def reactor_thread() -> ReactorThread:
         return _default
 
 
+def _twisted_main_before_run() -> bool:
+    """Whether this is the main thread of a Twisted program that has not run
+    its reactor yet: the global reactor is installed (imported) but no
+    reactor ever ran. Such a program runs it in this thread later (trial
+    calls a test method before it runs the reactor), so waiting here through
+    a thread of this module's would take the reactor away from it."""
+    return (threadable.ioThread is None
+            and threading.current_thread() is threading.main_thread()
+            and "twisted.internet.reactor" in sys.modules)
+
+
+def waiting_runner(reactor: Any = None) -> ReactorThread | None:
+    """The L{ReactorThread} through which the calling thread waits for work
+    on C{reactor}, or L{None} when the caller must use Deferreds instead:
+
+    - this is the reactor's thread;
+    - C{reactor} is driven by nobody but its owner (a test's fake or memory
+      reactor: L{runner_for} gives L{None});
+    - the global reactor, in the main thread of a Twisted program that has
+      installed it and not run it yet (it will run it here).
+
+    A program that never imported C{twisted.internet.reactor} (a script, a
+    Django or Flask application) waits through the global reactor's runner,
+    in any thread; so does every thread but the reactor's in a program whose
+    reactor runs.
+
+    @param reactor: a reactor, or L{None} for the global one.
+    @return: the runner, or L{None}.
+    """
+    runner = runner_for(reactor)
+    if runner is None or runner.in_reactor_thread():
+        return None
+    if runner._reactor is None and not runner._started and _twisted_main_before_run():
+        return None
+    return runner
+
+
 def runner_for(reactor: Any = None) -> ReactorThread | None:
     """The L{ReactorThread} that drives C{reactor} for other threads: the
     global reactor's (L{reactor_thread}), or the one made for a private
@@ -505,11 +544,7 @@ def runner_for(reactor: Any = None) -> ReactorThread | None:
     @param reactor: a reactor, or L{None} for the global one.
     @return: the runner, or L{None}.
     """
-    if reactor is None:
-        return reactor_thread()
-    from twisted.internet import reactor as global_reactor
-
-    if reactor is global_reactor:
+    if reactor is None or reactor is sys.modules.get("twisted.internet.reactor"):
         return reactor_thread()
     with _runners_lock:
         return _runners.get(reactor)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import email.policy
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any, cast
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from twisted_mailout.api import (
     DKIMSetting,
-    blocking_call,
     default_reactor,
     load_signer,
     sign_in_thread,
@@ -49,6 +50,7 @@ from twisted_mailout.apps.builder import (
     send_async_with_retries,
     send_sync_with_retries,
 )
+from twisted_mailout.apps.blocking import ReactorThreadError
 from twisted_mailout.apps.deliveries import (
     QUEUE_SIGNING,
     Delivery,
@@ -77,7 +79,14 @@ from twisted_mailout.apps.events import (
     make_event,
     outcome_observer,
 )
-from twisted_mailout.apps.txn import in_reactor_thread, join
+from twisted_mailout.apps.managers import (
+    Job,
+    Manager,
+    deliver_now,
+    make_manager,
+    waiting_runner,
+)
+from twisted_mailout.apps.txn import join
 from twisted_mailout.envelope import AddressError
 from twisted_mailout.message import (
     coerce_message,
@@ -169,9 +178,19 @@ class Mailer:
         the delivery: a synchronous delivery raises L{DeliveryError}
         (deferred, 451 4.7.0), a direct one reports every recipient deferred
         with that reply; the observers hear of it either way.
+    @param manager: marrow.mailer's delivery manager
+        (L{twisted_mailout.apps.managers}): C{"immediate"} (L{send} delivers
+        in the calling thread), C{"futures"} or C{"dynamic"} (L{send} returns
+        a C{concurrent.futures.Future}), or marrow.mailer's configuration
+        dict (C{{"use": "dynamic", "workers": 10, "divisor": 10, "timeout":
+        60}}; also C{"pipeline"}, messages per transport). L{None} (the
+        default): no manager, L{send} as described there. Not with
+        C{transactional}.
     @ivar signer: the signer, or L{None}.
+    @ivar manager: the L{Manager}, or L{None}.
     @raise ValueError, TypeError: a bad delivery configuration or default;
-        C{dkim} with a queue delivery or one that signs itself.
+        C{dkim} with a queue delivery or one that signs itself; a bad
+        manager, or one with C{transactional}.
     @raise ConfigError: an unusable DKIM key table or key (a C{ValueError}).
     """
 
@@ -179,7 +198,8 @@ class Mailer:
                  headers: dict[str, str] | Iterable[tuple[str, str]] | None = None,
                  transactional: bool = False, transaction_manager: Any = None,
                  observers: Iterable[Observer] = (), dkim: DKIMSetting = None,
-                 dkim_required: bool = False) -> None:
+                 dkim_required: bool = False,
+                 manager: str | dict[str, Any] | Manager | None = None) -> None:
         self.delivery: Delivery = get_delivery(delivery)
         if dkim is not None or dkim_required:
             if isinstance(self.delivery, QueueDelivery):
@@ -202,6 +222,11 @@ class Mailer:
         self.observers = Observers(observers)
         self.transactional = transactional or transaction_manager is not None
         self._transaction_manager = transaction_manager
+        if manager is not None and self.transactional:
+            raise ValueError("a manager and transactional: mail sent on commit is handed to "
+                             "the delivery after the commit, not to a manager")
+        self.manager: Manager | None = (make_manager(manager, self) if manager is not None
+                                        else None)
 
     def __repr__(self) -> str:
         return f"<Mailer {self.delivery!r}{' transactional' if self.transactional else ''}>"
@@ -266,7 +291,7 @@ class Mailer:
         return sender, list(recipients), data
 
     def send(self, message: MessageInput, *, sender: str | None = None,
-             recipients: Recipients | None = None) -> str | defer.Deferred[DeliveryReport]:
+             recipients: Recipients | None = None) -> Any:
         """Send a built message.
 
         @param message: an C{email.message.EmailMessage} (see
@@ -277,24 +302,110 @@ class Mailer:
         @param recipients: the envelope recipients; by default every address
             in C{To}, C{Cc} and C{Bcc}. C{Bcc} is always removed from the bytes.
         @return: the message id (the queue id for a queue) for a synchronous
-            delivery or a transactional mailer; for a direct (asynchronous)
-            delivery a C{Deferred} firing with the L{DeliveryReport}.
+            delivery or a transactional mailer. For a direct (asynchronous)
+            delivery (C{smtp://}, C{smtps://}, the HTTP APIs): in the reactor
+            thread a C{Deferred} firing with the L{DeliveryReport}; in any
+            other thread (a program without a reactor, a Django or Flask
+            request) the L{DeliveryReport} itself, waited for through
+            L{twisted_mailout.apps.blocking} (a reactor thread started on
+            first use). With a C{manager}: the result in the calling thread
+            (C{immediate}) or a C{concurrent.futures.Future} of it
+            (C{futures}, C{dynamic}).
         @raise AddressError, MessageError: bad input; nothing sent.
         @raise DeliveryError, QueueError: a synchronous delivery failed
             (the observers heard of it first).
-        @raise RuntimeError: a direct delivery outside the reactor thread
-            (use L{send_blocking}), or a transactional one from a thread while
-            no reactor runs (it could never be sent).
+        @raise RuntimeError: a transactional direct delivery from a thread
+            while no reactor runs (it could never be sent).
         """
         sender, recipients, data = self.prepare(message, sender, recipients)
         delivery = self.current_delivery()
         if self.transactional:
             return join(self, delivery, sender, recipients, data)
-        if delivery.asynchronous and not in_reactor_thread():
-            raise RuntimeError(f"{delivery.url()}: send() returns a Deferred and must be "
-                               "called in the reactor thread; use send_blocking()")
-        return self.deliver(delivery, sender, recipients, data,
-                            retries=message_retries(message))
+        retries = message_retries(message)
+        if self.manager is not None:
+            return self.manager.send(Job(delivery, sender, recipients, data, retries))
+        if delivery.asynchronous and waiting_runner(delivery) is not None:
+            return deliver_now(self, delivery, sender, recipients, data, retries)
+        return self.deliver(delivery, sender, recipients, data, retries=retries)
+
+    def submit(self, message: MessageInput, *, sender: str | None = None,
+               recipients: Recipients | None = None) -> Future[str | DeliveryReport]:
+        """Send a built message and return a C{concurrent.futures.Future} of
+        the outcome at once (marrow.mailer's futures): the message id, or a
+        direct delivery's L{DeliveryReport} (per recipient). A direct
+        delivery runs in the reactor thread (L{twisted_mailout.apps.blocking});
+        with a C{futures} or C{dynamic} manager a worker thread delivers; a
+        synchronous delivery without one (or with C{immediate}) is done in
+        this thread before this returns.
+
+        @param message: as L{send}.
+        @param sender: as L{send}.
+        @param recipients: as L{send}.
+        @return: a C{Future}; its exception is what L{send} would raise
+            (C{DeliveryError}, C{QueueError}, ...).
+        @raise AddressError, MessageError: bad input; nothing sent.
+        @raise ValueError: a transactional mailer (mail is sent at commit).
+        """
+        if self.transactional:
+            raise ValueError("submit() on a transactional mailer: use send(); mail is handed "
+                             "over at commit")
+        sender, recipients, data = self.prepare(message, sender, recipients)
+        delivery = self.current_delivery()
+        retries = message_retries(message)
+        if self.manager is not None:
+            return self.manager.submit(Job(delivery, sender, recipients, data, retries))
+        if delivery.asynchronous:
+            runner = waiting_runner(delivery)
+            if runner is not None:
+                future: Future[str | DeliveryReport] = runner.submit(
+                    self.deliver, delivery, sender, recipients, data, retries=retries)
+                return future
+        future = Future()
+        try:
+            result = self.deliver(delivery, sender, recipients, data, retries=retries)
+        except Exception as e:  # noqa: BLE001 - the future carries it
+            future.set_exception(e)
+            return future
+        if isinstance(result, defer.Deferred):  # the reactor thread: settled when it fires
+            def settle(outcome: Any) -> None:
+                if isinstance(outcome, Failure):
+                    future.set_exception(outcome.value)
+                else:
+                    future.set_result(outcome)
+
+            result.addBoth(settle)
+        else:
+            future.set_result(result)
+        return future
+
+    def start(self) -> Mailer:
+        """Start the manager's threads (marrow.mailer's C{Mailer.start()});
+        optional: the first message starts them too.
+
+        @return: C{self}, so that C{Mailer(...).start()} chains.
+        """
+        if self.manager is not None:
+            self.manager.startup()
+        return self
+
+    def stop(self, wait: bool = True) -> Mailer:
+        """Stop the manager (marrow.mailer's C{Mailer.stop()}): with C{wait}
+        the mail it queued is sent first; its connections are closed. A
+        stopped manager starts again on the next message.
+
+        @param wait: wait for the queued mail.
+        @return: C{self}.
+        """
+        if self.manager is not None:
+            self.manager.shutdown(wait=wait)
+        return self
+
+    def __enter__(self) -> Mailer:
+        """C{with Mailer(...) as mailer:} starts it and stops it at the end."""
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def send_deferred(self, message: MessageInput, *, sender: str | None = None,
                       recipients: Recipients | None = None,
@@ -429,17 +540,35 @@ class Mailer:
 
     def send_blocking(self, message: MessageInput, *, sender: str | None = None,
                       recipients: Recipients | None = None) -> str | DeliveryReport:
-        """L{send} for threads outside the reactor (Django, WSGI): a direct
-        delivery's report is waited for (see L{SMTPDelivery.send_blocking}).
+        """L{send} that always waits for the outcome (Django, WSGI): a direct
+        delivery's report is waited for through the reactor thread of
+        L{twisted_mailout.apps.blocking} (started on first use; the
+        program's reactor when it runs one), a manager's future too.
 
         @return: the message id, or for a direct delivery the L{DeliveryReport}.
+        @raise ReactorThreadError: a direct delivery, called in the reactor
+            thread (it would wait for itself; a C{RuntimeError}).
+        @raise DeliveryError, QueueError, AddressError, MessageError: as L{send}.
         """
         sender, recipients, data = self.prepare(message, sender, recipients)
         delivery = self.current_delivery()
         if self.transactional:
             return join(self, delivery, sender, recipients, data)
         retries = message_retries(message)
+        if self.manager is not None:
+            outcome = self.manager.send(Job(delivery, sender, recipients, data, retries))
+            return outcome.result() if isinstance(outcome, Future) else outcome
         if not delivery.asynchronous:
             return cast(str, self.deliver(delivery, sender, recipients, data, retries=retries))
-        return blocking_call(default_reactor(getattr(delivery, "reactor", None)), self.deliver,
-                             delivery, sender, recipients, data, retries=retries)
+        if waiting_runner(delivery) is None:
+            from twisted_mailout.api import blocking_call
+
+            if default_reactor(getattr(delivery, "reactor", None)).running:
+                raise ReactorThreadError(
+                    f"{delivery.url()}: send_blocking() was called in the reactor thread, "
+                    "where it would wait for itself; use send(), which returns a Deferred")
+            # a fake reactor nobody runs for other threads: its own error
+            return cast(DeliveryReport, blocking_call(
+                default_reactor(getattr(delivery, "reactor", None)), self.deliver, delivery,
+                sender, recipients, data, retries=retries))
+        return deliver_now(self, delivery, sender, recipients, data, retries)
