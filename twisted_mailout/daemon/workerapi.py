@@ -323,6 +323,7 @@ class MergedMetrics(resource.Resource):
         return server.NOT_DONE_YET
 
     async def _gather(self) -> bytes:
+        from prometheus_client.metrics_core import Metric
         from prometheus_client.parser import text_string_to_metric_families
 
         texts = []
@@ -340,8 +341,8 @@ class MergedMetrics(resource.Resource):
             for fam in text_string_to_metric_families(text):
                 have = families.get(fam.name)
                 if have is None:
-                    have = families[fam.name] = fam
-                    have.samples = []
+                    have = families[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                       fam.unit)
                 for s in fam.samples:
                     have.samples.append(s._replace(labels={**s.labels, "worker": str(i)}))
         return _expose(families.values())
