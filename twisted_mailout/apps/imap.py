@@ -356,6 +356,9 @@ class IMAPDelivery(Delivery):
         self.implicit_tls = bool(implicit_tls)
         self.reactor = reactor
         self._trust = load_trust_root(cafile) if tls in _VERIFYING else None
+        # one creator for every connection (it builds its TLS context now, not per message)
+        self._tls = (name_checking_tls(self.host, [self.host], self._trust)
+                     if tls in _VERIFYING else opportunistic_tls(self.host))
         if self.implicit_tls:
             self.scheme = "imaps"
 
@@ -492,10 +495,8 @@ class IMAPDelivery(Delivery):
         return f"{self.host}:{self.port}"
 
     def _creator(self) -> Any:
-        """The TLS connection creator for this delivery's level."""
-        if self.tls in _VERIFYING:
-            return name_checking_tls(self.host, [self.host], self._trust)
-        return opportunistic_tls(self.host)
+        """The TLS connection creator for this delivery's level (made once)."""
+        return self._tls
 
     async def _deliver(self, recipients: list[str], data: bytes) -> DeliveryReport:
         """Connect, then run the session; every failure becomes a L{DeliveryError}."""
@@ -539,7 +540,7 @@ class IMAPDelivery(Delivery):
             if await _fired_within(client.closed, self.timeout, reactor):
                 return
             client.abort()
-        await _fired_within(client.closed, None, reactor)
+        await _fired_within(client.closed, self.timeout, reactor)  # an abort is quick
 
     async def _session(self, client: _Client, data: bytes) -> str:
         """Greeting, TLS, login, APPEND (CREATE first when asked), LOGOUT.
