@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Sink, Workdir, message  # noqa: E402
-from postfix_instance import PostfixInstance  # noqa: E402
-from run import Ctx, drain_once, fill_queue, relay_args  # noqa: E402
+from common import Sink, Workdir, message
+from postfix_instance import PostfixInstance
+from run import Ctx, drain_once, fill_queue, relay_args
 
 
 class _Instance(PostfixInstance):
