@@ -15,8 +15,8 @@ not pinned. See docs/benchmarks.md for what each case does and measures.
 Cases (``--only`` takes a comma-separated list of these names):
 
   drain        twisted_mailout daemon draining N queued messages (--relay)
-  workers      the same drain with `twistd mailout --workers 1` and `--workers 2`,
-               not pinned (skipped while the daemon has no --workers)
+  workers      the same drain with `twistd mailout --workers 1` (one process) and
+               `--workers 2` (a parent and two workers), 20,000 messages, not pinned
   enqueue      the same daemon while a producer process calls enqueue(), and
                one calling enqueue_many() (batches of 100), concurrently
   mx           twisted_mailout direct to MX, 50 domains, loopback DNS
