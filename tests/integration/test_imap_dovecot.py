@@ -18,9 +18,10 @@ from tests.support.dovecot import DovecotServer, require_dovecot
 from tests.support.peers import free_port
 from tests.support.trial import deferred_test
 from tests.support.wait import wait_for
-from twisted_mailout.apps.deliveries import DeliveryError, get_delivery
+from twisted_mailout.apps.deliveries import get_delivery
 from twisted_mailout.apps.imap import IMAPDelivery
 from twisted_mailout.apps.mailer import Mailer
+from twisted_mailout.outcome import RecipientResult
 
 MSG = (b"From: Ann <ann@origin.test>\r\nTo: bob@dest.test\r\n"
        b"Message-ID: <imap-1@origin.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0100\r\n"
@@ -159,16 +160,11 @@ class DovecotTests(unittest.TestCase):
     @deferred_test
     async def test_missing_folder_is_bounced_and_not_created_by_default(self):
         user = self.user()
-        try:
-            await get_delivery(self.url(user, "Sent")).send("ann@origin.test",
-                                                            "bob@dest.test", MSG)
-        except DeliveryError as e:
-            assert (e.status, e.reply.code, e.reply.enhanced_status) == ("bounced", 550,
-                                                                         "5.1.1")
-            assert "TRYCREATE" in e.reply.text and "Sent" in e.reply.text
-            assert e.recipients == ["bob@dest.test"]
-        else:
-            raise AssertionError("appended to a missing folder")
+        e = await self.refused(self.url(user, "Sent"))
+        assert (e.status, e.reply.code, e.reply.enhanced_status) == ("bounced", 550, "5.1.1")
+        assert "TRYCREATE" in e.reply.text and "Sent" in e.reply.text
+        assert (e.recipient, e.local, e.relay) == (
+            "bob@dest.test", False, f"127.0.0.1:{self.server.port}")
         assert await self.folders(user) == ["INBOX"]
 
     @deferred_test
@@ -216,16 +212,20 @@ class DovecotTests(unittest.TestCase):
         assert [(e.recipient, type(e).__name__) for e in events] == [
             ("bob@dest.test", "MailDelivered")]
         assert len(await self.fetch(user)) == 2
+        # a failure is a result: the observers hear of it
+        del events[:]
+        report = await Mailer(self.url(user, "Nowhere"), observers=[events.append]).send(MSG)
+        assert [(r.status, r.code) for r in report] == [("bounced", 550)]
+        assert [(e.recipient, type(e).__name__, e.code) for e in events] == [
+            ("bob@dest.test", "MailBounced", 550)]
 
     # -- refused -------------------------------------------------------------
 
-    async def refused(self, url: str | IMAPDelivery) -> DeliveryError:
-        delivery = get_delivery(url)
-        try:
-            await delivery.send("ann@origin.test", "bob@dest.test", MSG)
-        except DeliveryError as e:
-            return e
-        raise AssertionError("delivered")
+    async def refused(self, url: str | IMAPDelivery) -> RecipientResult:
+        """The result of a send that must not be delivered."""
+        [result] = await get_delivery(url).send("ann@origin.test", "bob@dest.test", MSG)
+        assert result.status != "delivered", result
+        return result
 
     @deferred_test
     async def test_wrong_password_is_deferred_and_the_password_is_never_shown(self):

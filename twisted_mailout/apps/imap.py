@@ -33,16 +33,21 @@ URL::
     whose APPEND failure is its C{MessageFailedException}.
 
 What L{IMAPDelivery.send} gives: a C{Deferred} firing with a
-L{DeliveryReport}, every envelope recipient delivered (C{250 2.0.0 appended
-to FOLDER}, with C{UIDVALIDITY} and C{UID} when the server reports them,
-RFC 4315), or failing with L{DeliveryError}. The envelope is validated and
-then not used: the one copy goes into the folder. The message is stored as
+L{DeliveryReport}, one result per envelope recipient, all the same:
+delivered (C{250 2.0.0 appended to FOLDER at HOST:PORT}, with C{UIDVALIDITY}
+and C{UID} when the server reports them, RFC 4315), or deferred or bounced
+with the reply of the table below. Like L{SMTPDelivery}'s (and as the
+design's outcome contract says), a failure is a result, not an exception:
+the L{Mailer}'s events, a message's C{retries} and the managers read it.
+The envelope is validated and then not used: the one copy goes into the
+folder. The message is stored as
 given, with CRLF line ends (bare LF become CRLF, RFC 3501 requires them);
 its internal date is its C{Date} field (the time of arrival when that is
 missing or unparseable).
 
-The errors (L{DeliveryError}, C{status} as RFC 3463 suggests; the
-password is never in a message, C{repr}, C{url()} or a log):
+The failures (C{status} as RFC 3463 suggests; C{local} and no C{relay}
+when the server said nothing, else the server's words in the text; the
+password is never in a result, C{repr}, C{url()} or a log):
 
 | what | reply | status |
 | --- | --- | --- |
@@ -83,7 +88,6 @@ from twisted.python.failure import Failure
 from twisted_mailout.api import DeliveryReport, RecipientResult, blocking_call, default_reactor
 from twisted_mailout.apps.base import Delivery, MessageInput, Recipients, prepare
 from twisted_mailout.envelope import AddressError, Reply
-from twisted_mailout.errors import DeliveryError
 from twisted_mailout.message import MessageError, header_values
 from twisted_mailout.tls.creators import load_trust_root, name_checking_tls, opportunistic_tls
 from twisted_mailout.tls.errors import CertificateVerifyError, TLSError
@@ -466,10 +470,10 @@ class IMAPDelivery(Delivery):
         @param recipients: envelope recipients (validated; each is reported).
         @param message: C{bytes}, C{str} or C{email.message.Message}.
         @param message_id: unused (the report names the recipients).
-        @return: a C{Deferred} firing with a L{DeliveryReport} (every
-            recipient delivered), or failing with L{DeliveryError} (deferred
-            or bounced, see the module docstring), or with L{AddressError} /
-            L{MessageError} for bad input. Cancelling it aborts the connection.
+        @return: a C{Deferred} firing with a L{DeliveryReport}: every
+            recipient delivered, or every one deferred or bounced (see the
+            module docstring); it fails only for bad input (L{AddressError},
+            L{MessageError}). Cancelling it aborts the connection.
         """
         try:
             env = prepare(sender, recipients, message)
@@ -483,7 +487,7 @@ class IMAPDelivery(Delivery):
         report. The reactor must be running in another thread.
 
         @return: the L{DeliveryReport}.
-        @raise DeliveryError: as L{send}'s Deferred fails.
+        @raise AddressError, MessageError: bad input.
         @raise RuntimeError: called in the reactor thread or with no reactor running.
         """
         report: DeliveryReport = blocking_call(
@@ -499,7 +503,7 @@ class IMAPDelivery(Delivery):
         return self._tls
 
     async def _deliver(self, recipients: list[str], data: bytes) -> DeliveryReport:
-        """Connect, then run the session; every failure becomes a L{DeliveryError}."""
+        """Connect, then run the session; every failure becomes a result."""
         reactor = default_reactor(self.reactor)
         endpoint: Any = endpoints.HostnameEndpoint(reactor, self.host, self.port,
                                                    timeout=self.timeout)
@@ -510,22 +514,26 @@ class IMAPDelivery(Delivery):
         except (defer.CancelledError, error.ConnectingCancelledError):
             raise defer.CancelledError() from None
         except error.DNSLookupError as e:
-            raise DeliveryError(Reply(451, f"4.4.3 cannot resolve IMAP server {self.host}: "
-                                      f"{e}", True), recipients) from None
+            return self._report(recipients, Reply(
+                451, f"4.4.3 cannot resolve IMAP server {self.host}: {e}", True))
         except Exception as e:  # noqa: BLE001 - refused, timeout, unreachable
-            raise DeliveryError(Reply(451, f"4.4.1 cannot connect to IMAP server "
-                                      f"{self._where()}: {_text(e)}", True),
-                                recipients) from None
+            return self._report(recipients, Reply(
+                451, f"4.4.1 cannot connect to IMAP server {self._where()}: {_text(e)}", True))
         done = False
         try:
             text = await self._session(client, data)
             done = True
         except _Stage as stage:
-            raise DeliveryError(stage.reply, recipients, stage.status) from None
+            return self._report(recipients, stage.reply, stage.status)
         finally:
             await self._close(client, reactor, polite=done)
-        reply = Reply(250, text)
-        return DeliveryReport([RecipientResult.from_reply(r, reply, relay=self._where())
+        return self._report(recipients, Reply(250, text))
+
+    def _report(self, recipients: list[str], reply: Reply,
+                status: str | None = None) -> DeliveryReport:
+        """The same result for every recipient; C{relay} when the server said it."""
+        relay = None if reply.local else self._where()
+        return DeliveryReport([RecipientResult.from_reply(r, reply, status, relay=relay)
                                for r in recipients])
 
     async def _close(self, client: _Client, reactor: Any, polite: bool) -> None:
@@ -588,7 +596,7 @@ class IMAPDelivery(Delivery):
         """The reply for a failure of the connection at step C{what}."""
         where = self._where()
         if client.bye is not None:
-            return Reply(421, f"4.3.2 IMAP server {where} said BYE: {client.bye}", True)
+            return Reply(421, f"4.3.2 IMAP server {where} said BYE: {client.bye}", False)
         if isinstance(e, CertificateVerifyError):
             return Reply(454, f"4.7.5 IMAP server {where}: certificate not verified: {e}", True)
         if isinstance(e, (SSL.Error, TLSError)) or (what == "STARTTLS"
@@ -598,7 +606,7 @@ class IMAPDelivery(Delivery):
             return Reply(451, f"4.4.2 IMAP server {where} did not answer in "
                          f"{self.timeout:g} s ({what})", True)
         if isinstance(e, imap4.IMAP4Exception):
-            return Reply(451, f"4.3.0 IMAP server {where} refused {what}: {_text(e)}", True)
+            return Reply(451, f"4.3.0 IMAP server {where} refused {what}: {_text(e)}", False)
         return Reply(451, f"4.4.2 connection to IMAP server {where} lost ({what}): "
                      f"{_text(e)}", True)
 
@@ -633,7 +641,7 @@ class IMAPDelivery(Delivery):
             raise
         except imap4.IMAP4Exception as e:
             raise _Stage(Reply(454, f"4.7.8 IMAP authentication as {user} failed at {where} "
-                               f"({how}): {_text(e)[:200]}", True)) from None
+                               f"({how}): {_text(e)[:200]}", False)) from None
         except Exception as e:  # noqa: BLE001 - connection lost, timeout
             raise _Stage(self._failure_reply(client, how, e)) from None
 
@@ -683,9 +691,9 @@ class IMAPDelivery(Delivery):
                 return
             if client.last_status == b"BAD":
                 raise _Stage(Reply(554, f"5.5.2 IMAP server {self._where()} rejected CREATE "
-                                   f"{self.folder}: {text}", True)) from None
+                                   f"{self.folder}: {text}", False)) from None
             raise _Stage(Reply(550, f"5.2.0 IMAP server {self._where()} cannot create folder "
-                               f"{self.folder}: {text}", True), "bounced") from None
+                               f"{self.folder}: {text}", False), "bounced") from None
         except Exception as e:  # noqa: BLE001 - connection lost, timeout
             raise _Stage(self._failure_reply(client, "CREATE", e)) from None
 
@@ -694,17 +702,17 @@ class IMAPDelivery(Delivery):
         where = self._where()
         if status == b"BAD":
             return Reply(554, f"5.5.2 IMAP server {where} rejected APPEND to {self.folder}: "
-                         f"{text}", True)
+                         f"{text}", False)
         code = _code(text)
         if code == "TRYCREATE":
             return Reply(550, f"5.1.1 IMAP folder {self.folder} does not exist at {where} "
-                         f"(create=yes creates it): {text}", True)
+                         f"(create=yes creates it): {text}", False)
         if code in _APPEND_CODES:
             number, enhanced, _ = _APPEND_CODES[code]
             return Reply(number, f"{enhanced} IMAP server {where} refused APPEND to "
-                         f"{self.folder}: {text}", True)
+                         f"{self.folder}: {text}", False)
         return Reply(451, f"4.3.0 IMAP server {where} refused APPEND to {self.folder}: "
-                     f"{text}", True)
+                     f"{text}", False)
 
 
 async def _fired_within(d: defer.Deferred[Any], seconds: float | None, reactor: Any) -> bool:

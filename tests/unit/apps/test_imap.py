@@ -1,6 +1,6 @@
 """imap:// and imaps:// without Dovecot: the URL, the flags, and the mapping
 of a server's replies (NO with RFC 5530 codes, BAD, BYE, silence, a missing
-STARTTLS) to DeliveryError, against a scripted IMAP server on loopback in
+STARTTLS) to deferred and bounced results, against a scripted IMAP server on loopback in
 this reactor. The real server is tests/integration/test_imap_dovecot.py."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from twisted.trial import unittest
 
 from tests.support.peers import free_port
 from tests.support.trial import deferred_test
-from twisted_mailout.apps.deliveries import DeliveryError, get_delivery, parse_url
+from twisted_mailout.apps.deliveries import get_delivery, parse_url
 from twisted_mailout.apps.imap import IMAPDelivery, _internal_date, parse_flags
+from twisted_mailout.outcome import RecipientResult
 
 MSG = (b"From: a@origin.test\r\nTo: b@dest.test\r\nMessage-ID: <imap-unit@test>\r\n"
        b"Date: Mon, 23 Nov 2026 10:00:00 +0100\r\nSubject: unit\r\n\r\nbody\r\n")
@@ -205,13 +206,15 @@ class ScriptedServerTests(unittest.TestCase):
     def delivery(self, port: int, query: str = "tls=none", user: str = "u:pw@") -> IMAPDelivery:
         return get_delivery(f"imap://{user}127.0.0.1:{port}/Box?{query}")
 
-    async def refused(self, delivery: IMAPDelivery) -> DeliveryError:
-        try:
-            await delivery.send("a@origin.test", ["b@dest.test", "c@dest.test"], MSG)
-        except DeliveryError as e:
-            assert e.recipients == ["b@dest.test", "c@dest.test"]
-            return e
-        raise AssertionError("delivered")
+    async def refused(self, delivery: IMAPDelivery) -> RecipientResult:
+        """The one result every recipient got; it must not be delivered."""
+        report = await delivery.send("a@origin.test", ["b@dest.test", "c@dest.test"], MSG)
+        assert [r.recipient for r in report] == ["b@dest.test", "c@dest.test"]
+        first = report.results[0]
+        assert first.status != "delivered", first
+        assert all((r.status, r.code, r.text, r.local, r.relay) == (
+            first.status, first.code, first.text, first.local, first.relay) for r in report)
+        return first
 
     @deferred_test
     async def test_append_with_flags_date_and_uid(self):
@@ -247,6 +250,7 @@ class ScriptedServerTests(unittest.TestCase):
         e = await self.refused(self.delivery(port, user="us:s3cret@"))
         assert (e.status, e.reply.code) == ("deferred", 454)
         assert e.reply.text.startswith("4.7.8 IMAP authentication as us failed")
+        assert (e.local, e.relay) == (False, f"127.0.0.1:{port}")  # the server said it
         assert "s3cret" not in str(e) and "s3cret" not in repr(e)
         assert factory.appends == []
 
@@ -328,6 +332,7 @@ class ScriptedServerTests(unittest.TestCase):
         e = await self.refused(self.delivery(port, "tls=none&timeout=0.3"))
         assert (e.status, e.reply.code, e.reply.enhanced_status) == ("deferred", 451, "4.4.2")
         assert "did not answer" in e.reply.text
+        assert (e.local, e.relay) == (True, None)
         await factory.closed()
 
     @deferred_test
