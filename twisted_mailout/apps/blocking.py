@@ -106,9 +106,21 @@ class ReactorStopped(RuntimeError):
     before the call finished, or a call was made after it stopped."""
 
 
+def _all_runners() -> list[ReactorThread]:
+    """Every runner: the global reactor's and those of private reactors."""
+    with _runners_lock:
+        runners = list(_runners.values())
+        if _default is not None:
+            runners.append(_default)
+    return runners
+
+
 def _after_fork_in_child() -> None:
-    for runner in list(_runners.values()):
+    global _runners_lock
+    _runners_lock = threading.Lock()  # another thread may have held it at fork()
+    for runner in _all_runners():
         runner._forked = True
+        runner._lock = threading.Lock()  # it may have been held by another thread
 
 
 #: reactor -> the L{ReactorThread} that drives it for other threads.
@@ -142,9 +154,7 @@ def _at_exit() -> None:
             obj.shutdown(wait=True)
         except Exception:  # noqa: BLE001 - exit goes on
             log.failure("shutting down {obj!r} at exit", obj=obj)
-    with _runners_lock:
-        runners = list(_runners.values())
-    for runner in runners:
+    for runner in _all_runners():
         if runner.owned and not runner._stopped:
             runner.shutdown(wait=True)
 
@@ -196,7 +206,8 @@ class ReactorThread(Executor):
         self._ident: int | None = None
         self._owned = False
         self._started = False
-        self._stopping = False
+        self._stopping = False  # set in the reactor thread when its shutdown begins
+        self._closed = False  # set by shutdown(): no new calls
         self._stopped = False
         self._forked = False
         self._pending: set[defer.Deferred[Any]] = set()  # touched in the reactor thread only
@@ -226,7 +237,7 @@ class ReactorThread(Executor):
     @property
     def running(self) -> bool:
         """Whether calls can be made now: started and not stopped."""
-        return self._started and not self._stopped and not self._stopping
+        return self._started and not (self._stopped or self._stopping or self._closed)
 
     def in_reactor_thread(self) -> bool:
         """Whether the calling thread is the one running this reactor.
@@ -257,7 +268,7 @@ class ReactorThread(Executor):
                 raise ReactorThreadError(
                     "the reactor thread was started before this process was forked; it "
                     "does not run in the child: send only after the fork (in each worker)")
-            if self._stopped or self._stopping:
+            if self._stopped or self._stopping or self._closed:
                 raise ReactorStopped("the reactor of this ReactorThread has stopped")
             if self._started:
                 return self
@@ -356,10 +367,9 @@ class ReactorThread(Executor):
             if not self._started or self._stopped:
                 self._stopped = True
                 return
+            self._closed = True
             if not self._owned:
-                self._stopping = True
                 return
-            self._stopping = True
             thread = self._thread
         reactor = self.reactor
         if thread is not None and thread.is_alive():
@@ -375,7 +385,7 @@ class ReactorThread(Executor):
                 "reactor thread itself, which would wait for itself: in Twisted code use the "
                 "Deferred API (Mailer.send, SMTPClient.send, sendmail)")
         self.start()
-        if self._stopping or self._stopped:
+        if self._stopping or self._stopped or self._closed:
             raise ReactorStopped("the reactor has stopped; no mail can be sent through it")
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
