@@ -125,7 +125,10 @@ def encode_event(event: dict[str, Any]) -> str:
     failure's traceback), its level's name, and every field whose value is
     a string, number, boolean or null (what C{--json-log} and the metrics
     read); other fields are dropped."""
-    text = formatEvent(event)
+    if event.get("log_format") == "{text}" and isinstance(event.get("text"), str):
+        text = event["text"]  # the scheduler's lines: formatted already
+    else:
+        text = formatEvent(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         text = f"{text}\n{failure.getTraceback()}"

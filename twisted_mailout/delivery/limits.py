@@ -26,7 +26,9 @@ pool's decisions synchronous and costs two system calls (C{flock} twice).
 
 Layout (little-endian)::
 
-    header   "MLIM" u32 version, u32 max_workers, u32 slots
+    header   "MLIM" u32 version, u32 max_workers, u32 slots, i32 keys waited for
+             (all workers: read without the lock, a hint that spares the
+             lock when nobody waits)
     global   max_workers x (i32 connections, i32 waiting keys)
     slots    slots x (u64 key hash, max_workers x (i32 connections, i32 waiting))
 
@@ -46,8 +48,9 @@ import struct
 __all__ = ["SharedLimits", "SharedLimitsError"]
 
 MAGIC = b"MLIM"
-VERSION = 1
-_HEADER = struct.Struct("<4sIII")
+VERSION = 2
+_HEADER = struct.Struct("<4sIIIi")
+_WAITING_AT = 16  # the header's last field: keys waited for, all workers
 _PAIR = struct.Struct("<ii")
 _HASH = struct.Struct("<Q")
 
@@ -86,7 +89,7 @@ class SharedLimits:
         except BaseException:
             os.close(self._fd)
             raise
-        magic, version, self.max_workers, self.slots = _HEADER.unpack_from(self._map, 0)
+        magic, version, self.max_workers, self.slots, _ = _HEADER.unpack_from(self._map, 0)
         if magic != MAGIC or version != VERSION:
             self.close()
             raise SharedLimitsError(f"{path} is not a version {VERSION} shared limits table")
@@ -95,6 +98,7 @@ class SharedLimits:
             raise SharedLimitsError(f"worker {worker} out of range (0 to {self.max_workers - 1})")
         self.path = path
         self.worker = worker
+        self._mine_waiting = 0  # keys this worker waits for (its share of the hint)
         self._row = _PAIR.size * self.max_workers
         self._global = _HEADER.size
         self._slot0 = self._global + self._row
@@ -118,7 +122,7 @@ class SharedLimits:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.ftruncate(fd, size)
-                os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, max_workers, slots), 0)
+                os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, max_workers, slots, 0), 0)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -210,10 +214,15 @@ class SharedLimits:
             goff = self._global + self.worker * _PAIR.size
             gconns, gwait = _PAIR.unpack_from(self._map, goff)
             _PAIR.pack_into(self._map, goff, gconns, max(0, gwait + now - was))
+            self._add_hint(now - was)
+            self._mine_waiting += now - was
 
     def others_waiting(self, key: str | None = None) -> bool:
         """Whether another worker waits for a slot to C{key} (L{None}: for
-        any slot at all)."""
+        any slot at all). Without the lock when the hint says nobody else
+        waits (the common case: one read of shared memory)."""
+        if self._hint() - self._mine_waiting <= 0:
+            return False
         with self._locked():
             if key is None:
                 base = self._global
@@ -250,9 +259,18 @@ class SharedLimits:
         conns, waiting = _PAIR.unpack_from(self._map, off)
         _PAIR.pack_into(self._map, off, max(0, conns + n), waiting)
 
+    def _hint(self) -> int:
+        return int.from_bytes(self._map[_WAITING_AT:_WAITING_AT + 4], "little", signed=True)
+
+    def _add_hint(self, n: int) -> None:
+        value = max(0, self._hint() + n)
+        self._map[_WAITING_AT:_WAITING_AT + 4] = value.to_bytes(4, "little", signed=True)
+
     def _zero_column(self, worker: int) -> None:
         zero = _PAIR.pack(0, 0)
         col = worker * _PAIR.size
+        gwait = _PAIR.unpack_from(self._map, self._global + col)[1]
+        self._add_hint(-gwait)  # the keys it waited for are no longer waited for
         self._map[self._global + col:self._global + col + _PAIR.size] = zero
         for i in range(self.slots):
             off = self._slot0 + i * self._slot_size + _HASH.size + col

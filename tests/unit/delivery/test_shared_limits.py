@@ -115,3 +115,11 @@ def test_processes_racing_never_exceed_the_limit(tmp_path):
     assert max(peaks) <= 3 and max(peaks) >= 1
     assert SharedLimits(path, 0).connections() == 0
     assert os.path.getsize(path) > 0
+
+
+def test_a_dead_workers_waits_end_with_its_reset(table):
+    path, (a, b, *_) = table
+    b.want("d.test", True)
+    assert a.others_waiting() and a.others_waiting("d.test")
+    SharedLimits.reset(path, 1)  # worker 1 died while it waited
+    assert not a.others_waiting() and not a.others_waiting("d.test")
