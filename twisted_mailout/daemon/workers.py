@@ -339,7 +339,11 @@ class WorkerSupervisor(service.MultiService):
                 optional.add(default)
         if not descriptions:
             return
-        root = http.build_root(self.api, self.not_ready, {b"metrics": self.metrics})
+        from twisted_mailout.daemon.status import StatusPage
+
+        page = StatusPage()  # it polls /api/v1/status: the workers' merged
+        root = http.build_root(self.api, self.not_ready, {b"metrics": self.metrics,
+                                                          b"": page, b"static": page.static})
         site = http.ControlSite(root, reactor=self.reactor)
         self.server = http.HTTPService(
             self.reactor, site, descriptions, self.queue.path, self.api,
