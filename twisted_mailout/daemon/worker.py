@@ -135,7 +135,7 @@ def encode_event(event: dict[str, Any]) -> str:
     out: dict[str, Any] = {k: v for k, v in event.items()
                            if isinstance(v, _SIMPLE) and k not in ("log_format", "log_text")}
     level = event.get("log_level")
-    out["log_level"] = level.name if isinstance(level, LogLevel) else "info"
+    out["log_level"] = getattr(level, "name", "info")  # a NamedConstant of LogLevel
     out["log_text"] = text
     return json.dumps(out, default=str)
 
