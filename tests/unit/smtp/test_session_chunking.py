@@ -1,6 +1,7 @@
 """The driver under any chunking of the server's bytes: the same outcome as
 when every reply arrives whole (the state machine's batches never split or
-shift a pipelined group, a serial dialogue or the STARTTLS guard)."""
+shift a pipelined group, a serial dialogue or the STARTTLS guard), with DATA
+and with BDAT (CHUNKING)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def pump(t) -> None:
         t.producer.resumeProducing()
 
 
-def dialogue(pipelining: bool, cuts: list[int]):
+def dialogue(pipelining: bool, cuts: list[int], chunking: bool = False):
     s, t = session()
-    ext = "\nPIPELINING" if pipelining else ""
+    ext = ("\nPIPELINING" if pipelining else "") + ("\nCHUNKING" if chunking else "")
     feed(s, b"220 mx ESMTP\r\n", cuts)
     feed(s, encode_reply(250, "mx\nSTARTTLS" + ext), cuts)
     assert t.value().endswith(b"STARTTLS\r\n")
@@ -61,23 +62,24 @@ def dialogue(pipelining: bool, cuts: list[int]):
     feed(s, encode_reply(250, "mx\nSIZE 100000" + ext), cuts)
     assert s.ready.called and s.encrypted
     d = s.transaction("f@a.example", RCPTS, io.BytesIO(BODY))
+    go = [] if chunking else [encode_reply(354, "go")]  # BDAT: no 354
     if pipelining:
-        feed(s, encode_reply(250, "sender ok") + b"".join(RCPT_REPLIES)
-             + encode_reply(354, "go"), cuts)
+        feed(s, encode_reply(250, "sender ok") + b"".join(RCPT_REPLIES) + b"".join(go), cuts)
     else:
-        for reply in [encode_reply(250, "sender ok"), *RCPT_REPLIES, encode_reply(354, "go")]:
+        for reply in [encode_reply(250, "sender ok"), *RCPT_REPLIES, *go]:
             feed(s, reply, cuts)
     pump(t)
+    assert (b"BDAT " in t.value()) is chunking
     feed(s, encode_reply(250, "2.0.0 queued\nas X"), cuts)
     assert d.called
     return d.result, t.value()
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.booleans(), st.lists(st.integers(0, 200), max_size=6))
-def test_any_chunking_same_outcome(pipelining, cuts):
-    whole = dialogue(pipelining, [])
-    result, wire = dialogue(pipelining, cuts)
+@given(st.booleans(), st.lists(st.integers(0, 200), max_size=6), st.booleans())
+def test_any_chunking_same_outcome(pipelining, cuts, bdat):
+    whole = dialogue(pipelining, [], bdat)
+    result, wire = dialogue(pipelining, cuts, bdat)
     assert (result, wire) == whole
     assert result.replies == {"a@b.example": Reply(250, "2.0.0 queued\nas X"),
                               "c@b.example": Reply(550, "5.1.1 unknown\nreally"),

@@ -7,7 +7,11 @@ Whatever the server says, the machine:
   - never emits the final dot unless DATA was answered 354 in this
     transaction (tracked here independently, from the replies fed);
   - never reports a recipient delivered (a 2xx in TransactionDone) unless
-    its RCPT and the final dot were both answered 2xx.
+    its RCPT and the final dot were both answered 2xx;
+  - with CHUNKING (BDAT, RFC 3030): never sends a chunk after a refused
+    chunk, a refused MAIL or every RCPT refused, nor (unpipelined) before the
+    RCPT replies or while a chunk's reply is owed; never reports a recipient
+    delivered unless its RCPT, every chunk and BDAT LAST were answered 2xx.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ CODES = [220, 221, 235, 250, 251, 252, 334, 354, 421, 450, 451, 500, 501, 503, 5
          150, 199, 300, 399]
 GOOD = {Verb.GREETING: [220], Verb.EHLO: [250], Verb.HELO: [250], Verb.STARTTLS: [220],
         Verb.AUTH: [235, 334], Verb.AUTH_CANCEL: [501], Verb.MAIL: [250], Verb.RCPT: [250, 251],
-        Verb.DATA: [354], Verb.END_OF_DATA: [250], Verb.RSET: [250], Verb.QUIT: [221]}
+        Verb.DATA: [354], Verb.END_OF_DATA: [250], Verb.RSET: [250], Verb.QUIT: [221],
+        Verb.BDAT: [250], Verb.BDAT_LAST: [250]}
 RECIPIENTS = ["a@x.example", "b@x.example", "c@x.example"]
 
 texts = st.lists(st.sampled_from(["ok", "mx.example", "PIPELINING", "", "x y"]),
@@ -57,7 +62,12 @@ class StateMachineUnderFire(RuleBasedStateMachine):
         self.tx: tuple[str, ...] | None = None  # the recipients of the open transaction
         self.rcpt_code: dict[str, int] = {}
         self.got354 = False
-        self.dot_code: int | None = None
+        self.dot_code: int | None = None  # the final dot's reply, or BDAT LAST's
+        self.chunking = False  # the open transaction sends BDAT
+        self.pipelined = False
+        self.mail_code: int | None = None
+        self.chunk_refused = False  # a chunk was answered other than 2xx
+        self.last_sent = False
 
     # -- what the client sends ---------------------------------------------
 
@@ -74,8 +84,9 @@ class StateMachineUnderFire(RuleBasedStateMachine):
     @rule(which=st.sampled_from(["natural"] * 6 + ["ehlo", "helo", "starttls", "auth",
                                                    "answer", "cancel", "rset", "quit",
                                                    "next", "transaction", "dot"]),
-          n=st.integers(1, 3), pipelined=st.booleans(), body=st.binary(max_size=20))
-    def client_sends(self, which, n, pipelined, body):
+          n=st.integers(1, 3), pipelined=st.booleans(), body=st.binary(max_size=20),
+          chunking=st.booleans(), last=st.booleans())
+    def client_sends(self, which, n, pipelined, body, chunking, last):
         """Mostly what a client would do next; sometimes anything at all."""
         conn = self.conn
         if which == "natural":
@@ -83,7 +94,9 @@ class StateMachineUnderFire(RuleBasedStateMachine):
                      State.IN_TRANSACTION: "next", State.BODY: "dot",
                      State.AUTH_CHALLENGED: "answer"}.get(conn.state, "quit")
         if which == "transaction":
-            self.begin_transaction(n, pipelined)
+            self.begin_transaction(n, pipelined, chunking)
+        elif which == "dot" and self.chunking:
+            self.send_chunk(body, last)
         elif which == "dot":
             self.end_of_data(body)
         else:
@@ -106,15 +119,19 @@ class StateMachineUnderFire(RuleBasedStateMachine):
             verb = Verb.AUTH_CANCEL if command.line == CANCEL else Verb.AUTH
         self._sent([(verb, getattr(command, "recipient", None))])
 
-    def begin_transaction(self, n, pipelined):
+    def begin_transaction(self, n, pipelined, chunking=False):
         recipients = tuple(RECIPIENTS[:n])
-        wire = self._try(Transaction("f@x.example", recipients, "", pipelined))
+        wire = self._try(Transaction("f@x.example", recipients, "", pipelined, chunking))
         if wire is None:
             return
         self.tx, self.rcpt_code, self.got354, self.dot_code = recipients, {}, False, None
+        self.chunking, self.pipelined, self.mail_code = chunking, pipelined, None
+        self.chunk_refused = self.last_sent = False
         verbs = [(Verb.MAIL, None)]
         if pipelined:
-            verbs += [(Verb.RCPT, r) for r in recipients] + [(Verb.DATA, None)]
+            verbs += [(Verb.RCPT, r) for r in recipients]
+            if not chunking:
+                verbs.append((Verb.DATA, None))
         assert wire.count(b"\r\n") == len(verbs)
         self._sent(verbs)
 
@@ -128,6 +145,25 @@ class StateMachineUnderFire(RuleBasedStateMachine):
         assert self.got354 and self.dot_code is None and self.tx is not None
         self.got354 = False
         self._sent([(Verb.END_OF_DATA, None)])
+
+    def send_chunk(self, body, last):
+        try:
+            wire = self.conn.send_chunk(body, last)
+        except LocalProtocolError:
+            return
+        # A chunk only in an open CHUNKING transaction that may still succeed.
+        assert self.tx is not None and self.chunking and not self.last_sent
+        assert not self.chunk_refused
+        assert self.mail_code in (None, 250)
+        rcpts_in = len(self.rcpt_code) == len(self.tx)
+        assert not (rcpts_in and not any(c // 100 == 2 for c in self.rcpt_code.values()))
+        if not self.pipelined:  # after the RCPT replies, one chunk reply at a time
+            assert rcpts_in and not self.owed
+        if not wire:
+            return
+        event("BDAT LAST sent" if last else "BDAT chunk sent")
+        self.last_sent = last
+        self._sent([(Verb.BDAT_LAST if last else Verb.BDAT, None)])
 
     # -- what the server says ----------------------------------------------
 
@@ -174,6 +210,7 @@ class StateMachineUnderFire(RuleBasedStateMachine):
                 if reply.is_positive:
                     assert self.rcpt_code.get(r, 0) // 100 == 2, (r, self.rcpt_code)
                     assert self.dot_code is not None and self.dot_code // 100 == 2
+                    assert not self.chunk_refused
             self.tx = None
             return
         if not hasattr(ev, "reply"):
@@ -189,8 +226,12 @@ class StateMachineUnderFire(RuleBasedStateMachine):
             self.rcpt_code[recipient] = code
         elif verb is Verb.DATA:
             self.got354 = code == 354
-        elif verb is Verb.END_OF_DATA:
+        elif verb is Verb.END_OF_DATA or verb is Verb.BDAT_LAST:
             self.dot_code = code
+        elif verb is Verb.MAIL:
+            self.mail_code = code
+        if verb in (Verb.BDAT, Verb.BDAT_LAST) and code // 100 != 2:
+            self.chunk_refused = True
 
     @precondition(lambda self: not self.dead)
     @rule(junk=st.binary(min_size=1, max_size=12), really=st.integers(0, 99))
