@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -111,6 +113,9 @@ class Queue:
     SUBDIRS = ("tmp", "new", "cur", "messages", "state", "corrupt")
     #: Leases never expire: one daemon holds the folder (L{lock}).
     lease_duration: float | None = None
+    #: Bytes of small messages kept from their pickup until their first
+    #: attempt (L{open_body}), so sending does not read the file again.
+    BODY_CACHE = 32 * 1024 * 1024
 
     def __init__(self, path: str, create: bool = True, owner: str | None = None) -> None:
         self.path = os.path.abspath(path)
@@ -119,6 +124,11 @@ class Queue:
         self._lease = Lease(self.owner, float("inf"))
         self._lock_fd: int | None = None
         self._backlog: list[str] = []  # names listed, not yet picked up (newest first)
+        # message bytes read whole at pickup, for the first open_body (one
+        # open, read and close less per message); at most BODY_CACHE bytes
+        self._bodies: dict[str, bytes] = {}
+        self._body_bytes = 0
+        self._body_lock = threading.Lock()
         if not create:
             if not os.path.isdir(os.path.join(self.path, "new")):
                 raise QueueError(f"{self.path} is not a mailout queue folder (no new/ in it)")
@@ -372,6 +382,8 @@ class Queue:
         if rewrite is None:
             os.rename(src, msg_path)
             entry.size = total - entry.body_offset
+            if len(first) == total:  # read whole: keep it for the first send
+                self._keep_body(entry.qid, first[entry.body_offset:])
             return entry
         if os.path.exists(msg_path):
             os.unlink(src)
@@ -495,6 +507,8 @@ class Queue:
         @raise OSError: a write failed; every entry not yet renamed keeps
             its old state.
         """
+        if self._bodies:  # tried: a retry, much later, reads the file
+            self._drop_bodies(e.qid for e in entries if any(r.attempts for r in e.recipients))
         if len(entries) >= self.BULK_SYNC:
             self._save_bulk(entries)
             return
@@ -597,6 +611,8 @@ class Queue:
         then one fsync of each folder (group commit). A crash in between
         leaves a state without message, which L{recover} deletes (see
         docs/reliability.md)."""
+        if self._bodies:
+            self._drop_bodies(qids)
         removed = {"messages": 0, "state": 0}
         for folder, suffix in (("messages", ""), ("state", ".json")):
             for qid in qids:
@@ -612,10 +628,24 @@ class Queue:
     def quarantine(self, qid: str, why: str) -> None:
         """Move the state and message of C{qid} to C{corrupt/}, with the
         reason in a C{.reason} file beside each; failures are logged."""
+        self._drop_bodies((qid,))
         self._move_corrupt(self._path("state", qid + ".json"), qid + ".json", why)
         self._move_corrupt(self._path("messages", qid), qid, why)
 
     # -- message bytes ----------------------------------------------------------
+
+    def _keep_body(self, qid: str, data: bytes) -> None:
+        with self._body_lock:
+            if self._body_bytes + len(data) <= self.BODY_CACHE and qid not in self._bodies:
+                self._bodies[qid] = data
+                self._body_bytes += len(data)
+
+    def _drop_bodies(self, qids: Iterable[str]) -> None:
+        with self._body_lock:
+            for qid in qids:
+                data = self._bodies.pop(qid, None)
+                if data is not None:
+                    self._body_bytes -= len(data)
 
     def open_body(self, entry: QueueEntry) -> IO[bytes]:
         """Open the message bytes of C{entry} for the SMTP session's body
@@ -626,6 +656,9 @@ class Queue:
 
         @raise OSError: the message file cannot be opened.
         """
+        data = self._bodies.get(entry.qid)
+        if data is not None:
+            return io.BytesIO(data)  # read whole at pickup: no second read
         f = open(self._path("messages", entry.qid), "rb", buffering=0)  # noqa: SIM115
         try:
             f.seek(entry.body_offset)
