@@ -198,7 +198,8 @@ class SMTPDelivery(Delivery):
     L{send} must be called in the reactor thread and returns a C{Deferred}
     firing with a L{DeliveryReport}: per recipient C{"delivered"},
     C{"deferred"} (4xx or nothing reached: not retried) or C{"bounced"}.
-    From another thread while the reactor runs, use L{send_blocking}.
+    From any other thread (a program without a reactor too), use
+    L{send_blocking}, or a L{Mailer<twisted_mailout.apps.mailer.Mailer>}.
 
     @param relay: C{"host:port"} of a smarthost; C{"smtps://host:port"} for
         implicit TLS (RFC 8314 3.3); L{None} to deliver to each domain's MX.
@@ -305,12 +306,25 @@ class SMTPDelivery(Delivery):
     def send_blocking(self, sender: str | None, recipients: Recipients, message: MessageInput, *,
                       message_id: str | None = None) -> DeliveryReport:
         """L{send} from a thread other than the reactor's, waiting for the
-        report. The reactor must be running in another thread.
+        report: through L{twisted_mailout.apps.blocking} (the reactor the
+        program runs in a thread, else one run in a thread of the library's,
+        started now if needed).
 
         @return: the L{DeliveryReport}.
         @raise RuntimeError: called in the reactor thread (it would wait for
-            itself) or the reactor is not running (L{api.blocking_call}).
+            itself), or with a reactor no L{ReactorThread} drives that is not
+            running (L{api.blocking_call}).
         """
+        from twisted_mailout.apps.blocking import ReactorThreadError, runner_for, waiting_runner
+
+        driver = runner_for(self.reactor)
+        if driver is not None and driver.in_reactor_thread():
+            raise ReactorThreadError(f"{self.url()}: send_blocking() was called in the reactor "
+                                     "thread, where it would wait for itself; use send()")
+        runner = waiting_runner(self.reactor)
+        if runner is not None:
+            result: DeliveryReport = runner.call(self.send, sender, recipients, message)
+            return result
         report: DeliveryReport = api.blocking_call(
             default_reactor(self.reactor), self.send, sender, recipients, message)
         return report

@@ -72,3 +72,17 @@ def test_fifty_threads_share_the_mailers_connections(runner, sink):
     received = sorted(r for m in sink.messages for r in m["rcpt_tos"])
     assert received == sorted(f"r{i}@dest.test" for i in range(50))
     assert sink.peak_sessions <= 4  # SMTPClient's connections per destination
+
+
+def test_smtp_delivery_send_blocking_waits_through_the_runner(runner, sink):
+    from twisted_mailout.apps.deliveries import SMTPDelivery
+
+    delivery = SMTPDelivery(f"127.0.0.1:{sink.port}", tls="none", timeout=10,
+                            reactor=runner.reactor)
+    report = delivery.send_blocking("a@origin.test", ["b@dest.test"],
+                                    b"Subject: s\r\n\r\nt\r\n")
+    assert report.all_delivered
+    with pytest.raises(ReactorThreadError, match="reactor thread"):
+        runner.call(delivery.send_blocking, "a@origin.test", ["c@dest.test"], b"x\r\n",
+                    timeout=10)
+    assert [m["rcpt_tos"] for m in sink.messages] == [["b@dest.test"]]
