@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mailout.api import default_reactor
+from twisted_mailout.apps.blocking import waiting_runner
 from twisted_mailout.apps.deliveries import (
     Delivery,
     DeliveryError,
@@ -226,26 +227,30 @@ class MailDataManager:
                 log.failure("{qid}: delivery after commit failed", qid=it.message_id)
                 self._report_lost([it], f"4.3.0 delivery after commit failed: {e}")
             return
-        reactor = _reactor_of(it.delivery)
-        if in_reactor_thread():
+        runner = waiting_runner(getattr(it.delivery, "reactor", None))
+        if runner is None:  # the reactor thread, or a reactor its owner drives
             self._start_direct(it)
-        else:
-            reactor.callFromThread(self._start_direct, it)
+            return
+        try:  # in the reactor thread (started now when no reactor runs); awaited at exit
+            runner.submit(self._start_direct, it)
+        except RuntimeError as e:  # ReactorThreadError, ReactorStopped
+            log.failure("{qid}: direct delivery after commit failed", qid=it.message_id)
+            self._report_lost([it], f"4.3.0 direct delivery failed: {e}")
 
-    def _start_direct(self, it: _Pending) -> None:
+    def _start_direct(self, it: _Pending) -> defer.Deferred[Any] | None:
         try:
             d = self.mailer.deliver(it.delivery, it.sender, it.recipients, it.data,
                                     it.message_id)
         except Exception as e:  # noqa: BLE001
             log.failure("{qid}: direct delivery after commit failed", qid=it.message_id)
             self._report_lost([it], f"4.3.0 direct delivery failed: {e}")
-            return
+            return None
 
         def failed(f: Failure) -> None:
             log.failure("{qid}: direct delivery after commit failed", f, qid=it.message_id)
             self._report_lost([it], f"4.3.0 direct delivery failed: {f.getErrorMessage()}")
 
-        cast("defer.Deferred[DeliveryReport]", d).addErrback(failed)
+        return cast("defer.Deferred[DeliveryReport]", d).addErrback(failed)
 
     def _report_lost(self, items: Iterable[_Pending], text: str) -> None:
         """Nothing will deliver these: one L{MailBounced} per recipient."""
@@ -305,6 +310,7 @@ def join(mailer: MailerLike, delivery: Delivery, sender: str, recipients: list[s
         staged, mid = None, new_message_id()
         env_sender, env_rcpts = env.sender, env.recipients
         if (delivery.asynchronous and not in_reactor_thread()
+                and waiting_runner(getattr(delivery, "reactor", None)) is None
                 and not _reactor_of(delivery).running):
             raise RuntimeError(f"{delivery.url()} after commit needs a running Twisted "
                                "reactor; use queue:// from programs without one")

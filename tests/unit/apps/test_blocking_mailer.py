@@ -86,3 +86,20 @@ def test_smtp_delivery_send_blocking_waits_through_the_runner(runner, sink):
         runner.call(delivery.send_blocking, "a@origin.test", ["c@dest.test"], b"x\r\n",
                     timeout=10)
     assert [m["rcpt_tos"] for m in sink.messages] == [["b@dest.test"]]
+
+
+def test_send_on_commit_over_smtp_from_a_thread_without_the_reactor(runner, sink):
+    import transaction
+
+    from tests.support.wait import wait_for
+
+    manager = transaction.TransactionManager()
+    events = []
+    mailer = mailer_for(runner, sink, transaction_manager=manager, observers=[events.append])
+    manager.begin()
+    mid = mailer.send(message(7))
+    assert isinstance(mid, str) and sink.messages == []
+    manager.commit()
+    wait_for(lambda: events, what="the outcome of the mail sent after commit")
+    assert [(e.recipient, e.status) for e in events] == [("r7@dest.test", "delivered")]
+    assert [m["rcpt_tos"] for m in sink.messages] == [["r7@dest.test"]]
