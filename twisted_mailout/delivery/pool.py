@@ -23,6 +23,14 @@ The rules:
   - A caller that finds the global limit reached while its destination has
     room closes the oldest idle connection of any destination and opens its
     own.
+  - With C{slow_start} (L{PoolLimits}), a destination opens that many
+    connections at first and one more per transaction that ends within
+    C{slow_transaction} seconds (or that ends while nobody else waits); a
+    slower transaction while other destinations wait for a slot under the
+    global limit takes it back to C{slow_start}, and a connection given back
+    beyond that goes to them rather than to its own next caller. So a
+    destination whose replies all come late (a tarpit) holds one connection,
+    not its whole limit, while others wait (issue 14).
   - When opening a connection fails, the destination is remembered as down
     for C{failure_memory} seconds: callers then fail at once with
     L{DestinationDown}, and the callers that were waiting for it fail with the
@@ -115,6 +123,18 @@ class PoolLimits:
     @ivar max_messages: transactions per connection at most.
     @ivar failure_memory: seconds a destination whose opening failed is not
         tried again (0: never remembered).
+    @ivar slow_start: connections a destination may have open before one of
+        them has carried a transaction (Postfix's
+        C{initial_destination_concurrency}); each transaction that ends
+        within C{slow_transaction} seconds lets it have one more, up to its
+        limit, and one slower than that, while other destinations wait for
+        a slot under C{max_connections}, takes it back to C{slow_start}
+        (connections open are not closed for it). So a destination whose
+        every reply is late (a tarpit) holds one connection, not its whole
+        limit, while others wait. L{None}: no window, the limit from the
+        start.
+    @ivar slow_transaction: seconds from handing a connection out to getting
+        it back beyond which a transaction is slow (see C{slow_start}).
     """
 
     max_connections: int = 20
@@ -123,9 +143,12 @@ class PoolLimits:
     max_age: float = 300.0
     max_messages: int = 100
     failure_memory: float = 60.0
+    slow_start: int | None = None
+    slow_transaction: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_connections < 1 or self.max_per_destination < 1:
+        if self.max_connections < 1 or self.max_per_destination < 1 or (
+                self.slow_start is not None and self.slow_start < 1):
             raise ValueError("connection limits must be at least 1")
 
 
@@ -175,6 +198,7 @@ class Lease(Generic[S]):
         self.label = opened.label
         self._counted = True  # holds one slot in the pool's counts
         self._idle_timer: DelayedCall | None = None
+        self._handed: float | None = None  # when it was last handed to a caller
 
     def __repr__(self) -> str:
         return f"<Lease {self.key} {self.label}>"
@@ -228,6 +252,8 @@ class _Dest:
         self.limit: int | None = None  # its own limit (None: max_per_destination)
         self.max_messages: int | None = None  # (None: the pool's max_messages)
         self.group: _Group | None = None
+        #: connections it may have now (PoolLimits.slow_start), or None
+        self.window: int | None = None
 
 
 class ConnectionPool(Generic[S]):
@@ -366,6 +392,8 @@ class ConnectionPool(Generic[S]):
         """Whether C{dest} may open one more connection (its own and its
         group's limits; the global limit is checked apart)."""
         own = dest.limit if dest.limit is not None else self.limits.max_per_destination
+        if dest.window is not None and dest.window < own:
+            own = dest.window
         return dest.conns < own and (dest.group is None or dest.group.conns < dest.group.limit)
 
     # -- acquire ----------------------------------------------------------------
@@ -394,6 +422,7 @@ class ConnectionPool(Generic[S]):
             lease = dest.idle.pop()  # the most recently used one
             self._stop_idle_timer(lease)
             if self._reusable(lease):
+                lease._handed = self.clock.seconds()
                 return defer.succeed(lease)
             self._quit(lease)
         waiter = _Waiter(dest)
@@ -426,12 +455,22 @@ class ConnectionPool(Generic[S]):
             QUIT; its slot stays counted until it is closed.
         """
         dest = self._dest(lease.key)
+        if dest.window is not None and lease._handed is not None:
+            self._window(dest, self.clock.seconds() - lease._handed)
+        lease._handed = None
         if not (reusable and self._reusable(lease)):
             self._quit(lease)
             return
-        while dest.waiters:
+        now = self.clock.seconds()
+        # Over its window (slow while others wait): not to its own callers;
+        # the slot goes to a destination blocked by the global limit below.
+        over = (dest.window is not None and dest.conns > dest.window
+                and self._someone_blocked())
+        while dest.waiters and not over:
+            lease._handed = now
             if dest.waiters.popleft().give(lease):
                 return
+        lease._handed = None
         if self._group_waits(dest):
             # Another domain of its group waits at the group's limit: this
             # one goes, and stays counted until it is closed (so the server
@@ -456,6 +495,26 @@ class ConnectionPool(Generic[S]):
                                                  self._idle_expired, lease)
         dest.idle.append(lease)
         self._start_tick()  # with workers: give it up if another one waits
+
+    def _window(self, dest: _Dest, took: float) -> None:
+        """A transaction of C{dest} took C{took} seconds: widen its window
+        (and open for a waiting caller if that gives room), or narrow it
+        back when it was slow and others wait (L{PoolLimits.slow_start})."""
+        assert dest.window is not None and self.limits.slow_start is not None
+        limits = self.limits
+        own = dest.limit if dest.limit is not None else limits.max_per_destination
+        if took <= limits.slow_transaction or not self._someone_blocked():
+            # quick, or nobody else wants the slot: one more connection
+            if dest.window < own:
+                dest.window += 1
+                # (the connection given back serves the first waiting caller)
+                if len(dest.waiters) > 1 and self._room(dest):
+                    if self._total < limits.max_connections:
+                        self._slot_freed(dest)  # one more for a caller waiting now
+                    elif dest not in self._blocked:
+                        self._blocked.append(dest)
+        else:
+            dest.window = limits.slow_start
 
     def discard(self, lease: Lease[S]) -> None:
         """Forget a connection its caller has aborted (for example because the
@@ -498,6 +557,7 @@ class ConnectionPool(Generic[S]):
         d = self._dests.get(key)
         if d is None:
             d = self._dests[key] = _Dest(key)
+            d.window = self.limits.slow_start
         return d
 
     def _reusable(self, lease: Lease[S]) -> bool:
@@ -718,8 +778,10 @@ class ConnectionPool(Generic[S]):
         dest.down = None
         lease: Lease[S] = Lease(dest.key, opened)
         lease.session.closed.addBoth(self._passthrough_closed, lease)
+        lease._handed = self.clock.seconds()
         if waiter.give(lease):
             return
+        lease._handed = None
         # The caller withdrew while the connection was being opened, and the
         # opening could not be stopped: the next caller gets it, or it idles.
         self.release(lease, reusable=True)

@@ -7,6 +7,8 @@ other destination answers at once."""
 
 import random
 
+import pytest
+
 from twisted.internet import defer, task
 
 from twisted_mailout.delivery.connector import Attempt
@@ -198,3 +200,75 @@ def test_the_pool_tells_each_destinations_connection_limit():
     assert pool.limit_for("own.test") == 7
     pool.shape("member.test", group="provider:x", group_limit=3)
     assert pool.limit_for("member.test") == 3
+
+
+# -- the pool: a slow destination's connections (PoolLimits.slow_start) ------
+
+
+def _pool(slow_start):
+    from tests.unit.delivery.test_pool import Opener
+
+    clock = task.Clock()
+    opener = Opener(clock)
+    pool = ConnectionPool(clock, opener, PoolLimits(
+        max_connections=3, max_per_destination=3, slow_start=slow_start,
+        slow_transaction=2.0))
+    return pool, opener, clock
+
+
+def test_a_new_destination_opens_one_connection_then_more_as_transactions_end_quickly():
+    pool, opener, clock = _pool(slow_start=1)
+    a, b, c = (pool.acquire("a.test") for _ in range(3))
+    assert len(opener.pending) == 1  # one, until it has carried a transaction
+    opener.succeed()
+    lease = a.result
+    clock.advance(0.1)
+    pool.release(lease, reusable=True)  # quick: the window widens to 2
+    assert len(opener.pending) == 1 and c.result is lease  # one more opening, and reuse
+    opener.succeed()
+    assert b.called and pool.connections_to("a.test") == 2
+
+
+def _slow_has_two_busy_connections(pool, opener, clock, slow_start):
+    if slow_start is None:
+        first, second = pool.acquire("slow.test"), pool.acquire("slow.test")
+        opener.succeed()
+        opener.succeed()
+        return [first.result, second.result]
+    first, second = pool.acquire("slow.test"), pool.acquire("slow.test")
+    opener.succeed()
+    clock.advance(30)
+    lease = first.result
+    pool.release(lease, reusable=True)  # slow, but nobody else waits: widened to 2
+    assert second.result is lease
+    third = pool.acquire("slow.test")
+    opener.succeed()
+    return [lease, third.result]
+
+
+@pytest.mark.parametrize("slow_start", [1, None])
+def test_a_slow_destination_gives_up_connections_beyond_one_while_others_wait(slow_start):
+    """A destination whose transactions take 30 s holds two connections of
+    three; another takes the third and a third destination waits for the
+    global limit. When one of the slow transactions ends, its connection
+    goes to the waiting destination, not to the slow one's own next
+    message (with slow_start; without it, the old rule keeps it)."""
+    pool, opener, clock = _pool(slow_start)
+    s1, s2 = _slow_has_two_busy_connections(pool, opener, clock, slow_start)
+    pool.acquire("fast.test")
+    opener.succeed()
+    waiting = pool.acquire("other.test")  # the global limit (3) is reached
+    assert not opener.pending and pool.open_connections == 3
+    mine = pool.acquire("slow.test")
+    clock.advance(30)
+    pool.release(s1, reusable=True)
+    if slow_start is None:
+        assert mine.result is s1 and not waiting.called  # before issue 14
+        return
+    assert [k for k, _ in opener.pending] == ["other.test"]
+    assert not mine.called and pool.connections_to("slow.test") == 1
+    opener.succeed()
+    assert waiting.called
+    clock.advance(30)
+    pool.release(s2, reusable=True)  # its one connection now serves its own mail
+    assert mine.result is s2
