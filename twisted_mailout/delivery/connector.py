@@ -135,6 +135,12 @@ class ConnectorSettings:
     @ivar source_addresses: local addresses to connect from, at most one
         IPv4 and one IPv6 (each connection uses the one of its
         destination's family; none: the system's choice).
+    @ivar slow_start: connections a destination may have before one of them
+        has carried a quick transaction, widened by one per transaction
+        that ends within C{slow_transaction} seconds, narrowed back by a
+        slower one while other destinations wait for a slot (L{PoolLimits});
+        L{None}: its whole limit from the start.
+    @ivar slow_transaction: seconds beyond which a transaction is slow.
     """
 
     helo: str = "localhost"
@@ -154,6 +160,8 @@ class ConnectorSettings:
     dane: DNSSECResolver | None = None
     mta_sts: MTASTS | None = None
     source_addresses: tuple[str, ...] = ()
+    slow_start: int | None = 1
+    slow_transaction: float = 2.0
 
     def pool_limits(self) -> PoolLimits:
         """The connection pool's share of these settings."""
@@ -161,7 +169,9 @@ class ConnectorSettings:
                           max_per_destination=self.max_per_destination,
                           idle_timeout=self.idle_timeout, max_age=self.max_age,
                           max_messages=self.max_messages,
-                          failure_memory=self.failure_memory)
+                          failure_memory=self.failure_memory,
+                          slow_start=self.slow_start,
+                          slow_transaction=self.slow_transaction)
 
 
 @dataclass
