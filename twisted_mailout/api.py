@@ -96,9 +96,11 @@ def default_reactor(reactor: Any = None) -> Any:
 
 def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call C{f} in the reactor thread from another thread and wait for its
-    result (a Deferred's result is waited for): the one C{send_blocking}
-    behind L{SMTPClient.send_blocking}, C{SMTPDelivery.send_blocking} and
-    C{Mailer.send_blocking}.
+    result (a Deferred's result is waited for): behind
+    L{SMTPClient.send_blocking}, and behind C{SMTPDelivery.send_blocking} and
+    C{Mailer.send_blocking} for a reactor that no
+    C{twisted_mailout.apps.blocking.ReactorThread} drives (those wait through
+    it, starting a reactor thread when none runs).
 
     @param reactor: the reactor, running in another thread.
     @param f: the function; it may return a Deferred.
@@ -112,8 +114,8 @@ def blocking_call(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
         raise RuntimeError(
             f"a blocking send was called {where}: delivering now needs a running Twisted "
             "reactor in another thread (in the reactor thread, use send(), which returns a "
-            "Deferred); from a program without one, use queue:// (the daemon delivers) or "
-            "sendmail://")
+            "Deferred); from a program without one, use twisted_mailout.blocking (or a "
+            "Mailer, which waits through it): it runs a reactor in a thread of its own")
     return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
 
 
