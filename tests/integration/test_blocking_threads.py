@@ -216,3 +216,31 @@ def test_a_reactor_thread_started_before_fork_is_refused_in_the_child(tmp_path, 
     """, str(sink.port))
     assert "forked" in result["child"]
     assert [m["rcpt_tos"] for m in sink.messages] == [["parent@dest.test"]]
+
+
+def test_a_flask_handler_sends_over_smtp(tmp_path, sink):
+    pytest.importorskip("flask")
+    result = run_child(tmp_path, """
+        import json, sys
+        from flask import Flask, request
+        from twisted_mailout.apps.builder import build_message
+        from twisted_mailout.apps.mailer import Mailer
+
+        app = Flask(__name__)
+        mailer = Mailer(f"smtp://127.0.0.1:{sys.argv[1]}?tls=none")
+
+        @app.post("/signup")
+        def signup():
+            report = mailer.send(build_message(sender="shop@example.com",
+                                               to=request.form["email"], subject="Welcome",
+                                               text="Your account is ready."))
+            return {"delivered": report.all_delivered}
+
+        with app.test_client() as client:
+            answers = [client.post("/signup", data={"email": f"u{i}@dest.test"}).json
+                       for i in range(3)]
+        print(json.dumps(answers))
+    """, str(sink.port))
+    assert result == [{"delivered": True}] * 3
+    assert sorted(r for m in sink.messages for r in m["rcpt_tos"]) == [
+        "u0@dest.test", "u1@dest.test", "u2@dest.test"]
