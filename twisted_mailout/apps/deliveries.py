@@ -21,7 +21,7 @@ per-recipient results.
 | C{sendmail:///usr/sbin/sendmail} | L{SendmailDelivery} | C{sendmail -oi -f SENDER -- RCPTS} |
 | C{maildir:///path} | L{MaildirDelivery} | local delivery into a Maildir (C{mailbox.Maildir}) |
 | C{mbox:///path} | L{MboxDelivery} | local delivery into an mbox file (C{mailbox.mbox}), locked |
-| C{imap://user@host/Folder} | C{IMAPDelivery} | APPEND into an IMAP folder (C{imaps://}: implicit TLS) |
+| C{imap://user@host/Folder} | C{IMAPDelivery} | APPEND into an IMAP folder (C{imaps://}: TLS) |
 | C{ses://REGION} | C{SESDelivery} | Amazon SES v2 C{SendEmail}, raw content |
 | C{sendgrid://} | C{SendGridDelivery} | SendGrid v3 C{mail/send} |
 | C{log://} | C{LogDelivery} | marrow.mailer's C{DELIVER} line to C{logging} |
