@@ -288,7 +288,8 @@ class ESMTPSession(protocol.Protocol):
                     d, self._waiter = self._waiter, None
                     d.callback(reply)
             elif kind is SendBody:
-                self._send_body()
+                if self._producer is None:  # (BDAT: else the chunks are going already)
+                    self._send_body()
             elif kind is TransactionDone:
                 if self._producer is not None:  # BDAT: no more chunks will go
                     self._producer.cancel()

@@ -313,9 +313,11 @@ class ReplyEvent(Event):
 class SendBody(Event):
     """DATA was answered 354 with at least one recipient accepted: stream
     the message with L{ClientConnection.send_body}, then
-    L{ClientConnection.end_data}. In an unpipelined CHUNKING transaction:
-    the RCPT replies are in with one accepted, or the last chunk sent was
-    answered 250: send the next chunk (L{ClientConnection.send_chunk})."""
+    L{ClientConnection.end_data}. In a CHUNKING transaction: the RCPT
+    replies are in with one accepted, or a chunk was answered 250, and (when
+    unpipelined, or pipelined and nothing is owed any more) the next chunk
+    may go (L{ClientConnection.send_chunk}); a pipelined driver that waits
+    for every reply before BDAT LAST goes on from here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,6 +778,8 @@ class ClientConnection:
                     self._lineends = LineEnds()
                     self.state = State.BODY
                     events.append(SendBody())
+                elif self.state is State.BODY and not self._owed:
+                    events.append(SendBody())  # pipelined: nothing owed any more
             return
         if verb is Verb.BDAT or verb is Verb.BDAT_LAST:
             self._on_chunk_reply(tx, verb, reply, ok)
@@ -823,8 +827,8 @@ class ClientConnection:
             return
         state = self.state
         if state is State.BODY:
-            if not tx.pipelined:
-                events.append(SendBody())  # unpipelined: the next chunk may go
+            if not tx.pipelined or not self._owed:
+                events.append(SendBody())  # the next chunk may go; nothing is owed
         elif state is State.BDAT_STOPPED and not self._owed:
             self._done(tx, rset=True)  # every chunk sent is answered
         # else DOT_SENT: the reply to BDAT LAST is still owed
