@@ -157,11 +157,12 @@ class ESMTPSession(protocol.Protocol):
     @param timeouts: L{Timeouts}.
     @param pipelining: use PIPELINING (RFC 2920) when the server offers it.
     @param chunking: send messages with BDAT (RFC 3030 CHUNKING) instead of
-        DATA when the server offers it: no dot-stuffing, chunks of L{CHUNK}
-        bytes read (the whole message in one C{BDAT n LAST} when it fits),
-        pipelined with MAIL and RCPT when PIPELINING is used. BINARYMIME is
-        never used: the message goes as it would with DATA (line ends made
-        CRLF), and the server keeps the same bytes.
+        DATA when the server offers it: no dot-stuffing, no 354 round trip;
+        a small message goes in one write with MAIL and RCPT (pipelined),
+        a larger one in chunks of 256 KiB read, each after the replies owed
+        (see L{_ChunkProducer<twisted_mailout.smtp.producers._ChunkProducer>}
+        for why). BINARYMIME is never used: the message goes as it would
+        with DATA (line ends made CRLF), and the server keeps the same bytes.
     @param implicit_tls: the transport is TLS from the first byte (RFC 8314
         submissions port 465): no STARTTLS, the session counts as encrypted.
     @param credentials: L{auth.Credentials<twisted_mailout.smtp.auth.Credentials>}

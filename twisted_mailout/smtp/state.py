@@ -30,8 +30,10 @@ chunks instead of DATA: no 354 and no dot-stuffing, each chunk announced
 with its exact length (line ends made CRLF first, L{LineEnds}). Pipelined,
 the chunks follow MAIL and RCPT without waiting for their replies (the
 server reads and discards a chunk whatever it thinks of the transaction, so
-the dialogue stays in step); unpipelined, each chunk waits for the 250 to
-the one before, and the first for an accepted RCPT. A recipient is then
+the dialogue stays in step; the driver still sends each chunk only once
+the replies owed are in, but for a small message sent whole with MAIL and
+RCPT, and L{SendBody} tells it when); unpipelined, each chunk waits for the
+250 to the one before, and the first for an accepted RCPT. A recipient is then
 reported delivered only after a 2xx to its RCPT, a 250 to every chunk and a
 2xx to C{BDAT LAST}. No chunk is sent after a refused one, after a refused
 MAIL or once every RCPT was refused (RFC 3030 2); the transaction then
