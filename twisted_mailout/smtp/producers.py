@@ -6,9 +6,9 @@ L{CHUNK} bytes (a message is never held whole in memory):
 
   - L{_BodyProducer}: after the 354 to DATA, the data dot-stuffed on the fly
     (RFC 5321 4.5.2), then the final dot;
-  - L{_ChunkProducer}: with CHUNKING (RFC 3030), each read of
-    L{BDAT_CHUNK} bytes sent as one C{BDAT n} chunk (line ends made CRLF, no
-    dot-stuffing), the last as C{BDAT n LAST}; a small message in the same
+  - L{_ChunkProducer}: with CHUNKING (RFC 3030), chunks of up to
+    L{BDAT_CHUNK} bytes read, each sent as one C{BDAT n} (line ends made
+    CRLF, no dot-stuffing), the last as C{BDAT n LAST}; a small message in the same
     write as MAIL and RCPT when they are pipelined (RFC 2920).
 
 The DATA producer is an C{IPullProducer} registered on the session's
@@ -40,8 +40,9 @@ __all__ = ["BDAT_CHUNK", "CHUNK", "INLINE", "local_reply"]
 
 CHUNK = 65536  # bytes read from the message file at a time (and the BDAT chunk size)
 
-#: The bytes read from the message file for one BDAT chunk: each chunk
-#: waits for the reply to the one before (see L{_ChunkProducer}).
+#: The bytes of one BDAT chunk at most (in reads of L{CHUNK}; the line
+#: ends made CRLF may add to it): each chunk waits for the reply to the one
+#: before (see L{_ChunkProducer}).
 BDAT_CHUNK = 4 * CHUNK
 
 #: The largest write (MAIL, RCPT, C{BDAT n LAST} and the message) sent
@@ -184,8 +185,8 @@ class _BodyProducer(_Producer):
 
 @implementer(interfaces.IPullProducer)
 class _ChunkProducer(_Producer):
-    """Sends the message file in BDAT chunks (RFC 3030 2), one per read of
-    L{BDAT_CHUNK} bytes, each announced with the length of its bytes once
+    """Sends the message file in BDAT chunks (RFC 3030 2) of L{BDAT_CHUNK}
+    bytes read (in reads of L{CHUNK}), each announced with the length once
     their line ends are made CRLF
     (L{ClientConnection.send_chunk<twisted_mailout.smtp.state.ClientConnection.send_chunk>}).
     The read after each chunk tells whether it is the last (C{BDAT n LAST}),
@@ -207,8 +208,8 @@ class _ChunkProducer(_Producer):
 
     One chunk is written per L{start} (the session makes a new producer on
     each L{SendBody<twisted_mailout.smtp.state.SendBody>}); a chunk is at
-    most two reads, so the memory held is bounded. Between producers the
-    bytes read ahead wait in C{pending.ahead}.
+    most L{BDAT_CHUNK} bytes read, so the memory held is bounded. Between
+    producers the blocks read ahead wait in C{pending.ahead}.
 
     @param session: the L{ESMTPSession<twisted_mailout.smtp.protocol.ESMTPSession>}.
     @param source: the message file, positioned after what was read.
@@ -246,20 +247,25 @@ class _ChunkProducer(_Producer):
         conn = self._conn
         if not conn.body_wanted() or (conn.awaiting() and not self._prefix):
             return
-        pending = self._pending
+        held = self._pending.ahead
         read = self.source.read
-        chunk = pending.ahead
-        if chunk is None:
-            chunk = read(BDAT_CHUNK)
-        pending.ahead = None
         while True:
-            ahead = read(BDAT_CHUNK) if chunk else b""
-            last = not ahead
+            # Reads of CHUNK bytes up to BDAT_CHUNK, and one more to see
+            # whether the message goes on (large reads cost an mmap each).
+            parts = []
+            size = 0
+            block = held.pop(0) if held else read(CHUNK)
+            while block and size < BDAT_CHUNK:
+                parts.append(block)
+                size += len(block)
+                block = held.pop(0) if held else read(CHUNK)
+            last = not block
+            chunk = parts[0] if len(parts) == 1 else b"".join(parts)
             if self._prefix and not (last and self._inline(chunk)):
                 # MAIL and RCPT alone; the chunk after their replies
                 self._transport.write(self._prefix)
                 self._prefix = b""
-                pending.ahead = chunk + ahead
+                held[:0] = [*parts, block] if block else parts
                 return
             if last and self._refused_end("BDAT LAST"):
                 return
@@ -270,9 +276,11 @@ class _ChunkProducer(_Producer):
                     self._prefix = b""
                 self._transport.write(out)
                 if not last:
-                    pending.ahead = ahead
+                    held.insert(0, block)
                 return
-            chunk = ahead
+            if last:  # (send_chunk returns bytes for LAST: not reached)
+                return
+            held.insert(0, block)
 
     def _inline(self, chunk: bytes) -> bool:
         """Whether C{chunk}, the whole message, goes in the first write

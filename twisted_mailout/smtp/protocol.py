@@ -136,7 +136,7 @@ class _Pending:
         self.command = command
         self.source = source
         self.may_finish = may_finish
-        self.ahead: bytes | None = None
+        self.ahead: list[bytes] = []
 
 
 class ESMTPSession(protocol.Protocol):
