@@ -7,7 +7,8 @@ missing). So this builds the wheel from a clean copy of the source (a
 C{build/} left in the work tree would leak stale modules into it), installs
 it, not editable, into a fresh virtual environment that cannot see this
 interpreter's site-packages (its dependencies come from pip's index and
-cache, with the C{django} and C{transaction} extras, and pytest for the
+cache, with the C{django}, C{transaction}, C{zope} and C{pyramid} extras
+(every contrib module then imports), and pytest for the
 plugin), and there:
 
   - compares the wheel's modules with the source's, and imports every one;
@@ -119,7 +120,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     run(build, timeout=300, cwd=inst.root)
     [inst.wheel] = inst.dist.glob("twisted_mailout-*.whl")
     run([sys.executable, "-m", "venv", inst.venv], timeout=120, cwd=inst.root)
-    run([inst.python, "-m", "pip", "install", f"{inst.wheel}[django,transaction]", "pytest"],
+    run([inst.python, "-m", "pip", "install", f"{inst.wheel}[django,transaction,zope,pyramid]",
+         "pytest"],
         timeout=600, cwd=inst.root)
     return inst
 

@@ -34,8 +34,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from pyramid.settings import asbool
-from pyramid_mailer.interfaces import IMailer
+try:  # the optional extra: say which, not just what is missing
+    from pyramid.settings import asbool
+    from pyramid_mailer.interfaces import IMailer
+except ImportError as _e:  # pragma: no cover - the extra is installed in tests
+    raise ImportError("twisted_mailout.contrib.pyramid needs pyramid and pyramid_mailer: "
+                      f"pip install 'twisted-mailout[pyramid]' ({_e})") from _e
 from twisted.logger import Logger
 from zope.interface import implementer
 

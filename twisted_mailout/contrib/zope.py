@@ -46,8 +46,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import zope.event
-import zope.sendmail.interfaces as _zs
+try:  # the optional extra: say which, not just what is missing
+    import zope.event
+    import zope.sendmail.interfaces as _zs
+except ImportError as _e:  # pragma: no cover - the extra is installed in tests
+    raise ImportError("twisted_mailout.contrib.zope needs zope.sendmail, zope.component and "
+                      f"transaction: pip install 'twisted-mailout[zope]' ({_e})") from _e
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 from zope.schema import TextLine

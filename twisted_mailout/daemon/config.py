@@ -107,6 +107,8 @@ class Config:
     @ivar workers: delivery processes sharing the queue folder (C{--workers};
         1: this process delivers; more: it supervises that many workers,
         L{twisted_mailout.daemon.workers}).
+    @ivar chunking: send BDAT (RFC 3030) to servers offering CHUNKING
+        (C{--no-chunking}: always DATA).
     @ivar worker_index: in a worker process, its index (from 0); L{None}
         elsewhere.
     @ivar worker_count: in a worker process, how many workers share the folder.
@@ -158,6 +160,7 @@ class Config:
     http_default: bool = True
     http_token_file: str | None = None
     workers: int = 1
+    chunking: bool = True
     worker_index: int | None = None
     worker_count: int = 1
 

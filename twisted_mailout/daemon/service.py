@@ -73,6 +73,7 @@ def build_connector(config: Config, reactor: Any, resolver: Any = None,
         max_messages=config.max_messages_per_connection,
         failure_memory=min(config.destination_failure_memory, config.retry_base),
         source_addresses=config.source_addresses,
+        chunking=config.chunking,
     )
     return _build_connector(
         reactor, resolver, settings, relay=config.relay, mx_port=config.mx_port,

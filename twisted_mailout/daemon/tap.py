@@ -135,6 +135,8 @@ class Options(usage.Options):
          "for its From domain) instead of sending it unsigned."],
         ["mta-sts", None, "Apply MTA-STS policies (RFC 8461) of recipient domains: fetch, "
          "cache under the queue folder, enforce."],
+        ["no-chunking", None, "Send DATA even to servers that offer CHUNKING (by default "
+         "such a server gets BDAT, RFC 3030: no dot-stuffing, no 354 round trip)."],
         ["no-http", None, "Do not serve the HTTP API on the default Unix socket, "
          "QUEUE/control.sock (--http endpoints are still served)."],
     ]
@@ -257,6 +259,7 @@ def config_from_options(o: Options) -> Config:
         http_default=not o["no-http"],
         http_token_file=o["http-token-file"],
         workers=int(o.get("workers", 1)),
+        chunking=not o.get("no-chunking"),
     )
 
 

@@ -141,6 +141,7 @@ class ConnectorSettings:
         slower one while other destinations wait for a slot (L{PoolLimits});
         L{None}: its whole limit from the start.
     @ivar slow_transaction: seconds beyond which a transaction is slow.
+    @ivar chunking: send BDAT (RFC 3030) when a server offers CHUNKING.
     """
 
     helo: str = "localhost"
@@ -162,6 +163,7 @@ class ConnectorSettings:
     source_addresses: tuple[str, ...] = ()
     slow_start: int | None = 1
     slow_transaction: float = 2.0
+    chunking: bool = True
 
     def pool_limits(self) -> PoolLimits:
         """The connection pool's share of these settings."""
@@ -625,7 +627,7 @@ class Connector:
             helo=helo, clock=self.reactor, tls=level,
             tls_creator=(lambda _host: creator) if creator is not None else None,
             hostname=hop.host, timeouts=s.timeouts, pipelining=s.pipelining,
-            implicit_tls=implicit,
+            implicit_tls=implicit, chunking=s.chunking,
             credentials=s.credentials if self.router.relay else None)
         label = f"{hop.host}[{addr}]:{hop.port}"
         factory: Any = _Factory(session)

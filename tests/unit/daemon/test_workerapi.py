@@ -87,3 +87,21 @@ def test_log_events_arrive_in_the_parent_as_they_left():
     (back,) = decode_events(encode_event(err) + "\nnot json\n", 0)
     assert formatEvent(back).startswith("boom 2\n") and "ZeroDivisionError" in back["log_text"]
     assert json.loads(encode_event(err))["log_level"] == "error"
+
+
+def test_the_options_for_workers_and_chunking(tmp_path):
+    from twisted.python import usage
+
+    from twisted_mailout.daemon.tap import Options
+    from twisted_mailout.daemon.workers import default_workers
+
+    o = Options()
+    o.parseOptions(["--queue", str(tmp_path), "--workers", "3", "--no-chunking"])
+    assert o["config"].workers == 3 and o["config"].chunking is False
+    o = Options()
+    o.parseOptions(["--queue", str(tmp_path), "--workers", "auto", "--max-workers", "1"])
+    assert o["config"].workers == 1 == default_workers(1)
+    assert o["config"].chunking is True
+    for bad in (["--workers", "many"], ["--workers", "0"], ["--workers", "65"]):
+        with pytest.raises(usage.UsageError, match="--workers"):
+            Options().parseOptions(["--queue", str(tmp_path), *bad])
