@@ -115,7 +115,7 @@ class Queue:
     lease_duration: float | None = None
     #: Bytes of small messages kept from their pickup until their first
     #: attempt (L{open_body}), so sending does not read the file again.
-    BODY_CACHE = 32 * 1024 * 1024
+    BODY_CACHE = 8 * 1024 * 1024
 
     def __init__(self, path: str, create: bool = True, owner: str | None = None) -> None:
         self.path = os.path.abspath(path)
