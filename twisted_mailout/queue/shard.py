@@ -25,23 +25,14 @@ L{twisted_mailout.delivery.limits.SharedLimits}.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import zlib
-from collections.abc import Iterator
 
 from twisted_mailout.queue.foreign import foreign_qid
 from twisted_mailout.queue.model import (
-    ListedEntry,
-    Recovery,
-    CorruptEntry,
-    EntryNotFound,
     QueueError,
-    QueueLocked,
     is_safe_qid,
 )
-from twisted_mailout.queue.durable import FILE_MODE
 from twisted_mailout.queue.store import Queue
 
 __all__ = ["ShardQueue", "shard_of", "workers_dir"]
@@ -68,7 +59,9 @@ def shard_of(name: str, count: int) -> int:
 class ShardQueue(Queue):
     """Worker C{index}'s share of the queue folder C{path} (an
     L{IQueueStore}): L{Queue} restricted to the messages L{shard_of} gives
-    this worker.
+    this worker (L{mine}): pickup, recovery and listings see only those;
+    recovery touches only this share's files; the lock is
+    C{DIR/workers/I.lock}.
 
     @param path: the queue folder (created as L{Queue} does).
     @param index: this worker, from 0.
@@ -98,99 +91,20 @@ class ShardQueue(Queue):
         """C{DIR/workers/I.lock}: held while this worker runs."""
         return os.path.join(workers_dir(self.path), f"{self.index}.lock")
 
-    def lock(self) -> None:
-        """Take this worker's lock (C{flock} on C{DIR/workers/I.lock}; the
-        parent holds C{DIR/lock}) and write this process's pid into it.
+    def _held_by_another(self) -> str:
+        return f"worker {self.index} of {self.path} is already running (see {self.lock_path})"
 
-        @raise QueueLocked: another process works on this share.
-        @raise QueueError: the lock file cannot be opened.
-        """
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        except OSError as e:
-            raise QueueError(f"cannot open {self.lock_path}: {e.strerror}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise QueueLocked(f"worker {self.index} of {self.path} is already running "
-                                  f"(see {self.lock_path})") from None
-            raise QueueError(f"cannot lock {self.lock_path}: {e.strerror}") from e
-        self._lock_fd = fd
-        self.write_pid()
-
-    def incoming(self) -> list[str]:
-        """This worker's files waiting for pickup (see L{Queue.incoming})."""
-        return [n for n in super().incoming() if self.mine(n.split("/", 1)[1])]
-
-    def recover(self) -> Recovery:
-        """Recover this worker's messages (see L{Queue.recover}), touching
-        nothing of the other workers': only this share's unfinished pickup
-        rewrites in C{tmp/}, orphaned state files and unfinished state
-        writes are repaired. The parent repairs the rest of C{tmp/} (stale
-        enqueues) before it starts any worker.
-
-        @return: a L{Recovery} of this share.
-        """
+    def _recover_tmp(self) -> list[str]:
+        """Only this share's unfinished pickup rewrites (C{tmp/.QID.pickup}):
+        the parent repairs the rest of C{tmp/} (stale enqueues) before it
+        starts any worker, and another worker's rewrite may be in progress.
+        @return: one line per file removed."""
         problems = []
         for name in os.listdir(self._path("tmp")):
-            # ".QID.pickup": a foreign file's rewrite, interrupted
             if name.startswith(".") and name.endswith(".pickup") and self.mine(name[1:-7]):
                 try:
                     os.unlink(self._path("tmp", name))
                     problems.append(f"removed unfinished pickup tmp/{name}")
                 except OSError:
                     pass
-        messages = {n for n in os.listdir(self._path("messages"))
-                    if not n.startswith(".") and self.mine(n)}
-        states = set()
-        for name in sorted(os.listdir(self._path("state"))):
-            qid = name.split(".", 1)[0]
-            if not self.mine(qid):
-                continue
-            path = self._path("state", name)
-            if name.endswith(".tmp"):
-                os.unlink(path)
-                problems.append(f"removed unfinished state write state/{name}")
-            elif name.endswith(".json"):
-                if qid in messages:
-                    states.add(qid)
-                else:
-                    os.unlink(path)
-                    problems.append(f"{qid}: removed the state of a finished message")
-        due: list[tuple[str, float | None]] = []
-        on_hold: list[str] = []
-        for qid in sorted(messages):
-            if qid not in states:
-                due.append((qid, None))
-                continue
-            try:
-                state = self._load_state(qid)
-                if state.held:
-                    on_hold.append(qid)
-                else:
-                    due.append((qid, state.next_attempt()))
-            except (CorruptEntry, OSError) as e:
-                self.quarantine(qid, str(e))
-                problems.append(f"{qid}: moved to corrupt/: {e}")
-        return Recovery(due, problems, on_hold)
-
-    def iter_entries(self) -> Iterator[ListedEntry]:
-        """This worker's messages, as L{Queue.iter_entries} lists them (the
-        other workers' files are neither opened nor listed)."""
-        for name in self.incoming():
-            listed = self._listed_incoming(name)
-            if listed is not None:
-                yield listed
-        try:
-            qids = sorted(n for n in os.listdir(self._path("messages")) if self.mine(n))
-        except FileNotFoundError:
-            return
-        owner = self.owner if self._lock_fd is not None else None
-        for qid in qids:
-            try:
-                entry = self.load(qid)
-            except (CorruptEntry, OSError, EntryNotFound):
-                continue
-            yield ListedEntry(entry, "active", None, owner)
+        return problems

@@ -146,26 +146,39 @@ class Queue:
 
     # -- the lock -------------------------------------------------------
 
+    @property
+    def lock_path(self) -> str:
+        """The file L{lock} holds: C{DIR/lock}."""
+        return self._path("lock")
+
+    def _held_by_another(self) -> str:
+        return f"another mailout daemon is already running on {self.path}"
+
+    def mine(self, name: str) -> bool:
+        """Whether the file or queue id C{name} belongs to this store: always
+        for a whole folder (a worker's share says otherwise, L{ShardQueue
+        <twisted_mailout.queue.shard.ShardQueue>})."""
+        return True
+
     def lock(self) -> None:
-        """Take the daemon's lock on this folder (flock on C{DIR/lock}) and
+        """Take the daemon's lock on this folder (flock on L{lock_path}) and
         write this process's pid into it (see L{write_pid}).
 
         @raise QueueLocked: another process holds it.
         @raise QueueError: the lock file cannot be opened.
         """
+        path = self.lock_path
         try:
-            fd = os.open(self._path("lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
-            raise QueueError(f"cannot open {self._path('lock')}: {e.strerror}") from e
+            raise QueueError(f"cannot open {path}: {e.strerror}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise QueueLocked(
-                    f"another mailout daemon is already running on {self.path}"
-                ) from None
-            raise QueueError(f"cannot lock {self._path('lock')}: {e.strerror}") from e
+                raise QueueLocked(self._held_by_another()) from None
+            raise QueueError(f"cannot lock {path}: {e.strerror}") from e
         self._lock_fd = fd
         self.write_pid()
 
@@ -299,7 +312,7 @@ class Queue:
                 names = os.listdir(self._path(sub))
             except FileNotFoundError:
                 continue
-            out.extend(f"{sub}/{n}" for n in names if not n.startswith("."))
+            out.extend(f"{sub}/{n}" for n in names if not n.startswith(".") and self.mine(n))
         out.sort(key=lambda s: s.split("/", 1)[1])
         return out
 
@@ -447,18 +460,13 @@ class Queue:
             C{when} the next attempt time (seconds since the epoch) or L{None}
             for "now"; and one human-readable line per repair made.
         """
-        problems = []
-        for name in os.listdir(self._path("tmp")):
-            path = self._path("tmp", name)
-            try:
-                if name.startswith(".") or time.time() - os.stat(path).st_mtime > STALE_STAGED:
-                    os.unlink(path)
-                    problems.append(f"removed stale tmp/{name}")
-            except OSError:
-                pass
-        messages = {n for n in os.listdir(self._path("messages")) if not n.startswith(".")}
+        problems = self._recover_tmp()
+        messages = {n for n in os.listdir(self._path("messages"))
+                    if not n.startswith(".") and self.mine(n)}
         states = set()
         for name in sorted(os.listdir(self._path("state"))):
+            if not self.mine(name.split(".", 1)[0]):
+                continue
             path = self._path("state", name)
             if name.endswith(".tmp"):
                 os.unlink(path)
@@ -486,6 +494,21 @@ class Queue:
                 self.quarantine(qid, str(e))
                 problems.append(f"{qid}: moved to corrupt/: {e}")
         return Recovery(due, problems, on_hold)
+
+    def _recover_tmp(self) -> list[str]:
+        """Remove what enqueue and pickup left in C{tmp/}: dot files (an
+        interrupted pickup rewrite) at once, others after L{STALE_STAGED}
+        seconds. @return: one line per file removed."""
+        problems = []
+        for name in os.listdir(self._path("tmp")):
+            path = self._path("tmp", name)
+            try:
+                if name.startswith(".") or time.time() - os.stat(path).st_mtime > STALE_STAGED:
+                    os.unlink(path)
+                    problems.append(f"removed stale tmp/{name}")
+            except OSError:
+                pass
+        return problems
 
     def renew(self) -> float:
         """Leases never expire here. @return: C{float("inf")}."""
@@ -706,7 +729,7 @@ class Queue:
             return
         owner = self.owner if self._lock_fd is not None else None
         for qid in qids:
-            if not qid.startswith("."):
+            if not qid.startswith(".") and self.mine(qid):
                 try:
                     entry = self.load(qid)
                 except (CorruptEntry, OSError, EntryNotFound):
