@@ -12,71 +12,6 @@ from __future__ import annotations
 __all__ = ["DotStuffer", "LineEnds", "encode_bdat", "encode_data"]
 
 
-class DotStuffer:
-    """Incremental SMTP data encoder (RFC 5321 4.5.2 and 2.3.8).
-
-    Every line end (CRLF, bare LF or bare CR) becomes CRLF and every line
-    starting with "." gets one more "." -- whatever the chunking of the
-    input, so no byte sequence in a message can end DATA early (the
-    SMTP-smuggling class of bugs, CVE-2023-51764).
-    """
-
-    __slots__ = ("_any", "_bol", "_cr")
-
-    def __init__(self) -> None:
-        self._cr = False  # the previous chunk ended with CR
-        self._bol = True  # the output is at the beginning of a line
-        self._any = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Encode one chunk of the message.
-
-        @param data: the next bytes of the message, any length.
-        @return: the bytes to send (maybe empty: a trailing CR is held back
-            until the next chunk shows whether an LF follows).
-        """
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._cr = True
-        if not data:
-            return b""
-        self._any = True
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._bol and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
-        self._bol = data.endswith(b"\n")
-        return data.replace(b"\n", b"\r\n")
-
-    def finish(self) -> bytes:
-        """The end of the data.
-
-        @return: a CRLF if the message did not end with a line end, then the
-            terminating C{.CRLF}.
-        """
-        out = b""
-        if self._cr:
-            out = b"\r\n"
-            self._cr = False
-            self._bol = True
-        elif self._any and not self._bol:
-            out = b"\r\n"
-        return out + b".\r\n"
-
-
-def encode_data(message: bytes) -> bytes:
-    """The whole DATA payload for C{message}, terminating dot included.
-
-    @param message: the message bytes (any line ends).
-    @return: the bytes to send after the 354 reply.
-    """
-    s = DotStuffer()
-    return s.feed(message) + s.finish()
-
-
 class LineEnds:
     """Incremental line-end normaliser for BDAT (RFC 3030 2, RFC 5321 2.3.8).
 
@@ -133,6 +68,49 @@ class LineEnds:
             self._bol = True
             return b"\r\n"
         return b""
+
+
+class DotStuffer(LineEnds):
+    """Incremental SMTP data encoder (RFC 5321 4.5.2 and 2.3.8).
+
+    Every line end (CRLF, bare LF or bare CR) becomes CRLF (L{LineEnds}) and
+    every line starting with "." gets one more "." -- whatever the chunking
+    of the input, so no byte sequence in a message can end DATA early (the
+    SMTP-smuggling class of bugs, CVE-2023-51764).
+    """
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:
+        """Encode one chunk of the message.
+
+        @param data: the next bytes of the message, any length.
+        @return: the bytes to send (maybe empty: a trailing CR is held back
+            until the next chunk shows whether an LF follows).
+        """
+        at_line_start = self._bol
+        data = super().feed(data)
+        if at_line_start and data.startswith(b"."):
+            data = b"." + data
+        return data.replace(b"\n.", b"\n..")
+
+    def finish(self) -> bytes:
+        """The end of the data.
+
+        @return: a CRLF if the message did not end with a line end, then the
+            terminating C{.CRLF}.
+        """
+        return super().finish() + b".\r\n"
+
+
+def encode_data(message: bytes) -> bytes:
+    """The whole DATA payload for C{message}, terminating dot included.
+
+    @param message: the message bytes (any line ends).
+    @return: the bytes to send after the 354 reply.
+    """
+    s = DotStuffer()
+    return s.feed(message) + s.finish()
 
 
 def encode_bdat(message: bytes) -> bytes:
