@@ -22,6 +22,7 @@ import pytest
 from tests.support.daemon import Daemon, queue_list
 from tests.support.peers import AiosmtpdSink
 from tests.support.wait import wait_for
+from tests.system.test_crash import queued_ids
 from twisted_mailout.daemon.control import ControlClient
 from twisted_mailout.queue.shard import shard_of
 from twisted_mailout.queue.store import Queue
@@ -40,13 +41,6 @@ def _fill(q, n, tag="w"):
     for qid, (_, _, body) in zip(queue.enqueue_many(items), items, strict=True):
         ids[qid] = email.message_from_bytes(body)["Message-ID"]
     return ids
-
-
-def _queued(q) -> set[str]:
-    out = set()
-    for sub in ("new", "messages"):
-        out.update(n for n in os.listdir(os.path.join(q, sub)) if not n.startswith("."))
-    return out
 
 
 def _children(pid: int) -> list[int]:
@@ -79,7 +73,7 @@ def test_two_workers_drain_once_each_within_the_limits_and_report_as_one(tmp_pat
     d = Daemon(q, f"--relay=127.0.0.1:{sink.port}", "--workers=2", "--max-connections=3",
                "--max-per-destination=3", log=tmp_path / "d.log").start()
     try:
-        wait_for(lambda: not _queued(q), 120, what="an empty queue")
+        wait_for(lambda: not queued_ids(q), 120, what="an empty queue")
         got = Counter(email.message_from_bytes(m["data"])["Message-ID"]
                       for m in sink.wait_idle(60))
         assert set(got) == set(ids.values())
@@ -100,12 +94,9 @@ def test_two_workers_drain_once_each_within_the_limits_and_report_as_one(tmp_pat
         status = client.get("/api/v1/status")
         assert status["workers"] == 2
         assert status["since_start"]["delivered"] == 600
-        metrics = client.get_text("/metrics") if hasattr(client, "get_text") else None
-        if metrics is None:
-            out = subprocess.run(["curl", "-sf", "--unix-socket", f"{q}/control.sock",
+        metrics = subprocess.run(["curl", "-sf", "--unix-socket", f"{q}/control.sock",
                                   "http://x/metrics"], capture_output=True, text=True,
-                                 timeout=30, check=True)
-            metrics = out.stdout
+                                 timeout=30, check=True).stdout
         delivered = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
                      for line in metrics.splitlines()
                      if line.startswith('mailout_recipients_total{status="delivered"')}
@@ -167,7 +158,7 @@ def test_a_killed_worker_is_restarted_and_the_operators_actions_reach_every_shar
         assert client.get("/api/v1/suspensions")["suspensions"] == []
         result = client.post("/api/v1/actions/release", {"selector": {"all": True}})
         assert result["changed"] == 40
-        wait_for(lambda: not _queued(q), 60, what="delivery after release")
+        wait_for(lambda: not queued_ids(q), 60, what="delivery after release")
         got = [email.message_from_bytes(m["data"])["Message-ID"] for m in sink.wait_idle(60)]
         assert sorted(got) == sorted(ids.values())
     finally:
@@ -192,14 +183,14 @@ def test_sigkill_of_workers_and_parent_at_random_moments_loses_nothing(tmp_path)
         while time.monotonic() < deadline:
             d = Daemon(q, relay, "--workers=3", "--max-connections=6",
                        "--max-per-destination=6", log=tmp_path / f"run{kills}.log").start()
-            if kills >= 8 or not _queued(q):
+            if kills >= 8 or not queued_ids(q):
                 try:
-                    wait_for(lambda: not _queued(q), 180, what="an empty queue")
+                    wait_for(lambda: not queued_ids(q), 180, what="an empty queue")
                 finally:
                     d.stop(timeout=60)
                 break
             before = len(sink.messages)
-            wait_for(lambda: len(sink.messages) > before or not _queued(q), 90,
+            wait_for(lambda: len(sink.messages) > before or not queued_ids(q), 90,
                      what=f"run {kills} to deliver something")
             # kill one or two workers at random moments, then the parent
             for _ in range(rng.randint(1, 2)):
@@ -219,7 +210,7 @@ def test_sigkill_of_workers_and_parent_at_random_moments_loses_nothing(tmp_path)
             sink.wait_idle(timeout=60)
             receptions = Counter(email.message_from_bytes(m["data"])["Message-ID"]
                                  for m in sink.messages)
-            again = [qid for qid in _queued(q)
+            again = [qid for qid in queued_ids(q)
                      if receptions[msgid_of.get(qid)] > counted.get(qid, 0)]
             for qid in again:
                 counted[qid] = receptions[msgid_of[qid]]

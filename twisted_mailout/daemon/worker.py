@@ -121,10 +121,15 @@ _SIMPLE = (str, int, float, bool, type(None))
 
 
 def encode_event(event: dict[str, Any]) -> str:
-    """One log event as a JSON line: its text formatted here (with a
-    failure's traceback), its level's name, and every field whose value is
-    a string, number, boolean or null (what C{--json-log} and the metrics
-    read); other fields are dropped."""
+    """One log event as a JSON line, for L{Events}.
+
+    @param event: a twisted.logger event (C{dict}).
+    @return: one line of JSON (C{str}, no newline): the event's text
+        formatted here (with a failure's traceback) as C{log_text}, its
+        level's name as C{log_level}, and every field whose value is a
+        string, number, boolean or null (what C{--json-log} and the metrics
+        read); other fields are dropped.
+    """
     if event.get("log_format") == "{text}" and isinstance(event.get("text"), str):
         text = event["text"]  # the scheduler's lines: formatted already
     else:
@@ -141,9 +146,14 @@ def encode_event(event: dict[str, Any]) -> str:
 
 
 def decode_events(lines: str, index: int) -> list[dict[str, Any]]:
-    """The events of an L{Events} call, ready to publish in the parent:
-    C{log_level} a L{LogLevel}, C{log_format} C{"{log_text}"}, C{log_system}
-    C{"worker-INDEX"} and C{log_worker} set. Unparseable lines are skipped."""
+    """The events of an L{Events} call, ready to publish in the parent.
+
+    @param lines: the call's C{lines}: L{encode_event} lines joined by newlines.
+    @param index: the worker that sent them.
+    @return: a list of event C{dict}s with C{log_level} a L{LogLevel},
+        C{log_format} C{"{log_text}"}, C{log_system} C{"worker-INDEX"} and
+        C{log_worker} set; lines that are not JSON objects are skipped.
+    """
     out = []
     for line in lines.splitlines():
         try:

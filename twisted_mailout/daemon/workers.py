@@ -38,7 +38,6 @@ L{twisted_mailout.delivery.limits}).
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any
 
@@ -74,7 +73,12 @@ RESTART_DELAY, RESTART_MAX, STABLE = 1.0, 30.0, 10.0
 
 
 def default_workers(cap: int = 8) -> int:
-    """One worker per core this process may use, at most C{cap}."""
+    """The workers C{--workers auto} starts.
+
+    @param cap: the most (C{--max-workers}).
+    @return: one per core this process may use (its CPU affinity), at least
+        1 and at most C{cap}.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -380,13 +384,3 @@ class WorkerSupervisor(service.MultiService):
     def _reload(self, indexes: list[int]) -> defer.Deferred[Any]:
         return defer.DeferredList([self.workers[i].reload() for i in indexes],
                                   consumeErrors=True)
-
-    def kill_worker(self, index: int, sig: int = signal.SIGKILL) -> int | None:
-        """Send C{sig} to worker C{index} (tests and operators' drills).
-
-        @return: its pid, or L{None} when it is not running."""
-        w = self.workers[index]
-        if w.pid is None or w.process is None:
-            return None
-        os.kill(w.pid, sig)
-        return w.pid
